@@ -1,0 +1,51 @@
+"""Atomic writes: a temporary file in the target's folder, flushed, then renamed over it.
+
+A crash mid-write leaves the previous file intact (or no file), never a truncated one.
+"""
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+
+
+@contextmanager
+def atomic_path(path: str):
+    """Yield a temporary path next to `path`; on success it replaces `path`."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_text(path: str, text: str) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+
+def write_json(path: str, obj, indent=None) -> None:
+    write_text(path, json.dumps(obj, indent=indent) + "\n")
+
+
+def write_torch(path: str, state_dict) -> None:
+    """Meta's checkpoint format (a torch.save'd dict of tensors, loadable with weights_only=True)."""
+    import torch
+
+    with atomic_path(path) as tmp:
+        torch.save(state_dict, tmp)
+
+
+def write_safetensors(path: str, tensors, metadata=None) -> None:
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)

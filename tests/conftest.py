@@ -1,0 +1,83 @@
+"""Tiny models in the real formats, made once per session, and process-group fixtures."""
+
+import os
+import random
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from llama_caption import distributed
+from llama_caption.checkpoint import random_state_dict, write_meta_checkpoint
+from llama_caption.model import ModelArgs
+from llama_caption.tokenizer import train_tokenizer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COLOURS = "red green blue yellow black white orange purple".split()
+THINGS = "cat dog circle square house tree boat car bird horse".split()
+PLACES = "on under near above beside behind".split()
+
+
+def caption_lines(n=400, seed=0):
+    """A few hundred varied sentences for training the test tokenizer."""
+    rng = random.Random(seed)
+    return [f"a {rng.choice(COLOURS)} {rng.choice(THINGS)} {rng.choice(PLACES)} the {rng.choice(COLOURS)} {rng.choice(THINGS)}"
+            for _ in range(n)]
+
+
+TINY = dict(dim=64, n_layers=2, n_heads=4, multiple_of=32, norm_eps=1e-5, vocab_size=-1)
+TINY_GQA = dict(TINY, n_kv_heads=2, rope_theta=500000.0)
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("assets")
+    tok = train_tokenizer(caption_lines(), 128, str(root / "tokenizer.model"))
+    out = {"root": root, "tokenizer": str(root / "tokenizer.model"), "vocab": tok.n_words}
+    for name, params in (("tiny", TINY), ("tiny_gqa", TINY_GQA)):
+        args = ModelArgs.from_params(params, vocab_size=tok.n_words)
+        # A larger std than LLaMA's init gives peaked, tie-free logits, so greedy comparisons are sharp.
+        write_meta_checkpoint(str(root / name), params, random_state_dict(args, seed=0, std=0.2))
+        out[name] = str(root / name)
+    return out
+
+
+@pytest.fixture(scope="session")
+def process_group():
+    """One gloo process with model-parallel size 1, shared by the in-process tests."""
+    env = distributed.setup(mp_size=1, device="cpu", quiet=False)
+    yield env
+    distributed.teardown()
+
+
+@pytest.fixture(autouse=True)
+def restore_global_state():
+    dtype, grad = torch.get_default_dtype(), torch.is_grad_enabled()
+    yield
+    torch.set_default_dtype(dtype)
+    torch.set_grad_enabled(grad)
+
+
+def torchrun(nproc, script, *args, timeout=300, check=True):
+    """Run `script` under torchrun with `nproc` CPU processes (gloo); returns the CompletedProcess."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), script, *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def run_python(*args, timeout=300):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=REPO)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

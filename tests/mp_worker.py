@@ -1,0 +1,42 @@
+"""Run under torchrun by the tests: logits and greedy completions of a checkpoint, written by rank 0.
+
+    python -m torch.distributed.run --nproc_per_node N tests/mp_worker.py OUT_DIR TOKENIZER CKPT [CKPT ...]
+"""
+
+import json
+import sys
+
+import torch
+from safetensors.torch import save_file
+
+from llama_caption import distributed
+from llama_caption.checkpoint import load_llama
+from llama_caption.generation import generate
+
+
+def run(ckpt, tokenizer_path):
+    model, tok = load_llama(ckpt, tokenizer_path, max_seq_len=64)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(3, tok.n_words, (2, 10), generator=g)
+    prefix = torch.randn(3, 2, model.args.dim, generator=g)
+    prompts = [tok.encode(s, True, False) for s in ("a red cat", "the", "a blue dog under the tree")]
+    with torch.no_grad():
+        logits = model(tokens)
+    return logits, {
+        "greedy": generate(model, prompts, eos_id=tok.eos_id, max_gen_len=10),
+        "greedy_prefix": generate(model, prompts, eos_id=tok.eos_id, max_gen_len=10, prefix=prefix),
+    }
+
+
+def main(out_dir, tokenizer_path, *ckpts):
+    env = distributed.setup(device="cpu")
+    for i, ckpt in enumerate(ckpts):
+        logits, completions = run(ckpt, tokenizer_path)
+        if env.is_main:
+            save_file({"logits": logits}, f"{out_dir}/logits{i}.safetensors")
+            json.dump(completions, open(f"{out_dir}/completions{i}.json", "w"))
+    distributed.teardown()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

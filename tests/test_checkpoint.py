@@ -1,0 +1,172 @@
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import run_python, torchrun
+from llama_caption.checkpoint import load_llama, load_shard, random_state_dict, write_meta_checkpoint
+from llama_caption.errors import UserError
+from llama_caption.model import ModelArgs
+from llama_caption.reshard import reshard
+from llama_caption.tokenizer import train_tokenizer
+from conftest import TINY, caption_lines
+
+
+def copy_ckpt(src, dst):
+    shutil.copytree(src, dst)
+    return str(dst)
+
+
+def test_rope_freqs_key_is_ignored(assets, process_group, tmp_path):
+    d = copy_ckpt(assets["tiny"], tmp_path / "c")
+    sd = load_shard(f"{d}/consolidated.00.pth")
+    sd = {k: v.clone() for k, v in sd.items()}
+    sd["rope.freqs"] = torch.zeros(8)
+    torch.save(sd, f"{d}/consolidated.00.pth")
+    model, _ = load_llama(d, assets["tokenizer"])
+    assert model.output.weight.shape[0] == assets["vocab"]
+
+
+def test_loading_casts_to_the_requested_dtype(assets, process_group):
+    model, _ = load_llama(assets["tiny"], assets["tokenizer"], dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    cache = model.new_cache(2, 8)
+    assert cache[0].k.dtype == torch.bfloat16
+
+
+def broken(tmp_path, assets, what):
+    d = copy_ckpt(assets["tiny"], tmp_path / "c")
+    tok = assets["tokenizer"]
+    shard = f"{d}/consolidated.00.pth"
+    if what == "no_dir":
+        return str(tmp_path / "nope"), tok, "does not exist"
+    if what == "no_params":
+        os.remove(f"{d}/params.json")
+        return d, tok, "params.json is missing"
+    if what == "bad_params":
+        open(f"{d}/params.json", "w").write("{not json")
+        return d, tok, "not valid JSON"
+    if what == "no_shards":
+        os.remove(shard)
+        return d, tok, "no consolidated.XX.pth"
+    if what == "two_shards":
+        shutil.copy(shard, f"{d}/consolidated.01.pth")
+        return d, tok, "--nproc_per_node 2"
+    if what == "tokenizer_vocab":
+        other = train_tokenizer(caption_lines(seed=3), 90, str(tmp_path / "t90.model"))
+        assert other.n_words != assets["vocab"]
+        return d, other.path, "has 90 words but the checkpoint"
+    sd = {k: v.clone() for k, v in load_shard(shard).items()}
+    if what == "missing_key":
+        del sd["layers.1.ffn_norm.weight"]
+        msg = "missing keys ['layers.1.ffn_norm.weight']"
+    elif what == "unexpected_key":
+        sd["layers.2.attention.wq.weight"] = torch.zeros(1)
+        msg = "unexpected keys ['layers.2.attention.wq.weight']"
+    elif what == "wrong_shape":
+        sd["layers.0.feed_forward.w2.weight"] = sd["layers.0.feed_forward.w2.weight"][:, :32].clone()
+        msg = "layers.0.feed_forward.w2.weight has shape (64, 32)"
+    elif what == "truncated":
+        data = open(shard, "rb").read()
+        open(shard, "wb").write(data[: len(data) // 2])
+        return d, tok, "cannot read"
+    torch.save(sd, shard)
+    return d, tok, msg
+
+
+CASES = ["no_dir", "no_params", "bad_params", "no_shards", "two_shards", "tokenizer_vocab",
+         "missing_key", "unexpected_key", "wrong_shape", "truncated"]
+
+
+@pytest.mark.parametrize("what", CASES)
+def test_loading_errors_name_the_problem(assets, process_group, tmp_path, what):
+    d, tok, msg = broken(tmp_path, assets, what)
+    with pytest.raises(UserError) as e:
+        load_llama(d, tok)
+    assert msg in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_loading_error_from_the_command_line_is_one_line(assets, tmp_path):
+    d, tok, msg = broken(tmp_path, assets, "wrong_shape")
+    proc = run_python("example.py", "--ckpt_dir", d, "--tokenizer_path", tok)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and msg in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_reshard_1_to_2_to_1_is_bit_exact(assets, tmp_path):
+    src = assets["tiny_gqa"]
+    reshard(src, 2, str(tmp_path / "mp2"), quiet=True)
+    a = load_shard(f"{tmp_path}/mp2/consolidated.00.pth")
+    b = load_shard(f"{tmp_path}/mp2/consolidated.01.pth")
+    full = load_shard(f"{src}/consolidated.00.pth")
+    # Column-parallel halves on dim 0, row-parallel and the embedding on dim 1, norms replicated.
+    assert torch.equal(torch.cat([a["layers.0.attention.wk.weight"], b["layers.0.attention.wk.weight"]], 0),
+                       full["layers.0.attention.wk.weight"])
+    assert a["layers.0.attention.wo.weight"].shape == (64, 32)
+    assert torch.equal(torch.cat([a["tok_embeddings.weight"], b["tok_embeddings.weight"]], 1), full["tok_embeddings.weight"])
+    assert torch.equal(a["norm.weight"], b["norm.weight"])
+    reshard(str(tmp_path / "mp2"), 1, str(tmp_path / "mp1"), quiet=True)
+    back = load_shard(f"{tmp_path}/mp1/consolidated.00.pth")
+    assert back.keys() == full.keys()
+    for k in full:
+        assert torch.equal(back[k], full[k]), k
+    assert json.load(open(f"{tmp_path}/mp1/params.json")) == json.load(open(f"{src}/params.json"))
+    # The shard file holds only its own half, not the storage of the whole tensor.
+    assert os.path.getsize(f"{tmp_path}/mp2/consolidated.00.pth") < 0.6 * os.path.getsize(f"{src}/consolidated.00.pth")
+
+
+def test_reshard_refuses_a_size_that_does_not_divide_the_heads(assets, tmp_path):
+    proc = run_python("-m", "llama_caption.reshard", "--ckpt_dir", assets["tiny"], "--mp", 3, "--out", tmp_path / "x")
+    assert proc.returncode == 2 and "--mp 3 must divide n_heads 4" in proc.stderr
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.fixture(scope="module")
+def mp2_assets(assets, tmp_path_factory):
+    root = tmp_path_factory.mktemp("mp2")
+    for name in ("tiny", "tiny_gqa"):
+        reshard(assets[name], 2, str(root / name), quiet=True)
+    return root
+
+
+def test_model_parallel_2_equals_1(assets, mp2_assets, tmp_path):
+    """Two gloo ranks on the resharded checkpoint: the same logits and greedy completions."""
+    (tmp_path / "mp1").mkdir()
+    (tmp_path / "mp2").mkdir()
+    torchrun(1, "tests/mp_worker.py", tmp_path / "mp1", assets["tokenizer"], assets["tiny"], assets["tiny_gqa"])
+    torchrun(2, "tests/mp_worker.py", tmp_path / "mp2", assets["tokenizer"], mp2_assets / "tiny", mp2_assets / "tiny_gqa")
+    for i in (0, 1):
+        one = load_file(f"{tmp_path}/mp1/logits{i}.safetensors")["logits"]
+        two = load_file(f"{tmp_path}/mp2/logits{i}.safetensors")["logits"]
+        torch.testing.assert_close(two, one, rtol=1e-5, atol=1e-5)
+        c1 = json.load(open(f"{tmp_path}/mp1/completions{i}.json"))
+        c2 = json.load(open(f"{tmp_path}/mp2/completions{i}.json"))
+        assert c1 == c2
+        assert all(len(x) > 0 for x in c1["greedy"])
+
+
+def test_example_end_to_end_mp1_and_mp2(assets, mp2_assets):
+    args = ["--tokenizer_path", assets["tokenizer"], "--temperature", 0, "--max_gen_len", 8, "--max_seq_len", 64,
+            "--prompts", '["a red cat", "the blue dog under"]']
+    one = torchrun(1, "example.py", "--ckpt_dir", assets["tiny"], *args)
+    two = torchrun(2, "example.py", "--ckpt_dir", mp2_assets / "tiny", *args)
+    for proc in (one, two):
+        lines = proc.stdout.splitlines()
+        assert sum(1 for l in lines if l == "=" * 34) == 2  # one separator per completion, exactly 34 '='
+        assert proc.stdout.count("Loaded in") == 1  # only rank 0 prints
+    blocks = one.stdout.split("=" * 34)
+    first, second = blocks[0].strip().splitlines()[-1], blocks[1].strip()
+    assert first.startswith("a red cat") and len(first) > len("a red cat")  # prompt, then the completion
+    assert second.startswith("the blue dog under") and len(second) > len("the blue dog under")
+    assert one.stdout.split("seconds", 1)[1] == two.stdout.split("seconds", 1)[1]
+
+
+def test_example_refuses_wrong_process_count(assets, mp2_assets):
+    proc = torchrun(1, "example.py", "--ckpt_dir", mp2_assets / "tiny", "--tokenizer_path", assets["tokenizer"], check=False)
+    assert proc.returncode != 0
+    assert "has 2 model-parallel shard(s)" in proc.stderr and "--nproc_per_node 2" in proc.stderr
