@@ -164,3 +164,108 @@ def write_meta_checkpoint(ckpt_dir: str, params: dict, state_dict: Dict[str, tor
         write_torch(os.path.join(ckpt_dir, f"consolidated.{r:02d}.pth"),
                     {k: shard_tensor(k, v, mp, r) for k, v in state_dict.items()})
     write_json(os.path.join(ckpt_dir, "params.json"), params)
+
+
+# ---------------------------------------------------------------------------------------------
+# Our own checkpoints: only the trainable weights, never the frozen LLaMA or CLIP.
+#
+#   OUT_DIR/checkpoints/step-0001000/projection.safetensors   trainable weights (+ config in metadata)
+#                                    trainer.safetensors      optimizer tensors, RNG state
+#                                    trainer.json             step, epoch, scheduler, param groups, config
+#   OUT_DIR/checkpoints/latest                                the newest complete checkpoint's name
+#
+# A checkpoint folder is filled under a temporary name and renamed when complete; `latest` is
+# rewritten atomically after that, so a crash at any moment leaves the previous one usable.
+# ---------------------------------------------------------------------------------------------
+
+PROJECTION_FILE = "projection.safetensors"
+
+
+def save_training_checkpoint(out_dir: str, step: int, projection_state: Dict[str, torch.Tensor],
+                             optimizer_state: dict, trainer: dict, config: dict, keep_last: int = 3) -> str:
+    import shutil
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    root = os.path.join(out_dir, "checkpoints")
+    os.makedirs(root, exist_ok=True)
+    name = f"step-{step:07d}"
+    tmp = tempfile.mkdtemp(prefix=f".{name}.", dir=root)
+    cfg = json.dumps(config, sort_keys=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in projection_state.items()},
+              os.path.join(tmp, PROJECTION_FILE), metadata={"config": cfg})
+    tensors = {"rng_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors["rng_cuda"] = torch.cuda.get_rng_state()
+    for idx, st in optimizer_state["state"].items():
+        for key, val in st.items():
+            tensors[f"opt.{idx}.{key}"] = val.detach().cpu().contiguous()
+    save_file(tensors, os.path.join(tmp, "trainer.safetensors"))
+    with open(os.path.join(tmp, "trainer.json"), "w") as f:
+        json.dump(dict(trainer, step=step, config=config, param_groups=optimizer_state["param_groups"]), f, indent=1)
+    final = os.path.join(root, name)
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    from .fileio import write_text
+
+    write_text(os.path.join(root, "latest"), name + "\n")
+    done = sorted(d for d in os.listdir(root) if d.startswith("step-"))
+    for old in done[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+    return final
+
+
+def find_checkpoint(path: str, flag: str = "--checkpoint") -> str:
+    """A checkpoint folder from a run folder (its latest), a checkpoints/ folder, or itself."""
+    for candidate in (os.path.join(path, "checkpoints", "latest"), os.path.join(path, "latest")):
+        if os.path.isfile(candidate):
+            with open(candidate) as f:
+                name = f.read().strip()
+            return os.path.join(os.path.dirname(candidate), name)
+    if os.path.isfile(os.path.join(path, PROJECTION_FILE)):
+        return path
+    raise UserError(f"{flag} {path}: no checkpoint there (expected RUN/checkpoints/latest or {PROJECTION_FILE})")
+
+
+def load_projection_checkpoint(ckpt: str, flag: str = "--checkpoint") -> Tuple[Dict[str, torch.Tensor], dict]:
+    """The trainable weights and the training config of a checkpoint folder."""
+    from safetensors import SafetensorError, safe_open
+
+    path = os.path.join(ckpt, PROJECTION_FILE)
+    if not os.path.isfile(path):
+        raise UserError(f"{flag}: {path} is missing")
+    try:
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+            weights = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{path} is not a readable safetensors file ({e})") from None
+    if "config" not in meta:
+        raise UserError(f"{path} carries no training config: it was not written by captioning_training.py")
+    try:
+        config = json.loads(meta["config"])
+    except json.JSONDecodeError:
+        raise UserError(f"{path}: the stored training config is not valid JSON") from None
+    return weights, config
+
+
+def load_trainer_state(ckpt: str) -> Tuple[dict, Dict[str, torch.Tensor]]:
+    from safetensors.torch import load_file
+
+    jpath, tpath = os.path.join(ckpt, "trainer.json"), os.path.join(ckpt, "trainer.safetensors")
+    if not (os.path.isfile(jpath) and os.path.isfile(tpath)):
+        raise UserError(f"{ckpt} lacks trainer.json / trainer.safetensors: it cannot be resumed")
+    with open(jpath) as f:
+        trainer = json.load(f)
+    return trainer, load_file(tpath)
+
+
+def optimizer_state_from(trainer: dict, tensors: Dict[str, torch.Tensor]) -> dict:
+    state: Dict[int, dict] = {}
+    for key, val in tensors.items():
+        if key.startswith("opt."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = val
+    return {"state": state, "param_groups": trainer["param_groups"]}

@@ -8,10 +8,13 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16
           "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """`auto` is fp16 on CUDA (LLaMA's released precision) and fp32 on the CPU."""
+def resolve_dtype(name: str, device: torch.device, training: bool = False) -> torch.dtype:
+    """The frozen LLaMA's dtype. `auto`: fp32 on the CPU; on CUDA fp16 (LLaMA's released
+    precision) for inference, bf16 for training where the GPU has it (no loss scaling needed)."""
     if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if training and torch.cuda.is_bf16_supported() else torch.float16
     if name not in DTYPES:
         raise UserError(f"--dtype {name!r} is not one of auto, fp32, fp16, bf16")
     dtype = DTYPES[name]

@@ -1,0 +1,261 @@
+"""COCO 2014 captions (pycocotools), the Karpathy split, robust image loading, batching.
+
+Records are (image_id, path, captions). Training samples are either every caption of every
+image (ClipCap's epoch) or one caption per image, drawn afresh each epoch. Batches are cut from
+one seeded permutation per epoch, so N data-parallel ranks together see exactly the batches of
+one process with an N-times larger batch, and a resumed run sees the batches it would have seen.
+"""
+
+import contextlib
+import io
+import json
+import os
+import random
+import sys
+import warnings
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile
+
+from .errors import UserError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+@dataclass
+class ImageRecord:
+    image_id: int
+    path: str
+    captions: List[str] = field(default_factory=list)
+
+
+def read_json(path: str, flag: str):
+    if not os.path.isfile(path):
+        raise UserError(f"{path} not found: check {flag}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e}): re-download it or check {flag}") from None
+
+
+def coco_from_dict(data: dict, path: str):
+    """A pycocotools COCO object from an already parsed annotation dict (quietly)."""
+    from pycocotools.coco import COCO
+
+    if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
+        raise UserError(f"{path} is not a COCO captions file (needs 'images' and 'annotations')")
+    coco = COCO()
+    coco.dataset = data
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco.createIndex()
+    except (KeyError, TypeError) as e:
+        raise UserError(f"{path}: malformed COCO annotations ({type(e).__name__}: {e})") from None
+    return coco
+
+
+def load_coco(images_dir: str, annotations: str, flag: str = "--annotations") -> List[ImageRecord]:
+    """Every image of a COCO captions file with its captions (captions_train2014.json and the like)."""
+    coco = coco_from_dict(read_json(annotations, flag), annotations)
+    records = []
+    for img_id in sorted(coco.imgs):
+        img = coco.imgs[img_id]
+        if "file_name" not in img:
+            raise UserError(f"{annotations}: image {img_id} has no file_name")
+        caps = [a["caption"] for a in coco.imgToAnns.get(img_id, []) if isinstance(a.get("caption"), str)]
+        records.append(ImageRecord(int(img_id), os.path.join(images_dir, img["file_name"]), caps))
+    return records
+
+
+KARPATHY_SPLITS = {"train": ("train", "restval"), "val": ("val",), "test": ("test",)}
+
+
+def load_karpathy(split_file: str, images_root: str, split: str) -> List[ImageRecord]:
+    """Karpathy's dataset_coco.json: 'train' is train+restval. Images are looked up as
+    images_root/filepath/filename (images_root holds train2014/ and val2014/), or
+    images_root/filename."""
+    if split not in KARPATHY_SPLITS:
+        raise UserError(f"--split {split!r} must be one of {list(KARPATHY_SPLITS)}")
+    data = read_json(split_file, "--karpathy_split")
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise UserError(f"{split_file} is not Karpathy's dataset_coco.json (no 'images' list)")
+    records = []
+    for img in data["images"]:
+        if img.get("split") not in KARPATHY_SPLITS[split]:
+            continue
+        try:
+            nested = os.path.join(images_root, img.get("filepath", ""), img["filename"])
+            flat = os.path.join(images_root, img["filename"])
+            caps = [s["raw"] for s in img.get("sentences", [])]
+            records.append(ImageRecord(int(img["cocoid"]), nested if os.path.exists(nested) or not os.path.exists(flat) else flat, caps))
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"{split_file}: malformed image entry ({type(e).__name__}: {e})") from None
+    return records
+
+
+def load_split(images: str, annotations: Optional[str], karpathy_split: Optional[str], split: str,
+               images_flag: str, annotations_flag: str) -> List[ImageRecord]:
+    if not images or not os.path.isdir(images):
+        raise UserError(f"{images_flag} {images} is not a folder")
+    if karpathy_split:
+        return load_karpathy(karpathy_split, images, split)
+    if not annotations:
+        raise UserError(f"{annotations_flag} is required (or --karpathy_split)")
+    return load_coco(images, annotations, annotations_flag)
+
+
+def drop_missing(records: List[ImageRecord], log=print) -> List[ImageRecord]:
+    """Drop records whose image file does not exist or that have no caption, and say so."""
+    kept = [r for r in records if os.path.isfile(r.path) and r.captions]
+    missing = [r.path for r in records if not os.path.isfile(r.path)]
+    if missing:
+        log(f"warning: {len(missing)} annotated image(s) not found, skipped (first: {missing[0]})")
+    return kept
+
+
+def open_rgb(path: str) -> Image.Image:
+    """Open any image as 8-bit RGB: L, LA, P, RGBA (over white), CMYK, I;16 and I included.
+
+    Raises OSError (or ValueError) for a missing, unreadable or truncated file.
+    """
+    with Image.open(path) as im:
+        im.load()  # decode now: a truncated JPEG fails here, not later
+        if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            arr = np.asarray(im, dtype=np.float64)
+            top = 65535.0 if im.mode.startswith("I;16") else max(float(arr.max()), 1.0)
+            return Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8), "L").convert("RGB")
+        if im.mode == "P" and "transparency" in im.info:
+            im = im.convert("RGBA")
+        if im.mode in ("RGBA", "LA", "PA"):
+            rgba = im.convert("RGBA")
+            canvas = Image.new("RGB", rgba.size, (255, 255, 255))
+            canvas.paste(rgba, mask=rgba.getchannel("A"))
+            return canvas
+        return im.convert("RGB")
+
+
+def list_image_files(paths) -> List[str]:
+    """Files and folders given on the command line to a sorted list of image files."""
+    if isinstance(paths, str):
+        paths = [paths]
+    files = []
+    for p in paths:
+        if os.path.isdir(p):
+            files += sorted(os.path.join(p, f) for f in os.listdir(p) if f.lower().endswith(IMAGE_EXTENSIONS))
+        elif os.path.exists(p):
+            files.append(p)
+        else:
+            raise UserError(f"--images {p}: no such file or folder")
+    return files
+
+
+class CaptionDataset(torch.utils.data.Dataset):
+    """Samples of (image, caption). `features` (a FeatureCache) replaces image decoding."""
+
+    def __init__(self, records: List[ImageRecord], transform=None, features=None,
+                 captions: str = "all", seed: int = 0):
+        if captions not in ("all", "one"):
+            raise UserError(f"--captions {captions!r} must be 'all' (every caption) or 'one' (one per image per epoch)")
+        self.records, self.transform, self.features = records, transform, features
+        self.mode, self.seed, self.epoch = captions, seed, 0
+        if captions == "all":
+            self.samples = [(i, j) for i, r in enumerate(records) for j in range(len(r.captions))]
+        else:
+            self.samples = [(i, -1) for i in range(len(records))]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.samples)
+
+    def caption(self, index: int) -> str:
+        i, j = self.samples[index]
+        caps = self.records[i].captions
+        if j < 0:  # the same draw on every rank and every worker: seeded by (seed, epoch, image)
+            j = random.Random(f"{self.seed}/{self.epoch}/{self.records[i].image_id}").randrange(len(caps))
+        return caps[j]
+
+    def __getitem__(self, index: int) -> Dict:
+        i, _ = self.samples[index]
+        rec = self.records[i]
+        item = {"image_id": rec.image_id, "caption": self.caption(index)}
+        if self.features is not None:
+            item["features"] = self.features.get(rec.image_id)
+            return item
+        try:
+            item["pixels"] = self.transform(open_rgb(rec.path))
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            return {"bad": rec.path, "reason": f"{type(e).__name__}: {e}"}
+        return item
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Images only (feature extraction, inference): one item per record."""
+
+    def __init__(self, records: List[ImageRecord], transform):
+        self.records, self.transform = records, transform
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, index):
+        rec = self.records[index]
+        try:
+            return {"image_id": rec.image_id, "pixels": self.transform(open_rgb(rec.path)), "path": rec.path}
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            return {"bad": rec.path, "reason": f"{type(e).__name__}: {e}"}
+
+
+def collate(items: List[Dict]) -> Dict:
+    """Stack the good items; bad images travel as a list of (path, reason) to be counted."""
+    good = [x for x in items if "bad" not in x]
+    batch = {"bad": [(x["bad"], x["reason"]) for x in items if "bad" in x],
+             "image_id": [x["image_id"] for x in good]}
+    if good and "caption" in good[0]:
+        batch["caption"] = [x["caption"] for x in good]
+    if good and "path" in good[0]:
+        batch["path"] = [x["path"] for x in good]
+    for key in ("pixels", "features"):
+        if good and key in good[0]:
+            batch[key] = torch.stack([x[key] for x in good])
+    return batch
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """Index lists for this rank: per optimizer step, `accum` micro-batches of `micro` samples.
+
+    One permutation per epoch (seed + epoch); step s takes the window perm[s*G:(s+1)*G] with
+    G = micro * accum * dp_size, micro-batch m of rank r being its slice starting at
+    (m * dp_size + r) * micro. The last incomplete window is dropped. `start_step` skips
+    finished steps when resuming.
+    """
+
+    def __init__(self, n: int, micro: int, accum: int, dp_size: int, dp_rank: int, seed: int,
+                 epoch: int = 0, start_step: int = 0):
+        self.n, self.micro, self.accum, self.dp, self.rank = n, micro, accum, dp_size, dp_rank
+        self.seed, self.epoch, self.start_step = seed, epoch, start_step
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro * self.accum * self.dp
+
+    @property
+    def steps(self) -> int:
+        return self.n // self.global_batch
+
+    def __len__(self):
+        return (self.steps - self.start_step) * self.accum
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        perm = torch.randperm(self.n, generator=g).tolist()
+        G = self.global_batch
+        for s in range(self.start_step, self.steps):
+            for m in range(self.accum):
+                start = s * G + (m * self.dp + self.rank) * self.micro
+                yield perm[start:start + self.micro]
