@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .generation import generate
+from .generation import beam_search, generate
 from .model import Transformer
 from .projection import Projection
 from .tokenizer import Tokenizer
@@ -97,12 +97,17 @@ class Captioner(nn.Module):
 
     @torch.no_grad()
     def generate(self, features: torch.Tensor, max_gen_len: int = 30, temperature: float = 0.0,
-                 top_p: float = 0.95, generator=None) -> List[str]:
+                 top_p: float = 0.95, generator=None, num_beams: int = 1, length_penalty: float = 1.0) -> List[str]:
+        """Captions for a batch of features: greedy (temperature 0), top-p sampling, or beam search."""
         prefix = self.projection(features.to(self.llama.device))
         prompts = [[self.tokenizer.bos_id] for _ in range(prefix.shape[0])]
         max_gen_len = min(max_gen_len, self.llama.args.max_seq_len - self.prefix_len - 1)
-        out = generate(self.llama, prompts, prefix=prefix, eos_id=self.tokenizer.eos_id,
-                       max_gen_len=max_gen_len, temperature=temperature, top_p=top_p, generator=generator)
+        if num_beams > 1:
+            out = beam_search(self.llama, prompts, prefix=prefix, eos_id=self.tokenizer.eos_id,
+                              max_gen_len=max_gen_len, num_beams=num_beams, length_penalty=length_penalty)
+        else:
+            out = generate(self.llama, prompts, prefix=prefix, eos_id=self.tokenizer.eos_id,
+                           max_gen_len=max_gen_len, temperature=temperature, top_p=top_p, generator=generator)
         return [self.tokenizer.decode(x).strip() for x in out]
 
 

@@ -130,3 +130,115 @@ def greedy_no_cache(
             generated.append(tok)
         results.append(generated)
     return results
+
+
+def sequence_score(logprob_sum: float, length: int, length_penalty: float) -> float:
+    """Length-normalised log-probability: sum / length**alpha (alpha 0: the plain sum)."""
+    return logprob_sum / (max(length, 1) ** length_penalty)
+
+
+@torch.no_grad()
+def beam_search(
+    model: Transformer,
+    prompts: List[List[int]],
+    *,
+    eos_id: int,
+    max_gen_len: int,
+    num_beams: int,
+    prefix: Optional[torch.Tensor] = None,
+    length_penalty: float = 1.0,
+) -> List[List[int]]:
+    """Beam search with the KV cache; returns the best hypothesis of each prompt (without EOS).
+
+    Hypotheses are ranked by `sequence_score` of their tokens' log-probabilities, EOS included
+    when they have ended. Only an EOS ranked among the top `num_beams` candidates ends a
+    hypothesis, so one beam is exactly greedy decoding. A prompt is finished when it holds
+    `num_beams` ended hypotheses and no live beam can still rank above the worst of them.
+    """
+    k = num_beams
+    bsz = len(prompts)
+    emb, valid = build_inputs(model, prompts, prefix)
+    width = emb.shape[1]
+    total = width + max_gen_len
+    if total > model.args.max_seq_len:
+        raise ValueError(f"prompt ({width}) + max_gen_len ({max_gen_len}) exceeds max_seq_len {model.args.max_seq_len}")
+    dev = emb.device
+    # Every prompt's k beams are rows b*k .. b*k+k-1 of one batch of bsz*k sequences.
+    emb = emb.repeat_interleave(k, 0)
+    valid = valid.repeat_interleave(k, 0)
+    padded = not bool(valid.all())
+    key_valid = torch.cat([valid, torch.ones(bsz * k, max_gen_len, dtype=torch.bool, device=dev)], 1) if padded else None
+    cache = model.new_cache(bsz * k, total)
+    logits = model(embeddings=emb, cache=cache, key_valid=key_valid, last_only=True)[:, -1]
+    # Beams of one prompt start identical: only the first may expand at step 0.
+    scores = torch.zeros(bsz, k, dtype=torch.float64, device=dev)
+    scores[:, 1:] = float("-inf")
+    tokens = torch.zeros(bsz, k, 0, dtype=torch.long, device=dev)
+    finished: List[List[tuple]] = [[] for _ in range(bsz)]
+    done = [False] * bsz
+    vocab = logits.shape[-1]
+    for step in range(max_gen_len):
+        logp = torch.log_softmax(logits.double(), dim=-1).view(bsz, k, vocab)
+        cand = (scores[..., None] + logp).view(bsz, k * vocab)
+        top_scores, top_idx = cand.topk(2 * k, dim=-1)
+        beam_src, tok = top_idx // vocab, top_idx % vocab
+        new_scores = torch.full((bsz, k), float("-inf"), dtype=torch.float64, device=dev)
+        new_src = torch.zeros(bsz, k, dtype=torch.long, device=dev)
+        new_tok = torch.full((bsz, k), eos_id, dtype=torch.long, device=dev)
+        for b in range(bsz):
+            if done[b]:
+                continue
+            live = 0
+            for rank in range(2 * k):
+                s, src, t = float(top_scores[b, rank]), int(beam_src[b, rank]), int(tok[b, rank])
+                if s == float("-inf"):
+                    break
+                if t == eos_id:
+                    if rank < k:
+                        hyp = tokens[b, src].tolist()
+                        finished[b].append((sequence_score(s, len(hyp) + 1, length_penalty), hyp))
+                    continue
+                new_scores[b, live], new_src[b, live], new_tok[b, live] = s, src, t
+                live += 1
+                if live == k:
+                    break
+            finished[b] = sorted(finished[b], key=lambda h: -h[0])[:k]
+            if len(finished[b]) >= k:
+                best_live = float(new_scores[b].max())
+                if best_live == float("-inf") or sequence_score(best_live, step + 1, length_penalty) <= finished[b][-1][0]:
+                    done[b] = True
+        if all(done) or step + 1 == max_gen_len:
+            # Live beams that ran out of length compete as they are.
+            for b in range(bsz):
+                if not done[b]:
+                    for j in range(k):
+                        if new_scores[b, j] > float("-inf"):
+                            hyp = tokens[b, new_src[b, j]].tolist() + [int(new_tok[b, j])]
+                            finished[b].append((sequence_score(float(new_scores[b, j]), len(hyp), length_penalty), hyp))
+            break
+        rows = (torch.arange(bsz, device=dev)[:, None] * k + new_src).flatten()
+        for layer_cache in cache:
+            layer_cache.k.copy_(layer_cache.k.index_select(0, rows))
+            layer_cache.v.copy_(layer_cache.v.index_select(0, rows))
+        tokens = torch.cat([tokens.view(bsz * k, -1).index_select(0, rows).view(bsz, k, -1), new_tok[..., None]], -1)
+        scores = new_scores
+        logits = model(new_tok.view(-1, 1), cache=cache, start_pos=width + step, key_valid=key_valid,
+                       last_only=True)[:, -1]
+    return [max(f, key=lambda h: h[0])[1] if f else [] for f in finished]
+
+
+@torch.no_grad()
+def score_continuations(model: Transformer, prompts: List[List[int]], continuations: List[List[int]], *,
+                        eos_id: int, prefix: Optional[torch.Tensor] = None) -> List[float]:
+    """Log-probability of each continuation followed by EOS, one sequence at a time (a check)."""
+    out = []
+    for i, (p, c) in enumerate(zip(prompts, continuations)):
+        ids = torch.tensor([p + c], device=model.device)
+        emb = model.embed(ids)
+        if prefix is not None:
+            emb = torch.cat([prefix[i:i + 1].to(emb.dtype), emb], 1)
+        logp = torch.log_softmax(model(embeddings=emb).double(), -1)[0]
+        start = emb.shape[1] - len(c) - 1
+        targets = c + [eos_id]
+        out.append(sum(float(logp[start + j, t]) for j, t in enumerate(targets)))
+    return out

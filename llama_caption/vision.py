@@ -33,7 +33,9 @@ def clip_identity(name_or_path: str) -> str:
 
 def load_clip(name_or_path: str, device="cpu"):
     """clip.load with one-line errors. Returns (model, preprocess)."""
-    import clip
+    with warnings.catch_warnings():  # clip imports pkg_resources, which warns that it is deprecated
+        warnings.simplefilter("ignore", UserWarning)
+        import clip
 
     if not os.path.isfile(name_or_path) and name_or_path not in clip.available_models():
         raise UserError(
@@ -122,7 +124,9 @@ def build_tiny_clip(path: str, embed_dim: int = 64, width: int = 64, layers: int
     Widths must be multiples of 64: clip.model.build_model infers head counts as width // 64.
     `model` may be an already trained CLIP (the demo's stand-in); else a random one is made.
     """
-    from clip.model import CLIP
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        from clip.model import CLIP
 
     from .fileio import atomic_path
 

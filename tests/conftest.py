@@ -1,5 +1,6 @@
 """Tiny models in the real formats, made once per session, and process-group fixtures."""
 
+import json
 import os
 import random
 import socket
@@ -11,6 +12,9 @@ import torch
 
 from llama_caption import distributed
 from llama_caption.checkpoint import random_state_dict, write_meta_checkpoint
+from llama_caption.demo.shapes import make_dataset
+from llama_caption.demo.standins import build_llama
+from llama_caption.vision import build_tiny_clip
 from llama_caption.model import ModelArgs
 from llama_caption.tokenizer import train_tokenizer
 
@@ -81,3 +85,35 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+LLAMA = dict(dim=64, n_layers=2, n_heads=4, multiple_of=32, norm_eps=1e-5)
+
+
+@pytest.fixture(scope="session")
+def cap(tmp_path_factory, process_group):
+    """A drawn COCO-format dataset, a pretrained stand-in LLaMA, a tiny CLIP file."""
+    root = tmp_path_factory.mktemp("cap")
+    paths = make_dataset(str(root / "coco"), train=6, val=3, seed=1, image_size=32)
+    data = json.load(open(paths["train"]))
+    # Four images with one caption each: the set a projection can learn by heart.
+    few = dict(data, images=data["images"][:4])
+    few["annotations"] = [next(a for a in data["annotations"] if a["image_id"] == im["id"]) for im in few["images"]]
+    json.dump(few, open(root / "few.json", "w"))
+    groups = [[a["caption"] for a in data["annotations"] if a["image_id"] == im["id"]] for im in data["images"]]
+    out = build_llama(str(root), groups, LLAMA, vocab_size=96, steps=200, seed=0)
+    build_tiny_clip(str(root / "clip.pt"), seed=0)
+    return dict(out, root=root, images=str(root / "coco" / "train2014"), ann=paths["train"], few=str(root / "few.json"),
+                val_images=str(root / "coco" / "val2014"), val_ann=paths["val"], clip=str(root / "clip.pt"),
+                few_captions=[a["caption"] for a in few["annotations"]])
+
+
+@pytest.fixture(scope="session")
+def trained(cap, tmp_path_factory):
+    """A projection trained on the drawn dataset for a few seconds: it captions well enough."""
+    out = tmp_path_factory.mktemp("trained") / "run"
+    torchrun(1, "captioning_training.py", "--ckpt_dir", cap["ckpt_dir"], "--tokenizer_path", cap["tokenizer"],
+             "--clip_model", cap["clip"], "--train_images", cap["images"], "--train_annotations", cap["ann"],
+             "--out_dir", out, "--num_workers", 0, "--epochs", 20, "--batch_size", 4, "--warmup_steps", 5,
+             "--lr", 3e-3)
+    return str(out)

@@ -13,32 +13,9 @@ from llama_caption import distributed
 from llama_caption.captioner import IGNORE, Captioner, CaptionStyle, load_captioner
 from llama_caption.checkpoint import load_llama
 from llama_caption.data import CaptionDataset, StepBatches, collate, load_coco, open_rgb
-from llama_caption.demo.shapes import make_dataset
-from llama_caption.demo.standins import build_llama
 from llama_caption.features import FeatureCache
 from llama_caption.projection import Projection
 from llama_caption.vision import ClipEncoder, build_tiny_clip
-
-LLAMA = dict(dim=64, n_layers=2, n_heads=4, multiple_of=32, norm_eps=1e-5)
-
-
-@pytest.fixture(scope="session")
-def cap(tmp_path_factory, process_group):
-    """A drawn COCO-format dataset, a pretrained stand-in LLaMA, a tiny CLIP file."""
-    root = tmp_path_factory.mktemp("cap")
-    paths = make_dataset(str(root / "coco"), train=6, val=3, seed=1, image_size=32)
-    data = json.load(open(paths["train"]))
-    # Four images with one caption each: the set a projection can learn by heart.
-    few = dict(data, images=data["images"][:4])
-    few["annotations"] = [next(a for a in data["annotations"] if a["image_id"] == im["id"]) for im in few["images"]]
-    json.dump(few, open(root / "few.json", "w"))
-    groups = [[a["caption"] for a in data["annotations"] if a["image_id"] == im["id"]] for im in data["images"]]
-    out = build_llama(str(root), groups, LLAMA, vocab_size=96, steps=200, seed=0)
-    build_tiny_clip(str(root / "clip.pt"), seed=0)
-    return dict(out, root=root, images=str(root / "coco" / "train2014"), ann=paths["train"], few=str(root / "few.json"),
-                val_images=str(root / "coco" / "val2014"), val_ann=paths["val"], clip=str(root / "clip.pt"),
-                few_captions=[a["caption"] for a in few["annotations"]])
-
 
 def train_args(cap, out_dir, *extra, ann=None):
     return ["--ckpt_dir", cap["ckpt_dir"], "--tokenizer_path", cap["tokenizer"], "--clip_model", cap["clip"],

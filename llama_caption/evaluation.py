@@ -1,0 +1,139 @@
+"""COCO caption metrics with pycocoevalcap: BLEU-1..4, METEOR, ROUGE-L, CIDEr (and SPICE).
+
+    python -m llama_caption.evaluation --annotations coco/annotations/captions_val2014.json \\
+        --results runs/b32-7b/results.json
+
+The scorers are called one by one, on the images of the results only: COCOEvalCap.evaluate()
+would fail offline, because SPICE downloads Stanford CoreNLP the first time. SPICE runs when
+its CoreNLP jar is already installed, and is reported as skipped otherwise. The PTB tokenizer
+and METEOR are Java programs.
+"""
+
+import contextlib
+import io
+import json
+import os
+import shutil
+from typing import Dict, List, Optional
+
+import fire
+
+from .errors import UserError, exit_on_user_error
+from .fileio import write_json
+
+METRIC_ORDER = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
+
+
+def check_java() -> None:
+    if shutil.which("java") is None:
+        raise UserError("COCO evaluation needs Java (the PTB tokenizer and METEOR are Java programs): "
+                        "install a JRE (e.g. apt-get install default-jre) or pass --evaluate False")
+
+
+def spice_available() -> bool:
+    import pycocoevalcap.spice.get_stanford_models as g
+
+    return os.path.exists(os.path.join(g.SPICEDIR, g.SPICELIB, f"{g.JAR}.jar"))
+
+
+def read_results(path: str, known_ids=None) -> List[Dict]:
+    """A COCO results file: a JSON list of {"image_id": int, "caption": str}, one per image."""
+    if not os.path.isfile(path):
+        raise UserError(f"--results {path} not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            results = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"--results {path} is not valid JSON ({e})") from None
+    check_results(results, path, known_ids)
+    return results
+
+
+def check_results(results, path: str, known_ids=None) -> None:
+    if not isinstance(results, list) or not all(
+            isinstance(r, dict) and isinstance(r.get("image_id"), int) and isinstance(r.get("caption"), str)
+            for r in results):
+        raise UserError(f"{path} is not in the COCO results format: a list of {{\"image_id\": int, \"caption\": str}}")
+    ids = [r["image_id"] for r in results]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise UserError(f"{path} has more than one caption for image {dup}")
+    if known_ids is not None:
+        unknown = [i for i in ids if i not in known_ids]
+        if unknown:
+            raise UserError(f"{path} has {len(unknown)} image id(s) that the annotations do not know (first: {unknown[0]})")
+
+
+def score(references: Dict[int, List[str]], results: List[Dict], spice: Optional[bool] = None, log=print) -> Dict[str, float]:
+    """Metrics of `results` against the references of the same images (restricted to them)."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.meteor.meteor import Meteor
+    from pycocoevalcap.rouge.rouge import Rouge
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    if not results:
+        raise UserError("there are no captions to evaluate")
+    check_java()
+    gts = {r["image_id"]: [{"caption": c} for c in references[r["image_id"]]] for r in results}
+    res = {r["image_id"]: [{"caption": r["caption"]}] for r in results}
+    with contextlib.redirect_stdout(io.StringIO()):  # the scorers print their progress
+        tok = PTBTokenizer()
+        gts, res = tok.tokenize(gts), tok.tokenize(res)
+        # An empty generated caption is legal; METEOR's Java process needs some text to compare.
+        res = {k: [v[0] if v[0].strip() else "."] for k, v in res.items()}
+        scorers = [(Bleu(4), ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4"]), (Meteor(), ["METEOR"]),
+                   (Rouge(), ["ROUGE_L"]), (Cider(), ["CIDEr"])]
+        use_spice = spice_available() if spice is None else spice
+        if use_spice:
+            from pycocoevalcap.spice.spice import Spice
+
+            scorers.append((Spice(), ["SPICE"]))
+        metrics = {}
+        for scorer, names in scorers:
+            value, _ = scorer.compute_score(gts, res)
+            for name, v in zip(names, value if isinstance(value, list) else [value]):
+                metrics[name] = float(v)
+    if not use_spice:
+        log("SPICE skipped: Stanford CoreNLP is not installed (python -c 'from pycocoevalcap.spice."
+            "get_stanford_models import get_stanford_models as g; g()' fetches it, online)")
+    return metrics
+
+
+def references_from_annotations(path: str) -> Dict[int, List[str]]:
+    from .data import coco_from_dict, read_json
+
+    coco = coco_from_dict(read_json(path, "--annotations"), path)
+    return {int(i): [a["caption"] for a in coco.imgToAnns.get(i, [])] for i in coco.imgs}
+
+
+def format_table(metrics: Dict[str, float], n: Optional[int] = None) -> str:
+    names = [m for m in METRIC_ORDER if m in metrics]
+    head = " | ".join(f"{m:>7}" for m in names)
+    vals = " | ".join(f"{metrics[m] * 100:7.2f}" for m in names)
+    rule = "-" * len(head)
+    title = f"COCO caption metrics (x100){'' if n is None else f' on {n} images'}"
+    return f"{title}\n{head}\n{rule}\n{vals}"
+
+
+@exit_on_user_error
+def main(annotations: str, results: str, out: Optional[str] = None, spice: Optional[bool] = None):
+    """Score a COCO results file against COCO caption annotations.
+
+    Args:
+        annotations: COCO captions JSON with the references (e.g. captions_val2014.json).
+        results: COCO results JSON: [{"image_id": int, "caption": str}, ...].
+        out: where to write the metrics as JSON (default: metrics.json beside the results).
+        spice: force SPICE on or off (default: on when Stanford CoreNLP is installed).
+    """
+    refs = references_from_annotations(annotations)
+    res = read_results(results, set(refs))
+    metrics = score(refs, res, spice)
+    print(format_table(metrics, len(res)))
+    out = out or os.path.join(os.path.dirname(os.path.abspath(results)), "metrics.json")
+    write_json(out, metrics, indent=1)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    fire.Fire(main)

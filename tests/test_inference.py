@@ -1,0 +1,225 @@
+import contextlib
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REPO, run_python, torchrun
+from llama_caption.captioner import load_captioner
+from llama_caption.data import load_coco, open_rgb
+from llama_caption.errors import UserError
+from llama_caption.generation import beam_search, generate, score_continuations, sequence_score
+from llama_caption.vision import build_tiny_clip
+
+
+def infer_args(cap, trained, out, *extra, images=None):
+    return ["--ckpt_dir", cap["ckpt_dir"], "--tokenizer_path", cap["tokenizer"], "--checkpoint", trained,
+            "--images", images or cap["val_images"], "--out", out, "--num_workers", 0, *extra]
+
+
+def test_results_load_with_coco_and_have_one_caption_per_image(cap, trained, tmp_path):
+    from pycocotools.coco import COCO
+
+    out = tmp_path / "res.json"
+    proc = torchrun(1, "captioning_inference.py", *infer_args(cap, trained, out, "--annotations", cap["val_ann"],
+                                                              "--num_images", 2, "--gallery", 2))
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO(cap["val_ann"])
+        res = coco.loadRes(str(out))
+    ids = sorted(coco.getImgIds())[:2]
+    assert sorted(res.getImgIds()) == ids
+    assert [len(res.getAnnIds(imgIds=[i])) for i in ids] == [1, 1]
+    assert all(a["caption"].strip() for a in res.dataset["annotations"])
+    assert "CIDEr" in proc.stdout and (tmp_path / "metrics.json").exists()
+    assert "img/s" in proc.stderr
+    page = (tmp_path / "gallery.html").read_text()
+    assert page.count("<figure>") == 2
+    # Images are linked relatively, so the page opens from disk.
+    src = page.split('<img src="')[1].split('"')[0]
+    assert not os.path.isabs(src) and (tmp_path / src).resolve().exists()
+
+
+def test_metrics_equal_the_pycocoevalcap_scorers_called_directly(cap, trained, tmp_path):
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.meteor.meteor import Meteor
+    from pycocoevalcap.rouge.rouge import Rouge
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    out = tmp_path / "res.json"
+    # Captions of varied quality: the references of other images, and some of their own.
+    ann = json.load(open(cap["ann"]))
+    ids = [im["id"] for im in ann["images"]]
+    caps = {i: [a["caption"] for a in ann["annotations"] if a["image_id"] == i] for i in ids}
+    results = [{"image_id": i, "caption": caps[ids[(k + (k % 2)) % len(ids)]][k % 5]} for k, i in enumerate(ids[:5])]
+    json.dump(results, open(out, "w"))
+    proc = run_python("-m", "llama_caption.evaluation", "--annotations", cap["ann"], "--results", out)
+    assert proc.returncode == 0, proc.stderr
+    ours = json.load(open(tmp_path / "metrics.json"))
+    tok = PTBTokenizer()
+    gts = tok.tokenize({r["image_id"]: [{"caption": c} for c in caps[r["image_id"]]] for r in results})
+    res = tok.tokenize({r["image_id"]: [{"caption": r["caption"]}] for r in results})
+    bleu, _ = Bleu(4).compute_score(gts, res)
+    expected = {"Bleu_1": bleu[0], "Bleu_2": bleu[1], "Bleu_3": bleu[2], "Bleu_4": bleu[3],
+                "METEOR": Meteor().compute_score(gts, res)[0], "ROUGE_L": Rouge().compute_score(gts, res)[0],
+                "CIDEr": Cider().compute_score(gts, res)[0]}
+    assert set(ours) == set(expected)
+    for k, v in expected.items():
+        assert ours[k] == pytest.approx(v, abs=1e-9), k
+    assert 0 < ours["CIDEr"] and ours["Bleu_1"] < 1  # neither all wrong nor all right
+    assert "CIDEr" in proc.stdout
+
+
+def test_results_file_not_in_coco_format_is_refused(cap, tmp_path):
+    bad = tmp_path / "r.json"
+    for content, msg in (('{"image_id": 1}', "not in the COCO results format"),
+                         ('[{"image_id": "1", "caption": "x"}]', "not in the COCO results format"),
+                         ('[{"image_id": 1, "caption": "a"}, {"image_id": 1, "caption": "b"}]', "more than one caption"),
+                         ('[{"image_id": 424242, "caption": "a"}]', "do not know"), ("[", "not valid JSON")):
+        bad.write_text(content)
+        proc = run_python("-m", "llama_caption.evaluation", "--annotations", cap["ann"], "--results", bad)
+        assert proc.returncode == 2 and msg in proc.stderr, (content, proc.stderr)
+
+
+def features_of(encoder, paths):
+    return encoder(torch.stack([encoder.preprocess(open_rgb(p)) for p in paths]))
+
+
+@pytest.fixture(scope="module")
+def model(cap, trained, process_group):
+    captioner, encoder, cfg = load_captioner(trained, cap["ckpt_dir"], cap["tokenizer"], "cpu", max_gen_len=30)
+    recs = load_coco(cap["images"], cap["ann"]) + load_coco(cap["val_images"], cap["val_ann"])
+    return captioner, features_of(encoder, [r.path for r in recs])
+
+
+def test_batched_greedy_equals_one_by_one(model):
+    captioner, feats = model
+    batched = captioner.generate(feats, max_gen_len=30)
+    alone = [captioner.generate(feats[i:i + 1], max_gen_len=30)[0] for i in range(len(feats))]
+    assert batched == alone and len(set(batched)) > 1
+
+
+def test_beam_search_with_one_beam_is_greedy_and_more_beams_score_higher(model):
+    captioner, feats = model
+    llama, tok = captioner.llama, captioner.tokenizer
+    prefix = captioner.projection(feats).detach()
+    prompts = [[tok.bos_id]] * len(feats)
+    # A prefix of noise leaves the model unsure, where beams and greedy part ways.
+    noisy = prefix + 3 * torch.randn(prefix.shape, generator=torch.Generator().manual_seed(0))
+    for pre in (prefix, noisy):
+        greedy = generate(llama, prompts, prefix=pre, eos_id=tok.eos_id, max_gen_len=30)
+        assert beam_search(llama, prompts, prefix=pre, eos_id=tok.eos_id, max_gen_len=30, num_beams=1) == greedy
+        beams = beam_search(llama, prompts, prefix=pre, eos_id=tok.eos_id, max_gen_len=30, num_beams=3)
+        g = score_continuations(llama, prompts, greedy, eos_id=tok.eos_id, prefix=pre)
+        b = score_continuations(llama, prompts, beams, eos_id=tok.eos_id, prefix=pre)
+        for x, y, gs, bs in zip(greedy, beams, g, b):
+            assert sequence_score(bs, len(y) + 1, 1.0) >= sequence_score(gs, len(x) + 1, 1.0) - 1e-9
+    assert beams != greedy  # on the noisy prefix beam search found something better somewhere
+
+
+def own_images(folder, cap, copies):
+    folder.mkdir()
+    src = sorted(os.listdir(cap["images"]))
+    for k in range(copies):
+        for name in src:
+            os.link(os.path.join(cap["images"], name), folder / f"{k:03d}_{name}")
+    return folder
+
+
+def test_interrupted_run_resumes_without_recaptioning(cap, trained, tmp_path):
+    imgs = own_images(tmp_path / "imgs", cap, 15)  # 90 images, one per batch
+    full = tmp_path / "full.json"
+    ref = run_python("captioning_inference.py", *infer_args(cap, trained, full, "--batch_size", 1, images=imgs))
+    assert ref.returncode == 0, ref.stderr
+    out = tmp_path / "cut.json"
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "captioning_inference.py",
+                             *map(str, infer_args(cap, trained, out, "--batch_size", 1, images=imgs))],
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    partial = tmp_path / "cut.json.partial.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if partial.exists() and sum(1 for _ in open(partial)) >= 20:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run finished before it could be interrupted"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = sum(1 for _ in open(partial))
+    assert 20 <= done_before < 90
+    again = run_python("captioning_inference.py", *infer_args(cap, trained, out, "--batch_size", 1, images=imgs))
+    assert again.returncode == 0, again.stderr
+    assert f"{done_before} already captioned" in again.stderr
+    assert len([l for l in again.stdout.splitlines() if "\t" in l]) == 90 - done_before  # only the rest
+    assert json.load(open(out)) == json.load(open(full))
+    assert not partial.exists()
+
+
+def test_two_data_parallel_ranks_give_the_same_results(cap, trained, tmp_path):
+    args = ["--annotations", cap["val_ann"], "--evaluate", "False", "--batch_size", 2]
+    torchrun(2, "captioning_inference.py", *infer_args(cap, trained, tmp_path / "two.json", *args))
+    torchrun(1, "captioning_inference.py", *infer_args(cap, trained, tmp_path / "one.json", *args))
+    two, one = json.load(open(tmp_path / "two.json")), json.load(open(tmp_path / "one.json"))
+    assert two == one and len(one) == 3
+
+
+def test_own_files_folder_with_png_grayscale_jpeg_and_broken_file(cap, trained, tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    shutil.copy(os.path.join(cap["images"], sorted(os.listdir(cap["images"]))[0]), folder / "shape.png")
+    Image.open(folder / "shape.png").convert("L").save(folder / "gray.jpg")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    (folder / "notes.txt").write_text("not an image, not listed")
+    out = tmp_path / "mine.json"
+    proc = torchrun(1, "captioning_inference.py", *infer_args(cap, trained, out, images=folder))
+    lines = [l.split("\t") for l in proc.stdout.splitlines() if "\t" in l]
+    assert sorted(os.path.basename(f) for f, _ in lines) == ["gray.jpg", "shape.png"]
+    assert all(c.strip() for _, c in lines)
+    results = json.load(open(out))
+    assert sorted(os.path.basename(r["file_name"]) for r in results) == ["gray.jpg", "shape.png"]
+    assert "1 unreadable image(s) skipped" in proc.stderr and "broken.jpg" in proc.stderr
+
+
+def test_bad_checkpoints_and_missing_java(cap, trained, tmp_path):
+    # A checkpoint folder with no config.
+    from safetensors.torch import save_file
+
+    (tmp_path / "noconf").mkdir()
+    save_file({"net.0.weight": torch.zeros(2, 2)}, tmp_path / "noconf" / "projection.safetensors")
+    args = infer_args(cap, trained, tmp_path / "r.json")
+    args[args.index("--checkpoint") + 1] = tmp_path / "noconf"
+    proc = run_python("captioning_inference.py", *args)
+    assert proc.returncode == 2 and "carries no training config" in proc.stderr
+    # Another CLIP model than the one it was trained with.
+    other = str(tmp_path / "other.pt")
+    build_tiny_clip(other, seed=3)
+    proc = run_python("captioning_inference.py", *infer_args(cap, trained, tmp_path / "r.json", "--clip_model", other))
+    assert proc.returncode == 2 and "use the CLIP model it was trained with" in proc.stderr
+    # A LLaMA of another width.
+    from llama_caption.checkpoint import random_state_dict, write_meta_checkpoint
+    from llama_caption.model import ModelArgs
+
+    wide = {"dim": 128, "n_layers": 1, "n_heads": 2, "multiple_of": 32, "norm_eps": 1e-5}
+    write_meta_checkpoint(str(tmp_path / "wide"), wide, random_state_dict(ModelArgs.from_params(wide, vocab_size=96)))
+    args = infer_args(cap, trained, tmp_path / "r.json")
+    args[args.index("--ckpt_dir") + 1] = tmp_path / "wide"
+    proc = run_python("captioning_inference.py", *args)
+    assert proc.returncode == 2 and "projects to LLaMA width 64" in proc.stderr and "width 128" in proc.stderr
+    # No Java: the captions are written, then evaluation says what is missing.
+    env_path = tmp_path / "bin"
+    env_path.mkdir()
+    out = tmp_path / "nojava.json"
+    env = dict(os.environ, PYTHONPATH=REPO, PATH=str(env_path))
+    proc = subprocess.run([sys.executable, "captioning_inference.py",
+                           *map(str, infer_args(cap, trained, out, "--annotations", cap["val_ann"]))],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "needs Java" in proc.stderr
+    assert len(json.load(open(out))) == 3
