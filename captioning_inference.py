@@ -51,6 +51,7 @@ def main(
     dtype: str = "auto",
     seed: int = 1,
     save_every_s: float = 30.0,
+    control_shuffle: bool = False,
 ):
     """Caption a COCO split (and score it) or your own image files.
 
@@ -80,6 +81,7 @@ def main(
         dtype: frozen LLaMA precision: auto (fp16 on CUDA, fp32 on CPU), fp32, fp16, bf16.
         seed: random seed for sampling, the same on every rank.
         save_every_s: seconds between rewrites of the results file while working.
+        control_shuffle: a control experiment: caption each image from the CLIP features of the next image in its batch.
     """
     if more_images:
         images = (list(images) if isinstance(images, (list, tuple)) else [images]) + list(more_images)

@@ -56,6 +56,7 @@ class InferenceConfig:
     dtype: str = "auto"
     seed: int = 1
     save_every_s: float = 30.0
+    control_shuffle: bool = False
 
 
 def select_records(cfg: InferenceConfig, log) -> (List[ImageRecord], bool):
@@ -175,6 +176,8 @@ def _run(cfg: InferenceConfig, env) -> Optional[Dict]:
                                          num_workers=cfg.num_workers, collate_fn=collate)
     it = iter(loader)
     partial = cfg.out + ".partial.jsonl"
+    if env.is_main:
+        os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
     sink = open(partial, "a", encoding="utf-8") if env.is_main else None
     bad_all = []
     bar = tqdm(total=len(todo), desc="captioning", unit="img", disable=not env.is_main, dynamic_ncols=True,
@@ -186,6 +189,8 @@ def _run(cfg: InferenceConfig, env) -> Optional[Dict]:
         local = []
         if batch["image_id"]:
             feats = encoder(batch["pixels"])
+            if cfg.control_shuffle:  # each image gets the features of the next one in its batch
+                feats = feats.roll(1, dims=0)
             caps = captioner.generate(feats, cfg.max_gen_len, cfg.temperature, cfg.top_p, generator=gen,
                                       num_beams=cfg.num_beams, length_penalty=cfg.length_penalty)
             for image_id, path, cap in zip(batch["image_id"], batch["path"], caps):

@@ -41,7 +41,7 @@ TEMPLATES = (
 def draw(attrs: Dict, size: int, rng: random.Random) -> Image.Image:
     img = Image.new("RGB", (size, size), COLOURS[attrs["background"]])
     d = ImageDraw.Draw(img)
-    frac = rng.uniform(0.22, 0.32) if attrs["size"] == "small" else rng.uniform(0.5, 0.65)
+    frac = rng.uniform(0.32, 0.42) if attrs["size"] == "small" else rng.uniform(0.62, 0.78)
     s = int(size * frac)
     x0, y0 = rng.randint(1, size - s - 1), rng.randint(1, size - s - 1)
     fill = tuple(max(0, min(255, c + rng.randint(-20, 20))) for c in COLOURS[attrs["colour"]])

@@ -69,3 +69,68 @@ def build_llama(out_dir: str, groups: List[List[str]], params: dict, vocab_size:
     sd = pretrain_llama(groups, tok, params, steps=steps, seed=seed, log=log)
     write_meta_checkpoint(os.path.join(out_dir, "llama"), dict(params, vocab_size=-1), sd)
     return {"tokenizer": tok.path, "ckpt_dir": os.path.join(out_dir, "llama")}
+
+
+def clip_tokenize(texts: List[str], context_length: int) -> torch.Tensor:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        import clip
+    return clip.tokenize(texts, context_length=context_length, truncate=True)
+
+
+def train_clip(images: torch.Tensor, captions: List[List[str]], steps: int = 300, batch_size: int = 256,
+               lr: float = 1e-3, width: int = 128, layers: int = 4, patch: int = 4, embed_dim: int = 128,
+               context_length: int = 32, seed: int = 0, log=None):
+    """Train the `clip` package's CLIP class contrastively on (image, caption) pairs.
+
+    images: preprocessed (N, 3, R, R); captions: the captions of each image (one is drawn per
+    image and step). Pairs whose captions are the same text count as positives of each other.
+    Returns the trained clip.model.CLIP (eval mode).
+    """
+    import torch.nn.functional as F
+
+    with __import__("warnings").catch_warnings():
+        __import__("warnings").simplefilter("ignore", UserWarning)
+        from clip.model import CLIP
+
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    model = CLIP(embed_dim=embed_dim, image_resolution=images.shape[-1], vision_layers=layers, vision_width=width,
+                 vision_patch_size=patch, context_length=context_length, vocab_size=49408,
+                 transformer_width=64, transformer_heads=1, transformer_layers=2).float()
+    texts = sorted({c for caps in captions for c in caps})
+    text_ids = {t: i for i, t in enumerate(texts)}
+    tokens = clip_tokenize(texts, context_length)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    model.train()
+    for step in range(steps):
+        idx = torch.randint(0, len(images), (batch_size,), generator=g)
+        choice = [captions[i][int(torch.randint(0, len(captions[i]), (1,), generator=g))] for i in idx.tolist()]
+        tid = torch.tensor([text_ids[c] for c in choice])
+        img = model.encode_image(images[idx])
+        txt = model.encode_text(tokens[tid])
+        img, txt = F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
+        logits = model.logit_scale.exp() * img @ txt.t()
+        # Soft targets: a caption also matches every image that drew the same text.
+        same = (tid[:, None] == tid[None, :]).float()
+        target = same / same.sum(1, keepdim=True)
+        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, 4.6052)
+        if log and (step + 1) % max(1, steps // 5) == 0:
+            log(f"  CLIP stand-in step {step + 1}/{steps}: contrastive loss {loss.item():.3f}")
+    return model.eval()
+
+
+@torch.no_grad()
+def text_embeddings(model, texts: List[str]) -> torch.Tensor:
+    import torch.nn.functional as F
+
+    return F.normalize(model.encode_text(clip_tokenize(texts, model.context_length)).float(), dim=-1)

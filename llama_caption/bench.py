@@ -1,0 +1,390 @@
+"""Throughput and memory benchmarks.
+
+    python -m llama_caption.bench                      # CPU-sized model, this machine
+    python -m llama_caption.bench --config 7b          # LLaMA-7B shape, random weights, on a GPU
+
+1. Decoding (captions/s), the same random-weight model, prefix embeddings and caption length:
+   ours (batched greedy with the KV cache), the seed's approach (one image at a time, the whole
+   sequence re-run every step) and Hugging Face transformers' LlamaForCausalLM.generate on the
+   same weights converted to its layout, fed the same inputs_embeds. The captions of the three
+   are compared token by token.
+2. Training steps (samples/s) from the CLIP feature cache against CLIP on the fly, with the
+   demo's stand-in models (config cpu).
+3. Peak memory of generation and of a training step (CUDA: allocator peak; CPU: process RSS).
+On a GPU it also prints tokens/s, the weight bandwidth achieved against the card's peak and the
+model FLOPs utilisation of a training step. Writes the figures as JSON (--out).
+"""
+
+import json
+import os
+import platform
+import threading
+import time
+from contextlib import contextmanager
+from typing import Dict, List, Optional
+
+import fire
+import torch
+
+from . import distributed
+from .errors import UserError, exit_on_user_error
+from .generation import generate, greedy_no_cache
+from .model import ModelArgs, Transformer, skip_weight_init
+
+CONFIGS = {
+    # dim 512 x 8 layers with LLaMA's 32000-word vocabulary: ~60M parameters, CPU-sized.
+    "cpu": dict(dim=512, n_layers=8, n_heads=8, vocab=32000, prefix=10, gen_len=20, images=64,
+                seed_images=4, batches=(1, 8, 32), hf_batches=(1, 32), dtype="fp32", train_batch=32),
+    "7b": dict(dim=4096, n_layers=32, n_heads=32, vocab=32000, prefix=10, gen_len=20, images=256,
+               seed_images=2, batches=(1, 8, 32, 128), hf_batches=(1, 32), dtype="fp16", train_batch=32),
+    # For the tests: seconds on a CPU.
+    "tiny": dict(dim=64, n_layers=2, n_heads=4, vocab=512, prefix=4, gen_len=8, images=8,
+                 seed_images=8, batches=(1, 8), hf_batches=(8,), dtype="fp32", train_batch=8),
+}
+# Dense bf16/fp16 tensor-core peak (TFLOP/s) and memory bandwidth (GB/s) from the vendors' sheets.
+PEAKS = {"H100": (989.0, 3350.0), "H200": (989.0, 4800.0), "A100": (312.0, 2039.0)}
+
+
+def random_model(args: ModelArgs, device, dtype, seed: int = 0) -> Transformer:
+    """Random LLaMA weights made directly on the device. The scale 2/sqrt(dim) keeps the logits
+    peaked, so greedy choices are not near-ties that rounding could flip between implementations."""
+    with skip_weight_init(), torch.device("meta"):
+        model = Transformer(args)
+    model = model.to_empty(device=device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    std = 2.0 / args.dim ** 0.5
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, std, generator=g)
+    return model.to(dtype).requires_grad_(False).eval()
+
+
+def to_hf_state_dict(model: Transformer) -> Dict[str, torch.Tensor]:
+    """Meta's layout to transformers' LlamaForCausalLM layout. Meta rotates interleaved pairs
+    (x0,x1),(x2,x3)..; transformers rotates the two halves of each head, so the rows of wq and wk
+    are reordered per head: even components first, then odd."""
+    a = model.args
+
+    def halves(w, heads):
+        hd = w.shape[0] // heads
+        return w.view(heads, hd // 2, 2, -1).transpose(1, 2).reshape(w.shape)
+
+    sd = model.state_dict()
+    out = {"model.embed_tokens.weight": sd["tok_embeddings.weight"], "model.norm.weight": sd["norm.weight"],
+           "lm_head.weight": sd["output.weight"]}
+    for i in range(a.n_layers):
+        p, q = f"layers.{i}.", f"model.layers.{i}."
+        out[q + "self_attn.q_proj.weight"] = halves(sd[p + "attention.wq.weight"], a.n_heads)
+        out[q + "self_attn.k_proj.weight"] = halves(sd[p + "attention.wk.weight"], a.kv_heads)
+        out[q + "self_attn.v_proj.weight"] = sd[p + "attention.wv.weight"]
+        out[q + "self_attn.o_proj.weight"] = sd[p + "attention.wo.weight"]
+        out[q + "mlp.gate_proj.weight"] = sd[p + "feed_forward.w1.weight"]
+        out[q + "mlp.down_proj.weight"] = sd[p + "feed_forward.w2.weight"]
+        out[q + "mlp.up_proj.weight"] = sd[p + "feed_forward.w3.weight"]
+        out[q + "input_layernorm.weight"] = sd[p + "attention_norm.weight"]
+        out[q + "post_attention_layernorm.weight"] = sd[p + "ffn_norm.weight"]
+    return out
+
+
+def hf_model(model: Transformer):
+    """The same weights in transformers' LlamaForCausalLM (None when transformers is missing)."""
+    try:
+        from transformers import LlamaConfig, LlamaForCausalLM
+    except ImportError:
+        return None
+    a = model.args
+    cfg = LlamaConfig(vocab_size=a.vocab_size, hidden_size=a.dim, intermediate_size=a.hidden_dim,
+                      num_hidden_layers=a.n_layers, num_attention_heads=a.n_heads, num_key_value_heads=a.kv_heads,
+                      rms_norm_eps=a.norm_eps, rope_theta=a.rope_theta, max_position_embeddings=a.max_seq_len,
+                      tie_word_embeddings=False, attention_bias=False, mlp_bias=False, bos_token_id=1,
+                      eos_token_id=2, pad_token_id=0)
+    cfg._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        hf = LlamaForCausalLM(cfg)
+    hf.load_state_dict(to_hf_state_dict(model), strict=True, assign=True)
+    # Rotary buffers are not in the state dict: rebuild them on the real device.
+    with torch.device(model.device):
+        hf.model.rotary_emb = type(hf.model.rotary_emb)(config=cfg)
+    return hf.to(model.dtype).eval()
+
+
+@torch.no_grad()
+def hf_generate(hf, inputs_embeds: torch.Tensor, gen_len: int) -> List[List[int]]:
+    out = hf.generate(inputs_embeds=inputs_embeds, attention_mask=torch.ones(inputs_embeds.shape[:2], dtype=torch.long,
+                      device=inputs_embeds.device), max_new_tokens=gen_len, min_new_tokens=gen_len, do_sample=False,
+                      eos_token_id=None, pad_token_id=0, use_cache=True, temperature=None, top_p=None, top_k=None)
+    return out[:, -gen_len:].tolist()
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+class PeakMemory:
+    """Peak memory inside a `with` block: CUDA allocator peak, or process RSS sampled every 2 ms."""
+
+    def __init__(self, device):
+        self.device, self.peak, self.base = device, 0, 0
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            self.base = self.peak = self.rss()
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.rss())
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, self.rss())
+
+    @property
+    def extra_mb(self) -> float:
+        """Memory above what was allocated on entry (the weights), in MiB."""
+        return (self.peak - self.base) / 2**20
+
+
+def timed(fn, device, repeat: int = 1):
+    fn()  # warm-up: allocator, kernels, caches
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(repeat):
+        out = fn()
+    sync(device)
+    return out, (time.perf_counter() - t) / repeat
+
+
+def decode_bench(model: Transformer, c: dict, device, log) -> dict:
+    """Captions/s three ways on the same prefixes; checks that the captions agree."""
+    g = torch.Generator(device=device).manual_seed(1)
+    n, P, L = c["images"], c["prefix"], c["gen_len"]
+    prefix = torch.randn(n, P, model.args.dim, generator=g, device=device).to(model.dtype)
+    bos = 1
+    res = {"ours": {}, "hf": {}}
+    ours_tokens = None
+    for b in c["batches"]:
+        def run():
+            toks = []
+            for s in range(0, n, b):
+                toks += generate(model, [[bos]] * len(prefix[s:s + b]), prefix=prefix[s:s + b], eos_id=-1, max_gen_len=L)
+            return toks
+        with PeakMemory(device) as mem:
+            toks, dt = timed(run, device)
+        res["ours"][b] = {"captions_s": n / dt, "tokens_s": n * L / dt, "peak_extra_mb": mem.extra_mb}
+        log(f"  ours  batch {b:3d}: {n / dt:9.2f} captions/s  {n * L / dt:10.1f} tokens/s  (+{mem.extra_mb:.0f} MiB)")
+        if ours_tokens is None:
+            ours_tokens = toks
+        elif toks != ours_tokens:
+            raise RuntimeError(f"batch {b} changed the captions: batched decoding is not exact")
+    k = c["seed_images"]
+    seed_toks, dt = timed(lambda: greedy_no_cache(model, [[bos]] * k, prefix=prefix[:k], eos_id=-1, max_gen_len=L), device)
+    res["seed"] = {"captions_s": k / dt, "tokens_s": k * L / dt, "images": k}
+    log(f"  seed (no cache, one image at a time): {k / dt:9.3f} captions/s")
+    agree = {"seed": seed_toks == ours_tokens[:k]}
+    hf = hf_model(model)
+    if hf is None:
+        log("  transformers is not installed (pip install -e .[bench]): its column is skipped")
+    else:
+        bos_emb = model.embed(torch.full((n, 1), bos, device=device))
+        embeds = torch.cat([prefix, bos_emb], 1)
+        for b in c["hf_batches"]:
+            def run_hf():
+                toks = []
+                for s in range(0, n, b):
+                    toks += hf_generate(hf, embeds[s:s + b], L)
+                return toks
+            with PeakMemory(device) as mem:
+                hf_toks, dt = timed(run_hf, device)
+            res["hf"][b] = {"captions_s": n / dt, "tokens_s": n * L / dt, "peak_extra_mb": mem.extra_mb}
+            log(f"  transformers generate batch {b:3d}: {n / dt:9.2f} captions/s")
+            same = sum(x == y for x, y in zip(hf_toks, ours_tokens))
+            agree[f"hf_batch{b}"] = same == n
+            if same != n:
+                tok_same = sum(a == b_ for x, y in zip(hf_toks, ours_tokens) for a, b_ in zip(x, y))
+                log(f"  transformers batch {b}: {same}/{n} captions identical ({tok_same / (n * L):.1%} of tokens)")
+        del hf
+    res["captions_identical"] = agree
+    top = max(c["batches"])
+    res["ratio_vs_seed"] = res["ours"][top]["captions_s"] / res["seed"]["captions_s"]
+    if top in res["hf"]:
+        res["ratio_vs_hf"] = res["ours"][top]["captions_s"] / res["hf"][top]["captions_s"]
+    return res
+
+
+def frozen_step_bench(model: Transformer, c: dict, device, log) -> dict:
+    """A training step through the frozen LLaMA: prefix gradients only (the GPU figures)."""
+    P, L, B = c["prefix"], c["gen_len"], c["train_batch"]
+    proj = torch.nn.Linear(64, P * model.args.dim, device=device)
+    opt = torch.optim.AdamW(proj.parameters(), lr=1e-4)
+    feats = torch.randn(B, 64, device=device)
+    tokens = torch.randint(3, model.args.vocab_size, (B, L + 1), device=device)
+
+    def step():
+        with torch.autocast(device.type, dtype=model.dtype, enabled=device.type == "cuda"):
+            emb = torch.cat([proj(feats).view(B, P, -1).to(model.dtype), model.embed(tokens[:, :-1])], 1)
+            logits = model(embeddings=emb)[:, P - 1:-1]
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    with PeakMemory(device) as mem:
+        _, dt = timed(step, device, repeat=3)
+    n_params = sum(p.numel() for p in model.parameters())
+    T = P + L
+    # Frozen weights: forward 2*N*T, backward 2*N*T for activation gradients only (no weight grads).
+    flops = 4 * n_params * B * T / dt
+    out = {"samples_s": B / dt, "peak_extra_mb": mem.extra_mb, "model_tflops": flops / 1e12}
+    log(f"  training step through frozen LLaMA, batch {B}: {B / dt:.1f} samples/s, "
+        f"{flops / 1e12:.1f} TFLOP/s (4*N*T per sample), +{mem.extra_mb:.0f} MiB")
+    return out
+
+
+def cache_vs_fly_bench(log, steps: int = 8, batch: int = 32) -> Optional[dict]:
+    """Training samples/s with the demo's stand-ins: features from the cache vs CLIP on the fly."""
+    from .demo.build import demo_paths, ensure_features
+
+    paths = demo_paths()
+    if not os.path.isfile(os.path.join(paths["standins"], "llama", "params.json")):
+        log("  the demo's stand-in models are not built yet (make demo): cache-vs-on-the-fly skipped")
+        return None
+    from .captioner import Captioner
+    from .checkpoint import load_llama
+    from .data import CaptionDataset, collate, drop_missing, load_coco
+    from .features import FeatureCache
+    from .projection import Projection
+    from .vision import ClipEncoder
+
+    feats_dir = ensure_features(paths, log=lambda m: None)
+    enc = ClipEncoder(paths["clip"], "cpu")
+    llama, tok = load_llama(paths["ckpt_dir"], paths["tokenizer"], max_seq_len=64)
+    recs = drop_missing(load_coco(paths["train_images"], paths["train_ann"]), log=lambda m: None)
+    out = {}
+    for mode in ("on_the_fly", "cache"):
+        torch.manual_seed(0)
+        proj = Projection("mlp", "pooled", enc.feature_shape, llama.args.dim, 10)
+        cap = Captioner(llama, tok, proj)
+        opt = torch.optim.AdamW(proj.parameters(), lr=1e-4)
+        ds = CaptionDataset(recs, enc.preprocess, FeatureCache(feats_dir) if mode == "cache" else None, "one")
+        loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=0, collate_fn=collate,
+                                             generator=torch.Generator().manual_seed(0))
+        it = iter(loader)
+
+        def step():
+            b = next(it)
+            f = b["features"] if "features" in b else enc(b["pixels"])
+            loss, n = cap.loss_terms(f, b["caption"])
+            (loss / n).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        step()
+        with PeakMemory(torch.device("cpu")) as mem:
+            t = time.perf_counter()
+            for _ in range(steps):
+                step()
+            dt = time.perf_counter() - t
+        out[mode] = {"samples_s": steps * batch / dt, "peak_extra_mb": mem.extra_mb}
+        log(f"  training from {'the feature cache' if mode == 'cache' else 'images, CLIP on the fly'}: "
+            f"{steps * batch / dt:8.1f} samples/s")
+    out["ratio"] = out["cache"]["samples_s"] / out["on_the_fly"]["samples_s"]
+    log(f"  cache / on the fly: {out['ratio']:.2f}x")
+    return out
+
+
+def machine(device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = "CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model}, {torch.get_num_threads()} threads"
+
+
+@exit_on_user_error
+def main(config: str = "cpu", device: str = "auto", out: Optional[str] = "bench.json", train: bool = True):
+    """Benchmark decoding and training throughput and memory.
+
+    Args:
+        config: cpu (dim 512, 8 layers, 32000 words), 7b (LLaMA-7B's shape, for a GPU) or tiny.
+        device: auto, cpu or cuda.
+        out: JSON file for the figures ('' for none).
+        train: also measure training steps.
+    """
+    if config not in CONFIGS:
+        raise UserError(f"--config {config!r} must be one of {list(CONFIGS)}")
+    c = CONFIGS[config]
+    env = distributed.setup(mp_size=1, device=device)
+    try:
+        dev = env.device
+        dtype = {"fp32": torch.float32, "fp16": torch.float16}[c["dtype"]] if dev.type == "cuda" else torch.float32
+        args = ModelArgs(dim=c["dim"], n_layers=c["n_layers"], n_heads=c["n_heads"], vocab_size=c["vocab"],
+                         max_seq_len=c["prefix"] + 1 + c["gen_len"] + 8)
+        model = random_model(args, dev, dtype)
+        n_params = sum(p.numel() for p in model.parameters())
+        head = f"{machine(dev)}; torch {torch.__version__}; config {config}: dim {c['dim']}, {c['n_layers']} layers, " \
+               f"{n_params / 1e6:.1f}M parameters, {str(dtype).replace('torch.', '')}; prefix {c['prefix']} + BOS, " \
+               f"{c['gen_len']} tokens per caption"
+        print(head)
+        res = {"machine": machine(dev), "config": config, "params": n_params, "dtype": str(dtype),
+               "decode": decode_bench(model, c, dev, print)}
+        d = res["decode"]
+        print(f"  ours batch {max(c['batches'])} vs seed: {d['ratio_vs_seed']:.1f}x"
+              + (f"; vs transformers at the same batch: {d['ratio_vs_hf']:.2f}x" if "ratio_vs_hf" in d else ""))
+        if dev.type == "cuda":
+            weight_bytes = n_params * torch.finfo(dtype).bits // 8
+            peak = next((v for k, v in PEAKS.items() if k in machine(dev)), None)
+            for b, r in d["ours"].items():
+                steps_s = r["tokens_s"] / b
+                bw = steps_s * weight_bytes / 1e9
+                r["weight_gb_s"] = bw
+                print(f"  batch {b:3d}: {r['tokens_s']:9.0f} tokens/s, weights read at {bw:7.0f} GB/s"
+                      + (f" ({bw / peak[1]:.0%} of {peak[1]:.0f} GB/s)" if peak else ""))
+        if train:
+            res["train_frozen"] = frozen_step_bench(model, c, dev, print)
+            if dev.type == "cuda":
+                peak = next((v for k, v in PEAKS.items() if k in machine(dev)), None)
+                if peak:
+                    res["train_frozen"]["mfu"] = res["train_frozen"]["model_tflops"] / peak[0]
+                    print(f"  model FLOPs utilisation: {res['train_frozen']['mfu']:.1%} of {peak[0]:.0f} TFLOP/s")
+            if config == "cpu":
+                del model
+                res["cache_vs_fly"] = cache_vs_fly_bench(print)
+        if out:
+            from .fileio import write_json
+
+            write_json(out, res, indent=1)
+            print(f"wrote {out}")
+        return res
+    finally:
+        distributed.teardown()
+
+
+if __name__ == "__main__":
+    fire.Fire(main)

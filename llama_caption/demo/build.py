@@ -1,0 +1,270 @@
+"""The offline demo: stand-in models and data made here, then the real scripts run on them.
+
+    make demo                                  # = python -m llama_caption.demo
+    python -m llama_caption.demo --scale small # the reduced demo the tests run
+
+1. A synthetic COCO-format dataset (llama_caption.demo.shapes).
+2. Stand-ins, cached between runs: a CLIP (the clip package's own class) trained contrastively
+   on the training captions, checked zero-shot per attribute; a LLaMA (our model class)
+   pretrained on the same captions and written in Meta's format with a sentencepiece tokenizer.
+   `--images/--annotations` build them from any COCO-format captions dataset instead.
+3. torchrun llama_caption.features, captioning_training.py and captioning_inference.py, unchanged,
+   exactly as on COCO: the projection learns with both stand-ins frozen, then captions val.
+4. A control run that captions every image from another image's features, and the attribute
+   accuracy (shape, colour, background) of both.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional
+
+import torch
+
+from .. import distributed
+from ..data import load_coco, open_rgb
+from ..errors import UserError
+from ..fileio import write_json
+from .shapes import BACKGROUNDS, SHAPE_COLOURS, SHAPES, SYNONYMS, make_dataset
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+SCALES = {
+    # train/val images, CLIP steps, LLaMA steps, projection epochs
+    "full": dict(train=2000, val=200, image_size=32, clip_steps=1200, llama_steps=600, epochs=4, batch_size=64,
+                 lr=2e-3),
+    "small": dict(train=400, val=60, image_size=32, clip_steps=400, llama_steps=250, epochs=3, batch_size=32,
+                  lr=2e-3),
+}
+LLAMA_PARAMS = dict(dim=128, n_layers=4, n_heads=4, multiple_of=64, norm_eps=1e-5)
+CLIP_SETTINGS = dict(width=64, layers=2, patch=8, embed_dim=128, batch_size=128)
+
+
+def demo_paths(root: str = "demo_runs", scale: str = "full") -> Dict[str, str]:
+    base = os.path.join(root, scale)
+    data = os.path.join(base, "data")
+    st = os.path.join(base, "standins")
+    return {
+        "root": base, "data": data, "standins": st,
+        "train_images": os.path.join(data, "train2014"), "val_images": os.path.join(data, "val2014"),
+        "train_ann": os.path.join(data, "annotations", "captions_train2014.json"),
+        "val_ann": os.path.join(data, "annotations", "captions_val2014.json"),
+        "val_attrs": os.path.join(data, "annotations", "attributes_val2014.json"),
+        "clip": os.path.join(st, "clip.pt"), "ckpt_dir": os.path.join(st, "llama"),
+        "tokenizer": os.path.join(st, "tokenizer.model"), "features": os.path.join(base, "features"),
+        "run": os.path.join(base, "run"),
+    }
+
+
+def stamp_ok(path: str, settings: dict) -> bool:
+    try:
+        with open(path) as f:
+            return json.load(f) == settings
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def preprocess_all(paths: List[str], resolution: int) -> torch.Tensor:
+    from clip.clip import _transform
+
+    tf = _transform(resolution)
+    return torch.stack([tf(open_rgb(p)) for p in paths])
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading attributes back out of captions (for the synthetic dataset's accuracy figures).
+# ---------------------------------------------------------------------------------------------
+
+SHAPE_WORDS = {w.split()[0]: s for s, words in SYNONYMS.items() for w in words}
+SHAPE_WORDS.update({"round": "circle", "box": "square", "three-sided": "triangle"})
+COLOUR_WORDS = set(SHAPE_COLOURS) | set(BACKGROUNDS)
+
+
+def parse_attributes(caption: str) -> Dict[str, Optional[str]]:
+    """Shape, colour and background named by a caption: the colour word nearest before the
+    shape word is the shape's colour, the other colour word the background."""
+    words = re.findall(r"[a-z\-]+", caption.lower())
+    shape_pos = next((i for i, w in enumerate(words) if w in SHAPE_WORDS), None)
+    colours = [(i, w) for i, w in enumerate(words) if w in COLOUR_WORDS]
+    out = {"shape": SHAPE_WORDS[words[shape_pos]] if shape_pos is not None else None, "colour": None, "background": None}
+    if shape_pos is not None:
+        before = [c for c in colours if c[0] < shape_pos]
+        if before:
+            out["colour"] = before[-1][1]
+            colours.remove(before[-1])
+    if colours:
+        out["background"] = colours[0][1]
+    return out
+
+
+def attribute_accuracy(results: List[dict], truth: Dict[str, dict]) -> Dict[str, float]:
+    hits = {"shape": 0, "colour": 0, "background": 0, "all three": 0}
+    for r in results:
+        got, true = parse_attributes(r["caption"]), truth[str(r["image_id"])]
+        ok = [got[a] == true[a] for a in ("shape", "colour", "background")]
+        for a, o in zip(("shape", "colour", "background"), ok):
+            hits[a] += o
+        hits["all three"] += all(ok)
+    return {k: v / max(1, len(results)) for k, v in hits.items()}
+
+
+@torch.no_grad()
+def clip_zero_shot(model, images: torch.Tensor, truth: List[dict]) -> Dict[str, float]:
+    """Per attribute: the image against its caption with that attribute set to each value."""
+    from .standins import text_embeddings
+
+    img = torch.nn.functional.normalize(model.encode_image(images).float(), dim=-1)
+    acc = {}
+    for attr, values in (("shape", SHAPES), ("colour", SHAPE_COLOURS), ("background", BACKGROUNDS)):
+        right = 0
+        for i, t in enumerate(truth):
+            cands = []
+            for v in values:
+                b = dict(t, **{attr: v})
+                cands.append(f"a {b['size']} {b['colour']} {b['shape']} on a {b['background']} background")
+            right += values[int((text_embeddings(model, cands) @ img[i]).argmax())] == t[attr]
+        acc[attr] = right / len(truth)
+    return acc
+
+
+def build_standins(paths: Dict[str, str], s: dict, log, images: Optional[str] = None,
+                   annotations: Optional[str] = None) -> None:
+    """Train and save the stand-in CLIP and LLaMA unless the cached ones match the settings."""
+    from ..vision import build_tiny_clip
+    from .standins import build_llama, train_clip
+
+    images = images or paths["train_images"]
+    annotations = annotations or paths["train_ann"]
+    settings = {"scale": s, "clip": CLIP_SETTINGS, "llama": LLAMA_PARAMS, "images": os.path.abspath(images),
+                "annotations": os.path.abspath(annotations)}
+    stamp = os.path.join(paths["standins"], "settings.json")
+    if stamp_ok(stamp, settings) and os.path.isfile(paths["clip"]) and os.path.isfile(os.path.join(paths["ckpt_dir"], "params.json")):
+        log(f"stand-in models: reusing {paths['standins']}")
+        return
+    recs = [r for r in load_coco(images, annotations) if r.captions and os.path.isfile(r.path)]
+    if not recs:
+        raise UserError(f"{annotations} has no captioned images under {images}")
+    t0 = time.time()
+    log(f"training the stand-in CLIP on {len(recs)} images ({s['clip_steps']} steps)...")
+    pixels = preprocess_all([r.path for r in recs], s["image_size"])
+    cs = CLIP_SETTINGS
+    model = train_clip(pixels, [r.captions for r in recs], steps=s["clip_steps"], batch_size=cs["batch_size"],
+                       width=cs["width"], layers=cs["layers"], patch=cs["patch"], embed_dim=cs["embed_dim"], log=log)
+    build_tiny_clip(paths["clip"], model=model)
+    log(f"  CLIP stand-in saved as {paths['clip']} ({time.time() - t0:.0f} s)")
+    if os.path.isfile(paths["val_attrs"]) and images == paths["train_images"]:
+        truth = json.load(open(paths["val_attrs"]))
+        val = load_coco(paths["val_images"], paths["val_ann"])
+        acc = clip_zero_shot(model, preprocess_all([r.path for r in val], s["image_size"]),
+                             [truth[str(r.image_id)] for r in val])
+        write_json(os.path.join(paths["standins"], "clip_zero_shot.json"), acc, indent=1)
+        log("  CLIP stand-in zero-shot accuracy on val: " + ", ".join(f"{k} {v:.0%}" for k, v in acc.items()))
+    t0 = time.time()
+    log(f"pretraining the stand-in LLaMA ({s['llama_steps']} steps)...")
+    build_llama(paths["standins"], [r.captions for r in recs], LLAMA_PARAMS, vocab_size=256,
+                steps=s["llama_steps"], log=log)
+    log(f"  LLaMA stand-in saved in {paths['ckpt_dir']} (Meta's format) ({time.time() - t0:.0f} s)")
+    write_json(stamp, settings)
+
+
+def torchrun(*args, log=print, quiet=False) -> str:
+    """Run one of the project's scripts under torchrun (one CPU process), as a user would."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--standalone", *map(str, args)]
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1)),
+               PYTHONWARNINGS="ignore")
+    log("$ torchrun --nproc_per_node 1 " + " ".join(map(str, args)))
+    proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.DEVNULL if quiet else None, text=True)
+    if proc.stdout and not quiet:
+        log(proc.stdout.rstrip())
+    if proc.returncode != 0:
+        raise UserError(f"{args[0]} failed (exit {proc.returncode}); see its messages above")
+    return proc.stdout
+
+
+def ensure_features(paths: Dict[str, str], log=print) -> str:
+    """CLIP feature caches of both splits (llama_caption.features, skipped when complete)."""
+    for split in ("train", "val"):
+        out = os.path.join(paths["features"], split)
+        torchrun("-m", "llama_caption.features", "--clip_model", paths["clip"], "--images", paths[f"{split}_images"],
+                 "--annotations", paths[f"{split}_ann"], "--out", out, "--num_workers", 0, "--batch_size", 256,
+                 log=log, quiet=True)
+    return os.path.join(paths["features"], "train")
+
+
+def run_demo(scale: str = "full", root: str = "demo_runs", images: Optional[str] = None,
+             annotations: Optional[str] = None, log=print) -> dict:
+    if scale not in SCALES:
+        raise UserError(f"--scale {scale!r} must be one of {list(SCALES)}")
+    s = SCALES[scale]
+    paths = demo_paths(root, scale)
+    t_start = time.time()
+    make_dataset(paths["data"], s["train"], s["val"], seed=0, image_size=s["image_size"])
+    log(f"dataset: {s['train']} train and {s['val']} val images in COCO's layout under {paths['data']}")
+    env = distributed.setup(mp_size=1, device="cpu", quiet=False)
+    try:
+        build_standins(paths, s, log, images, annotations)
+    finally:
+        distributed.teardown()
+    ensure_features(paths, log)
+    run = paths["run"]
+    torchrun("captioning_training.py", "--ckpt_dir", paths["ckpt_dir"], "--tokenizer_path", paths["tokenizer"],
+             "--clip_model", paths["clip"], "--train_images", paths["train_images"], "--train_annotations",
+             paths["train_ann"], "--features", os.path.join(paths["features"], "train"),
+             "--val_images", paths["val_images"], "--val_annotations", paths["val_ann"],
+             "--val_features", os.path.join(paths["features"], "val"), "--out_dir", run, "--prefix_len", 4,
+             "--epochs", s["epochs"], "--batch_size", s["batch_size"], "--lr", s["lr"], "--warmup_steps", 50,
+             "--num_workers", 0, "--log_every", 20, "--save_every", 100000, log=log)
+    outputs = {}
+    for name, extra in (("captions", []), ("control", ["--control_shuffle", "True"])):
+        res = os.path.join(run, name, "results.json")
+        for stale in (res, res + ".partial.jsonl"):
+            if os.path.exists(stale):
+                os.remove(stale)
+        printed = torchrun("captioning_inference.py", "--ckpt_dir", paths["ckpt_dir"], "--tokenizer_path",
+                           paths["tokenizer"], "--checkpoint", run, "--images", paths["val_images"], "--annotations",
+                           paths["val_ann"], "--out", res, "--batch_size", 50, "--num_workers", 0,
+                           "--gallery", 24 if name == "captions" else 0, *extra, log=log)
+        outputs[name] = {"results": json.load(open(res)), "printed": printed,
+                         "metrics": json.load(open(os.path.join(run, name, "metrics.json")))}
+    truth = json.load(open(paths["val_attrs"]))
+    report = {k: {"metrics": v["metrics"], "attributes": attribute_accuracy(v["results"], truth)}
+              for k, v in outputs.items()}
+    report["seconds"] = time.time() - t_start
+    zs = os.path.join(paths["standins"], "clip_zero_shot.json")
+    if os.path.isfile(zs):
+        report["clip_zero_shot"] = json.load(open(zs))
+    write_json(os.path.join(run, "demo_report.json"), report, indent=1)
+    print_report(report, outputs, truth, paths)
+    return report
+
+
+def print_report(report, outputs, truth, paths) -> None:
+    from ..evaluation import METRIC_ORDER
+
+    print("\n" + "=" * 78)
+    print("llama_caption demo: val images captioned by the trained projection")
+    names = [m for m in METRIC_ORDER if m in report["captions"]["metrics"]]
+    print(f"\n{'':22}" + "".join(f"{m:>9}" for m in names))
+    for k, label in (("captions", "captions"), ("control", "shuffled control")):
+        print(f"{label:22}" + "".join(f"{report[k]['metrics'][m] * 100:9.2f}" for m in names))
+    print("\nattribute accuracy      shape   colour  background  all three")
+    for k, label in (("captions", "captions"), ("control", "shuffled control")):
+        a = report[k]["attributes"]
+        print(f"{label:22}{a['shape']:7.0%}{a['colour']:9.0%}{a['background']:12.0%}{a['all three']:11.0%}")
+    if "clip_zero_shot" in report:
+        z = report["clip_zero_shot"]
+        print(f"CLIP stand-in zero-shot: shape {z['shape']:.0%}, colour {z['colour']:.0%}, background {z['background']:.0%}")
+    print("\nexamples (generated caption | true shape, colour, background):")
+    for r in outputs["captions"]["results"][:6]:
+        t = truth[str(r["image_id"])]
+        print(f"  {r['caption']:50} | {t['size']} {t['colour']} {t['shape']}, {t['background']} background")
+    c_cider, s_cider = report["captions"]["metrics"]["CIDEr"], report["control"]["metrics"]["CIDEr"]
+    print(f"\nCIDEr {c_cider * 100:.1f} against {s_cider * 100:.1f} with shuffled features "
+          f"({c_cider / max(s_cider, 1e-9):.1f}x); demo took {report['seconds']:.0f} s")
+    print(f"gallery: {os.path.join(paths['run'], 'captions', 'gallery.html')}")
+    print(f"loss curve: {os.path.join(paths['run'], 'loss_curve.png')}")
+    print(f"report: {os.path.join(paths['run'], 'demo_report.json')}")
