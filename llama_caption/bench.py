@@ -35,8 +35,8 @@ CONFIGS = {
     # dim 512 x 8 layers with LLaMA's 32000-word vocabulary: ~60M parameters, CPU-sized.
     "cpu": dict(dim=512, n_layers=8, n_heads=8, vocab=32000, prefix=10, gen_len=20, images=64,
                 seed_images=4, batches=(1, 8, 32), hf_batches=(1, 32), dtype="fp32", train_batch=32),
-    "7b": dict(dim=4096, n_layers=32, n_heads=32, vocab=32000, prefix=10, gen_len=20, images=256,
-               seed_images=2, batches=(1, 8, 32, 128), hf_batches=(1, 32), dtype="fp16", train_batch=32),
+    "7b": dict(dim=4096, n_layers=32, n_heads=32, vocab=32000, prefix=10, gen_len=20, images=64,
+               seed_images=1, batches=(1, 8, 32, 64), hf_batches=(32,), dtype="fp16", train_batch=32),
     # For the tests: seconds on a CPU.
     "tiny": dict(dim=64, n_layers=2, n_heads=4, vocab=512, prefix=4, gen_len=8, images=8,
                  seed_images=8, batches=(1, 8), hf_batches=(8,), dtype="fp32", train_batch=8),
@@ -198,7 +198,11 @@ def decode_bench(model: Transformer, c: dict, device, log) -> dict:
         if ours_tokens is None:
             ours_tokens = toks
         elif toks != ours_tokens:
-            raise RuntimeError(f"batch {b} changed the captions: batched decoding is not exact")
+            # fp32 on the CPU is exact; fp16 GEMMs of another batch size round differently.
+            same = sum(x == y for x, y in zip(toks, ours_tokens))
+            if model.dtype == torch.float32:
+                raise RuntimeError(f"batch {b} changed the captions: batched decoding is not exact")
+            log(f"  batch {b}: {same}/{n} captions identical to batch {c['batches'][0]} (fp16 rounding)")
     k = c["seed_images"]
     seed_toks, dt = timed(lambda: greedy_no_cache(model, [[bos]] * k, prefix=prefix[:k], eos_id=-1, max_gen_len=L), device)
     res["seed"] = {"captions_s": k / dt, "tokens_s": k * L / dt, "images": k}
@@ -328,7 +332,7 @@ def machine(device) -> str:
 
 
 @exit_on_user_error
-def main(config: str = "cpu", device: str = "auto", out: Optional[str] = "bench.json", train: bool = True):
+def main(config: str = "cpu", device: str = "auto", out: Optional[str] = "bench.json", train: bool = True) -> None:
     """Benchmark decoding and training throughput and memory.
 
     Args:
@@ -381,7 +385,6 @@ def main(config: str = "cpu", device: str = "auto", out: Optional[str] = "bench.
 
             write_json(out, res, indent=1)
             print(f"wrote {out}")
-        return res
     finally:
         distributed.teardown()
 

@@ -167,7 +167,7 @@ def main(
             if n % chunk == 0:
                 flush()
         flush()
-        counts = torch.tensor([len(bad)], dtype=torch.long)
+        counts = torch.tensor([len(bad)], dtype=torch.long, device=env.device)  # NCCL reduces device tensors only
         dist.all_reduce(counts)
         for path, reason in bad:
             print(f"warning: skipped unreadable image {path} ({reason})", file=sys.stderr)

@@ -102,28 +102,33 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         # Normalise in fp32 so fp16 activations do not overflow in the mean of squares.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return xf.type_as(x) * self.weight
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
 
 
-def rope_angles(head_dim: int, positions: torch.Tensor, theta: float):
-    """cos and sin of the rotary angles for integer positions of any shape: (..., head_dim/2)."""
+def rope_rotation(head_dim: int, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Unit complex numbers e^(i * position * theta^(-2k/head_dim)) for integer positions of any
+    shape: (..., head_dim/2), complex64."""
     inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
     ang = positions.float()[..., None] * inv
-    return torch.cos(ang), torch.sin(ang)
+    return torch.polar(torch.ones_like(ang), ang)
 
 
-def apply_rope(x, cos, sin):
-    """Rotate consecutive pairs (x[2i], x[2i+1]) as Meta's complex-number code does.
+def apply_rope(x, rot):
+    """Rotate consecutive pairs (x[2k], x[2k+1]) as complex numbers, Meta's convention.
 
-    x: (B, T, H, hd); cos/sin: (B or 1, T, hd/2).
+    x: (B, T, H, hd); rot: (B or 1, T, hd/2) complex.
     """
-    xf = x.float().reshape(*x.shape[:-1], -1, 2)
-    a, b = xf[..., 0], xf[..., 1]
-    c, s = cos[:, :, None, :], sin[:, :, None, :]
-    out = torch.stack((a * c - b * s, a * s + b * c), dim=-1)
-    return out.flatten(-2).type_as(x)
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(xc * rot[:, :, None, :]).flatten(-2).type_as(x)
+
+
+def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A fairscale parallel linear layer; with model-parallel size 1 its communication wrappers
+    (autograd functions that do nothing on one rank) are skipped, which matters when decoding
+    one token at a time is bound by kernel-launch overhead."""
+    if fs_init.get_model_parallel_world_size() == 1:
+        return F.linear(x, layer.weight)
+    return layer(x)
 
 
 class KVCache(nn.Module):
@@ -156,19 +161,19 @@ class Attention(nn.Module):
         self.wv = ColumnParallelLinear(d, args.kv_heads * hd, bias=False, gather_output=False)
         self.wo = RowParallelLinear(args.n_heads * hd, d, bias=False, input_is_parallel=True)
 
-    def forward(self, x, cos, sin, mask, cache: Optional[KVCache], start_pos: int):
+    def forward(self, x, rot, mask, cache: Optional[KVCache], start_pos: int):
         bsz, seqlen, _ = x.shape
-        q = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)
-        k = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
-        v = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q = linear(self.wq, x).view(bsz, seqlen, self.n_local_heads, self.head_dim)
+        k = linear(self.wk, x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        v = linear(self.wv, x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        q, k = apply_rope(q, rot), apply_rope(k, rot)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(start_pos, k, v)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, enable_gqa=self.n_local_kv_heads != self.n_local_heads
         )
-        return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+        return linear(self.wo, out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
 
 class FeedForward(nn.Module):
@@ -180,7 +185,7 @@ class FeedForward(nn.Module):
         self.w3 = ColumnParallelLinear(args.dim, h, bias=False, gather_output=False)
 
     def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return linear(self.w2, F.silu(linear(self.w1, x)) * linear(self.w3, x))
 
 
 class TransformerBlock(nn.Module):
@@ -191,8 +196,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, cos, sin, mask, cache, start_pos):
-        h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, start_pos)
+    def forward(self, x, rot, mask, cache, start_pos):
+        h = x + self.attention(self.attention_norm(x), rot, mask, cache, start_pos)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -239,6 +244,8 @@ class Transformer(nn.Module):
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token ids (B, T) to input embeddings (B, T, dim)."""
+        if fs_init.get_model_parallel_world_size() == 1:
+            return F.embedding(tokens, self.tok_embeddings.weight)
         return self.tok_embeddings(tokens)
 
     def new_cache(self, batch_size: int, max_seq_len: Optional[int] = None) -> List[KVCache]:
@@ -288,9 +295,9 @@ class Transformer(nn.Module):
             # Padding slots see themselves, so no row of the softmax is empty (they are never read).
             own = slots[None, :] == q_slots[:, None]
             mask = (causal[None] & (key_valid[:, None, :] | own[None]))[:, None]  # (B, 1, T, end)
-        cos, sin = rope_angles(self.args.head_dim, positions, self.args.rope_theta)
+        rot = rope_rotation(self.args.head_dim, positions, self.args.rope_theta)
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, mask, None if cache is None else cache[i], start_pos)
+            h = layer(h, rot, mask, None if cache is None else cache[i], start_pos)
         if last_only:
             h = h[:, -1:]
-        return self.output(self.norm(h)).float()
+        return linear(self.output, self.norm(h)).float()

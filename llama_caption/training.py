@@ -296,7 +296,8 @@ def _train(cfg: TrainConfig, env) -> dict:
             for b in micro_batches:
                 bad_images += b["bad"]
             counts = torch.tensor([sum(captioner.count_targets(b["caption"]) for b in micro_batches if b["image_id"]),
-                                   sum(len(b["image_id"]) for b in micro_batches)], dtype=torch.float64)
+                                   sum(len(b["image_id"]) for b in micro_batches)], dtype=torch.float64,
+                                  device=env.device)  # NCCL reduces device tensors only
             dist.all_reduce(counts, group=env.dp_group)
             n_targets, n_samples = float(counts[0]), int(counts[1])
             loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
@@ -371,7 +372,7 @@ def _train(cfg: TrainConfig, env) -> dict:
 
     digest = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in projection.parameters()))
     print(f"[rank {env.rank}] projection sha256 {digest.hexdigest()[:16]}", file=sys.stderr, flush=True)
-    bad_total = torch.tensor([len(bad_images), captioner.truncated], dtype=torch.long)
+    bad_total = torch.tensor([len(bad_images), captioner.truncated], dtype=torch.long, device=env.device)
     dist.all_reduce(bad_total, group=env.dp_group)
     for path, reason in bad_images[:20]:
         log(f"warning: skipped unreadable image {path} ({reason})")
@@ -390,13 +391,13 @@ def evaluate_loss(captioner, dataset, micro, env, cfg, features_of) -> float:
     batches = [idx[i:i + micro] for i in range(0, len(idx), micro)]
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers,
                                          collate_fn=collate)
-    total = torch.zeros(2, dtype=torch.float64)
+    total = torch.zeros(2, dtype=torch.float64, device=env.device)
     for b in tqdm(loader, desc="validation", disable=not env.is_main, leave=False, file=sys.stderr):
         if not b["image_id"]:
             continue
         with torch.autocast(env.device.type, dtype=captioner.llama.dtype, enabled=env.device.type == "cuda"):
             loss, n = captioner.loss_terms(features_of(b), b["caption"])
-        total += torch.tensor([float(loss), n], dtype=torch.float64)
+        total += torch.tensor([float(loss), n], dtype=torch.float64, device=env.device)
     dist.all_reduce(total, group=env.dp_group)
     projection.train()
     return float(total[0] / max(total[1], 1))
