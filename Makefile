@@ -1,4 +1,5 @@
 # The newcomer's two commands: `make demo` and `make test`. Both build .venv when it is missing.
+# The bench extra (transformers) is installed too: the benchmark's equivalence test uses it.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -11,7 +12,7 @@ install: $(STAMP)
 $(STAMP): requirements.txt setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt
-	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PY) -m pip install -q --no-build-isolation -e ".[bench]"
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -19,6 +20,9 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m llama_caption.demo
+
+bench: $(STAMP)
+	$(PY) -m llama_caption.bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache demo_runs

@@ -36,7 +36,7 @@ SCALES = {
     # train/val images, CLIP steps, LLaMA steps, projection epochs
     "full": dict(train=2000, val=200, image_size=32, clip_steps=1200, llama_steps=600, epochs=4, batch_size=64,
                  lr=2e-3),
-    "small": dict(train=400, val=60, image_size=32, clip_steps=400, llama_steps=250, epochs=3, batch_size=32,
+    "small": dict(train=300, val=50, image_size=32, clip_steps=250, llama_steps=150, epochs=2, batch_size=32,
                   lr=2e-3),
 }
 LLAMA_PARAMS = dict(dim=128, n_layers=4, n_heads=4, multiple_of=64, norm_eps=1e-5)
