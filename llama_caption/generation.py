@@ -53,6 +53,24 @@ def build_inputs(model: Transformer, prompts: List[List[int]], prefix: Optional[
     return emb, valid
 
 
+def prepare(model: Transformer, prompts: List[List[int]], prefix: Optional[torch.Tensor], max_gen_len: int,
+            copies: int = 1):
+    """Prefill inputs (each prompt `copies` times), the padding mask of the whole window (None
+    without padding) and a KV cache sized for prompt + max_gen_len."""
+    if prefix is not None and prefix.shape[0] != len(prompts):
+        raise ValueError(f"prefix batch {prefix.shape[0]} != number of prompts {len(prompts)}")
+    emb, valid = build_inputs(model, prompts, prefix)
+    if copies > 1:
+        emb, valid = emb.repeat_interleave(copies, 0), valid.repeat_interleave(copies, 0)
+    rows, width = valid.shape
+    if width + max_gen_len > model.args.max_seq_len:
+        raise ValueError(f"prompt ({width}) + max_gen_len ({max_gen_len}) exceeds max_seq_len {model.args.max_seq_len}")
+    key_valid = None
+    if not bool(valid.all()):
+        key_valid = torch.cat([valid, torch.ones(rows, max_gen_len, dtype=torch.bool, device=valid.device)], 1)
+    return emb, key_valid, model.new_cache(rows, width + max_gen_len)
+
+
 @torch.no_grad()
 def generate(
     model: Transformer,
@@ -72,16 +90,8 @@ def generate(
     arguments and RNG state; the logits are gathered, so all ranks pick the same tokens.
     """
     bsz = len(prompts)
-    if prefix is not None and prefix.shape[0] != bsz:
-        raise ValueError(f"prefix batch {prefix.shape[0]} != number of prompts {bsz}")
-    emb, valid = build_inputs(model, prompts, prefix)
+    emb, key_valid, cache = prepare(model, prompts, prefix, max_gen_len)
     width = emb.shape[1]
-    total = width + max_gen_len
-    if total > model.args.max_seq_len:
-        raise ValueError(f"prompt ({width}) + max_gen_len ({max_gen_len}) exceeds max_seq_len {model.args.max_seq_len}")
-    padded = not bool(valid.all())
-    key_valid = torch.cat([valid, torch.ones(bsz, max_gen_len, dtype=torch.bool, device=valid.device)], 1) if padded else None
-    cache = model.new_cache(bsz, total)
     logits = model(embeddings=emb, cache=cache, start_pos=0, key_valid=key_valid, last_only=True)
     out = torch.zeros(bsz, max_gen_len, dtype=torch.long, device=emb.device)
     done = torch.zeros(bsz, dtype=torch.bool, device=emb.device)
@@ -158,18 +168,9 @@ def beam_search(
     """
     k = num_beams
     bsz = len(prompts)
-    emb, valid = build_inputs(model, prompts, prefix)
-    width = emb.shape[1]
-    total = width + max_gen_len
-    if total > model.args.max_seq_len:
-        raise ValueError(f"prompt ({width}) + max_gen_len ({max_gen_len}) exceeds max_seq_len {model.args.max_seq_len}")
-    dev = emb.device
     # Every prompt's k beams are rows b*k .. b*k+k-1 of one batch of bsz*k sequences.
-    emb = emb.repeat_interleave(k, 0)
-    valid = valid.repeat_interleave(k, 0)
-    padded = not bool(valid.all())
-    key_valid = torch.cat([valid, torch.ones(bsz * k, max_gen_len, dtype=torch.bool, device=dev)], 1) if padded else None
-    cache = model.new_cache(bsz * k, total)
+    emb, key_valid, cache = prepare(model, prompts, prefix, max_gen_len, copies=k)
+    width, dev = emb.shape[1], emb.device
     logits = model(embeddings=emb, cache=cache, key_valid=key_valid, last_only=True)[:, -1]
     # Beams of one prompt start identical: only the first may expand at step 0.
     scores = torch.zeros(bsz, k, dtype=torch.float64, device=dev)
