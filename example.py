@@ -10,7 +10,6 @@ import time
 from typing import List, Optional
 
 import fire
-import torch
 
 from llama_caption import distributed
 from llama_caption.checkpoint import list_shards, load_llama

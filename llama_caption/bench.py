@@ -15,12 +15,9 @@ On a GPU it also prints tokens/s, the weight bandwidth achieved against the card
 model FLOPs utilisation of a training step. Writes the figures as JSON (--out).
 """
 
-import json
 import os
-import platform
 import threading
 import time
-from contextlib import contextmanager
 from typing import Dict, List, Optional
 
 import fire

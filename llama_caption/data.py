@@ -11,14 +11,12 @@ import io
 import json
 import os
 import random
-import sys
-import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile
+from PIL import Image
 
 from .errors import UserError
 

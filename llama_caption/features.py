@@ -27,7 +27,7 @@ from . import distributed
 from .data import ImageFiles, collate, drop_missing, load_split
 from .errors import UserError, exit_on_user_error
 from .fileio import write_json, write_safetensors
-from .vision import ClipEncoder
+from .vision import ClipEncoder, features_meta
 
 META = "meta.json"
 
@@ -132,8 +132,7 @@ def main(
     env = distributed.setup(mp_size=1, device=device)
     try:
         encoder = ClipEncoder(clip_model, env.device, feature, clip_layer)
-        meta = {"clip_model": clip_model, "clip_identity": encoder.identity, "feature": feature,
-                "clip_layer": str(encoder.layer)}
+        meta = features_meta(encoder)
         if os.path.isfile(os.path.join(out, META)):
             FeatureCache(out).check(meta, "--out")
             print(f"{out} is already complete")

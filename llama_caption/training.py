@@ -13,7 +13,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Optional
 
 import torch
@@ -30,7 +30,7 @@ from .features import FeatureCache
 from .fileio import write_text
 from .projection import Projection
 from .runtime import resolve_dtype
-from .vision import ClipEncoder, clip_identity
+from .vision import ClipEncoder, clip_identity, features_meta
 
 
 @dataclass
@@ -153,8 +153,7 @@ class MetricsLog:
 
 def encoder_meta(cfg: TrainConfig, encoder: Optional[ClipEncoder]) -> dict:
     if encoder is not None:
-        return {"clip_model": encoder.name, "clip_identity": encoder.identity, "feature": encoder.feature,
-                "clip_layer": str(encoder.layer)}
+        return features_meta(encoder)
     return {"clip_model": cfg.clip_model, "clip_identity": clip_identity(cfg.clip_model), "feature": cfg.feature,
             "clip_layer": str(cfg.clip_layer if cfg.feature == "patch" else None)}
 

@@ -113,6 +113,7 @@ class ClipEncoder(nn.Module):
 
 
 def features_meta(encoder: ClipEncoder) -> dict:
+    """What a feature cache records about the encoder that made it, and checks on reading."""
     return {"clip_model": encoder.name, "clip_identity": encoder.identity, "feature": encoder.feature,
             "clip_layer": str(encoder.layer)}
 

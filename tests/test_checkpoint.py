@@ -7,12 +7,11 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import run_python, torchrun
-from llama_caption.checkpoint import load_llama, load_shard, random_state_dict, write_meta_checkpoint
+from llama_caption.checkpoint import load_llama, load_shard
 from llama_caption.errors import UserError
-from llama_caption.model import ModelArgs
 from llama_caption.reshard import reshard
 from llama_caption.tokenizer import train_tokenizer
-from conftest import TINY, caption_lines
+from conftest import caption_lines
 
 
 def copy_ckpt(src, dst):

@@ -15,7 +15,6 @@ from PIL import Image
 from conftest import REPO, run_python, torchrun
 from llama_caption.captioner import load_captioner
 from llama_caption.data import load_coco, open_rgb
-from llama_caption.errors import UserError
 from llama_caption.generation import beam_search, generate, score_continuations, sequence_score
 from llama_caption.vision import build_tiny_clip
 

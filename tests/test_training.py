@@ -2,14 +2,12 @@ import json
 import os
 import re
 
-import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from conftest import run_python, torchrun
-from llama_caption import distributed
 from llama_caption.captioner import IGNORE, Captioner, CaptionStyle, load_captioner
 from llama_caption.checkpoint import load_llama
 from llama_caption.data import CaptionDataset, StepBatches, collate, load_coco, open_rgb
@@ -135,7 +133,7 @@ def test_training_memorises_a_few_images_and_greedy_reproduces_them(cap, tmp_pat
 def test_two_data_parallel_ranks_equal_one_process(cap, tmp_path):
     args = ["--epochs", 2, "--batch_size", 8, "--lr", 1e-3]
     two = run_train(cap, tmp_path / "dp2", *args, nproc=2)
-    one = run_train(cap, tmp_path / "dp1", *args, nproc=1)
+    run_train(cap, tmp_path / "dp1", *args, nproc=1)
     sums = dict(re.findall(r"\[rank (\d)\] projection sha256 (\w+)", two.stderr))
     assert set(sums) == {"0", "1"} and sums["0"] == sums["1"]  # identical on both ranks, bit for bit
     a, b = final_weights(tmp_path / "dp2"), final_weights(tmp_path / "dp1")
@@ -143,9 +141,6 @@ def test_two_data_parallel_ranks_equal_one_process(cap, tmp_path):
     for k in a:
         # Summation order differs between the two; Adam magnifies such rounding in tiny gradients.
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
-    start = load_file(f"{tmp_path}/dp1/checkpoints/step-0000001/projection.safetensors") if os.path.exists(
-        f"{tmp_path}/dp1/checkpoints/step-0000001") else None
-    assert start is None or not torch.equal(start["net.0.weight"], b["net.0.weight"])
 
 
 def test_resumed_run_equals_uninterrupted_run(cap, tmp_path):

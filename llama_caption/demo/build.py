@@ -204,7 +204,7 @@ def run_demo(scale: str = "full", root: str = "demo_runs", images: Optional[str]
     t_start = time.time()
     make_dataset(paths["data"], s["train"], s["val"], seed=0, image_size=s["image_size"])
     log(f"dataset: {s['train']} train and {s['val']} val images in COCO's layout under {paths['data']}")
-    env = distributed.setup(mp_size=1, device="cpu", quiet=False)
+    distributed.setup(mp_size=1, device="cpu", quiet=False)  # the stand-in LLaMA is built in this process
     try:
         build_standins(paths, s, log, images, annotations)
     finally:
