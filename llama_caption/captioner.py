@@ -81,7 +81,11 @@ class Captioner(nn.Module):
         The caller divides by the token count of the whole (global) batch, so data-parallel
         ranks and gradient accumulation give the gradient of one big batch.
         """
-        tokens, labels = self.targets(self.caption_ids(captions))
+        return self.loss_from_ids(features, self.caption_ids(captions))
+
+    def loss_from_ids(self, features: torch.Tensor, ids: List[List[int]]) -> Tuple[torch.Tensor, int]:
+        """`loss_terms` for captions already tokenized by `caption_ids` (n + 1 targets each)."""
+        tokens, labels = self.targets(ids)
         dev = self.llama.device
         prefix = self.projection(features.to(dev))
         emb = torch.cat([prefix.to(self.llama.dtype), self.llama.embed(tokens.to(dev))], dim=1)
@@ -89,11 +93,6 @@ class Captioner(nn.Module):
         labels = labels.to(dev)
         loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
         return loss, int((labels != IGNORE).sum())
-
-    def count_targets(self, captions: List[str]) -> int:
-        """The number of loss positions `loss_terms` will have, without running the model."""
-        ids = [self.tokenizer.encode(self.style.clean(c), bos=False, eos=False) for c in captions]
-        return sum(min(len(x), self.max_caption_tokens) + 1 for x in ids)
 
     @torch.no_grad()
     def generate(self, features: torch.Tensor, max_gen_len: int = 30, temperature: float = 0.0,

@@ -294,17 +294,19 @@ def _train(cfg: TrainConfig, env) -> dict:
             micro_batches = [next(it) for _ in range(cfg.grad_accum)]
             for b in micro_batches:
                 bad_images += b["bad"]
-            counts = torch.tensor([sum(captioner.count_targets(b["caption"]) for b in micro_batches if b["image_id"]),
+            # Tokenize once: the step's target count is needed before any loss is computed.
+            ids = [captioner.caption_ids(b["caption"]) if b["image_id"] else [] for b in micro_batches]
+            counts = torch.tensor([sum(len(x) + 1 for batch_ids in ids for x in batch_ids),
                                    sum(len(b["image_id"]) for b in micro_batches)], dtype=torch.float64,
                                   device=env.device)  # NCCL reduces device tensors only
             dist.all_reduce(counts, group=env.dp_group)
             n_targets, n_samples = float(counts[0]), int(counts[1])
             loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
-            for b in micro_batches:
+            for b, batch_ids in zip(micro_batches, ids):
                 if not b["image_id"]:
                     continue
                 with torch.autocast(env.device.type, dtype=dtype, enabled=use_amp):
-                    part, _ = captioner.loss_terms(features_of(b), b["caption"])
+                    part, _ = captioner.loss_from_ids(features_of(b), batch_ids)
                 scaler.scale(part / n_targets).backward()
                 loss_sum += part.detach().double()
             # Sum the gradients of the data-parallel group (one flat buffer, one all-reduce).
