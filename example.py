@@ -36,6 +36,7 @@ def main(
     device: str = "auto",
     dtype: str = "auto",
     seed: int = 1,
+    pack_weights: bool = True,
 ):
     """Print a completion for each prompt, each followed by a line of 34 '='.
 
@@ -51,6 +52,7 @@ def main(
         device: auto (CUDA when available, else CPU), cpu or cuda.
         dtype: auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16.
         seed: the random seed, the same on every rank.
+        pack_weights: on a CPU, decode with a copy of the weights packed for oneDNN (2-3x faster; one extra copy in memory). No effect on CUDA.
     """
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -65,6 +67,8 @@ def main(
         t0 = time.time()
         model, tokenizer = load_llama(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size,
                                       device=env.device, dtype=resolve_dtype(dtype, env.device))
+        if pack_weights:
+            model.pack_weights()
         print(f"Loaded in {time.time() - t0:.2f} seconds")
         for start in range(0, len(prompts), max_batch_size):
             batch = prompts[start:start + max_batch_size]

@@ -89,10 +89,11 @@ class Captioner(nn.Module):
         dev = self.llama.device
         prefix = self.projection(features.to(dev))
         emb = torch.cat([prefix.to(self.llama.dtype), self.llama.embed(tokens.to(dev))], dim=1)
-        logits = self.llama(embeddings=emb)
         labels = labels.to(dev)
-        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
-        return loss, int((labels != IGNORE).sum())
+        keep = labels != IGNORE
+        logits = self.llama(embeddings=emb, keep=keep)
+        loss = F.cross_entropy(logits, labels[keep], reduction="sum")
+        return loss, int(keep.sum())
 
     @torch.no_grad()
     def generate(self, features: torch.Tensor, max_gen_len: int = 30, temperature: float = 0.0,

@@ -57,6 +57,7 @@ class InferenceConfig:
     seed: int = 1
     save_every_s: float = 30.0
     control_shuffle: bool = False
+    pack_weights: bool = True
 
 
 def select_records(cfg: InferenceConfig, log) -> (List[ImageRecord], bool):
@@ -164,6 +165,8 @@ def _run(cfg: InferenceConfig, env) -> Optional[Dict]:
     dtype = resolve_dtype(cfg.dtype, env.device)
     captioner, encoder, tcfg = load_captioner(cfg.checkpoint, cfg.ckpt_dir, cfg.tokenizer_path, env.device, dtype,
                                               cfg.max_gen_len, cfg.batch_size * cfg.num_beams, cfg.clip_model)
+    if cfg.pack_weights and captioner.llama.pack_weights():
+        log("CPU decoding: LLaMA's weights packed for oneDNN (--pack_weights False to save the extra copy)")
     done = load_done(cfg.out, annotated)
     by_id = {r.image_id: r for r in records}
     todo = [r for r in records if (r.image_id if annotated else r.path) not in done]

@@ -1,4 +1,5 @@
-"""Run under torchrun by the tests: logits and greedy completions of a checkpoint, written by rank 0.
+"""Run under torchrun by the tests: logits and greedy completions of a checkpoint (plain and with
+packed weights), written by rank 0.
 
     python -m torch.distributed.run --nproc_per_node N tests/mp_worker.py OUT_DIR TOKENIZER CKPT [CKPT ...]
 """
@@ -22,10 +23,16 @@ def run(ckpt, tokenizer_path):
     prompts = [tok.encode(s, True, False) for s in ("a red cat", "the", "a blue dog under the tree")]
     with torch.no_grad():
         logits = model(tokens)
-    return logits, {
+    out = {
         "greedy": generate(model, prompts, eos_id=tok.eos_id, max_gen_len=10),
         "greedy_prefix": generate(model, prompts, eos_id=tok.eos_id, max_gen_len=10, prefix=prefix),
     }
+    # The same through the oneDNN-packed weights (each rank packs its own shard).
+    assert model.pack_weights()
+    with torch.no_grad():
+        packed_logits = model(tokens)
+    out["greedy_prefix_packed"] = generate(model, prompts, eos_id=tok.eos_id, max_gen_len=10, prefix=prefix)
+    return {"logits": logits, "packed_logits": packed_logits}, out
 
 
 def main(out_dir, tokenizer_path, *ckpts):
@@ -33,7 +40,7 @@ def main(out_dir, tokenizer_path, *ckpts):
     for i, ckpt in enumerate(ckpts):
         logits, completions = run(ckpt, tokenizer_path)
         if env.is_main:
-            save_file({"logits": logits}, f"{out_dir}/logits{i}.safetensors")
+            save_file(logits, f"{out_dir}/logits{i}.safetensors")
             json.dump(completions, open(f"{out_dir}/completions{i}.json", "w"))
     distributed.teardown()
 

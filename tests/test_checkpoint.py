@@ -134,18 +134,21 @@ def mp2_assets(assets, tmp_path_factory):
 
 
 def test_model_parallel_2_equals_1(assets, mp2_assets, tmp_path):
-    """Two gloo ranks on the resharded checkpoint: the same logits and greedy completions."""
+    """Two gloo ranks on the resharded checkpoint: the same logits and greedy completions, also
+    through the packed weights (their own all-reduce and gather)."""
     (tmp_path / "mp1").mkdir()
     (tmp_path / "mp2").mkdir()
     torchrun(1, "tests/mp_worker.py", tmp_path / "mp1", assets["tokenizer"], assets["tiny"], assets["tiny_gqa"])
     torchrun(2, "tests/mp_worker.py", tmp_path / "mp2", assets["tokenizer"], mp2_assets / "tiny", mp2_assets / "tiny_gqa")
     for i in (0, 1):
-        one = load_file(f"{tmp_path}/mp1/logits{i}.safetensors")["logits"]
-        two = load_file(f"{tmp_path}/mp2/logits{i}.safetensors")["logits"]
-        torch.testing.assert_close(two, one, rtol=1e-5, atol=1e-5)
+        one = load_file(f"{tmp_path}/mp1/logits{i}.safetensors")
+        two = load_file(f"{tmp_path}/mp2/logits{i}.safetensors")
+        torch.testing.assert_close(two["logits"], one["logits"], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(two["packed_logits"], one["logits"], rtol=1e-5, atol=1e-5)
         c1 = json.load(open(f"{tmp_path}/mp1/completions{i}.json"))
         c2 = json.load(open(f"{tmp_path}/mp2/completions{i}.json"))
         assert c1 == c2
+        assert c1["greedy_prefix_packed"] == c1["greedy_prefix"]
         assert all(len(x) > 0 for x in c1["greedy"])
 
 

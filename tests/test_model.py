@@ -78,6 +78,47 @@ def test_cached_decoding_logits_equal_full_forward(assets, process_group):
     for t in range(5, 9):
         step.append(model(tokens[:, t:t + 1], cache=cache, start_pos=t))
     torch.testing.assert_close(torch.cat(step, 1), full, rtol=1e-5, atol=1e-5)
+    # A prompt filled into the cache in two chunks: the second (start_pos 4, 5 queries) needs the
+    # explicit mask, the first takes SDPA's causal kernel.
+    cache = model.new_cache(3, 16)
+    chunks = [model(tokens[:, :4], cache=cache), model(tokens[:, 4:], cache=cache, start_pos=4)]
+    torch.testing.assert_close(torch.cat(chunks, 1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_keep_returns_the_logits_of_the_kept_positions(assets, process_group):
+    model, _ = load_llama(assets["tiny"], assets["tokenizer"], max_seq_len=64)
+    emb = torch.randn(3, 7, 64, generator=torch.Generator().manual_seed(3))
+    keep = torch.rand(3, 7, generator=torch.Generator().manual_seed(4)) > 0.5
+    kept = model(embeddings=emb, keep=keep)
+    assert kept.shape == (int(keep.sum()), model.args.vocab_size)
+    torch.testing.assert_close(kept, model(embeddings=emb)[keep], rtol=1e-5, atol=1e-5)
+
+
+def test_packed_weights_decode_the_same_and_leave_training_on_the_plain_weights(assets, process_group):
+    from llama_caption.model import onednn_packing_available
+
+    assert onednn_packing_available()  # the pinned torch has oneDNN on x86 CPUs
+    model, tok = load_llama(assets["tiny_gqa"], assets["tokenizer"], max_seq_len=64)
+    prompts = [tok.encode(s, bos=True, eos=False) for s in ("a red cat", "the", "a blue dog under the")]
+    prefix = torch.randn(3, 3, 64, generator=torch.Generator().manual_seed(2))
+    tokens = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        plain = model(tokens)
+    plain_gen = generate(model, prompts, eos_id=tok.eos_id, max_gen_len=10, prefix=prefix)
+    assert model.pack_weights()
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), plain, rtol=1e-5, atol=1e-5)
+    assert generate(model, prompts, eos_id=tok.eos_id, max_gen_len=10, prefix=prefix) == plain_gen
+    # Which copy is read: zero the plain output layer. Decoding (no gradient) still reads the
+    # packed copy; a forward that needs input gradients reads the plain weights.
+    model.output.weight.zero_()
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), plain, rtol=1e-5, atol=1e-5)
+    emb = model.embed(tokens).requires_grad_(True)
+    assert model(embeddings=emb).abs().max() == 0
+    model.unpack_weights()
+    with torch.no_grad():
+        assert model(tokens).abs().max() == 0
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny_gqa"])
