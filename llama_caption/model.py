@@ -281,8 +281,13 @@ class Transformer(nn.Module):
         if self.device.type != "cpu" or self.dtype not in (torch.float32, torch.bfloat16) \
                 or not onednn_packing_available():
             return False
-        for m in self.linear_layers():
-            m.packed_weight = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach())
+        layers = self.linear_layers()
+        try:
+            packed = [torch.ops.mkldnn._reorder_linear_weight(m.weight.detach()) for m in layers]
+        except RuntimeError:  # a oneDNN build without this layout (e.g. some ARM builds): stay plain
+            return False
+        for m, w in zip(layers, packed):
+            m.packed_weight = w
         return True
 
     def unpack_weights(self) -> None:
