@@ -194,7 +194,7 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(start_pos, k, v)
-        causal = isinstance(mask, str)
+        causal = mask is CAUSAL
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=None if causal else mask, is_causal=causal,
             enable_gqa=self.n_local_kv_heads != self.n_local_heads,
