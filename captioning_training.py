@@ -99,7 +99,8 @@ def main(
         warmup_steps: linear warm-up steps (at most a tenth of training), then cosine decay.
         min_lr_ratio: the final learning rate as a fraction of --lr.
         grad_clip: gradient-norm clipping threshold (0: off).
-        dtype: frozen LLaMA precision: auto (fp32 on CPU; bf16, else fp16, with autocast on CUDA), fp32, fp16, bf16.
+        dtype: frozen LLaMA precision: auto (fp32 on CPU; bf16, else fp16, with autocast on CUDA), fp32, fp16, bf16
+            (bf16 on a CPU is faster where it has AVX-512 bf16; attention then runs in fp32).
         device: auto, cpu or cuda.
         num_workers: image-loading processes per rank.
         save_every: optimizer steps between checkpoints (one is also written after every epoch).

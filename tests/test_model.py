@@ -178,3 +178,31 @@ def test_gradients_reach_input_embeddings_with_frozen_weights(assets, process_gr
     # Every position before the last influences it through attention.
     assert (emb.grad[0].abs().sum(-1) > 0).all()
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_bf16_attention_on_the_cpu_runs_in_fp32_only_under_a_gradient(assets, process_group, monkeypatch):
+    model, _ = load_llama(assets["tiny"], assets["tokenizer"], max_seq_len=64, dtype=torch.bfloat16)
+    ref, _ = load_llama(assets["tiny"], assets["tokenizer"], max_seq_len=64)
+    real = torch.nn.functional.scaled_dot_product_attention
+    seen = []
+
+    def spy(q, k, v, **kwargs):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return real(q, k, v, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    x = torch.randn(2, 6, 64, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        decoded = model(embeddings=x.bfloat16())
+    assert seen == [(torch.bfloat16,) * 3] * model.args.n_layers  # decoding stays in bf16
+    seen.clear()
+    emb = x.bfloat16().requires_grad_(True)
+    trained = model(embeddings=emb)
+    assert seen == [(torch.float32,) * 3] * model.args.n_layers
+    torch.testing.assert_close(trained.detach(), decoded, rtol=0.05, atol=0.05)
+    trained[:, -1].logsumexp(-1).sum().backward()
+    # The bf16 gradient of the input embeddings points where the fp32 model's does.
+    emb32 = x.clone().requires_grad_(True)
+    ref(embeddings=emb32)[:, -1].logsumexp(-1).sum().backward()
+    assert emb.grad.dtype == torch.bfloat16
+    assert torch.nn.functional.cosine_similarity(emb.grad.float().flatten(), emb32.grad.flatten(), dim=0) > 0.99
