@@ -296,11 +296,15 @@ def frozen_step_bench(model: Transformer, c: dict, device, log) -> dict:
     return out
 
 
-def cache_vs_fly_bench(log, steps: int = 8, batch: int = 32) -> Optional[dict]:
-    """Training samples/s with the demo's stand-ins: features from the cache vs CLIP on the fly."""
+def cache_vs_fly_bench(log, steps: int = 8, batch: int = 32, root: str = "demo_runs",
+                       scale: str = "full") -> Optional[dict]:
+    """Training samples/s with the demo's stand-ins: features from the cache vs CLIP on the fly.
+
+    Both runs see the same batches in the same order; each reports the mean time a batch spends
+    loading, in CLIP and in the training step, and the loss of its first (warm-up) batch."""
     from .demo.build import demo_paths, ensure_features
 
-    paths = demo_paths()
+    paths = demo_paths(root, scale)
     if not os.path.isfile(os.path.join(paths["standins"], "llama", "params.json")):
         log("  the demo's stand-in models are not built yet (make demo): cache-vs-on-the-fly skipped")
         return None
@@ -325,24 +329,36 @@ def cache_vs_fly_bench(log, steps: int = 8, batch: int = 32) -> Optional[dict]:
         loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=0, collate_fn=collate,
                                              generator=torch.Generator().manual_seed(0))
         it = iter(loader)
+        phases = {"load": 0.0, "encode": 0.0, "train": 0.0}
 
         def step():
+            t0 = time.perf_counter()
             b = next(it)
+            t1 = time.perf_counter()
             f = b["features"] if "features" in b else enc(b["pixels"])
+            t2 = time.perf_counter()
             loss, n = cap.loss_terms(f, b["caption"])
             (loss / n).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
+            t3 = time.perf_counter()
+            for k, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2)):
+                phases[k] += dt
+            return float(loss.detach()) / n
 
-        step()
+        first_loss = step()
+        phases.update(dict.fromkeys(phases, 0.0))
         with PeakMemory(torch.device("cpu")) as mem:
             t = time.perf_counter()
             for _ in range(steps):
                 step()
             dt = time.perf_counter() - t
-        out[mode] = {"samples_s": steps * batch / dt, "peak_extra_mb": mem.extra_mb}
+        ms = {k: 1000 * v / steps for k, v in phases.items()}
+        out[mode] = {"samples_s": steps * batch / dt, "peak_extra_mb": mem.extra_mb, "batch_ms": ms,
+                     "first_loss": first_loss}
         log(f"  training from {'the feature cache' if mode == 'cache' else 'images, CLIP on the fly'}: "
-            f"{steps * batch / dt:8.1f} samples/s")
+            f"{steps * batch / dt:8.1f} samples/s  (a batch: loading {ms['load']:.1f} ms, CLIP {ms['encode']:.1f} ms, "
+            f"LLaMA + projection step {ms['train']:.1f} ms)")
     out["ratio"] = out["cache"]["samples_s"] / out["on_the_fly"]["samples_s"]
     log(f"  cache / on the fly: {out['ratio']:.2f}x")
     return out

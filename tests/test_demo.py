@@ -26,7 +26,7 @@ def test_attribute_parser_reads_every_caption_template():
     assert acc == {"shape": 0.0, "colour": 1.0, "background": 1.0, "all three": 0.0}
 
 
-def test_reduced_demo_captions_depend_on_the_image(tmp_path):
+def test_reduced_demo_captions_depend_on_the_image(tmp_path, process_group):
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # the demo uses every core
     proc = subprocess.run([sys.executable, "-m", "llama_caption.demo", "--scale", "small", "--root", str(tmp_path)],
                           cwd=REPO, env=dict(env, PYTHONPATH=REPO), capture_output=True, text=True, timeout=900)
@@ -41,3 +41,13 @@ def test_reduced_demo_captions_depend_on_the_image(tmp_path):
     assert "shuffled control" in proc.stdout and "gallery:" in proc.stdout
     assert (tmp_path / "small" / "run" / "captions" / "gallery.html").exists()
     assert (tmp_path / "small" / "run" / "loss_curve.png").exists()
+    # The benchmark's cache-vs-on-the-fly comparison on these stand-ins: the same batches reach
+    # the same model both ways (equal first losses), and only the on-the-fly run calls CLIP.
+    from llama_caption.bench import cache_vs_fly_bench
+
+    calls = []
+    bench = cache_vs_fly_bench(calls.append, steps=2, batch=8, root=str(tmp_path), scale="small")
+    fly, cache = bench["on_the_fly"], bench["cache"]
+    assert abs(fly["first_loss"] - cache["first_loss"]) < 1e-4 * abs(fly["first_loss"])
+    assert fly["batch_ms"]["encode"] > cache["batch_ms"]["encode"]
+    assert bench["ratio"] == cache["samples_s"] / fly["samples_s"] and len(calls) == 3
