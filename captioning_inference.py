@@ -83,7 +83,7 @@ def main(
         seed: random seed for sampling, the same on every rank.
         save_every_s: seconds between rewrites of the results file while working.
         control_shuffle: a control experiment: caption each image from the CLIP features of the next image in its batch.
-        pack_weights: on a CPU, decode with a copy of LLaMA's weights packed for oneDNN (about 2x faster at batch 32 in make bench; one extra copy in memory). No effect on CUDA.
+        pack_weights: on a CPU, decode with a copy of LLaMA's weights packed for oneDNN (1.5-2.2x faster at batch 32 in make bench; one extra copy in memory). No effect on CUDA.
     """
     if more_images:
         images = (list(images) if isinstance(images, (list, tuple)) else [images]) + list(more_images)

@@ -52,7 +52,7 @@ def main(
         device: auto (CUDA when available, else CPU), cpu or cuda.
         dtype: auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16.
         seed: the random seed, the same on every rank.
-        pack_weights: on a CPU, decode with a copy of the weights packed for oneDNN (about 2x faster at batch 32 in make bench; one extra copy in memory). No effect on CUDA.
+        pack_weights: on a CPU, decode with a copy of the weights packed for oneDNN (1.5-2.2x faster at batch 32 in make bench; one extra copy in memory). No effect on CUDA.
     """
     if isinstance(prompts, str):
         prompts = [prompts]
