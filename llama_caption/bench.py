@@ -168,17 +168,19 @@ def timed(fn, device, repeat: int = 2, min_seconds: float = 4.0, max_repeat: int
     """Run once to warm up (allocator, kernels, caches), then keep the fastest of at least
     `repeat` runs, more (up to `max_repeat`) until `min_seconds` have been spent: on a shared
     machine the minimum is the figure least disturbed by other work, and a short run needs
-    several tries to find a quiet moment."""
+    several tries to find a quiet moment. Returns the fastest run's output and its seconds."""
     fn()
-    best, spent, runs = float("inf"), 0.0, 0
+    best, best_out, spent, runs = float("inf"), None, 0.0, 0
     while runs < repeat or (spent < min_seconds and runs < max_repeat):
         sync(device)
         t = time.perf_counter()
         out = fn()
         sync(device)
         dt = time.perf_counter() - t
-        best, spent, runs = min(best, dt), spent + dt, runs + 1
-    return out, best
+        if dt < best:
+            best, best_out = dt, out
+        spent, runs = spent + dt, runs + 1
+    return best_out, best
 
 
 def decode_bench(model: Transformer, c: dict, device, log) -> dict:
@@ -303,9 +305,9 @@ def cache_vs_fly_bench(log, steps: int = 8, batch: int = 32, root: str = "demo_r
                        scale: str = "full", windows: int = 3) -> Optional[dict]:
     """Training samples/s with the demo's stand-ins: features from the cache vs CLIP on the fly.
 
-    Both runs see the same batches in the same order, and each keeps the fastest of `windows`
-    windows of `steps` steps; they report the mean time a batch of that window spends loading,
-    in CLIP and in the training step, and the loss of the first (warm-up) batch."""
+    Both runs see the same batches in the same order; after a warm-up window each keeps the
+    fastest of `windows` windows of `steps` steps, and reports the mean time a batch of that
+    window spent loading, in CLIP and in the training step, and the loss of the first batch."""
     from .demo.build import demo_paths, ensure_features
 
     paths = demo_paths(root, scale)
@@ -332,40 +334,35 @@ def cache_vs_fly_bench(log, steps: int = 8, batch: int = 32, root: str = "demo_r
         ds = CaptionDataset(recs, enc.preprocess, FeatureCache(feats_dir) if mode == "cache" else None, "one")
         loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=0, collate_fn=collate,
                                              generator=torch.Generator().manual_seed(0))
-        if len(loader) < 1 + windows * steps:
+        if len(loader) < (1 + windows) * steps:
             raise UserError(f"{paths['train_ann']}: {len(ds)} training images make {len(loader)} batches of "
-                            f"{batch}, fewer than the {1 + windows * steps} this benchmark times")
+                            f"{batch}, fewer than the {(1 + windows) * steps} this benchmark runs")
         it = iter(loader)
-        phases = {"load": 0.0, "encode": 0.0, "train": 0.0}
+        losses = []
 
-        def step():
-            t0 = time.perf_counter()
-            b = next(it)
-            t1 = time.perf_counter()
-            f = b["features"] if "features" in b else enc(b["pixels"])
-            t2 = time.perf_counter()
-            loss, n = cap.loss_terms(f, b["caption"])
-            (loss / n).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            t3 = time.perf_counter()
-            for k, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2)):
-                phases[k] += dt
-            return float(loss.detach()) / n
+        def window():
+            """`steps` training steps; the mean ms a batch spent loading, in CLIP and training."""
+            ms = {"load": 0.0, "encode": 0.0, "train": 0.0}
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                b = next(it)
+                t1 = time.perf_counter()
+                f = b["features"] if "features" in b else enc(b["pixels"])
+                t2 = time.perf_counter()
+                loss, n = cap.loss_terms(f, b["caption"])
+                (loss / n).backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                t3 = time.perf_counter()
+                losses.append(float(loss.detach()) / n)
+                for k, dt in zip(ms, (t1 - t0, t2 - t1, t3 - t2)):
+                    ms[k] += 1000 * dt / steps
+            return ms
 
-        first_loss = step()
-        dt, ms = float("inf"), {}
         with PeakMemory(torch.device("cpu")) as mem:
-            for _ in range(windows):  # the fastest window of `steps` steps, as `timed` does
-                phases.update(dict.fromkeys(phases, 0.0))
-                t = time.perf_counter()
-                for _ in range(steps):
-                    step()
-                took = time.perf_counter() - t
-                if took < dt:
-                    dt, ms = took, {k: 1000 * v / steps for k, v in phases.items()}
+            ms, dt = timed(window, torch.device("cpu"), repeat=windows, max_repeat=windows)
         out[mode] = {"samples_s": steps * batch / dt, "peak_extra_mb": mem.extra_mb, "batch_ms": ms,
-                     "first_loss": first_loss}
+                     "first_loss": losses[0]}
         log(f"  training from {'the feature cache' if mode == 'cache' else 'images, CLIP on the fly'}: "
             f"{steps * batch / dt:8.1f} samples/s  (a batch: loading {ms['load']:.1f} ms, CLIP {ms['encode']:.1f} ms, "
             f"LLaMA + projection step {ms['train']:.1f} ms)")
