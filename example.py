@@ -7,15 +7,17 @@ MP is the number of consolidated.XX.pth shards (7B: 1, 13B: 2, 33B: 4, 65B: 8), 
 """
 
 import time
+from dataclasses import dataclass
 from typing import List, Optional
 
 import fire
 
 from llama_caption import distributed
-from llama_caption.checkpoint import list_shards, load_llama
-from llama_caption.errors import UserError, exit_on_user_error
+from llama_caption.checkpoint import context_length, list_shards, load_llama
+from llama_caption.config import Config, command, setting
+from llama_caption.errors import UserError
 from llama_caption.generation import generate
-from llama_caption.runtime import resolve_dtype
+from llama_caption.runtime import DTYPE_NAMES, resolve_dtype
 
 DEFAULT_PROMPTS = [
     "The three things every good photograph has in common are",
@@ -23,68 +25,58 @@ DEFAULT_PROMPTS = [
 ]
 
 
-@exit_on_user_error
-def main(
-    ckpt_dir: str,
-    tokenizer_path: str,
-    temperature: float = 0.8,
-    top_p: float = 0.95,
-    max_seq_len: int = 512,
-    max_batch_size: int = 32,
-    max_gen_len: int = 64,
-    prompts: Optional[List[str]] = None,
-    device: str = "auto",
-    dtype: str = "auto",
-    seed: int = 1,
-    pack_weights: bool = True,
-):
-    """Print a completion for each prompt, each followed by a line of 34 '='.
+@dataclass
+class ExampleConfig(Config):
+    ckpt_dir: str = setting(help="folder with Meta's params.json and consolidated.XX.pth shards.")
+    tokenizer_path: str = setting(help="LLaMA's tokenizer.model (sentencepiece).")
+    temperature: float = setting(0.8, "sampling temperature; 0 means greedy decoding.")
+    top_p: float = setting(0.95, "nucleus-sampling threshold (used when temperature > 0), in (0, 1].")
+    max_seq_len: int = setting(512, "the longest prompt plus completion, in tokens (KV-cache size).")
+    max_batch_size: int = setting(32, "the most prompts decoded together; more are done in several batches.")
+    max_gen_len: int = setting(64, "the most tokens generated per prompt.")
+    prompts: Optional[List[str]] = setting(None, "a list of prompts that replaces the two built-in ones, e.g. '[\"Hello\", \"Hi\"]'.")
+    device: str = setting("auto", "auto (CUDA when available, else CPU), cpu or cuda.")
+    dtype: str = setting("auto", "auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16.")
+    seed: int = setting(1, "the random seed, the same on every rank.")
+    pack_weights: bool = setting(True, "on a CPU, decode with a copy of the weights packed for oneDNN (faster; one extra copy in memory). No effect on CUDA.")
 
-    Args:
-        ckpt_dir: folder with Meta's params.json and consolidated.XX.pth shards.
-        tokenizer_path: LLaMA's tokenizer.model (sentencepiece).
-        temperature: sampling temperature; 0 means greedy decoding.
-        top_p: nucleus-sampling threshold (used when temperature > 0).
-        max_seq_len: the longest prompt plus completion, in tokens (KV-cache size).
-        max_batch_size: the most prompts decoded together; more are done in several batches.
-        max_gen_len: the most tokens generated per prompt.
-        prompts: a list of prompts that replaces the two built-in ones, e.g. '["Hello", "Hi"]'.
-        device: auto (CUDA when available, else CPU), cpu or cuda.
-        dtype: auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16.
-        seed: the random seed, the same on every rank.
-        pack_weights: on a CPU, decode with a copy of the weights packed for oneDNN (1.5-2.2x faster at batch 32 in make bench; one extra copy in memory). No effect on CUDA.
-    """
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    prompts = list(prompts) if prompts else DEFAULT_PROMPTS
-    if not all(isinstance(p, str) for p in prompts):
-        raise UserError("--prompts must be a list of strings, e.g. --prompts '[\"Hello\", \"Hi\"]'")
-    if max_batch_size < 1 or max_gen_len < 1:
-        raise UserError("--max_batch_size and --max_gen_len must be at least 1")
-    list_shards(ckpt_dir)  # a missing folder gets its message before processes are grouped
-    env = distributed.setup(seed=seed, device=device)
-    try:
+    def check(self) -> None:
+        self.at_least(1, "max_batch_size", "max_gen_len", "max_seq_len")
+        if self.prompts is not None and not self.prompts:
+            raise UserError("--prompts is an empty list: give at least one prompt, or leave the flag out for the built-in ones")
+        if self.temperature < 0:
+            raise UserError(f"--temperature must be 0 (greedy) or positive, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"--top_p must be in (0, 1], got {self.top_p}")
+        self.one_of("dtype", DTYPE_NAMES)
+
+
+def complete(cfg: ExampleConfig) -> None:
+    prompts = cfg.prompts or DEFAULT_PROMPTS
+    shards = list_shards(cfg.ckpt_dir)  # a missing folder gets its message before processes are grouped
+    if cfg.max_seq_len > context_length(cfg.ckpt_dir):
+        raise UserError(f"--max_seq_len {cfg.max_seq_len} is more than the {context_length(cfg.ckpt_dir)} positions "
+                        f"of the LLaMA in {cfg.ckpt_dir}")
+    with distributed.session(len(shards), cfg.device, cfg.seed) as env:
         t0 = time.time()
-        model, tokenizer = load_llama(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size,
-                                      device=env.device, dtype=resolve_dtype(dtype, env.device))
-        if pack_weights:
+        model, tokenizer = load_llama(cfg.ckpt_dir, cfg.tokenizer_path, cfg.max_seq_len, device=env.device,
+                                      dtype=resolve_dtype(cfg.dtype, env.device))
+        if cfg.pack_weights:
             model.pack_weights()
         print(f"Loaded in {time.time() - t0:.2f} seconds")
-        for start in range(0, len(prompts), max_batch_size):
-            batch = prompts[start:start + max_batch_size]
-            ids = [tokenizer.encode(p, bos=True, eos=False) for p in batch]
+        for start in range(0, len(prompts), cfg.max_batch_size):
+            ids = [tokenizer.encode(p, bos=True, eos=False) for p in prompts[start:start + cfg.max_batch_size]]
             longest = max(len(t) for t in ids)
-            if longest >= max_seq_len:
-                raise UserError(f"a prompt has {longest} tokens, not less than --max_seq_len {max_seq_len}")
-            gen_len = min(max_gen_len, max_seq_len - longest)
-            outs = generate(model, ids, eos_id=tokenizer.eos_id, max_gen_len=gen_len,
-                            temperature=temperature, top_p=top_p)
+            if longest >= cfg.max_seq_len:
+                raise UserError(f"a prompt has {longest} tokens, not less than --max_seq_len {cfg.max_seq_len}")
+            outs = generate(model, ids, eos_id=tokenizer.eos_id, max_gen_len=min(cfg.max_gen_len, cfg.max_seq_len - longest),
+                            temperature=cfg.temperature, top_p=cfg.top_p)
             for prompt_ids, out in zip(ids, outs):
                 print(tokenizer.decode(prompt_ids + out))
                 print("\n" + "=" * 34 + "\n")
-    finally:
-        distributed.teardown()
 
+
+main = command(ExampleConfig, complete, "Print a completion for each prompt, each followed by a line of 34 '='.")
 
 if __name__ == "__main__":
     fire.Fire(main)

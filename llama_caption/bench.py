@@ -4,10 +4,10 @@
     python -m llama_caption.bench --config 7b          # LLaMA-7B shape, random weights, on a GPU
 
 1. Decoding (captions/s), the same random-weight model, prefix embeddings and caption length:
-   ours (batched greedy with the KV cache), the seed's approach (one image at a time, the whole
-   sequence re-run every step) and Hugging Face transformers' LlamaForCausalLM.generate on the
-   same weights converted to its layout, fed the same inputs_embeds. The captions of the three
-   are compared token by token.
+   ours (batched greedy with the KV cache), the no-cache baseline (the first version's decoder:
+   one image at a time, the whole sequence re-run every step) and Hugging Face transformers'
+   LlamaForCausalLM.generate on the same weights converted to its layout, fed the same
+   inputs_embeds. The captions of the three are compared token by token.
 2. Training steps (samples/s) from the CLIP feature cache against CLIP on the fly, with the
    demo's stand-in models (config cpu).
 3. Peak memory of generation and of a training step (CUDA: allocator peak; CPU: process RSS).
@@ -18,45 +18,37 @@ model FLOPs utilisation of a training step. Writes the figures as JSON (--out).
 import os
 import threading
 import time
+from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import fire
 import torch
 
 from . import distributed
-from .errors import UserError, exit_on_user_error
-from .generation import generate, greedy_no_cache
-from .model import ModelArgs, Transformer, skip_weight_init
+from .captioner import Captioner, CaptionerConfig, CaptionStyle
+from .checkpoint import load_llama
+from .config import Config, command, setting
+from .data import CaptionDataset, collate, drop_missing, load_coco
+from .errors import UserError
+from .features import FeatureCache
+from .fileio import check_output_file, write_json
+from .generation import generate
+from .model import ModelArgs, Transformer
+from .testing import demo_layout, greedy_no_cache, random_model
+from .vision import ClipEncoder, EncoderSpec
 
 CONFIGS = {
     # dim 512 x 8 layers with LLaMA's 32000-word vocabulary: ~60M parameters, CPU-sized.
     "cpu": dict(dim=512, n_layers=8, n_heads=8, vocab=32000, prefix=10, gen_len=20, images=32,
-                seed_images=4, batches=(1, 8, 32), hf_batches=(1, 32), dtype="fp32", train_batch=32),
+                no_cache_images=4, batches=(1, 8, 32), hf_batches=(1, 32), dtype="fp32", train_batch=32),
     "7b": dict(dim=4096, n_layers=32, n_heads=32, vocab=32000, prefix=10, gen_len=20, images=64,
-               seed_images=1, batches=(1, 8, 32, 64), hf_batches=(32,), dtype="fp16", train_batch=32),
+               no_cache_images=1, batches=(1, 8, 32, 64), hf_batches=(32,), dtype="fp16", train_batch=32),
     # For the tests: seconds on a CPU.
     "tiny": dict(dim=64, n_layers=2, n_heads=4, vocab=512, prefix=4, gen_len=8, images=8,
-                 seed_images=8, batches=(1, 8), hf_batches=(8,), dtype="fp32", train_batch=8),
+                 no_cache_images=8, batches=(1, 8), hf_batches=(8,), dtype="fp32", train_batch=8),
 }
 # Dense bf16/fp16 tensor-core peak (TFLOP/s) and memory bandwidth (GB/s) from the vendors' sheets.
 PEAKS = {"H100": (989.0, 3350.0), "H200": (989.0, 4800.0), "A100": (312.0, 2039.0)}
-
-
-def random_model(args: ModelArgs, device, dtype, seed: int = 0) -> Transformer:
-    """Random LLaMA weights made directly on the device. The scale 2/sqrt(dim) keeps the logits
-    peaked, so greedy choices are not near-ties that rounding could flip between implementations."""
-    with skip_weight_init(), torch.device("meta"):
-        model = Transformer(args)
-    model = model.to_empty(device=device)
-    g = torch.Generator(device=device).manual_seed(seed)
-    std = 2.0 / args.dim ** 0.5
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, std, generator=g)
-    return model.to(dtype).requires_grad_(False).eval()
 
 
 def to_hf_state_dict(model: Transformer) -> Dict[str, torch.Tensor]:
@@ -183,87 +175,106 @@ def timed(fn, device, repeat: int = 2, min_seconds: float = 4.0, max_repeat: int
     return best_out, best
 
 
+def decode_prefixes(model: Transformer, c: dict, device) -> torch.Tensor:
+    g = torch.Generator(device=device).manual_seed(1)
+    return torch.randn(c["images"], c["prefix"], model.args.dim, generator=g, device=device).to(model.dtype)
+
+
+BOS = 1  # eos_id -1 below: no token ends a caption early, so every decoder makes gen_len tokens
+
+
+def time_ours(model: Transformer, prefix: torch.Tensor, batch: int, gen_len: int, device):
+    """Our decoder over all prefixes at `batch` images a call: (tokens, seconds, peak MiB)."""
+    def run():
+        toks = []
+        for s in range(0, len(prefix), batch):
+            toks += generate(model, [[BOS]] * len(prefix[s:s + batch]), prefix=prefix[s:s + batch], eos_id=-1,
+                             max_gen_len=gen_len)
+        return toks
+    with PeakMemory(device) as mem:
+        toks, dt = timed(run, device)
+    return toks, dt, mem.extra_mb
+
+
+def time_no_cache(model: Transformer, prefix: torch.Tensor, gen_len: int, device):
+    """The no-cache baseline on the first `len(prefix)` prefixes: (tokens, seconds)."""
+    return timed(lambda: greedy_no_cache(model, [[BOS]] * len(prefix), prefix=prefix, eos_id=-1,
+                                         max_gen_len=gen_len), device)
+
+
+def time_hf(model: Transformer, prefix: torch.Tensor, c: dict, device, log) -> Dict[int, tuple]:
+    """transformers' generate at each of c["hf_batches"]: {batch: (tokens, seconds, peak MiB)}."""
+    hf = hf_model(model)
+    if hf is None:
+        log("  transformers is not installed (pip install -e .[bench]): its column is skipped")
+        return {}
+    embeds = torch.cat([prefix, model.embed(torch.full((len(prefix), 1), BOS, device=device))], 1)
+    out = {}
+    for b in c["hf_batches"]:
+        def run():
+            toks = []
+            for s in range(0, len(embeds), b):
+                toks += hf_generate(hf, embeds[s:s + b], c["gen_len"])
+            return toks
+        with PeakMemory(device) as mem:
+            toks, dt = timed(run, device)
+        out[b] = (toks, dt, mem.extra_mb)
+    return out
+
+
+def rates(n: int, gen_len: int, dt: float) -> dict:
+    return {"captions_s": n / dt, "tokens_s": n * gen_len / dt}
+
+
 def decode_bench(model: Transformer, c: dict, device, log) -> dict:
     """Captions/s three ways on the same prefixes; checks that the captions agree.
 
     On a CPU ours decodes from oneDNN-packed weights, as captioning_inference.py does; it is also
-    timed on the plain weights at the largest batch, and the seed's approach on both, so the
+    timed on the plain weights at the largest batch, and the no-cache baseline on both, so the
     table separates what the cache and batching bring from what the packing brings."""
-    g = torch.Generator(device=device).manual_seed(1)
-    n, P, L = c["images"], c["prefix"], c["gen_len"]
-    prefix = torch.randn(n, P, model.args.dim, generator=g, device=device).to(model.dtype)
-    bos = 1
-    res = {"ours": {}, "hf": {}}
-    agree = {}
+    n, L, k, top = c["images"], c["gen_len"], c["no_cache_images"], max(c["batches"])
+    prefix = decode_prefixes(model, c, device)
+    res, agree = {"ours": {}, "hf": {}}, {}
     packed = model.pack_weights()
-
-    def ours(b):
-        toks = []
-        for s in range(0, n, b):
-            toks += generate(model, [[bos]] * len(prefix[s:s + b]), prefix=prefix[s:s + b], eos_id=-1, max_gen_len=L)
-        return toks
-
-    ours_tokens = None
+    reference = None
     for b in c["batches"]:
-        with PeakMemory(device) as mem:
-            toks, dt = timed(lambda: ours(b), device)
-        res["ours"][b] = {"captions_s": n / dt, "tokens_s": n * L / dt, "peak_extra_mb": mem.extra_mb}
+        toks, dt, extra = time_ours(model, prefix, b, L, device)
+        res["ours"][b] = dict(rates(n, L, dt), peak_extra_mb=extra)
         log(f"  ours{' (packed weights)' if packed else ''} batch {b:3d}: {n / dt:9.2f} captions/s  "
-            f"{n * L / dt:10.1f} tokens/s  (+{mem.extra_mb:.0f} MiB)")
-        if ours_tokens is None:
-            ours_tokens = toks
-        else:
-            same = sum(x == y for x, y in zip(toks, ours_tokens))
-            agree[f"batch{b}"] = same == n
-            if same != n:
-                # Another batch size may pick other kernels, which round differently (fp16 on a GPU).
-                log(f"  batch {b}: {same}/{n} captions identical to batch {c['batches'][0]}")
-    k = c["seed_images"]
-
-    def seed():
-        return greedy_no_cache(model, [[bos]] * k, prefix=prefix[:k], eos_id=-1, max_gen_len=L)
-
-    top = max(c["batches"])
+            f"{n * L / dt:10.1f} tokens/s  (+{extra:.0f} MiB)")
+        if reference is None:
+            reference = toks
+            continue
+        same = sum(x == y for x, y in zip(toks, reference))
+        agree[f"batch{b}"] = same == n
+        if same != n:  # another batch size may pick other kernels, which round differently (fp16 on a GPU)
+            log(f"  batch {b}: {same}/{n} captions identical to batch {c['batches'][0]}")
     if packed:
-        seed_toks, dt = timed(seed, device)
-        res["seed_packed"] = {"captions_s": k / dt, "tokens_s": k * L / dt, "images": k}
-        log(f"  seed (no cache, one image at a time) on the packed weights: {k / dt:9.3f} captions/s")
-        agree["seed_packed"] = seed_toks == ours_tokens[:k]
+        toks, dt = time_no_cache(model, prefix[:k], L, device)
+        res["no_cache_packed"] = dict(rates(k, L, dt), images=k)
+        log(f"  no-cache baseline (one image at a time) on the packed weights: {k / dt:9.3f} captions/s")
+        agree["no_cache_packed"] = toks == reference[:k]
         model.unpack_weights()
-        toks, dt = timed(lambda: ours(top), device)
-        res["ours_plain"] = {top: {"captions_s": n / dt, "tokens_s": n * L / dt}}
+        toks, dt, _ = time_ours(model, prefix, top, L, device)
+        res["ours_plain"] = {top: rates(n, L, dt)}
         log(f"  ours on the plain weights, batch {top:3d}: {n / dt:9.2f} captions/s")
-        agree["ours_plain"] = toks == ours_tokens
-    seed_toks, dt = timed(seed, device)
-    res["seed"] = {"captions_s": k / dt, "tokens_s": k * L / dt, "images": k}
-    log(f"  seed (no cache, one image at a time){' on the plain weights' if packed else ''}: {k / dt:9.3f} captions/s")
-    agree["seed"] = seed_toks == ours_tokens[:k]
-    hf = hf_model(model)
-    if hf is None:
-        log("  transformers is not installed (pip install -e .[bench]): its column is skipped")
-    else:
-        bos_emb = model.embed(torch.full((n, 1), bos, device=device))
-        embeds = torch.cat([prefix, bos_emb], 1)
-        for b in c["hf_batches"]:
-            def run_hf():
-                toks = []
-                for s in range(0, n, b):
-                    toks += hf_generate(hf, embeds[s:s + b], L)
-                return toks
-            with PeakMemory(device) as mem:
-                hf_toks, dt = timed(run_hf, device)
-            res["hf"][b] = {"captions_s": n / dt, "tokens_s": n * L / dt, "peak_extra_mb": mem.extra_mb}
-            log(f"  transformers generate batch {b:3d}: {n / dt:9.2f} captions/s")
-            same = sum(x == y for x, y in zip(hf_toks, ours_tokens))
-            agree[f"hf_batch{b}"] = same == n
-            if same != n:
-                tok_same = sum(a == b_ for x, y in zip(hf_toks, ours_tokens) for a, b_ in zip(x, y))
-                log(f"  transformers batch {b}: {same}/{n} captions identical ({tok_same / (n * L):.1%} of tokens)")
-        del hf
+        agree["ours_plain"] = toks == reference
+    toks, dt = time_no_cache(model, prefix[:k], L, device)
+    res["no_cache"] = dict(rates(k, L, dt), images=k)
+    log(f"  no-cache baseline (one image at a time){' on the plain weights' if packed else ''}: {k / dt:9.3f} captions/s")
+    agree["no_cache"] = toks == reference[:k]
+    for b, (toks, dt, extra) in time_hf(model, prefix, c, device, log).items():
+        res["hf"][b] = dict(rates(n, L, dt), peak_extra_mb=extra)
+        log(f"  transformers generate batch {b:3d}: {n / dt:9.2f} captions/s")
+        same = sum(x == y for x, y in zip(toks, reference))
+        agree[f"hf_batch{b}"] = same == n
+        if same != n:
+            tok_same = sum(a == b_ for x, y in zip(toks, reference) for a, b_ in zip(x, y))
+            log(f"  transformers batch {b}: {same}/{n} captions identical ({tok_same / (n * L):.1%} of tokens)")
     res["captions_identical"] = agree
-    res["ratio_vs_seed"] = res["ours"][top]["captions_s"] / res["seed"]["captions_s"]
+    res["ratio_vs_no_cache"] = res["ours"][top]["captions_s"] / res["no_cache"]["captions_s"]
     if packed:
-        res["ratio_vs_seed_packed"] = res["ours"][top]["captions_s"] / res["seed_packed"]["captions_s"]
+        res["ratio_vs_no_cache_packed"] = res["ours"][top]["captions_s"] / res["no_cache_packed"]["captions_s"]
         res["ratio_packed_vs_plain"] = res["ours"][top]["captions_s"] / res["ours_plain"][top]["captions_s"]
     if top in res["hf"]:
         res["ratio_vs_hf"] = res["ours"][top]["captions_s"] / res["hf"][top]["captions_s"]
@@ -277,13 +288,13 @@ def frozen_step_bench(model: Transformer, c: dict, device, log) -> dict:
     opt = torch.optim.AdamW(proj.parameters(), lr=1e-4)
     feats = torch.randn(B, 64, device=device)
     tokens = torch.randint(3, model.args.vocab_size, (B, L + 1), device=device)
-    keep = torch.zeros(B, P + L, dtype=torch.bool, device=device)
-    keep[:, P - 1:-1] = True  # the positions that predict tokens[:, 1:]
+    targeted = torch.zeros(B, P + L, dtype=torch.bool, device=device)
+    targeted[:, P - 1:-1] = True  # the positions that predict tokens[:, 1:]
 
     def step():
         with torch.autocast(device.type, dtype=model.dtype, enabled=device.type == "cuda"):
             emb = torch.cat([proj(feats).view(B, P, -1).to(model.dtype), model.embed(tokens[:, :-1])], 1)
-            logits = model(embeddings=emb, keep=keep)
+            logits = model(embeddings=emb, logits_at=targeted)
             loss = torch.nn.functional.cross_entropy(logits, tokens[:, 1:].flatten())
         loss.backward()
         opt.step()
@@ -308,27 +319,19 @@ def cache_vs_fly_bench(log, steps: int = 8, batch: int = 32, root: str = "demo_r
     Both runs see the same batches in the same order; after a warm-up window each keeps the
     fastest of `windows` windows of `steps` steps, and reports the mean time a batch of that
     window spent loading, in CLIP and in the training step, and the loss of the first batch."""
-    from .demo.build import demo_paths, ensure_features
-
-    paths = demo_paths(root, scale)
-    if not os.path.isfile(os.path.join(paths["standins"], "llama", "params.json")):
-        log("  the demo's stand-in models are not built yet (make demo): cache-vs-on-the-fly skipped")
+    paths = demo_layout(root, scale)
+    feats_dir = os.path.join(paths["features"], "train")
+    if not os.path.isfile(os.path.join(feats_dir, "meta.json")):
+        log("  the demo's stand-ins and feature cache are not built yet (make demo): cache-vs-on-the-fly skipped")
         return None
-    from .captioner import Captioner
-    from .checkpoint import load_llama
-    from .data import CaptionDataset, collate, drop_missing, load_coco
-    from .features import FeatureCache
-    from .projection import Projection
-    from .vision import ClipEncoder
-
-    feats_dir = ensure_features(paths, log=lambda m: None)
-    enc = ClipEncoder(paths["clip"], "cpu")
+    enc = ClipEncoder(EncoderSpec.of(paths["clip"]), "cpu")
     llama, tok = load_llama(paths["ckpt_dir"], paths["tokenizer"], max_seq_len=64)
     recs = drop_missing(load_coco(paths["train_images"], paths["train_ann"]), log=lambda m: None)
+    spec = CaptionerConfig.build(enc.spec, enc.feature_shape, "mlp", 10, None, llama.args.dim, CaptionStyle())
     out = {}
     for mode in ("on_the_fly", "cache"):
         torch.manual_seed(0)
-        proj = Projection("mlp", "pooled", enc.feature_shape, llama.args.dim, 10)
+        proj = spec.new_projection()
         cap = Captioner(llama, tok, proj)
         opt = torch.optim.AdamW(proj.parameters(), lr=1e-4)
         ds = CaptionDataset(recs, enc.preprocess, FeatureCache(feats_dir) if mode == "cache" else None, "one")
@@ -349,7 +352,7 @@ def cache_vs_fly_bench(log, steps: int = 8, batch: int = 32, root: str = "demo_r
                 t1 = time.perf_counter()
                 f = b["features"] if "features" in b else enc(b["pixels"])
                 t2 = time.perf_counter()
-                loss, n = cap.loss_terms(f, b["caption"])
+                loss, n = cap.caption_loss(f, b["caption"])
                 (loss / n).backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -383,66 +386,71 @@ def machine(device) -> str:
     return f"{model}, {torch.get_num_threads()} threads"
 
 
-@exit_on_user_error
-def main(config: str = "cpu", device: str = "auto", out: Optional[str] = "bench.json", train: bool = True) -> None:
-    """Benchmark decoding and training throughput and memory.
+@dataclass
+class BenchConfig(Config):
+    config: str = setting("cpu", "cpu (dim 512, 8 layers, 32000 words), 7b (LLaMA-7B's shape, for a GPU) or tiny.")
+    device: str = setting("auto", "auto, cpu or cuda.")
+    out: str = setting("bench.json", "JSON file for the figures ('' for none).")
+    train: bool = setting(True, "also measure training steps.")
 
-    Args:
-        config: cpu (dim 512, 8 layers, 32000 words), 7b (LLaMA-7B's shape, for a GPU) or tiny.
-        device: auto, cpu or cuda.
-        out: JSON file for the figures ('' for none).
-        train: also measure training steps.
-    """
-    if config not in CONFIGS:
-        raise UserError(f"--config {config!r} must be one of {list(CONFIGS)}")
-    c = CONFIGS[config]
-    env = distributed.setup(mp_size=1, device=device)
-    try:
+    def check(self) -> None:
+        self.one_of("config", CONFIGS)
+
+
+def print_decode_summary(d: dict, c: dict, dev, n_params: int, dtype) -> None:
+    top = max(c["batches"])
+    print(f"  ours batch {top} vs the no-cache baseline: {d['ratio_vs_no_cache']:.1f}x"
+          + (f" (vs the baseline on the packed weights: {d['ratio_vs_no_cache_packed']:.1f}x; packed vs plain "
+             f"weights: {d['ratio_packed_vs_plain']:.2f}x)" if "ratio_vs_no_cache_packed" in d else "")
+          + (f"; vs transformers at the same batch: {d['ratio_vs_hf']:.2f}x" if "ratio_vs_hf" in d else ""))
+    if dev.type != "cuda":
+        return
+    weight_bytes = n_params * torch.finfo(dtype).bits // 8
+    peak = card_peaks(dev)
+    for b, r in d["ours"].items():
+        bw = r["tokens_s"] / b * weight_bytes / 1e9
+        r["weight_gb_s"] = bw
+        print(f"  batch {b:3d}: {r['tokens_s']:9.0f} tokens/s, weights read at {bw:7.0f} GB/s"
+              + (f" ({bw / peak[1]:.0%} of {peak[1]:.0f} GB/s)" if peak else ""))
+
+
+def card_peaks(dev):
+    return next((v for k, v in PEAKS.items() if k in machine(dev)), None)
+
+
+def bench(cfg: BenchConfig) -> dict:
+    if cfg.out:
+        check_output_file(cfg.out, "--out")
+    c = CONFIGS[cfg.config]
+    with distributed.session(mp_size=1, device=cfg.device) as env:
         dev = env.device
         dtype = {"fp32": torch.float32, "fp16": torch.float16}[c["dtype"]] if dev.type == "cuda" else torch.float32
         args = ModelArgs(dim=c["dim"], n_layers=c["n_layers"], n_heads=c["n_heads"], vocab_size=c["vocab"],
                          max_seq_len=c["prefix"] + 1 + c["gen_len"] + 8)
         model = random_model(args, dev, dtype)
         n_params = sum(p.numel() for p in model.parameters())
-        head = f"{machine(dev)}; torch {torch.__version__}; config {config}: dim {c['dim']}, {c['n_layers']} layers, " \
-               f"{n_params / 1e6:.1f}M parameters, {str(dtype).replace('torch.', '')}; prefix {c['prefix']} + BOS, " \
-               f"{c['gen_len']} tokens per caption"
-        print(head)
-        res = {"machine": machine(dev), "config": config, "params": n_params, "dtype": str(dtype),
+        print(f"{machine(dev)}; torch {torch.__version__}; config {cfg.config}: dim {c['dim']}, {c['n_layers']} layers, "
+              f"{n_params / 1e6:.1f}M parameters, {str(dtype).replace('torch.', '')}; prefix {c['prefix']} + BOS, "
+              f"{c['gen_len']} tokens per caption")
+        res = {"machine": machine(dev), "config": cfg.config, "params": n_params, "dtype": str(dtype),
                "decode": decode_bench(model, c, dev, print)}
-        d = res["decode"]
-        top = max(c["batches"])
-        print(f"  ours batch {top} vs seed: {d['ratio_vs_seed']:.1f}x"
-              + (f" (vs the seed on the packed weights: {d['ratio_vs_seed_packed']:.1f}x; packed vs plain weights: "
-                 f"{d['ratio_packed_vs_plain']:.2f}x)" if "ratio_vs_seed_packed" in d else "")
-              + (f"; vs transformers at the same batch: {d['ratio_vs_hf']:.2f}x" if "ratio_vs_hf" in d else ""))
-        if dev.type == "cuda":
-            weight_bytes = n_params * torch.finfo(dtype).bits // 8
-            peak = next((v for k, v in PEAKS.items() if k in machine(dev)), None)
-            for b, r in d["ours"].items():
-                steps_s = r["tokens_s"] / b
-                bw = steps_s * weight_bytes / 1e9
-                r["weight_gb_s"] = bw
-                print(f"  batch {b:3d}: {r['tokens_s']:9.0f} tokens/s, weights read at {bw:7.0f} GB/s"
-                      + (f" ({bw / peak[1]:.0%} of {peak[1]:.0f} GB/s)" if peak else ""))
-        if train:
+        print_decode_summary(res["decode"], c, dev, n_params, dtype)
+        if cfg.train:
             res["train_frozen"] = frozen_step_bench(model, c, dev, print)
-            if dev.type == "cuda":
-                peak = next((v for k, v in PEAKS.items() if k in machine(dev)), None)
-                if peak:
-                    res["train_frozen"]["mfu"] = res["train_frozen"]["model_tflops"] / peak[0]
-                    print(f"  model FLOPs utilisation: {res['train_frozen']['mfu']:.1%} of {peak[0]:.0f} TFLOP/s")
-            if config == "cpu":
+            peak = card_peaks(dev) if dev.type == "cuda" else None
+            if peak:
+                res["train_frozen"]["mfu"] = res["train_frozen"]["model_tflops"] / peak[0]
+                print(f"  model FLOPs utilisation: {res['train_frozen']['mfu']:.1%} of {peak[0]:.0f} TFLOP/s")
+            if cfg.config == "cpu":
                 del model
                 res["cache_vs_fly"] = cache_vs_fly_bench(print)
-        if out:
-            from .fileio import write_json
+        if cfg.out:
+            write_json(cfg.out, res, indent=1)
+            print(f"wrote {cfg.out}")
+        return res
 
-            write_json(out, res, indent=1)
-            print(f"wrote {out}")
-    finally:
-        distributed.teardown()
 
+main = command(BenchConfig, bench, "Benchmark decoding and training throughput and memory.")
 
 if __name__ == "__main__":
     fire.Fire(main)

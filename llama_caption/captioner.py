@@ -1,26 +1,42 @@
-"""Vision features + projection + frozen LLaMA: the captioning loss and caption generation.
+"""Vision features + projection + frozen LLaMA: what a captioner is, its loss, its captions.
 
 A training sequence is [prefix embeddings ; BOS w1 .. wn] and the targets are w1 .. wn EOS:
 the prefix, BOS and padding carry the label -100, so the loss counts exactly n+1 positions per
 caption. Generation prefills [prefix ; BOS] and decodes with the KV cache.
+
+`CaptionerConfig` is the typed description of a trained captioner (encoder identity and feature
+kind, projection kind and sizes, prefix length, caption style); `save_projection` writes it beside
+the weights and `load_projection` reads it back. `runs.load_captioner` builds the whole model.
 """
 
+import dataclasses
+import json
+import os
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
+from .checkpoint import context_length
+from .errors import UserError
+from .fileio import atomic_path
 from .generation import beam_search, generate
 from .model import Transformer
 from .projection import Projection
 from .tokenizer import Tokenizer
+from .vision import ClipEncoder, EncoderSpec
 
 IGNORE = -100
+PROJECTION_FILE = "projection.safetensors"
+# Flags renamed since checkpoints were first written: old name -> new name.
+RENAMED_FLAGS = {"feature": "feature_kind"}
 
 
-@dataclass
+@dataclass(frozen=True)
 class CaptionStyle:
     """How reference captions are cleaned before training (and generated ones compared)."""
 
@@ -34,14 +50,100 @@ class CaptionStyle:
         return text.lower() if self.lowercase else text
 
 
+@dataclass(frozen=True)
+class CaptionerConfig:
+    """What a trained captioner is. feature_shape is (D,) for pooled features, (N, W) for patch
+    tokens; prefix_len is the number of prefix tokens (N for patch features)."""
+
+    encoder: EncoderSpec
+    feature_shape: Tuple[int, ...]
+    projection: str
+    prefix_len: int
+    proj_hidden: int
+    llama_dim: int
+    style: CaptionStyle = CaptionStyle()
+
+    @classmethod
+    def build(cls, encoder: EncoderSpec, feature_shape, projection: str, prefix_len: int,
+              proj_hidden: Optional[int], llama_dim: int, style: CaptionStyle) -> "CaptionerConfig":
+        """The prefix-length rule: pooled features make `prefix_len` tokens, patch features one
+        token per patch (the flag is then unused)."""
+        shape = tuple(int(s) for s in feature_shape)
+        tokens = prefix_len if encoder.feature_kind == "pooled" else shape[0]
+        return cls(encoder, shape, projection, tokens, proj_hidden or llama_dim, llama_dim, style)
+
+    @property
+    def pooled(self) -> bool:
+        return self.encoder.feature_kind == "pooled"
+
+    def new_projection(self) -> Projection:
+        return Projection(self.projection, self.pooled, self.feature_shape[-1], self.llama_dim, self.prefix_len,
+                          self.proj_hidden)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CaptionerConfig":
+        return cls(EncoderSpec(**d["encoder"]), tuple(d["feature_shape"]), d["projection"], int(d["prefix_len"]),
+                   int(d["proj_hidden"]), int(d["llama_dim"]), CaptionStyle(**d["style"]))
+
+    @classmethod
+    def from_training_config(cls, cfg: dict, weights: Dict[str, torch.Tensor]) -> "CaptionerConfig":
+        """Checkpoints written before the typed config: the training flags and the weights'
+        shapes. Their patch count is not recorded (0 here); `load_captioner` takes the encoder's."""
+        kind = cfg.get("feature_kind", cfg.get("feature", "pooled"))
+        spec = EncoderSpec(cfg["clip_model"], cfg.get("clip_identity") or cfg["clip_model"], kind,
+                           cfg.get("clip_layer", -2) if kind == "patch" else None)
+        width = weights["net.0.weight"].shape[1]
+        hidden = weights["net.0.weight"].shape[0] if cfg["projection"] == "mlp" else None
+        shape = (width,) if kind == "pooled" else (0, width)
+        style = CaptionStyle(cfg.get("lowercase", True), cfg.get("drop_period", True))
+        llama_dim = cfg.get("llama_dim") or weights["net.2.weight" if cfg["projection"] == "mlp" else "net.0.weight"] \
+            .shape[0] // (cfg["prefix_len"] if kind == "pooled" else 1)
+        return cls.build(spec, shape, cfg["projection"], cfg["prefix_len"], hidden, llama_dim, style)
+
+
+def save_projection(path: str, state: Dict[str, torch.Tensor], captioner: CaptionerConfig, flags: dict) -> None:
+    """The trainable weights with what they are (CaptionerConfig) and the flags that trained them."""
+    meta = {"captioner": json.dumps(captioner.to_dict(), sort_keys=True), "config": json.dumps(flags, sort_keys=True)}
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, tmp, metadata=meta)
+
+
+def load_projection(ckpt: str, flag: str = "--checkpoint") -> Tuple[Dict[str, torch.Tensor], CaptionerConfig, dict]:
+    """The weights, CaptionerConfig and training flags of a checkpoint folder (any version)."""
+    path = os.path.join(ckpt, PROJECTION_FILE)
+    if not os.path.isfile(path):
+        raise UserError(f"{flag}: {path} is missing")
+    try:
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+            weights = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{path} is not a readable safetensors file ({e})") from None
+    if "config" not in meta:
+        raise UserError(f"{path} carries no training config: it was not written by captioning_training.py")
+    try:
+        flags = {RENAMED_FLAGS.get(k, k): v for k, v in json.loads(meta["config"]).items()}
+        if "captioner" in meta:
+            captioner = CaptionerConfig.from_dict(json.loads(meta["captioner"]))
+        else:  # written before the typed config
+            captioner = CaptionerConfig.from_training_config(flags, weights)
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{path}: the stored configuration is unreadable ({type(e).__name__}: {e})") from None
+    return weights, captioner, flags
+
+
+
 class Captioner(nn.Module):
     def __init__(self, llama: Transformer, tokenizer: Tokenizer, projection: Projection,
-                 style: Optional[CaptionStyle] = None):
+                 style: CaptionStyle = CaptionStyle()):
         super().__init__()
         self.llama = llama
         self.tokenizer = tokenizer
         self.projection = projection
-        self.style = style or CaptionStyle()
+        self.style = style
         self.truncated = 0  # captions cut to fit max_seq_len, counted for the report
 
     @property
@@ -75,25 +177,25 @@ class Captioner(nn.Module):
             labels[i, P: P + len(x) + 1] = torch.tensor(x + [eos])
         return tokens, labels
 
-    def loss_terms(self, features: torch.Tensor, captions: List[str]) -> Tuple[torch.Tensor, int]:
-        """Summed cross-entropy over the caption and EOS positions, and how many there are.
+    def loss(self, features: torch.Tensor, ids: List[List[int]]) -> Tuple[torch.Tensor, int]:
+        """Summed cross-entropy over the caption and EOS positions of captions tokenized by
+        `caption_ids` (n + 1 targets each), and how many targets there are.
 
         The caller divides by the token count of the whole (global) batch, so data-parallel
         ranks and gradient accumulation give the gradient of one big batch.
         """
-        return self.loss_from_ids(features, self.caption_ids(captions))
-
-    def loss_from_ids(self, features: torch.Tensor, ids: List[List[int]]) -> Tuple[torch.Tensor, int]:
-        """`loss_terms` for captions already tokenized by `caption_ids` (n + 1 targets each)."""
         tokens, labels = self.targets(ids)
         dev = self.llama.device
         prefix = self.projection(features.to(dev))
         emb = torch.cat([prefix.to(self.llama.dtype), self.llama.embed(tokens.to(dev))], dim=1)
         labels = labels.to(dev)
-        keep = labels != IGNORE
-        logits = self.llama(embeddings=emb, keep=keep)
-        loss = F.cross_entropy(logits, labels[keep], reduction="sum")
-        return loss, int(keep.sum())
+        targeted = labels != IGNORE
+        logits = self.llama(embeddings=emb, logits_at=targeted)
+        return F.cross_entropy(logits, labels[targeted], reduction="sum"), int(targeted.sum())
+
+    def caption_loss(self, features: torch.Tensor, captions: List[str]) -> Tuple[torch.Tensor, int]:
+        """`loss` of raw caption strings."""
+        return self.loss(features, self.caption_ids(captions))
 
     @torch.no_grad()
     def generate(self, features: torch.Tensor, max_gen_len: int = 30, temperature: float = 0.0,
@@ -111,51 +213,28 @@ class Captioner(nn.Module):
         return [self.tokenizer.decode(x).strip() for x in out]
 
 
-def load_captioner(checkpoint: str, ckpt_dir: str, tokenizer_path: str, device, dtype=torch.float32,
-                   max_gen_len: int = 30, max_batch_size: int = 32, clip_model: Optional[str] = None,
-                   need_encoder: bool = True):
-    """A trained captioner from a training checkpoint, the frozen LLaMA and CLIP.
+def check_window(prefix_len: int, text_len: int, ckpt_dir: str, flag: str) -> int:
+    """The tokens a sequence needs (prefix + BOS + text) against the LLaMA's context, read from
+    its params.json before anything is loaded; returns the window."""
+    window = prefix_len + 1 + text_len
+    context = context_length(ckpt_dir)
+    if window > context:
+        raise UserError(f"{flag} {text_len} with a {prefix_len}-token image prefix needs {window} positions, "
+                        f"more than the {context} of the LLaMA in {ckpt_dir}: lower {flag}")
+    return window
 
-    The CLIP model, feature kind, projection and prefix length come from the checkpoint's config
-    (`clip_model` overrides the path of the same CLIP file moved elsewhere; its identity must
-    match). Returns (captioner, encoder or None, config).
-    """
-    from .checkpoint import find_checkpoint, load_llama, load_projection_checkpoint
-    from .errors import UserError
-    from .vision import ClipEncoder
 
-    ckpt = find_checkpoint(checkpoint)
-    weights, cfg = load_projection_checkpoint(ckpt)
-    for key in ("clip_model", "feature", "projection", "prefix_len"):
-        if key not in cfg:
-            raise UserError(f"{ckpt}: the stored config lacks {key!r}; was it written by captioning_training.py?")
-    clip_name = clip_model or cfg["clip_model"]
-    encoder = ClipEncoder(clip_name, device, cfg["feature"], cfg.get("clip_layer", -2)) if need_encoder else None
-    shape = tuple(encoder.feature_shape) if encoder else None
-    if encoder is not None and cfg.get("clip_identity") not in (None, encoder.identity):
-        raise UserError(f"--checkpoint {ckpt} was trained with CLIP {cfg['clip_model']} ({cfg['clip_identity'][:23]}) "
-                        f"but {clip_name} is another model ({encoder.identity[:23]}): use the CLIP model it was trained with")
-    if encoder is not None:
-        trained_in = weights["net.0.weight"].shape[1]
-        if shape[-1] != trained_in:
-            raise UserError(f"--checkpoint {ckpt} was trained on CLIP features of width {trained_in} "
-                            f"({cfg['clip_model']}) but {clip_name} gives {shape[-1]}: use the CLIP model it was trained with")
-    if shape is None:
-        shape = (weights["net.0.weight"].shape[1],) if cfg["feature"] == "pooled" else None
-    prefix_len = cfg["prefix_len"] if cfg["feature"] == "pooled" else shape[0]
-    llama, tokenizer = load_llama(ckpt_dir, tokenizer_path, prefix_len + 1 + max_gen_len, max_batch_size,
-                                  device=device, dtype=dtype)
-    out_w = weights["net.2.weight" if cfg["projection"] == "mlp" else "net.0.weight"]
-    per_token = out_w.shape[0] // (prefix_len if cfg["feature"] == "pooled" else 1)
-    if per_token != llama.args.dim:
-        raise UserError(f"--checkpoint {ckpt} projects to LLaMA width {per_token} but {ckpt_dir} has width "
-                        f"{llama.args.dim}: use the LLaMA it was trained with")
-    projection = Projection(cfg["projection"], cfg["feature"], shape, llama.args.dim, cfg["prefix_len"],
-                            cfg.get("proj_hidden"))
-    try:
-        projection.load_state_dict(weights, strict=True)
-    except RuntimeError as e:
-        raise UserError(f"{ckpt}: projection weights do not fit the stored config ({str(e).splitlines()[0]})") from None
-    projection.to(device).eval()
-    style = CaptionStyle(cfg.get("lowercase", True), cfg.get("drop_period", True))
-    return Captioner(llama, tokenizer, projection, style), encoder, cfg
+def check_encoder(cfg: CaptionerConfig, encoder: ClipEncoder, where: str) -> CaptionerConfig:
+    """The encoder must be the one the captioner was trained with; fills in a legacy patch count."""
+    got = encoder.spec
+    if got.identity != cfg.encoder.identity:
+        raise UserError(f"{where} was trained with CLIP {cfg.encoder.clip_model} ({cfg.encoder.identity[:23]}) "
+                        f"but {got.clip_model} is another model ({got.identity[:23]}): use the CLIP model it was trained with")
+    shape = tuple(encoder.feature_shape)
+    if shape[-1] != cfg.feature_shape[-1] or (cfg.feature_shape[0] not in (0, shape[0])):
+        raise UserError(f"{where} was trained on CLIP features of shape {cfg.feature_shape} ({cfg.encoder.clip_model}) "
+                        f"but {got.clip_model} gives {shape}: use the CLIP model it was trained with")
+    if cfg.feature_shape[0] == 0:
+        cfg = CaptionerConfig.build(cfg.encoder, shape, cfg.projection, cfg.prefix_len, cfg.proj_hidden,
+                                    cfg.llama_dim, cfg.style)
+    return cfg

@@ -40,33 +40,50 @@ def read_json(path: str, flag: str):
         raise UserError(f"{path} is not valid JSON ({e}): re-download it or check {flag}") from None
 
 
-def coco_from_dict(data: dict, path: str):
-    """A pycocotools COCO object from an already parsed annotation dict (quietly)."""
+def usable_caption(c) -> bool:
+    return isinstance(c, str) and bool(c.strip())
+
+
+def read_coco_captions(path: str, flag: str = "--annotations", log=None) -> Dict[int, tuple]:
+    """A COCO captions file as {image_id: (file_name, [captions])}, through pycocotools' index.
+
+    Image ids must be whole numbers (a one-line error otherwise); captions that are empty or not
+    text are skipped and counted (a warning through `log`).
+    """
     from pycocotools.coco import COCO
 
-    if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
-        raise UserError(f"{path} is not a COCO captions file (needs 'images' and 'annotations')")
+    data = read_json(path, flag)
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list) \
+            or not isinstance(data.get("annotations"), list):
+        raise UserError(f"{path} is not a COCO captions file (needs 'images' and 'annotations' lists): check {flag}")
+    for im in data["images"]:
+        if not isinstance(im, dict) or "id" not in im:
+            raise UserError(f"{path}: an image entry has no id: check {flag}")
+        if not isinstance(im["id"], int) or isinstance(im["id"], bool):
+            raise UserError(f"{path}: image id {im['id']!r} is not a whole number, as COCO's are: check {flag}")
+        if not isinstance(im.get("file_name"), str):
+            raise UserError(f"{path}: image {im['id']} has no file_name")
+    known = {im["id"] for im in data["images"]}
+    anns = [a for a in data["annotations"] if isinstance(a, dict) and a.get("image_id") in known
+            and usable_caption(a.get("caption"))]
+    skipped = len(data["annotations"]) - len(anns)
     coco = COCO()
-    coco.dataset = data
+    coco.dataset = dict(data, annotations=[dict(a, id=a.get("id", k)) for k, a in enumerate(anns)])
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             coco.createIndex()
     except (KeyError, TypeError) as e:
         raise UserError(f"{path}: malformed COCO annotations ({type(e).__name__}: {e})") from None
-    return coco
+    if skipped and log:
+        log(f"warning: {path}: {skipped} caption(s) skipped (empty, not text, or of an unknown image)")
+    return {img_id: (coco.imgs[img_id]["file_name"], [a["caption"] for a in coco.imgToAnns.get(img_id, [])])
+            for img_id in sorted(coco.imgs)}
 
 
-def load_coco(images_dir: str, annotations: str, flag: str = "--annotations") -> List[ImageRecord]:
+def load_coco(images_dir: str, annotations: str, flag: str = "--annotations", log=None) -> List[ImageRecord]:
     """Every image of a COCO captions file with its captions (captions_train2014.json and the like)."""
-    coco = coco_from_dict(read_json(annotations, flag), annotations)
-    records = []
-    for img_id in sorted(coco.imgs):
-        img = coco.imgs[img_id]
-        if "file_name" not in img:
-            raise UserError(f"{annotations}: image {img_id} has no file_name")
-        caps = [a["caption"] for a in coco.imgToAnns.get(img_id, []) if isinstance(a.get("caption"), str)]
-        records.append(ImageRecord(int(img_id), os.path.join(images_dir, img["file_name"]), caps))
-    return records
+    return [ImageRecord(i, os.path.join(images_dir, name), caps)
+            for i, (name, caps) in read_coco_captions(annotations, flag, log).items()]
 
 
 KARPATHY_SPLITS = {"train": ("train", "restval"), "val": ("val",), "test": ("test",)}
@@ -88,7 +105,7 @@ def load_karpathy(split_file: str, images_root: str, split: str) -> List[ImageRe
         try:
             nested = os.path.join(images_root, img.get("filepath", ""), img["filename"])
             flat = os.path.join(images_root, img["filename"])
-            caps = [s["raw"] for s in img.get("sentences", [])]
+            caps = [s["raw"] for s in img.get("sentences", []) if usable_caption(s.get("raw"))]
             records.append(ImageRecord(int(img["cocoid"]), nested if os.path.exists(nested) or not os.path.exists(flat) else flat, caps))
         except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"{split_file}: malformed image entry ({type(e).__name__}: {e})") from None
@@ -96,23 +113,26 @@ def load_karpathy(split_file: str, images_root: str, split: str) -> List[ImageRe
 
 
 def load_split(images: str, annotations: Optional[str], karpathy_split: Optional[str], split: str,
-               images_flag: str, annotations_flag: str) -> List[ImageRecord]:
+               images_flag: str, annotations_flag: str, log=None) -> List[ImageRecord]:
     if not images or not os.path.isdir(images):
         raise UserError(f"{images_flag} {images} is not a folder")
     if karpathy_split:
         return load_karpathy(karpathy_split, images, split)
     if not annotations:
         raise UserError(f"{annotations_flag} is required (or --karpathy_split)")
-    return load_coco(images, annotations, annotations_flag)
+    return load_coco(images, annotations, annotations_flag, log)
 
 
-def drop_missing(records: List[ImageRecord], log=print) -> List[ImageRecord]:
-    """Drop records whose image file does not exist or that have no caption, and say so."""
-    kept = [r for r in records if os.path.isfile(r.path) and r.captions]
+def drop_missing(records: List[ImageRecord], log=print, need_captions: bool = True) -> List[ImageRecord]:
+    """Drop records whose image file does not exist (and, for training, that have no usable
+    caption), and say so."""
     missing = [r.path for r in records if not os.path.isfile(r.path)]
     if missing:
         log(f"warning: {len(missing)} annotated image(s) not found, skipped (first: {missing[0]})")
-    return kept
+    uncaptioned = sum(1 for r in records if not r.captions) if need_captions else 0
+    if uncaptioned:
+        log(f"warning: {uncaptioned} image(s) have no usable caption, skipped")
+    return [r for r in records if os.path.isfile(r.path) and (r.captions or not need_captions)]
 
 
 def open_rgb(path: str) -> Image.Image:
@@ -151,13 +171,16 @@ def list_image_files(paths) -> List[str]:
     return files
 
 
+CAPTION_MODES = ("all", "one")
+
+
 class CaptionDataset(torch.utils.data.Dataset):
     """Samples of (image, caption). `features` (a FeatureCache) replaces image decoding."""
 
     def __init__(self, records: List[ImageRecord], transform=None, features=None,
                  captions: str = "all", seed: int = 0):
-        if captions not in ("all", "one"):
-            raise UserError(f"--captions {captions!r} must be 'all' (every caption) or 'one' (one per image per epoch)")
+        if captions not in CAPTION_MODES:
+            raise ValueError(f"captions {captions!r} is not one of {CAPTION_MODES}")
         self.records, self.transform, self.features = records, transform, features
         self.mode, self.seed, self.epoch = captions, seed, 0
         if captions == "all":
@@ -207,6 +230,14 @@ class ImageFiles(torch.utils.data.Dataset):
             return {"image_id": rec.image_id, "pixels": self.transform(open_rgb(rec.path)), "path": rec.path}
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             return {"bad": rec.path, "reason": f"{type(e).__name__}: {e}"}
+
+
+def report_bad_images(bad: List[tuple], log, shown: int = 20) -> None:
+    """Warn about images that could not be read: (path, reason) pairs, the first `shown` of them."""
+    for path, reason in bad[:shown]:
+        log(f"warning: skipped unreadable image {path} ({reason})")
+    if len(bad) > shown:
+        log(f"warning: ... and {len(bad) - shown} more unreadable image(s)")
 
 
 def collate(items: List[Dict]) -> Dict:

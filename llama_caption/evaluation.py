@@ -1,7 +1,7 @@
 """COCO caption metrics with pycocoevalcap: BLEU-1..4, METEOR, ROUGE-L, CIDEr (and SPICE).
 
     python -m llama_caption.evaluation --annotations coco/annotations/captions_val2014.json \\
-        --results runs/b32-7b/results.json
+        --results runs/b32-7b/results.json      # writes runs/b32-7b/results.metrics.json
 
 The scorers are called one by one, on the images of the results only: COCOEvalCap.evaluate()
 would fail offline, because SPICE downloads Stanford CoreNLP the first time. SPICE runs when
@@ -10,16 +10,20 @@ and METEOR are Java programs.
 """
 
 import contextlib
+import hashlib
 import io
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import fire
 
-from .errors import UserError, exit_on_user_error
-from .fileio import write_json
+from .config import Config, command, setting
+from .data import read_coco_captions
+from .errors import UserError
+from .fileio import check_output_file, write_json
 
 METRIC_ORDER = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
 
@@ -100,11 +104,21 @@ def score(references: Dict[int, List[str]], results: List[Dict], spice: Optional
     return metrics
 
 
-def references_from_annotations(path: str) -> Dict[int, List[str]]:
-    from .data import coco_from_dict, read_json
+def references_from_annotations(path: str, log=print) -> Dict[int, List[str]]:
+    return {i: caps for i, (_, caps) in read_coco_captions(path, "--annotations", log).items()}
 
-    coco = coco_from_dict(read_json(path, "--annotations"), path)
-    return {int(i): [a["caption"] for a in coco.imgToAnns.get(i, [])] for i in coco.imgs}
+
+def metrics_path(results: str) -> str:
+    """RESULTS.json -> RESULTS.metrics.json: the scores are named after what they score."""
+    return (results[:-5] if results.endswith(".json") else results) + ".metrics.json"
+
+
+def metrics_record(metrics: Dict[str, float], results_path: str, scored: List[Dict], annotations: str) -> dict:
+    """The metrics with what they score: the results file (and its SHA-256), the references, the images."""
+    with open(results_path, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    return {"results": os.path.abspath(results_path), "results_sha256": digest,
+            "annotations": os.path.abspath(annotations), "images": len(scored), "metrics": metrics}
 
 
 def format_table(metrics: Dict[str, float], n: Optional[int] = None) -> str:
@@ -116,24 +130,30 @@ def format_table(metrics: Dict[str, float], n: Optional[int] = None) -> str:
     return f"{title}\n{head}\n{rule}\n{vals}"
 
 
-@exit_on_user_error
-def main(annotations: str, results: str, out: Optional[str] = None, spice: Optional[bool] = None):
-    """Score a COCO results file against COCO caption annotations.
+@dataclass
+class EvaluationConfig(Config):
+    annotations: str = setting(help="COCO captions JSON with the references (e.g. captions_val2014.json).")
+    results: str = setting(help='COCO results JSON: [{"image_id": int, "caption": str}, ...].')
+    out: Optional[str] = setting(None, "where to write the metrics as JSON (default: RESULTS.metrics.json beside the results).")
+    spice: Optional[bool] = setting(None, "force SPICE on or off (default: on when Stanford CoreNLP is installed).")
 
-    Args:
-        annotations: COCO captions JSON with the references (e.g. captions_val2014.json).
-        results: COCO results JSON: [{"image_id": int, "caption": str}, ...].
-        out: where to write the metrics as JSON (default: metrics.json beside the results).
-        spice: force SPICE on or off (default: on when Stanford CoreNLP is installed).
-    """
-    refs = references_from_annotations(annotations)
-    res = read_results(results, set(refs))
-    metrics = score(refs, res, spice)
-    print(format_table(metrics, len(res)))
-    out = out or os.path.join(os.path.dirname(os.path.abspath(results)), "metrics.json")
-    write_json(out, metrics, indent=1)
+
+def evaluate(cfg: EvaluationConfig) -> Dict[str, float]:
+    out = cfg.out or metrics_path(cfg.results)
+    check_output_file(out, "--out")
+    refs = references_from_annotations(cfg.annotations)
+    res = read_results(cfg.results, set(refs))
+    scored = [r for r in res if refs[r["image_id"]]]
+    if len(scored) < len(res):
+        print(f"warning: {len(res) - len(scored)} result(s) are of images with no reference caption; not scored")
+    metrics = score(refs, scored, cfg.spice)
+    print(format_table(metrics, len(scored)))
+    write_json(out, metrics_record(metrics, cfg.results, scored, cfg.annotations), indent=1)
     print(f"wrote {out}")
+    return metrics
 
+
+main = command(EvaluationConfig, evaluate, "Score a COCO results file against COCO caption annotations.")
 
 if __name__ == "__main__":
     fire.Fire(main)

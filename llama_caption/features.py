@@ -4,10 +4,12 @@
         --images coco/train2014 --annotations coco/annotations/captions_train2014.json \\
         --out features/train2014-B32-pooled
 
-The cache is a folder: `part-RANK-NNNNN.safetensors` files (tensors `features` and
-`image_ids`), written atomically every `--chunk` batches, and `meta.json` (CLIP model and its
-identity, feature kind, layer, count), written last. Ranks take every world_size-th image. A
-crashed run started again skips the images already in its parts. No pickle anywhere.
+The cache is a folder: `settings.json` (what is being extracted, written first),
+`part-RANK-NNNNN.safetensors` files (tensors `features` and `image_ids`), written atomically
+every `--chunk` batches, and `meta.json` (CLIP model and its identity, feature kind, layer,
+count), written last. Ranks take every world_size-th image. A crashed run started again with
+the same settings skips the images already in its parts; other settings are refused, so a
+cache never mixes two encoders or two splits. No pickle anywhere.
 """
 
 import glob
@@ -15,6 +17,7 @@ import json
 import os
 import re
 import sys
+from dataclasses import dataclass
 from typing import Dict, Optional
 
 import fire
@@ -24,12 +27,14 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from . import distributed
-from .data import ImageFiles, collate, drop_missing, load_split
-from .errors import UserError, exit_on_user_error
-from .fileio import write_json, write_safetensors
-from .vision import ClipEncoder, features_meta
+from .config import Config, command, setting
+from .data import ImageFiles, collate, drop_missing, load_split, report_bad_images
+from .errors import UserError
+from .fileio import check_output_dir, write_json, write_safetensors
+from .vision import FEATURE_KINDS, ClipEncoder, EncoderSpec
 
 META = "meta.json"
+SETTINGS = "settings.json"
 
 
 class FeatureCache:
@@ -52,14 +57,15 @@ class FeatureCache:
                     self.index[int(image_id)] = (p, row)
         self._handles = {}
 
-    def check(self, encoder_meta: dict, flag: str = "--features") -> None:
+    def check(self, spec: EncoderSpec, flag: str = "--features") -> None:
         """Refuse a cache made by another CLIP model, feature kind or layer."""
+        want = spec.cache_meta()
         for key in ("clip_identity", "feature", "clip_layer"):
-            if str(self.meta.get(key)) != str(encoder_meta.get(key)):
+            if str(self.meta.get(key)) != str(want[key]):
                 raise UserError(
                     f"{flag} {self.path} was made with {key}={self.meta.get(key)!r} "
-                    f"(clip_model {self.meta.get('clip_model')!r}) but this run uses {encoder_meta.get(key)!r} "
-                    f"(clip_model {encoder_meta.get('clip_model')!r}): extract the features again"
+                    f"(clip_model {self.meta.get('clip_model')!r}) but this run uses {want[key]!r} "
+                    f"(clip_model {spec.clip_model!r}): extract the features again"
                 )
 
     def __contains__(self, image_id) -> bool:
@@ -94,91 +100,118 @@ def next_part_number(out: str, rank: int) -> int:
     return max(nums, default=-1) + 1
 
 
-@exit_on_user_error
-def main(
-    clip_model: str,
-    images: str,
-    out: str,
-    annotations: Optional[str] = None,
-    karpathy_split: Optional[str] = None,
-    split: str = "train",
-    feature: str = "pooled",
-    clip_layer: int = -2,
-    batch_size: int = 64,
-    num_workers: int = 2,
-    chunk: int = 50,
-    storage: str = "auto",
-    device: str = "auto",
-):
-    """Extract CLIP features of every image of a split into the folder OUT.
+@dataclass
+class FeaturesConfig(Config):
+    clip_model: str = setting(help="a released CLIP name (ViT-B/32, ViT-B/16, ViT-L/14, ViT-L/14@336px) or a local CLIP file.")
+    images: str = setting(help="the images folder (with --karpathy_split: the folder holding train2014/ and val2014/).")
+    out: str = setting(help="the cache folder to create (or to finish, after a crash, with the same flags).")
+    annotations: Optional[str] = setting(None, "COCO captions JSON (captions_train2014.json, ...); not needed with --karpathy_split.")
+    karpathy_split: Optional[str] = setting(None, "Karpathy's dataset_coco.json; then --split picks train (with restval), val or test.")
+    split: str = setting("train", "the Karpathy split to extract.")
+    feature_kind: str = setting("pooled", "pooled (one CLIP embedding per image) or patch (patch tokens of --clip_layer).")
+    clip_layer: int = setting(-2, "the transformer block whose patch tokens are taken (-2: the penultimate).")
+    batch_size: int = setting(64, "images per CLIP forward.")
+    num_workers: int = setting(2, "image-decoding processes per rank (0: decode in the main process).")
+    chunk: int = setting(50, "batches per part file (a crash loses at most this much work).")
+    storage: str = setting("auto", "auto (fp32 for pooled, fp16 for patch), fp32 or fp16.")
+    device: str = setting("auto", "auto, cpu or cuda.")
 
-    Args:
-        clip_model: a released CLIP name (ViT-B/32, ViT-B/16, ViT-L/14, ViT-L/14@336px) or a local CLIP file.
-        images: the images folder (with --karpathy_split: the folder holding train2014/ and val2014/).
-        out: the cache folder to create (or to finish, after a crash).
-        annotations: COCO captions JSON (captions_train2014.json, ...); not needed with --karpathy_split.
-        karpathy_split: Karpathy's dataset_coco.json; then --split picks train (with restval), val or test.
-        split: the Karpathy split to extract.
-        feature: pooled (one CLIP embedding per image) or patch (patch tokens of --clip_layer).
-        clip_layer: the transformer block whose patch tokens are taken (-2: the penultimate).
-        batch_size: images per CLIP forward.
-        num_workers: image-decoding processes per rank.
-        chunk: batches per part file (a crash loses at most this much work).
-        storage: auto (fp32 for pooled, fp16 for patch), fp32 or fp16.
-        device: auto, cpu or cuda.
-    """
-    if storage not in ("auto", "fp32", "fp16"):
-        raise UserError(f"--storage {storage!r} must be auto, fp32 or fp16")
-    env = distributed.setup(mp_size=1, device=device)
-    try:
-        encoder = ClipEncoder(clip_model, env.device, feature, clip_layer)
-        meta = features_meta(encoder)
-        if os.path.isfile(os.path.join(out, META)):
-            FeatureCache(out).check(meta, "--out")
-            print(f"{out} is already complete")
+    def check(self) -> None:
+        self.at_least(1, "batch_size", "chunk")
+        self.at_least(0, "num_workers")
+        self.one_of("storage", ("auto", "fp32", "fp16"))
+        self.one_of("feature_kind", FEATURE_KINDS)
+
+    @property
+    def half(self) -> bool:
+        return self.storage == "fp16" or (self.storage == "auto" and self.feature_kind == "patch")
+
+    def settings(self, spec: EncoderSpec) -> dict:
+        """What the cache will hold: encoder, images and split, storage."""
+        return dict(spec.cache_meta(), images=os.path.abspath(self.images), split=self.split,
+                    annotations=os.path.abspath(self.annotations) if self.annotations else None,
+                    karpathy_split=os.path.abspath(self.karpathy_split) if self.karpathy_split else None,
+                    storage="fp16" if self.half else "fp32")
+
+
+def claim(out: str, settings: dict, is_main: bool) -> None:
+    """Start a cache in `out`, or continue one made with the same settings; refuse others."""
+    path = os.path.join(out, SETTINGS)
+    if os.path.isfile(path):
+        with open(path) as f:
+            before = json.load(f)
+        diff = [k for k in settings if before.get(k) != settings[k]]
+        if diff:
+            k = diff[0]
+            raise UserError(f"--out {out} holds features made with other settings ({k}: {before.get(k)!r} -> "
+                            f"{settings[k]!r}): pick another --out, or use the flags it was started with")
+    elif glob.glob(os.path.join(out, "part-*.safetensors")):
+        raise UserError(f"--out {out} holds feature parts of unknown origin: pick another --out")
+    elif is_main:
+        write_json(path, settings, indent=1)
+
+
+def extract(cfg: FeaturesConfig) -> None:
+    check_output_dir(cfg.out, "--out")
+    with distributed.session(mp_size=1, device=cfg.device) as env:
+        spec = EncoderSpec.of(cfg.clip_model, cfg.feature_kind, cfg.clip_layer)
+        encoder = ClipEncoder(spec, env.device)
+        settings = cfg.settings(spec)
+        if os.path.isfile(os.path.join(cfg.out, META)):
+            FeatureCache(cfg.out).check(spec, "--out")
+            if os.path.isfile(os.path.join(cfg.out, SETTINGS)):  # caches of the first version have none
+                claim(cfg.out, settings, False)
+            print(f"{cfg.out} is already complete")
             return
-        records = drop_missing(load_split(images, annotations, karpathy_split, split, "--images", "--annotations"))
-        os.makedirs(out, exist_ok=True)
-        done = done_ids(out)
+        records = drop_missing(load_split(cfg.images, cfg.annotations, cfg.karpathy_split, cfg.split, "--images",
+                                          "--annotations", env.log), env.log, need_captions=False)
+        os.makedirs(cfg.out, exist_ok=True)
+        claim(cfg.out, settings, env.is_main)
+        dist.barrier()
+        done = done_ids(cfg.out)
         todo = [r for r in records[env.rank::env.world_size] if r.image_id not in done]
-        half = storage == "fp16" or (storage == "auto" and feature == "patch")
-        loader = torch.utils.data.DataLoader(ImageFiles(todo, encoder.preprocess), batch_size=batch_size,
-                                             num_workers=num_workers, collate_fn=collate)
-        part_no = next_part_number(out, env.rank)
-        buf_f, buf_i, bad = [], [], []
-
-        def flush():
-            nonlocal part_no, buf_f, buf_i
-            if buf_i:
-                feats = torch.cat(buf_f).to(torch.float16 if half else torch.float32)
-                write_safetensors(os.path.join(out, f"part-{env.rank:03d}-{part_no:05d}.safetensors"),
-                                  {"features": feats, "image_ids": torch.tensor(buf_i, dtype=torch.long)})
-                part_no += 1
-            buf_f, buf_i = [], []
-
-        bar = tqdm(loader, desc=f"CLIP {feature} features", unit="batch", disable=not env.is_main,
-                   dynamic_ncols=True)
-        for n, batch in enumerate(bar, 1):
-            bad += batch["bad"]
-            if batch["image_id"]:
-                buf_f.append(encoder(batch["pixels"]).cpu())
-                buf_i += batch["image_id"]
-            if n % chunk == 0:
-                flush()
-        flush()
+        bad = extract_parts(cfg, env, encoder, todo)
         counts = torch.tensor([len(bad)], dtype=torch.long, device=env.device)  # NCCL reduces device tensors only
         dist.all_reduce(counts)
-        for path, reason in bad:
-            print(f"warning: skipped unreadable image {path} ({reason})", file=sys.stderr)
+        report_bad_images(bad, lambda m: print(m, file=sys.stderr))
         dist.barrier()
         if env.is_main:
-            total = len(done_ids(out))
-            write_json(os.path.join(out, META), dict(meta, count=total, shape=list(encoder.feature_shape),
-                                                     storage="fp16" if half else "fp32"), indent=1)
-            print(f"wrote {total} feature vectors to {out} ({int(counts)} unreadable image(s) skipped)")
-    finally:
-        distributed.teardown()
+            total = len(done_ids(cfg.out))
+            write_json(os.path.join(cfg.out, META), dict(spec.cache_meta(), count=total, shape=list(encoder.feature_shape),
+                                                         storage=settings["storage"]), indent=1)
+            print(f"wrote {total} feature vectors to {cfg.out} ({int(counts)} unreadable image(s) skipped)")
 
+
+def extract_parts(cfg: FeaturesConfig, env, encoder: ClipEncoder, todo) -> list:
+    """This rank's features, a part file every `chunk` batches; returns the unreadable images."""
+    loader = torch.utils.data.DataLoader(ImageFiles(todo, encoder.preprocess), batch_size=cfg.batch_size,
+                                         num_workers=cfg.num_workers, collate_fn=collate)
+    part_no = next_part_number(cfg.out, env.rank)
+    feats, ids, bad = [], [], []
+
+    def flush():
+        nonlocal part_no, feats, ids
+        if ids:
+            stacked = torch.cat(feats).to(torch.float16 if cfg.half else torch.float32)
+            write_safetensors(os.path.join(cfg.out, f"part-{env.rank:03d}-{part_no:05d}.safetensors"),
+                              {"features": stacked, "image_ids": torch.tensor(ids, dtype=torch.long)})
+            part_no += 1
+        feats, ids = [], []
+
+    bar = tqdm(loader, desc=f"CLIP {cfg.feature_kind} features", unit="batch", disable=not env.is_main,
+               dynamic_ncols=True)
+    for n, batch in enumerate(bar, 1):
+        bad += batch["bad"]
+        if batch["image_id"]:
+            feats.append(encoder(batch["pixels"]).cpu())
+            ids += batch["image_id"]
+        if n % cfg.chunk == 0:
+            flush()
+    flush()
+    return bad
+
+
+main = command(FeaturesConfig, extract, "Extract CLIP features of every image of a split into the folder OUT.")
 
 if __name__ == "__main__":
     fire.Fire(main)

@@ -1,12 +1,15 @@
-"""Atomic writes: a temporary file in the target's folder, flushed, then renamed over it.
+"""Atomic writes, and output paths checked before any work starts.
 
-A crash mid-write leaves the previous file intact (or no file), never a truncated one.
+A write goes to a temporary file in the target's folder, is flushed, then renamed over the
+target: a crash mid-write leaves the previous file intact (or no file), never a truncated one.
 """
 
 import json
 import os
 import tempfile
 from contextlib import contextmanager
+
+from .errors import UserError
 
 
 @contextmanager
@@ -49,3 +52,29 @@ def write_safetensors(path: str, tensors, metadata=None) -> None:
 
     with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+
+
+def _nearest_existing(path: str) -> str:
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return path
+
+
+def check_output_file(path: str, flag: str) -> None:
+    """`path` can be written as a file: not a folder, and its folder exists or can be made."""
+    if os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a folder: name a file, e.g. {os.path.join(path, 'results.json')}")
+    check_output_dir(os.path.dirname(os.path.abspath(path)), flag)
+
+
+def check_output_dir(path: str, flag: str) -> None:
+    """`path` is a folder we may write in, or one that can be made."""
+    base = _nearest_existing(path)
+    if not os.path.isdir(base):
+        raise UserError(f"{flag} {path}: {base} is a file, not a folder: pick another path")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: {base} is not writable: pick another path")

@@ -3,13 +3,18 @@
 Prompts of different lengths are left-padded; `key_valid` masks the padding out of attention
 and shifts rotary positions so each sequence starts at position 0, exactly as if run alone.
 An optional per-sequence embedding prefix (the image) stands before each text prompt.
+
+The pieces, in the order a decoder uses them: `prefill_inputs` (padded embeddings, padding mask,
+KV cache), `prefill` (the prompt through the model), `decode_step` (one token through it), and
+`pick_next` (greedy or top-p). `generate` and `beam_search` are loops over them.
 """
 
-from typing import List, Optional
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
 
 import torch
 
-from .model import Transformer
+from .model import KVCache, Transformer
 
 
 def sample_top_p(probs: torch.Tensor, p: float, generator=None) -> torch.Tensor:
@@ -40,23 +45,31 @@ def build_inputs(model: Transformer, prompts: List[List[int]], prefix: Optional[
     valid = torch.zeros(bsz, width, dtype=torch.bool, device=dev)
     is_text = torch.zeros(bsz, width, dtype=torch.bool, device=dev)
     for i, t in enumerate(prompts):
-        start = width - lengths[i]
-        valid[i, start:] = True
+        valid[i, width - lengths[i]:] = True
         if t:
             tokens[i, width - len(t):] = torch.tensor(t, device=dev)
             is_text[i, width - len(t):] = True
     emb = model.embed(tokens) * is_text[..., None].to(model.dtype)
     if prefix is not None:
-        starts = [width - n for n in lengths]
-        for i, s in enumerate(starts):
-            emb[i, s:s + p_len] = prefix[i].to(emb.dtype)
+        for i, n in enumerate(lengths):
+            emb[i, width - n:width - n + p_len] = prefix[i].to(emb.dtype)
     return emb, valid
 
 
-def prepare(model: Transformer, prompts: List[List[int]], prefix: Optional[torch.Tensor], max_gen_len: int,
-            copies: int = 1):
-    """Prefill inputs (each prompt `copies` times), the padding mask of the whole window (None
-    without padding) and a KV cache sized for prompt + max_gen_len."""
+@dataclass
+class Window:
+    """What decoding carries from step to step: the prompt's width, the padding mask of the whole
+    window (None without padding) and the KV cache."""
+
+    width: int
+    key_valid: Optional[torch.Tensor]
+    cache: List[KVCache] = field(repr=False)
+
+
+def prefill_inputs(model: Transformer, prompts: List[List[int]], prefix: Optional[torch.Tensor], max_gen_len: int,
+                   copies: int = 1) -> Tuple[torch.Tensor, Window]:
+    """Prefill embeddings (each prompt `copies` times, adjacent) and a window sized for
+    prompt + max_gen_len."""
     if prefix is not None and prefix.shape[0] != len(prompts):
         raise ValueError(f"prefix batch {prefix.shape[0]} != number of prompts {len(prompts)}")
     emb, valid = build_inputs(model, prompts, prefix)
@@ -68,7 +81,22 @@ def prepare(model: Transformer, prompts: List[List[int]], prefix: Optional[torch
     key_valid = None
     if not bool(valid.all()):
         key_valid = torch.cat([valid, torch.ones(rows, max_gen_len, dtype=torch.bool, device=valid.device)], 1)
-    return emb, key_valid, model.new_cache(rows, width + max_gen_len)
+    return emb, Window(width, key_valid, model.new_cache(rows, width + max_gen_len))
+
+
+def prefill(model: Transformer, emb: torch.Tensor, window: Window) -> torch.Tensor:
+    """The prompt through the model, filling the cache; the last position's logits (B, vocab)."""
+    return model(embeddings=emb, cache=window.cache, start_pos=0, key_valid=window.key_valid, last_only=True)[:, -1]
+
+
+def decode_step(model: Transformer, tokens: torch.Tensor, step: int, window: Window) -> torch.Tensor:
+    """Generated token `step` (B,) through the model; the logits of the next one (B, vocab)."""
+    return model(tokens[:, None], cache=window.cache, start_pos=window.width + step, key_valid=window.key_valid,
+                 last_only=True)[:, -1]
+
+
+def cut_at_eos(ids: List[int], eos_id: int) -> List[int]:
+    return ids[: ids.index(eos_id)] if eos_id in ids else ids
 
 
 @torch.no_grad()
@@ -89,15 +117,13 @@ def generate(
     placed before each prompt, or None. Every model-parallel rank must call this with the same
     arguments and RNG state; the logits are gathered, so all ranks pick the same tokens.
     """
-    bsz = len(prompts)
-    emb, key_valid, cache = prepare(model, prompts, prefix, max_gen_len)
-    width = emb.shape[1]
-    logits = model(embeddings=emb, cache=cache, start_pos=0, key_valid=key_valid, last_only=True)
-    out = torch.zeros(bsz, max_gen_len, dtype=torch.long, device=emb.device)
-    done = torch.zeros(bsz, dtype=torch.bool, device=emb.device)
+    emb, window = prefill_inputs(model, prompts, prefix, max_gen_len)
+    logits = prefill(model, emb, window)
+    out = torch.zeros(len(prompts), max_gen_len, dtype=torch.long, device=emb.device)
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=emb.device)
     steps = 0
     for step in range(max_gen_len):
-        tok = pick_next(logits[:, -1], temperature, top_p, generator)
+        tok = pick_next(logits, temperature, top_p, generator)
         tok = torch.where(done, torch.full_like(tok, eos_id), tok)
         out[:, step] = tok
         steps = step + 1
@@ -105,47 +131,90 @@ def generate(
         # Asking whether all sequences ended waits for the device: do it every few steps only.
         if step + 1 == max_gen_len or (step % 4 == 3 and bool(done.all())):
             break
-        logits = model(tok[:, None], cache=cache, start_pos=width + step, key_valid=key_valid, last_only=True)
+        logits = decode_step(model, tok, step, window)
     return [cut_at_eos(row, eos_id) for row in out[:, :steps].tolist()]
-
-
-def cut_at_eos(ids: List[int], eos_id: int) -> List[int]:
-    return ids[: ids.index(eos_id)] if eos_id in ids else ids
-
-
-@torch.no_grad()
-def greedy_no_cache(
-    model: Transformer,
-    prompts: List[List[int]],
-    *,
-    eos_id: int,
-    max_gen_len: int,
-    prefix: Optional[torch.Tensor] = None,
-) -> List[List[int]]:
-    """Reference decoder: one sequence at a time, the whole sequence re-run at every step.
-
-    Slow on purpose (it is the approach the KV cache replaces); tests and benchmarks compare
-    against it.
-    """
-    results = []
-    for i, prompt in enumerate(prompts):
-        generated: List[int] = []
-        for _ in range(max_gen_len):
-            ids = torch.tensor([prompt + generated], dtype=torch.long, device=model.device)
-            emb = model.embed(ids)
-            if prefix is not None:
-                emb = torch.cat([prefix[i:i + 1].to(emb.dtype), emb], dim=1)
-            tok = int(model(embeddings=emb, last_only=True)[0, -1].argmax())
-            if tok == eos_id:
-                break
-            generated.append(tok)
-        results.append(generated)
-    return results
 
 
 def sequence_score(logprob_sum: float, length: int, length_penalty: float) -> float:
     """Length-normalised log-probability: sum / length**alpha (alpha 0: the plain sum)."""
     return logprob_sum / (max(length, 1) ** length_penalty)
+
+
+class Beams:
+    """The beam-search state of one batch: `k` live beams per prompt (rows b*k .. b*k+k-1 of the
+    decoding batch), their summed log-probabilities and tokens, and the ended hypotheses."""
+
+    def __init__(self, bsz: int, k: int, eos_id: int, length_penalty: float, device):
+        self.bsz, self.k, self.eos_id, self.alpha, self.device = bsz, k, eos_id, length_penalty, device
+        # Beams of one prompt start identical: only the first may expand at step 0.
+        self.scores = torch.zeros(bsz, k, dtype=torch.float64, device=device)
+        self.scores[:, 1:] = float("-inf")
+        self.tokens = torch.zeros(bsz, k, 0, dtype=torch.long, device=device)
+        self.finished: List[List[tuple]] = [[] for _ in range(bsz)]
+        self.done = [False] * bsz
+
+    def select(self, logits: torch.Tensor):
+        """From (bsz*k, vocab) logits: each prompt's next k live beams (scores, source beam,
+        token); EOS candidates ranked among the top k end a hypothesis instead."""
+        k, vocab = self.k, logits.shape[-1]
+        logp = torch.log_softmax(logits.double(), dim=-1).view(self.bsz, k, vocab)
+        top_scores, top_idx = (self.scores[..., None] + logp).view(self.bsz, k * vocab).topk(2 * k, dim=-1)
+        beam_src, tok = (top_idx // vocab).tolist(), (top_idx % vocab).tolist()
+        top_scores = top_scores.tolist()
+        new_scores = torch.full((self.bsz, k), float("-inf"), dtype=torch.float64, device=self.device)
+        new_src = torch.zeros(self.bsz, k, dtype=torch.long, device=self.device)
+        new_tok = torch.full((self.bsz, k), self.eos_id, dtype=torch.long, device=self.device)
+        for b in range(self.bsz):
+            if self.done[b]:
+                continue
+            live = 0
+            for rank in range(2 * k):
+                s, src, t = top_scores[b][rank], beam_src[b][rank], tok[b][rank]
+                if s == float("-inf") or live == k:
+                    break
+                if t == self.eos_id:
+                    if rank < k:
+                        self.end(b, s, self.tokens[b, src].tolist() + [t])
+                    continue
+                new_scores[b, live], new_src[b, live], new_tok[b, live] = s, src, t
+                live += 1
+        return new_scores, new_src, new_tok
+
+    def end(self, b: int, score: float, hyp: List[int]) -> None:
+        """Record an ended hypothesis (its length counts EOS; EOS itself is not kept)."""
+        self.finished[b].append((sequence_score(score, len(hyp), self.alpha), cut_at_eos(hyp, self.eos_id)))
+        self.finished[b] = sorted(self.finished[b], key=lambda h: -h[0])[: self.k]
+
+    def update_done(self, new_scores: torch.Tensor, length: int) -> None:
+        """A prompt is done when it holds k ended hypotheses and no live beam can still rank
+        above the worst of them."""
+        for b in range(self.bsz):
+            if self.done[b] or len(self.finished[b]) < self.k:
+                continue
+            best_live = float(new_scores[b].max())
+            if best_live == float("-inf") or sequence_score(best_live, length, self.alpha) <= self.finished[b][-1][0]:
+                self.done[b] = True
+
+    def advance(self, new_scores, new_src, new_tok) -> torch.Tensor:
+        """Move to the selected beams; returns the cache rows each new beam continues from."""
+        rows = (torch.arange(self.bsz, device=self.device)[:, None] * self.k + new_src).flatten()
+        self.tokens = torch.cat([self.tokens.view(self.bsz * self.k, -1).index_select(0, rows)
+                                 .view(self.bsz, self.k, -1), new_tok[..., None]], -1)
+        self.scores = new_scores
+        return rows
+
+    def close(self, new_scores, new_src, new_tok) -> None:
+        """Out of length: live beams of unfinished prompts compete as they are."""
+        for b in range(self.bsz):
+            if self.done[b]:
+                continue
+            for j in range(self.k):
+                if new_scores[b, j] > float("-inf"):
+                    hyp = self.tokens[b, new_src[b, j]].tolist() + [int(new_tok[b, j])]
+                    self.finished[b].append((sequence_score(float(new_scores[b, j]), len(hyp), self.alpha), hyp))
+
+    def best(self) -> List[List[int]]:
+        return [max(f, key=lambda h: h[0])[1] if f else [] for f in self.finished]
 
 
 @torch.no_grad()
@@ -163,84 +232,19 @@ def beam_search(
 
     Hypotheses are ranked by `sequence_score` of their tokens' log-probabilities, EOS included
     when they have ended. Only an EOS ranked among the top `num_beams` candidates ends a
-    hypothesis, so one beam is exactly greedy decoding. A prompt is finished when it holds
-    `num_beams` ended hypotheses and no live beam can still rank above the worst of them.
+    hypothesis, so one beam is exactly greedy decoding.
     """
-    k = num_beams
-    bsz = len(prompts)
-    # Every prompt's k beams are rows b*k .. b*k+k-1 of one batch of bsz*k sequences.
-    emb, key_valid, cache = prepare(model, prompts, prefix, max_gen_len, copies=k)
-    width, dev = emb.shape[1], emb.device
-    logits = model(embeddings=emb, cache=cache, key_valid=key_valid, last_only=True)[:, -1]
-    # Beams of one prompt start identical: only the first may expand at step 0.
-    scores = torch.zeros(bsz, k, dtype=torch.float64, device=dev)
-    scores[:, 1:] = float("-inf")
-    tokens = torch.zeros(bsz, k, 0, dtype=torch.long, device=dev)
-    finished: List[List[tuple]] = [[] for _ in range(bsz)]
-    done = [False] * bsz
-    vocab = logits.shape[-1]
+    emb, window = prefill_inputs(model, prompts, prefix, max_gen_len, copies=num_beams)
+    logits = prefill(model, emb, window)
+    beams = Beams(len(prompts), num_beams, eos_id, length_penalty, emb.device)
     for step in range(max_gen_len):
-        logp = torch.log_softmax(logits.double(), dim=-1).view(bsz, k, vocab)
-        cand = (scores[..., None] + logp).view(bsz, k * vocab)
-        top_scores, top_idx = cand.topk(2 * k, dim=-1)
-        beam_src, tok = top_idx // vocab, top_idx % vocab
-        new_scores = torch.full((bsz, k), float("-inf"), dtype=torch.float64, device=dev)
-        new_src = torch.zeros(bsz, k, dtype=torch.long, device=dev)
-        new_tok = torch.full((bsz, k), eos_id, dtype=torch.long, device=dev)
-        for b in range(bsz):
-            if done[b]:
-                continue
-            live = 0
-            for rank in range(2 * k):
-                s, src, t = float(top_scores[b, rank]), int(beam_src[b, rank]), int(tok[b, rank])
-                if s == float("-inf"):
-                    break
-                if t == eos_id:
-                    if rank < k:
-                        hyp = tokens[b, src].tolist()
-                        finished[b].append((sequence_score(s, len(hyp) + 1, length_penalty), hyp))
-                    continue
-                new_scores[b, live], new_src[b, live], new_tok[b, live] = s, src, t
-                live += 1
-                if live == k:
-                    break
-            finished[b] = sorted(finished[b], key=lambda h: -h[0])[:k]
-            if len(finished[b]) >= k:
-                best_live = float(new_scores[b].max())
-                if best_live == float("-inf") or sequence_score(best_live, step + 1, length_penalty) <= finished[b][-1][0]:
-                    done[b] = True
-        if all(done) or step + 1 == max_gen_len:
-            # Live beams that ran out of length compete as they are.
-            for b in range(bsz):
-                if not done[b]:
-                    for j in range(k):
-                        if new_scores[b, j] > float("-inf"):
-                            hyp = tokens[b, new_src[b, j]].tolist() + [int(new_tok[b, j])]
-                            finished[b].append((sequence_score(float(new_scores[b, j]), len(hyp), length_penalty), hyp))
+        selected = beams.select(logits)
+        beams.update_done(selected[0], step + 1)
+        if all(beams.done) or step + 1 == max_gen_len:
+            beams.close(*selected)
             break
-        rows = (torch.arange(bsz, device=dev)[:, None] * k + new_src).flatten()
-        for layer_cache in cache:
-            layer_cache.k.copy_(layer_cache.k.index_select(0, rows))
-            layer_cache.v.copy_(layer_cache.v.index_select(0, rows))
-        tokens = torch.cat([tokens.view(bsz * k, -1).index_select(0, rows).view(bsz, k, -1), new_tok[..., None]], -1)
-        scores = new_scores
-        logits = model(new_tok.view(-1, 1), cache=cache, start_pos=width + step, key_valid=key_valid,
-                       last_only=True)[:, -1]
-    return [max(f, key=lambda h: h[0])[1] if f else [] for f in finished]
-
-
-@torch.no_grad()
-def score_continuations(model: Transformer, prompts: List[List[int]], continuations: List[List[int]], *,
-                        eos_id: int, prefix: Optional[torch.Tensor] = None) -> List[float]:
-    """Log-probability of each continuation followed by EOS, one sequence at a time (a check)."""
-    out = []
-    for i, (p, c) in enumerate(zip(prompts, continuations)):
-        ids = torch.tensor([p + c], device=model.device)
-        emb = model.embed(ids)
-        if prefix is not None:
-            emb = torch.cat([prefix[i:i + 1].to(emb.dtype), emb], 1)
-        logp = torch.log_softmax(model(embeddings=emb).double(), -1)[0]
-        start = emb.shape[1] - len(c) - 1
-        targets = c + [eos_id]
-        out.append(sum(float(logp[start + j, t]) for j, t in enumerate(targets)))
-    return out
+        rows = beams.advance(*selected)
+        for layer_cache in window.cache:
+            layer_cache.reorder(rows)
+        logits = decode_step(model, selected[2].view(-1), step, window)
+    return beams.best()

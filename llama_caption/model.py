@@ -7,11 +7,15 @@ device and dtype, and builds the KV cache explicitly (`Transformer.new_cache`) w
 One forward serves training and generation: it takes token ids or embeddings, returns logits for
 every position (or only the last, for decoding), and is differentiable with respect to its input
 embeddings, which is how the image prefix is trained while every LLaMA weight stays frozen.
+
+At model-parallel size 1 the layers are plain `nn.Linear`/`nn.Embedding` (fairscale's wrappers
+only add per-call overhead there); above 1 they are fairscale's. Either way the parameter names
+are Meta's. `pack_weights` swaps the linear layers for `PackedLinear` for CPU decoding.
 """
 
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
-from typing import List, Optional
+from typing import List, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -37,8 +41,7 @@ class ModelArgs:
     ffn_dim_multiplier: Optional[float] = None
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    max_seq_len: int = 2048
-    max_batch_size: int = 32
+    max_seq_len: int = 2048  # the KV-cache window; LLaMA 1 was trained on 2048 tokens
 
     @classmethod
     def from_params(cls, params: dict, **overrides) -> "ModelArgs":
@@ -123,42 +126,91 @@ def apply_rope(x, rot):
     return torch.view_as_real(xc * rot[:, :, None, :]).flatten(-2).type_as(x)
 
 
+class AttentionLayout(NamedTuple):
+    """Where each query sits and what it may see: rotary positions, and either SDPA's causal
+    kernel (`causal`), an explicit boolean mask, or nothing (one query sees every key)."""
+
+    positions: torch.Tensor  # (1 or B, T)
+    mask: Optional[torch.Tensor]  # (T, S) or (B, 1, T, S), True where a query may attend
+    causal: bool
+
+
+def attention_layout(start_pos: int, seqlen: int, key_valid: Optional[torch.Tensor], device) -> AttentionLayout:
+    """The layout of queries in slots start_pos .. start_pos+seqlen-1 of a window.
+
+    key_valid (B, >= start_pos+seqlen), True for real slots, masks left padding out and shifts
+    rotary positions so every sequence starts at position 0; without it positions are slots.
+    """
+    end = start_pos + seqlen
+    if key_valid is None:
+        positions = torch.arange(start_pos, end, device=device)[None]
+        if seqlen == 1:
+            return AttentionLayout(positions, None, False)
+        if start_pos == 0:  # queries and keys are the same slots: the causal kernel skips half
+            return AttentionLayout(positions, None, True)
+        slots = torch.arange(end, device=device)
+        return AttentionLayout(positions, slots[None, :] <= positions[0, :, None], False)
+    key_valid = key_valid[:, :end].to(device)
+    positions = (key_valid.long().cumsum(1) - 1).clamp(min=0)[:, start_pos:end]
+    slots = torch.arange(end, device=device)
+    q_slots = torch.arange(start_pos, end, device=device)
+    causal = slots[None, :] <= q_slots[:, None]
+    # Padding slots see themselves, so no row of the softmax is empty (they are never read).
+    own = slots[None, :] == q_slots[:, None]
+    return AttentionLayout(positions, (causal[None] & (key_valid[:, None, :] | own[None]))[:, None], False)
+
+
 def onednn_packing_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """A fairscale parallel linear layer.
-
-    With model-parallel size 1 its communication wrappers (autograd functions that do nothing on
-    one rank) are skipped, which matters when decoding one token at a time is bound by kernel-
-    launch overhead. When `Transformer.pack_weights` has given the layer a oneDNN copy of its
-    weight and no gradient is needed, the product runs on that copy, with the layer's own
-    communication (gather for a column-parallel output, all-reduce for a row-parallel one).
-    """
-    packed = getattr(layer, "packed_weight", None)
-    if packed is not None and not (torch.is_grad_enabled() and x.requires_grad):
-        y = torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, None, "none", [], "")
-        if fs_init.get_model_parallel_world_size() > 1:
-            if isinstance(layer, RowParallelLinear):
-                y = fs_mappings.reduce_from_model_parallel_region(y)
-            elif layer.gather_output:
-                y = fs_mappings.gather_from_model_parallel_region(y)
-        return y
+def column_linear(in_features: int, out_features: int, gather_output: bool = False) -> nn.Module:
+    """Output features split over model-parallel ranks (Meta's wq, wk, wv, w1, w3, output)."""
     if fs_init.get_model_parallel_world_size() == 1:
-        return F.linear(x, layer.weight)
-    return layer(x)
+        return nn.Linear(in_features, out_features, bias=False)
+    return ColumnParallelLinear(in_features, out_features, bias=False, gather_output=gather_output)
 
 
-CAUSAL = "causal"
+def row_linear(in_features: int, out_features: int) -> nn.Module:
+    """Input features split over model-parallel ranks, outputs summed (Meta's wo, w2)."""
+    if fs_init.get_model_parallel_world_size() == 1:
+        return nn.Linear(in_features, out_features, bias=False)
+    return RowParallelLinear(in_features, out_features, bias=False, input_is_parallel=True)
+
+
+LINEAR_TYPES = (nn.Linear, ColumnParallelLinear, RowParallelLinear)
+
+
+class PackedLinear(nn.Module):
+    """A linear layer that, when no gradient is needed, multiplies by a copy of its weight packed
+    in oneDNN's blocked layout (CPU decoding: MKL's GEMM re-packs the weight at every call, which
+    at decoding's few rows costs more than the product). With a gradient it calls the original
+    layer. The weight Parameter is the original's, so names and state dict do not change."""
+
+    def __init__(self, layer: nn.Module, packed: torch.Tensor):
+        super().__init__()
+        self.weight = layer.weight
+        self.__dict__["original"] = layer  # not a submodule: its weight is already ours
+        self.__dict__["packed"] = packed  # not a buffer: .to() must not touch a oneDNN tensor
+        self.reduce = isinstance(layer, RowParallelLinear)
+        self.gather = isinstance(layer, ColumnParallelLinear) and layer.gather_output
+
+    def forward(self, x):
+        if torch.is_grad_enabled() and x.requires_grad:
+            return self.original(x)
+        y = torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, None, "none", [], "")
+        if self.reduce:
+            return fs_mappings.reduce_from_model_parallel_region(y)
+        if self.gather:
+            return fs_mappings.gather_from_model_parallel_region(y)
+        return y
 
 
 def fp32_attention(q: torch.Tensor) -> bool:
     """Whether to run attention in fp32: bf16 on a CPU when a gradient will flow through it.
 
-    The CPU's bf16 SDPA backward is far slower than its fp32 one (a training step of the demo's
-    stand-in LLaMA in bf16 took 46 ms with it and 31 ms with fp32 attention); its bf16 forward is
-    as fast as fp32, so decoding keeps bf16.
+    The CPU's bf16 SDPA backward is far slower than its fp32 one (the README has the figures);
+    its bf16 forward is as fast as fp32, so decoding keeps bf16.
     """
     return (q.dtype == torch.bfloat16 and q.device.type == "cpu" and torch.is_grad_enabled()
             and q.requires_grad)
@@ -180,6 +232,11 @@ class KVCache(nn.Module):
         self.v[:b, :, start:end] = v
         return self.k[:b, :, :end], self.v[:b, :, :end]
 
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Keep the cache rows `rows` (beam search: each beam continues from its source beam)."""
+        self.k.copy_(self.k.index_select(0, rows))
+        self.v.copy_(self.v.index_select(0, rows))
+
 
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
@@ -189,43 +246,40 @@ class Attention(nn.Module):
         self.n_local_kv_heads = args.kv_heads // mp
         self.head_dim = args.head_dim
         d, hd = args.dim, args.head_dim
-        self.wq = ColumnParallelLinear(d, args.n_heads * hd, bias=False, gather_output=False)
-        self.wk = ColumnParallelLinear(d, args.kv_heads * hd, bias=False, gather_output=False)
-        self.wv = ColumnParallelLinear(d, args.kv_heads * hd, bias=False, gather_output=False)
-        self.wo = RowParallelLinear(args.n_heads * hd, d, bias=False, input_is_parallel=True)
+        self.wq = column_linear(d, args.n_heads * hd)
+        self.wk = column_linear(d, args.kv_heads * hd)
+        self.wv = column_linear(d, args.kv_heads * hd)
+        self.wo = row_linear(args.n_heads * hd, d)
 
-    def forward(self, x, rot, mask, cache: Optional[KVCache], start_pos: int):
-        """mask: a boolean attention mask, None (attend to every key), or CAUSAL (queries and keys
-        are the same slots 0..T-1: SDPA's causal kernel, which skips the masked half)."""
+    def forward(self, x, rot, layout: AttentionLayout, cache: Optional[KVCache], start_pos: int):
         bsz, seqlen, _ = x.shape
-        q = linear(self.wq, x).view(bsz, seqlen, self.n_local_heads, self.head_dim)
-        k = linear(self.wk, x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
-        v = linear(self.wv, x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        q = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)
+        k = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        v = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         q, k = apply_rope(q, rot), apply_rope(k, rot)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(start_pos, k, v)
-        causal = mask is CAUSAL
         dtype = q.dtype
         if fp32_attention(q):
             q, k, v = q.float(), k.float(), v.float()
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=None if causal else mask, is_causal=causal,
+            q, k, v, attn_mask=layout.mask, is_causal=layout.causal,
             enable_gqa=self.n_local_kv_heads != self.n_local_heads,
         ).to(dtype)
-        return linear(self.wo, out.transpose(1, 2).reshape(bsz, seqlen, -1))
+        return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
 
 class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         h = args.hidden_dim
-        self.w1 = ColumnParallelLinear(args.dim, h, bias=False, gather_output=False)
-        self.w2 = RowParallelLinear(h, args.dim, bias=False, input_is_parallel=True)
-        self.w3 = ColumnParallelLinear(args.dim, h, bias=False, gather_output=False)
+        self.w1 = column_linear(args.dim, h)
+        self.w2 = row_linear(h, args.dim)
+        self.w3 = column_linear(args.dim, h)
 
     def forward(self, x):
-        return linear(self.w2, F.silu(linear(self.w1, x)) * linear(self.w3, x))
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 class TransformerBlock(nn.Module):
@@ -236,8 +290,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, rot, mask, cache, start_pos):
-        h = x + self.attention(self.attention_norm(x), rot, mask, cache, start_pos)
+    def forward(self, x, rot, layout, cache, start_pos):
+        h = x + self.attention(self.attention_norm(x), rot, layout, cache, start_pos)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -269,10 +323,10 @@ class Transformer(nn.Module):
         if args.n_heads % mp or args.kv_heads % mp:
             raise ValueError(f"model-parallel size {mp} must divide n_heads={args.n_heads} and n_kv_heads={args.kv_heads}")
         self.args = args
-        self.tok_embeddings = ParallelEmbedding(args.vocab_size, args.dim)
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim) if mp == 1 else ParallelEmbedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = ColumnParallelLinear(args.dim, args.vocab_size, bias=False)
+        self.output = column_linear(args.dim, args.vocab_size, gather_output=True)
 
     @property
     def device(self):
@@ -282,37 +336,40 @@ class Transformer(nn.Module):
     def dtype(self):
         return self.norm.weight.dtype
 
-    def linear_layers(self) -> List[nn.Module]:
-        return [m for m in self.modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear))]
+    def _swap_linears(self, make) -> int:
+        """Replace each linear layer `m` by `make(m)` (None: keep); returns how many changed."""
+        swaps = []
+        for parent in self.modules():
+            for name, child in parent.named_children():
+                new = make(child)
+                if new is not None:
+                    swaps.append((parent, name, new))
+        for parent, name, new in swaps:
+            setattr(parent, name, new)
+        return len(swaps)
 
     def pack_weights(self) -> bool:
-        """Give every linear layer a copy of its weight in oneDNN's blocked layout, used when no
-        gradient is needed (decoding). Only on a CPU, for fp32 and bf16: there MKL's GEMM
-        re-packs the weight at every call, which at decoding's few rows per call costs more than
-        the product (the 32000-word output layer at 32 rows runs 2-3x faster packed). Costs one
-        extra copy of the weights in memory; call after the model has its final device and dtype.
-        Returns whether the weights were packed."""
+        """Swap every linear layer for a `PackedLinear` (oneDNN-packed copy of its weight, used
+        when no gradient is needed). Only on a CPU, for fp32 and bf16; costs one extra copy of
+        the weights in memory. Call after the model has its final device and dtype.
+        Returns whether the weights are packed."""
         if self.device.type != "cpu" or self.dtype not in (torch.float32, torch.bfloat16) \
                 or not onednn_packing_available():
             return False
-        layers = self.linear_layers()
         try:
-            packed = [torch.ops.mkldnn._reorder_linear_weight(m.weight.detach()) for m in layers]
+            packed = {m: torch.ops.mkldnn._reorder_linear_weight(m.weight.detach())
+                      for m in self.modules() if isinstance(m, LINEAR_TYPES)}
         except RuntimeError:  # a oneDNN build without this layout (e.g. some ARM builds): stay plain
             return False
-        for m, w in zip(layers, packed):
-            m.packed_weight = w
+        self._swap_linears(lambda m: PackedLinear(m, packed[m]) if m in packed else None)
         return True
 
     def unpack_weights(self) -> None:
-        """Drop the packed copies made by `pack_weights`."""
-        for m in self.linear_layers():
-            m.__dict__.pop("packed_weight", None)
+        """Put the original linear layers back (drops the packed copies)."""
+        self._swap_linears(lambda m: m.original if isinstance(m, PackedLinear) else None)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token ids (B, T) to input embeddings (B, T, dim)."""
-        if fs_init.get_model_parallel_world_size() == 1:
-            return F.embedding(tokens, self.tok_embeddings.weight)
         return self.tok_embeddings(tokens)
 
     def new_cache(self, batch_size: int, max_seq_len: Optional[int] = None) -> List[KVCache]:
@@ -332,46 +389,24 @@ class Transformer(nn.Module):
         cache: Optional[List[KVCache]] = None,
         key_valid: Optional[torch.Tensor] = None,
         last_only: bool = False,
-        keep: Optional[torch.Tensor] = None,
+        logits_at: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Logits (B, T, vocab) in fp32; (B, 1, vocab) when `last_only`; (N, vocab) for the N
-        positions where the boolean (B, T) `keep` is True (a loss needs no logits elsewhere, and
-        the output layer is the widest product of the model).
+        positions where the boolean (B, T) `logits_at` is True (a loss needs no logits
+        elsewhere, and the output layer is the widest product of the model).
 
         tokens (B, T) or embeddings (B, T, dim), exactly one. With a cache, the inputs occupy
-        slots start_pos .. start_pos+T-1 of it. `key_valid` (B, start_pos+T), True for real
-        slots, masks left padding out of attention and shifts rotary positions so every sequence
-        starts at position 0; without it positions are the slot indices.
+        slots start_pos .. start_pos+T-1 of it. `key_valid`: see `attention_layout`.
         """
         if (tokens is None) == (embeddings is None):
             raise ValueError("pass exactly one of tokens and embeddings")
         h = self.embed(tokens) if tokens is not None else embeddings.to(self.dtype)
-        bsz, seqlen, _ = h.shape
-        end = start_pos + seqlen
-        dev = h.device
-        if key_valid is None:
-            positions = torch.arange(start_pos, end, device=dev)[None]
-            if seqlen == 1:
-                mask = None  # one query attends to every cached slot
-            elif start_pos == 0:
-                mask = CAUSAL
-            else:
-                slots = torch.arange(end, device=dev)
-                mask = slots[None, :] <= positions[0, :, None]  # (T, end)
-        else:
-            key_valid = key_valid[:, :end].to(dev)
-            positions = (key_valid.long().cumsum(1) - 1).clamp(min=0)[:, start_pos:end]
-            slots = torch.arange(end, device=dev)
-            q_slots = torch.arange(start_pos, end, device=dev)
-            causal = slots[None, :] <= q_slots[:, None]
-            # Padding slots see themselves, so no row of the softmax is empty (they are never read).
-            own = slots[None, :] == q_slots[:, None]
-            mask = (causal[None] & (key_valid[:, None, :] | own[None]))[:, None]  # (B, 1, T, end)
-        rot = rope_rotation(self.args.head_dim, positions, self.args.rope_theta)
+        layout = attention_layout(start_pos, h.shape[1], key_valid, h.device)
+        rot = rope_rotation(self.args.head_dim, layout.positions, self.args.rope_theta)
         for i, layer in enumerate(self.layers):
-            h = layer(h, rot, mask, None if cache is None else cache[i], start_pos)
+            h = layer(h, rot, layout, None if cache is None else cache[i], start_pos)
         if last_only:
             h = h[:, -1:]
-        elif keep is not None:
-            h = h[keep.to(dev)]
-        return linear(self.output, self.norm(h)).float()
+        elif logits_at is not None:
+            h = h[logits_at.to(h.device)]
+        return self.output(self.norm(h)).float()

@@ -8,27 +8,35 @@ the peak is one output shard plus one full tensor, never the whole model twice.
 
 import os
 import shutil
+from dataclasses import dataclass
 
 import fire
 
 from .checkpoint import list_shards, load_shard, merge_tensor, read_params, shard_tensor
-from .errors import UserError, exit_on_user_error
-from .fileio import write_json, write_torch
+from .config import Config, command, setting
+from .distributed import check_model_parallel
+from .errors import UserError
+from .fileio import check_output_dir, write_json, write_torch
 from .model import ModelArgs
+
+
+@dataclass
+class ReshardConfig(Config):
+    ckpt_dir: str = setting(help="folder with params.json and consolidated.XX.pth (Meta's layout).")
+    mp: int = setting(help="the new model-parallel size; it must divide n_heads (and n_kv_heads).")
+    out: str = setting(help="a new folder for the resharded checkpoint (params.json and tokenizer.model are copied).")
 
 
 def reshard(ckpt_dir: str, mp: int, out: str, quiet: bool = False) -> None:
     params = read_params(ckpt_dir)
     shards = list_shards(ckpt_dir)
-    if not isinstance(mp, int) or mp < 1:
-        raise UserError(f"--mp must be a positive integer, got {mp!r}")
     args = ModelArgs.from_params(params)
-    if args.n_heads % mp or args.kv_heads % mp:
-        raise UserError(f"--mp {mp} must divide n_heads {args.n_heads} and n_kv_heads {args.kv_heads}")
+    check_model_parallel(mp, args.n_heads, args.kv_heads, "--mp")
     if os.path.abspath(out) == os.path.abspath(ckpt_dir):
         raise UserError("--out must be a new folder, not --ckpt_dir itself")
-    if os.path.exists(out) and list_existing(out):
-        raise UserError(f"{out} already holds consolidated.XX.pth shards: pick an empty --out")
+    check_output_dir(out, "--out")
+    if os.path.isdir(out) and (list_existing(out) or os.path.exists(os.path.join(out, "params.json"))):
+        raise UserError(f"{out} already holds a checkpoint (consolidated.XX.pth or params.json): pick an empty --out")
     sources = [load_shard(p) for p in shards]  # memory-mapped: nothing is read yet
     keys = list(sources[0])
     for p, sd in zip(shards[1:], sources[1:]):
@@ -52,17 +60,8 @@ def list_existing(folder: str):
     return [f for f in os.listdir(folder) if f.startswith("consolidated.") and f.endswith(".pth")]
 
 
-@exit_on_user_error
-def main(ckpt_dir: str, mp: int, out: str):
-    """Reshard the checkpoint in CKPT_DIR into MP model-parallel shards written to OUT.
-
-    Args:
-        ckpt_dir: folder with params.json and consolidated.XX.pth (Meta's layout).
-        mp: the new model-parallel size; it must divide n_heads (and n_kv_heads).
-        out: a new folder for the resharded checkpoint (params.json is copied).
-    """
-    reshard(ckpt_dir, mp, out)
-
+main = command(ReshardConfig, lambda cfg: reshard(cfg.ckpt_dir, cfg.mp, cfg.out),
+               "Reshard the checkpoint in CKPT_DIR into MP model-parallel shards written to OUT.")
 
 if __name__ == "__main__":
     fire.Fire(main)

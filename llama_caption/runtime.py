@@ -6,6 +6,7 @@ from .errors import UserError
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
           "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+DTYPE_NAMES = ("auto",) + tuple(DTYPES)
 
 
 def resolve_dtype(name: str, device: torch.device, training: bool = False) -> torch.dtype:

@@ -1,10 +1,9 @@
 """sentencepiece wrapper with LLaMA's conventions (BOS 1, EOS 2, no pad: pad_id is -1)."""
 
-import io
 import os
-from typing import Iterable, List
+from typing import List
 
-from sentencepiece import SentencePieceProcessor, SentencePieceTrainer
+from sentencepiece import SentencePieceProcessor
 
 from .errors import UserError
 
@@ -30,22 +29,3 @@ class Tokenizer:
 
     def decode(self, ids: List[int]) -> str:
         return self.sp.decode(list(ids))
-
-
-def train_tokenizer(lines: Iterable[str], vocab_size: int, path: str) -> Tokenizer:
-    """Train a BPE sentencepiece model with LLaMA's special ids and write it to `path`.
-
-    For the demo's stand-in LLaMA and the tests; real runs use Meta's tokenizer.model.
-    """
-    from .fileio import atomic_path
-
-    buf = io.BytesIO()
-    SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2, hard_vocab_limit=False,
-        num_threads=1,
-    )
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(buf.getvalue())
-    return Tokenizer(path)

@@ -5,81 +5,103 @@ groups see different ones. The loss of an optimizer step is divided by the numbe
 tokens of the whole step (all micro-batches, all data-parallel ranks), and projection gradients
 are summed over the data-parallel group, so any (DP, accumulation) split of one global batch
 computes the same update.
+
+The steps, as `train` runs them: check the run folder, read the resume point, `build` the models,
+data and optimizer, then `train_epoch` (a loop of `optimizer_step`), validation and a checkpoint
+per epoch, and `finish`.
 """
 
 import hashlib
-import json
 import math
 import os
 import sys
 import time
-from dataclasses import dataclass, fields
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import List, Optional
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from . import distributed
-from .captioner import Captioner, CaptionStyle
-from .checkpoint import (find_checkpoint, list_shards, load_llama, load_projection_checkpoint,
-                         load_trainer_state, optimizer_state_from, save_training_checkpoint)
-from .data import CaptionDataset, StepBatches, collate, drop_missing, load_split
+from . import distributed, runs
+from .captioner import Captioner, CaptionerConfig, CaptionStyle, check_window
+from .checkpoint import list_shards, load_llama, read_params
+from .config import Config, setting
+from .data import CAPTION_MODES, CaptionDataset, StepBatches, collate, drop_missing, load_split, report_bad_images
 from .errors import UserError
 from .features import FeatureCache
-from .fileio import write_text
-from .projection import Projection
-from .runtime import resolve_dtype
-from .vision import ClipEncoder, clip_identity, features_meta
+from .fileio import check_output_dir, write_json
+from .projection import PROJECTIONS
+from .runtime import DTYPE_NAMES, resolve_dtype
+from .vision import FEATURE_KINDS, ClipEncoder, EncoderSpec
 
 
 @dataclass
-class TrainConfig:
-    ckpt_dir: str
-    tokenizer_path: str
-    clip_model: str
-    train_images: str
-    out_dir: str
-    train_annotations: Optional[str] = None
-    val_images: Optional[str] = None
-    val_annotations: Optional[str] = None
-    karpathy_split: Optional[str] = None
-    features: Optional[str] = None
-    val_features: Optional[str] = None
-    feature: str = "pooled"
-    clip_layer: int = -2
-    projection: str = "mlp"
-    prefix_len: int = 10
-    proj_hidden: Optional[int] = None
-    captions: str = "all"
-    lowercase: bool = True
-    drop_period: bool = True
-    max_caption_len: int = 48
-    epochs: int = 5
-    batch_size: int = 32
-    grad_accum: int = 1
-    lr: float = 1e-4
-    weight_decay: float = 0.01
-    warmup_steps: int = 200
-    min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0
-    dtype: str = "auto"
-    device: str = "auto"
-    num_workers: int = 2
-    save_every: int = 1000
-    keep_last: int = 3
-    log_every: int = 10
-    max_bad_steps: int = 10
-    seed: int = 0
-    resume: bool = False
-    stop_after_steps: Optional[int] = None
+class TrainConfig(Config):
+    ckpt_dir: str = setting(help="LLaMA folder (params.json + consolidated.XX.pth); its shard count is the model-parallel size.")
+    tokenizer_path: str = setting(help="LLaMA's tokenizer.model.")
+    clip_model: str = setting(help="CLIP name (ViT-B/32, ViT-B/16, ViT-L/14, ViT-L/14@336px) or a local CLIP file.")
+    train_images: str = setting(help="train2014/ (with --karpathy_split: the folder holding train2014/ and val2014/).")
+    out_dir: str = setting(help="the run folder: checkpoints/, metrics.jsonl, loss_curve.png, config.json. A folder that holds a run is only continued, with --resume.")
+    train_annotations: Optional[str] = setting(None, "captions_train2014.json (not needed with --karpathy_split).")
+    val_images: Optional[str] = setting(None, "val2014/ for the validation loss after each epoch (optional).")
+    val_annotations: Optional[str] = setting(None, "captions_val2014.json.")
+    karpathy_split: Optional[str] = setting(None, "dataset_coco.json: train = train+restval, validation = its val split.")
+    features: Optional[str] = setting(None, "a training feature cache from python -m llama_caption.features (else CLIP runs on the fly).")
+    val_features: Optional[str] = setting(None, "a validation feature cache.")
+    feature_kind: str = setting("pooled", "pooled (CLIP image embedding, ClipCap) or patch (patch tokens, LLaVA).")
+    clip_layer: int = setting(-2, "with --feature_kind patch, the block whose output is taken (-2: penultimate).")
+    projection: str = setting("mlp", "linear or mlp (Linear-GELU-Linear).")
+    prefix_len: int = setting(10, "prefix tokens made from a pooled feature (patch features: one per patch).")
+    proj_hidden: Optional[int] = setting(None, "hidden width of the mlp projection (default: LLaMA's width).")
+    captions: str = setting("all", "all (every caption each epoch, ClipCap) or one (one random caption per image per epoch).")
+    lowercase: bool = setting(True, "lowercase captions before training.")
+    drop_period: bool = setting(True, "drop a trailing period from captions.")
+    max_caption_len: int = setting(48, "caption tokens kept; longer captions are truncated and counted.")
+    epochs: int = setting(5, "passes over the training samples.")
+    batch_size: int = setting(32, "samples per optimizer step, over all data-parallel ranks and accumulation steps.")
+    grad_accum: int = setting(1, "micro-batches accumulated per optimizer step.")
+    lr: float = setting(1e-4, "peak AdamW learning rate.")
+    weight_decay: float = setting(0.01, "AdamW weight decay.")
+    warmup_steps: int = setting(200, "linear warm-up steps (at most a tenth of training), then cosine decay.")
+    min_lr_ratio: float = setting(0.1, "the final learning rate as a fraction of --lr.")
+    grad_clip: float = setting(1.0, "gradient-norm clipping threshold (0: off).")
+    dtype: str = setting("auto", "frozen LLaMA precision: auto (fp32 on CPU; bf16, else fp16, with autocast on CUDA), fp32, fp16, bf16 (bf16 on a CPU with AVX-512 bf16 is faster; attention then runs in fp32).")
+    device: str = setting("auto", "auto, cpu or cuda.")
+    num_workers: int = setting(2, "image-loading processes per rank (0: load in the training process).")
+    save_every: int = setting(1000, "optimizer steps between checkpoints (one is also written after every epoch).")
+    keep_last: int = setting(3, "checkpoints kept in out_dir/checkpoints (0: all); the latest is never deleted.")
+    log_every: int = setting(10, "optimizer steps between metrics.jsonl lines and progress-bar updates.")
+    max_bad_steps: int = setting(10, "consecutive NaN/inf losses (skipped steps) before training stops with an error.")
+    seed: int = setting(0, "random seed (data order, initialisation), the same on every rank.")
+    resume: bool = setting(False, "continue from out_dir/checkpoints/latest with the same configuration.")
+    stop_after_steps: Optional[int] = setting(None, "stop (with a checkpoint) after this many steps, e.g. to split a job across allocations.")
 
     # Settings that may change between an interrupted run and its resumption.
     RESUMABLE_CHANGES = ("resume", "stop_after_steps", "num_workers", "save_every", "keep_last",
                          "log_every", "device", "out_dir", "max_bad_steps")
 
-    def recorded(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+    def check(self) -> None:
+        self.at_least(1, "epochs", "batch_size", "grad_accum", "max_caption_len", "log_every", "save_every",
+                      "prefix_len", "max_bad_steps", "proj_hidden", "stop_after_steps")
+        self.at_least(0, "num_workers", "warmup_steps", "keep_last", "grad_clip", "weight_decay", "min_lr_ratio")
+        if self.lr <= 0:
+            raise UserError(f"--lr must be positive, got {self.lr}")
+        if self.min_lr_ratio > 1:
+            raise UserError(f"--min_lr_ratio must be between 0 and 1, got {self.min_lr_ratio}")
+        self.one_of("feature_kind", FEATURE_KINDS)
+        self.one_of("projection", PROJECTIONS)
+        self.one_of("captions", CAPTION_MODES)
+        self.one_of("dtype", DTYPE_NAMES)
+        if self.val_images and not (self.val_annotations or self.karpathy_split):
+            raise UserError("--val_images needs --val_annotations (or --karpathy_split)")
+
+    def micro_batch(self, dp_size: int) -> int:
+        """Samples per rank per micro-batch."""
+        if self.batch_size % (dp_size * self.grad_accum):
+            raise UserError(f"--batch_size {self.batch_size} must be divisible by data-parallel size {dp_size} "
+                            f"x --grad_accum {self.grad_accum}")
+        return self.batch_size // (dp_size * self.grad_accum)
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -90,79 +112,62 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def validate(cfg: TrainConfig, dp_size: int) -> int:
-    """Check flags; return the micro-batch size per rank."""
-    for name in ("epochs", "batch_size", "grad_accum", "max_caption_len", "log_every", "save_every"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
-    if cfg.lr <= 0:
-        raise UserError(f"--lr must be positive, got {cfg.lr}")
-    if cfg.batch_size % (dp_size * cfg.grad_accum):
-        raise UserError(f"--batch_size {cfg.batch_size} must be divisible by data-parallel size {dp_size} x --grad_accum {cfg.grad_accum}")
-    if cfg.val_images and not (cfg.val_annotations or cfg.karpathy_split):
-        raise UserError("--val_images needs --val_annotations (or --karpathy_split)")
-    return cfg.batch_size // (dp_size * cfg.grad_accum)
+@dataclass
+class ResumePoint:
+    checkpoint: str
+    weights: dict
+    trainer: dict
+    optimizer_state: dict
+    rng: dict
 
 
-class MetricsLog:
-    """metrics.jsonl (one JSON object per line) and the loss-curve PNG, written by rank 0."""
-
-    def __init__(self, out_dir: str, enabled: bool, resume_step: Optional[int]):
-        self.path = os.path.join(out_dir, "metrics.jsonl")
-        self.png = os.path.join(out_dir, "loss_curve.png")
-        self.enabled = enabled
-        if enabled and resume_step is not None and os.path.isfile(self.path):
-            # Lines the interrupted run wrote after its checkpoint are about to be redone.
-            kept = [l for l in open(self.path) if l.strip() and json.loads(l).get("step", 0) <= resume_step]
-            write_text(self.path, "".join(kept))
-        elif enabled and resume_step is None and os.path.isfile(self.path):
-            os.remove(self.path)
-
-    def write(self, **row):
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-
-    def plot(self):
-        if not self.enabled or not os.path.isfile(self.path):
-            return
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        rows = [json.loads(l) for l in open(self.path) if l.strip()]
-        train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-        val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
-        fig, ax = plt.subplots(figsize=(6, 4))
-        if train:
-            ax.plot(*zip(*train), label="train loss")
-        if val:
-            ax.plot(*zip(*val), "o-", label="validation loss")
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("cross-entropy per caption token")
-        ax.legend()
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        from .fileio import atomic_path
-
-        with atomic_path(self.png) as tmp:
-            fig.savefig(tmp, format="png", dpi=100)
-        plt.close(fig)
+def resume_point(cfg: TrainConfig) -> ResumePoint:
+    """The latest checkpoint of out_dir, refused when it was trained with other settings."""
+    ckpt = runs.find_checkpoint(cfg.out_dir, "--resume: --out_dir")
+    weights, _, saved = runs.load_projection(ckpt, "--resume")
+    now = cfg.to_dict()
+    diff = sorted(k for k in now if k not in TrainConfig.RESUMABLE_CHANGES and saved.get(k) != now[k])
+    if diff:
+        raise UserError(
+            f"--resume: {ckpt} was trained with another configuration "
+            f"({', '.join(f'{k}: {saved.get(k)!r} -> {now[k]!r}' for k in diff[:4])}): "
+            f"use the same flags, or a new --out_dir"
+        )
+    trainer, optimizer_state, rng = runs.load_trainer_state(ckpt)
+    return ResumePoint(ckpt, weights, trainer, optimizer_state, rng)
 
 
-def encoder_meta(cfg: TrainConfig, encoder: Optional[ClipEncoder]) -> dict:
-    if encoder is not None:
-        return features_meta(encoder)
-    return {"clip_model": cfg.clip_model, "clip_identity": clip_identity(cfg.clip_model), "feature": cfg.feature,
-            "clip_layer": str(cfg.clip_layer if cfg.feature == "patch" else None)}
+@dataclass
+class Job:
+    """Everything a training run is made of, built once by `build`."""
+
+    captioner: Captioner
+    spec: CaptionerConfig
+    encoder: Optional[ClipEncoder]
+    train_set: CaptionDataset
+    val_set: Optional[CaptionDataset]
+    micro_batch: int
+    steps_per_epoch: int
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    dtype: torch.dtype
+    use_amp: bool
+    epochs: int
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.epochs
+
+    def features_of(self, batch) -> torch.Tensor:
+        return batch["features"] if "features" in batch else self.encoder(batch["pixels"])
 
 
-def open_cache(path: Optional[str], meta: dict, flag: str) -> Optional[FeatureCache]:
+def open_cache(path: Optional[str], spec: EncoderSpec, flag: str) -> Optional[FeatureCache]:
     if not path:
         return None
     cache = FeatureCache(path)
-    cache.check(meta, flag)
+    cache.check(spec, flag)
     return cache
 
 
@@ -177,228 +182,225 @@ def restrict_to_cache(records, cache, flag, log):
     return kept
 
 
-def train(cfg: TrainConfig) -> dict:
-    shards = list_shards(cfg.ckpt_dir)
-    env = distributed.setup(mp_size=len(shards), device=cfg.device, seed=cfg.seed)
-    try:
-        return _train(cfg, env)
-    finally:
-        distributed.teardown()
+def load_dataset(cfg: TrainConfig, split: str, cache, transform, env) -> CaptionDataset:
+    images, annotations = (cfg.train_images, cfg.train_annotations) if split == "train" else (cfg.val_images, cfg.val_annotations)
+    records = load_split(images, annotations, cfg.karpathy_split, split, f"--{split}_images", f"--{split}_annotations",
+                         env.log)
+    records = drop_missing(records, env.log)
+    if not records:
+        raise UserError(f"--{split}_images {images}: no image with a usable caption (are the captions empty?)")
+    records = restrict_to_cache(records, cache, "--features" if split == "train" else "--val_features", env.log)
+    mode = cfg.captions if split == "train" else "all"
+    return CaptionDataset(records, None if cache else transform, cache, mode, cfg.seed)
 
 
-def _train(cfg: TrainConfig, env) -> dict:
-    log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if env.is_main else (lambda msg: None)
-    micro = validate(cfg, env.dp_size)
-    resume_from, trainer_state, tensors = None, None, None
-    if cfg.resume:
-        resume_from = find_checkpoint(cfg.out_dir, "--resume: --out_dir")
-        _, saved = load_projection_checkpoint(resume_from, "--resume")
-        diff = sorted(k for k in cfg.recorded()
-                      if k not in TrainConfig.RESUMABLE_CHANGES and saved.get(k) != cfg.recorded().get(k))
-        if diff:
-            raise UserError(
-                f"--resume: {resume_from} was trained with another configuration "
-                f"({', '.join(f'{k}: {saved.get(k)!r} -> {cfg.recorded().get(k)!r}' for k in diff[:4])}): "
-                f"use the same flags, or a new --out_dir"
-            )
-        trainer_state, tensors = load_trainer_state(resume_from)
-
+def build(cfg: TrainConfig, env) -> Job:
+    """Encoder (when a split has no feature cache), the frozen LLaMA, the projection, the data,
+    the optimizer and its schedule."""
+    micro = cfg.micro_batch(env.dp_size)
+    spec_in = EncoderSpec.of(cfg.clip_model, cfg.feature_kind, cfg.clip_layer)
     need_encoder = cfg.features is None or (cfg.val_images is not None and cfg.val_features is None)
+    encoder = ClipEncoder(spec_in, env.device) if need_encoder else None
+    cache = open_cache(cfg.features, spec_in, "--features")
+    val_cache = open_cache(cfg.val_features, spec_in, "--val_features")
+    shape = encoder.feature_shape if encoder else cache.meta["shape"]
+    spec = CaptionerConfig.build(spec_in, shape, cfg.projection, cfg.prefix_len, cfg.proj_hidden,
+                                 read_params(cfg.ckpt_dir)["dim"], CaptionStyle(cfg.lowercase, cfg.drop_period))
+    window = check_window(spec.prefix_len, cfg.max_caption_len, cfg.ckpt_dir, "--max_caption_len")
     dtype = resolve_dtype(cfg.dtype, env.device, training=True)
-    encoder = ClipEncoder(cfg.clip_model, env.device, cfg.feature, cfg.clip_layer) if need_encoder else None
-    meta = encoder_meta(cfg, encoder)
-    cache = open_cache(cfg.features, meta, "--features")
-    val_cache = open_cache(cfg.val_features, meta, "--val_features")
-    feature_shape = tuple(encoder.feature_shape) if encoder else tuple(cache.meta["shape"])
-    prefix_len = cfg.prefix_len if cfg.feature == "pooled" else feature_shape[0]
-    max_seq_len = prefix_len + 1 + cfg.max_caption_len
-    llama, tokenizer = load_llama(cfg.ckpt_dir, cfg.tokenizer_path, max_seq_len, micro,
-                                  device=env.device, dtype=dtype)
-    projection = Projection(cfg.projection, cfg.feature, feature_shape, llama.args.dim, cfg.prefix_len,
-                            cfg.proj_hidden).to(env.device)
-    captioner = Captioner(llama, tokenizer, projection, CaptionStyle(cfg.lowercase, cfg.drop_period))
-
-    train_records = load_split(cfg.train_images, cfg.train_annotations, cfg.karpathy_split, "train",
-                               "--train_images", "--train_annotations")
-    train_records = restrict_to_cache(drop_missing(train_records, log), cache, "--features", log)
+    llama, tokenizer = load_llama(cfg.ckpt_dir, cfg.tokenizer_path, window, device=env.device, dtype=dtype)
+    projection = spec.new_projection().to(env.device)
     transform = encoder.preprocess if encoder else None
-    train_set = CaptionDataset(train_records, None if cache else transform, cache, cfg.captions, cfg.seed)
-    val_set = None
-    if cfg.val_images:
-        val_records = load_split(cfg.val_images, cfg.val_annotations, cfg.karpathy_split, "val",
-                                 "--val_images", "--val_annotations")
-        val_records = restrict_to_cache(drop_missing(val_records, log), val_cache, "--val_features", log)
-        val_set = CaptionDataset(val_records, None if val_cache else transform, val_cache, "all", cfg.seed)
-
+    train_set = load_dataset(cfg, "train", cache, transform, env)
+    val_set = load_dataset(cfg, "val", val_cache, transform, env) if cfg.val_images else None
     steps_per_epoch = StepBatches(len(train_set), micro, cfg.grad_accum, env.dp_size, env.dp_rank, cfg.seed).steps
     if steps_per_epoch == 0:
         raise UserError(f"the training split has {len(train_set)} samples, fewer than one --batch_size {cfg.batch_size}")
-    total_steps = steps_per_epoch * cfg.epochs
-    warmup = min(cfg.warmup_steps, max(1, total_steps // 10)) if cfg.warmup_steps > 0 else 0
+    total = steps_per_epoch * cfg.epochs
+    warmup = min(cfg.warmup_steps, max(1, total // 10)) if cfg.warmup_steps > 0 else 0
     optimizer = torch.optim.AdamW(projection.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, warmup, total_steps, cfg.min_lr_ratio))
-    step = 0
-    if resume_from:
-        weights, _ = load_projection_checkpoint(resume_from)
-        projection.load_state_dict(weights, strict=True)
-        optimizer.load_state_dict(optimizer_state_from(trainer_state, tensors))
-        scheduler.load_state_dict(trainer_state["scheduler"])
-        torch.set_rng_state(tensors["rng_cpu"])
-        if "rng_cuda" in tensors and env.device.type == "cuda":
-            torch.cuda.set_rng_state(tensors["rng_cuda"])
-        step = trainer_state["step"]
-        log(f"resumed from {resume_from} at step {step}")
-
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total, cfg.min_lr_ratio))
     use_amp = env.device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and dtype == torch.float16)
-    metrics = MetricsLog(cfg.out_dir, env.is_main, step if resume_from else None)
+    job = Job(Captioner(llama, tokenizer, projection, spec.style), spec, encoder, train_set, val_set, micro,
+              steps_per_epoch, optimizer, scheduler,
+              torch.amp.GradScaler("cuda", enabled=use_amp and dtype == torch.float16), dtype, use_amp, cfg.epochs)
+    return job
+
+
+def restore(job: Job, resume: ResumePoint, env) -> int:
+    """Weights, optimizer, schedule and RNG of the resume point; returns its step."""
+    job.captioner.projection.load_state_dict(resume.weights, strict=True)
+    job.optimizer.load_state_dict(resume.optimizer_state)
+    job.scheduler.load_state_dict(resume.trainer["scheduler"])
+    torch.set_rng_state(resume.rng["rng_cpu"])
+    if "rng_cuda" in resume.rng and env.device.type == "cuda":
+        torch.cuda.set_rng_state(resume.rng["rng_cuda"])
+    env.log(f"resumed from {resume.checkpoint} at step {resume.trainer['step']}")
+    return resume.trainer["step"]
+
+
+def optimizer_step(job: Job, micro_batches: List[dict], env, max_grad_norm: float):
+    """One optimizer step over this rank's micro-batches. Returns (loss per target token, samples
+    in the global step); the loss is None when it was NaN/inf and the step was skipped."""
+    captioner = job.captioner
+    # Tokenize once: the step's target count is needed before any loss is computed.
+    ids = [captioner.caption_ids(b["caption"]) if b["image_id"] else [] for b in micro_batches]
+    counts = torch.tensor([sum(len(x) + 1 for batch_ids in ids for x in batch_ids),
+                           sum(len(b["image_id"]) for b in micro_batches)], dtype=torch.float64,
+                          device=env.device)  # NCCL reduces device tensors only
+    dist.all_reduce(counts, group=env.dp_group)
+    n_targets, n_samples = float(counts[0]), int(counts[1])
+    loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
+    for b, batch_ids in zip(micro_batches, ids):
+        if not b["image_id"]:
+            continue
+        with torch.autocast(env.device.type, dtype=job.dtype, enabled=job.use_amp):
+            part, _ = captioner.loss(job.features_of(b), batch_ids)
+        job.scaler.scale(part / n_targets).backward()
+        loss_sum += part.detach().double()
+    params = list(captioner.projection.parameters())
+    loss = float(distributed.all_reduce_gradients(params, loss_sum, env.dp_group)[0]) / max(n_targets, 1.0)
+    if not math.isfinite(loss):
+        job.optimizer.zero_grad(set_to_none=True)
+        if job.use_amp:
+            job.scaler.update()  # the scaler backs off after an overflow
+        return None, n_samples
+    job.scaler.unscale_(job.optimizer)
+    if max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    job.scaler.step(job.optimizer)
+    job.scaler.update()
+    job.scheduler.step()
+    job.optimizer.zero_grad(set_to_none=True)
+    return loss, n_samples
+
+
+@dataclass
+class Progress:
+    """What the loop carries between steps and epochs."""
+
+    step: int
+    last_loss: float = float("nan")
+    consecutive_bad: int = 0
+    bad_images: list = field(default_factory=list)
+
+
+def save(cfg: TrainConfig, env, job: Job, step: int, epochs_done: int) -> None:
     if env.is_main:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        from .fileio import write_json
+        runs.save_checkpoint(cfg.out_dir, step, job.captioner.projection.state_dict(), job.spec, cfg.to_dict(),
+                             job.optimizer.state_dict(),
+                             {"epoch": epochs_done, "scheduler": job.scheduler.state_dict(),
+                              "truncated": job.captioner.truncated}, cfg.keep_last)
+    dist.barrier()
 
-        write_json(os.path.join(cfg.out_dir, "config.json"), cfg.recorded(), indent=1)
-    n_train = sum(p.numel() for p in projection.parameters())
-    log(f"LLaMA dim {llama.args.dim} x {llama.args.n_layers} layers, MP {env.mp_size} x DP {env.dp_size}; "
-        f"projection {cfg.projection} ({n_train:,} trainable parameters), prefix {prefix_len}; "
-        f"{len(train_set)} training samples, {steps_per_epoch} steps/epoch, global batch {cfg.batch_size}")
 
-    def features_of(batch):
-        if "features" in batch:
-            return batch["features"]
-        return encoder(batch["pixels"])
-
-    def save(epoch_done: int):
-        if env.is_main:
-            save_training_checkpoint(
-                cfg.out_dir, step, projection.state_dict(), optimizer.state_dict(),
-                {"epoch": epoch_done, "scheduler": scheduler.state_dict(), "truncated": captioner.truncated},
-                dict(cfg.recorded(), clip_identity=meta["clip_identity"], llama_dim=llama.args.dim), cfg.keep_last)
-        dist.barrier()
-
-    bad_images, bad_steps, consecutive_bad = [], 0, 0
-    last_loss = float("nan")
-    start_epoch = step // steps_per_epoch
-    for epoch in range(start_epoch, cfg.epochs):
-        train_set.set_epoch(epoch)
-        sampler = StepBatches(len(train_set), micro, cfg.grad_accum, env.dp_size, env.dp_rank, cfg.seed,
-                              epoch, start_step=step - epoch * steps_per_epoch)
-        loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.num_workers,
-                                             collate_fn=collate)
-        bar = tqdm(total=steps_per_epoch, initial=sampler.start_step, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   disable=not env.is_main, dynamic_ncols=True, file=sys.stderr)
-        it = iter(loader)
-        projection.train()
-        t_last, samples_since = time.time(), 0
-        for _ in range(sampler.start_step, steps_per_epoch):
+def train_epoch(cfg: TrainConfig, env, job: Job, epoch: int, progress: Progress, metrics: runs.MetricsLog) -> bool:
+    """The remaining steps of one epoch; returns True when --stop_after_steps ended the run."""
+    job.train_set.set_epoch(epoch)
+    sampler = StepBatches(len(job.train_set), job.micro_batch, cfg.grad_accum, env.dp_size, env.dp_rank, cfg.seed,
+                          epoch, start_step=progress.step - epoch * job.steps_per_epoch)
+    loader = torch.utils.data.DataLoader(job.train_set, batch_sampler=sampler, num_workers=cfg.num_workers,
+                                         collate_fn=collate)
+    it = iter(loader)
+    job.captioner.projection.train()
+    t_last, samples_since = time.time(), 0
+    with tqdm(total=job.steps_per_epoch, initial=sampler.start_step, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+              disable=not env.is_main, dynamic_ncols=True, file=sys.stderr) as bar:
+        for _ in range(sampler.start_step, job.steps_per_epoch):
             micro_batches = [next(it) for _ in range(cfg.grad_accum)]
             for b in micro_batches:
-                bad_images += b["bad"]
-            # Tokenize once: the step's target count is needed before any loss is computed.
-            ids = [captioner.caption_ids(b["caption"]) if b["image_id"] else [] for b in micro_batches]
-            counts = torch.tensor([sum(len(x) + 1 for batch_ids in ids for x in batch_ids),
-                                   sum(len(b["image_id"]) for b in micro_batches)], dtype=torch.float64,
-                                  device=env.device)  # NCCL reduces device tensors only
-            dist.all_reduce(counts, group=env.dp_group)
-            n_targets, n_samples = float(counts[0]), int(counts[1])
-            loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
-            for b, batch_ids in zip(micro_batches, ids):
-                if not b["image_id"]:
-                    continue
-                with torch.autocast(env.device.type, dtype=dtype, enabled=use_amp):
-                    part, _ = captioner.loss_from_ids(features_of(b), batch_ids)
-                scaler.scale(part / n_targets).backward()
-                loss_sum += part.detach().double()
-            # Sum the gradients of the data-parallel group (one flat buffer, one all-reduce).
-            params = [p for p in projection.parameters()]
-            for p in params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-            flat = torch.cat([p.grad.flatten() for p in params])
-            stats = torch.cat([flat, loss_sum.to(flat.dtype).view(1)])
-            if env.dp_size > 1:
-                dist.all_reduce(stats, group=env.dp_group)
-            offset = 0
-            for p in params:
-                p.grad.copy_(stats[offset:offset + p.numel()].view_as(p))
-                offset += p.numel()
-            loss = float(stats[-1]) / max(n_targets, 1.0)
-            if not math.isfinite(loss):
-                bad_steps += 1
-                consecutive_bad += 1
-                optimizer.zero_grad(set_to_none=True)
-                log(f"warning: non-finite loss at step {step + 1}; step skipped")
-                if consecutive_bad >= cfg.max_bad_steps:
+                progress.bad_images += b["bad"]
+            loss, n_samples = optimizer_step(job, micro_batches, env, cfg.grad_clip)
+            if loss is None:
+                progress.consecutive_bad += 1
+                env.log(f"warning: non-finite loss at step {progress.step + 1}; step skipped")
+                if progress.consecutive_bad >= cfg.max_bad_steps:
                     raise UserError(
-                        f"the loss was NaN/inf for {consecutive_bad} steps in a row: lower --lr, or use --dtype bf16/fp32; "
-                        f"the last good checkpoint is under {cfg.out_dir}/checkpoints"
-                    )
-                if use_amp:
-                    scaler.update()  # the scaler backs off after an overflow
+                        f"the loss was NaN/inf for {progress.consecutive_bad} steps in a row: lower --lr, or use "
+                        f"--dtype bf16/fp32; the last good checkpoint is under {cfg.out_dir}/checkpoints")
                 continue
-            consecutive_bad = 0
-            scaler.unscale_(optimizer)
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(projection.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            last_loss = loss
+            progress.consecutive_bad = 0
+            progress.step += 1
+            progress.last_loss = loss
             samples_since += n_samples
             bar.update(1)
-            if step % cfg.log_every == 0 or step == total_steps:
+            step = progress.step
+            if step % cfg.log_every == 0 or step == job.total_steps:
                 now = time.time()
                 rate = samples_since / max(now - t_last, 1e-9)
-                lr = scheduler.get_last_lr()[0]
+                lr = job.scheduler.get_last_lr()[0]
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
                 metrics.write(step=step, epoch=epoch + 1, loss=loss, lr=lr, samples_per_s=rate)
                 t_last, samples_since = now, 0
             if step % cfg.save_every == 0:
-                save(epoch)
+                save(cfg, env, job, step, epoch)
             if cfg.stop_after_steps and step >= cfg.stop_after_steps:
-                bar.close()
-                save(epoch if step % steps_per_epoch else epoch + 1)
-                log(f"stopped after step {step} (--stop_after_steps); continue with --resume")
-                return {"step": step, "loss": last_loss, "stopped": True}
-        bar.close()
-        del it, loader
-        val_loss = evaluate_loss(captioner, val_set, micro, env, cfg, features_of) if val_set else None
-        if val_loss is not None:
-            log(f"epoch {epoch + 1}: validation loss {val_loss:.4f}")
-            metrics.write(step=step, epoch=epoch + 1, val_loss=val_loss)
-        save(epoch + 1)
-        metrics.plot()
-
-    digest = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in projection.parameters()))
-    print(f"[rank {env.rank}] projection sha256 {digest.hexdigest()[:16]}", file=sys.stderr, flush=True)
-    bad_total = torch.tensor([len(bad_images), captioner.truncated], dtype=torch.long, device=env.device)
-    dist.all_reduce(bad_total, group=env.dp_group)
-    for path, reason in bad_images[:20]:
-        log(f"warning: skipped unreadable image {path} ({reason})")
-    log(f"done: {step} steps, last loss {last_loss:.4f}; {int(bad_total[0])} unreadable image(s) skipped, "
-        f"{int(bad_total[1])} caption(s) truncated to --max_caption_len {cfg.max_caption_len}; "
-        f"weights in {cfg.out_dir}/checkpoints, curve in {metrics.png}")
-    return {"step": step, "loss": last_loss, "bad_images": int(bad_total[0]), "truncated": int(bad_total[1])}
+                save(cfg, env, job, step, epoch if step % job.steps_per_epoch else epoch + 1)
+                return True
+    return False
 
 
 @torch.no_grad()
-def evaluate_loss(captioner, dataset, micro, env, cfg, features_of) -> float:
+def evaluate_loss(job: Job, env, num_workers: int) -> float:
     """Mean per-token validation loss over the whole split, shared out over data-parallel ranks."""
-    projection = captioner.projection
+    projection = job.captioner.projection
     projection.eval()
-    idx = list(range(env.dp_rank, len(dataset), env.dp_size))
-    batches = [idx[i:i + micro] for i in range(0, len(idx), micro)]
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers,
+    idx = list(range(env.dp_rank, len(job.val_set), env.dp_size))
+    batches = [idx[i:i + job.micro_batch] for i in range(0, len(idx), job.micro_batch)]
+    loader = torch.utils.data.DataLoader(job.val_set, batch_sampler=batches, num_workers=num_workers,
                                          collate_fn=collate)
     total = torch.zeros(2, dtype=torch.float64, device=env.device)
     for b in tqdm(loader, desc="validation", disable=not env.is_main, leave=False, file=sys.stderr):
         if not b["image_id"]:
             continue
-        with torch.autocast(env.device.type, dtype=captioner.llama.dtype, enabled=env.device.type == "cuda"):
-            loss, n = captioner.loss_terms(features_of(b), b["caption"])
+        with torch.autocast(env.device.type, dtype=job.dtype, enabled=job.use_amp):
+            loss, n = job.captioner.caption_loss(job.features_of(b), b["caption"])
         total += torch.tensor([float(loss), n], dtype=torch.float64, device=env.device)
     dist.all_reduce(total, group=env.dp_group)
     projection.train()
     return float(total[0] / max(total[1], 1))
+
+
+def finish(cfg: TrainConfig, env, job: Job, progress: Progress, metrics: runs.MetricsLog) -> dict:
+    """The closing report: a digest of the weights per rank, unreadable images, truncations."""
+    params = job.captioner.projection.parameters()
+    digest = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in params))
+    print(f"[rank {env.rank}] projection sha256 {digest.hexdigest()[:16]}", file=sys.stderr, flush=True)
+    bad_total = torch.tensor([len(progress.bad_images), job.captioner.truncated], dtype=torch.long, device=env.device)
+    dist.all_reduce(bad_total, group=env.dp_group)
+    report_bad_images(progress.bad_images, env.log)
+    env.log(f"done: {progress.step} steps, last loss {progress.last_loss:.4f}; {int(bad_total[0])} unreadable "
+            f"image(s) skipped, {int(bad_total[1])} caption(s) truncated to --max_caption_len {cfg.max_caption_len}; "
+            f"weights in {cfg.out_dir}/checkpoints, curve in {metrics.png}")
+    return {"step": progress.step, "loss": progress.last_loss, "bad_images": int(bad_total[0]),
+            "truncated": int(bad_total[1])}
+
+
+def train(cfg: TrainConfig) -> dict:
+    check_output_dir(cfg.out_dir, "--out_dir")
+    if not cfg.resume:
+        runs.check_fresh(cfg.out_dir)  # before any rank writes anything
+    shards = list_shards(cfg.ckpt_dir)
+    with distributed.session(len(shards), cfg.device, cfg.seed) as env:
+        resume = resume_point(cfg) if cfg.resume else None
+        job = build(cfg, env)
+        progress = Progress(restore(job, resume, env) if resume else 0)
+        metrics = runs.MetricsLog(cfg.out_dir, env.is_main, progress.step if resume else None)
+        if env.is_main:
+            write_json(os.path.join(cfg.out_dir, "config.json"), cfg.to_dict(), indent=1)
+        n_train = sum(p.numel() for p in job.captioner.projection.parameters())
+        args = job.captioner.llama.args
+        env.log(f"LLaMA dim {args.dim} x {args.n_layers} layers, MP {env.mp_size} x DP {env.dp_size}; "
+                f"projection {cfg.projection} ({n_train:,} trainable parameters), prefix {job.spec.prefix_len}; "
+                f"{len(job.train_set)} training samples, {job.steps_per_epoch} steps/epoch, global batch {cfg.batch_size}")
+        for epoch in range(progress.step // job.steps_per_epoch, cfg.epochs):
+            if train_epoch(cfg, env, job, epoch, progress, metrics):
+                env.log(f"stopped after step {progress.step} (--stop_after_steps); continue with --resume")
+                return {"step": progress.step, "loss": progress.last_loss, "stopped": True}
+            if job.val_set is not None:
+                val_loss = evaluate_loss(job, env, cfg.num_workers)
+                env.log(f"epoch {epoch + 1}: validation loss {val_loss:.4f}")
+                metrics.write(step=progress.step, epoch=epoch + 1, val_loss=val_loss)
+            save(cfg, env, job, progress.step, epoch + 1)
+            metrics.plot()
+        return finish(cfg, env, job, progress, metrics)

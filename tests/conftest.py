@@ -11,12 +11,10 @@ import pytest
 import torch
 
 from llama_caption import distributed
-from llama_caption.checkpoint import random_state_dict, write_meta_checkpoint
 from llama_caption.demo.shapes import make_dataset
 from llama_caption.demo.standins import build_llama
-from llama_caption.vision import build_tiny_clip
 from llama_caption.model import ModelArgs
-from llama_caption.tokenizer import train_tokenizer
+from llama_caption.testing import build_tiny_clip, random_state_dict, train_tokenizer, write_meta_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLOURS = "red green blue yellow black white orange purple".split()

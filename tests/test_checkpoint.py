@@ -10,7 +10,7 @@ from conftest import run_python, torchrun
 from llama_caption.checkpoint import load_llama, load_shard
 from llama_caption.errors import UserError
 from llama_caption.reshard import reshard
-from llama_caption.tokenizer import train_tokenizer
+from llama_caption.testing import train_tokenizer
 from conftest import caption_lines
 
 

@@ -31,7 +31,9 @@ def test_reduced_demo_captions_depend_on_the_image(tmp_path, process_group):
     proc = subprocess.run([sys.executable, "-m", "llama_caption.demo", "--scale", "small", "--root", str(tmp_path)],
                           cwd=REPO, env=dict(env, PYTHONPATH=REPO), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    report = json.load(open(tmp_path / "small" / "run" / "demo_report.json"))
+    runs = sorted((tmp_path / "small" / "runs").iterdir())
+    assert [r.name for r in runs] == ["001"]
+    report = json.load(open(runs[0] / "demo_report.json"))
     cap, ctl = report["captions"], report["control"]
     # The shuffled control keeps the language; only the image is taken away.
     assert cap["attributes"]["colour"] >= ctl["attributes"]["colour"] + 0.2
@@ -39,8 +41,8 @@ def test_reduced_demo_captions_depend_on_the_image(tmp_path, process_group):
     assert cap["attributes"]["all three"] > ctl["attributes"]["all three"]
     assert cap["metrics"]["CIDEr"] >= 1.5 * ctl["metrics"]["CIDEr"]
     assert "shuffled control" in proc.stdout and "gallery:" in proc.stdout
-    assert (tmp_path / "small" / "run" / "captions" / "gallery.html").exists()
-    assert (tmp_path / "small" / "run" / "loss_curve.png").exists()
+    assert (runs[0] / "captions.gallery.html").exists()
+    assert (runs[0] / "loss_curve.png").exists()
     # The benchmark's cache-vs-on-the-fly comparison on these stand-ins: the same batches reach
     # the same model both ways (equal first losses), and only the on-the-fly run calls CLIP.
     from llama_caption.bench import cache_vs_fly_bench

@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 
 from conftest import REPO, run_python, torchrun
-from llama_caption.captioner import load_captioner
 from llama_caption.data import load_coco, open_rgb
-from llama_caption.generation import beam_search, generate, score_continuations, sequence_score
-from llama_caption.vision import build_tiny_clip
+from llama_caption.generation import beam_search, generate, sequence_score
+from llama_caption.runs import load_captioner
+from llama_caption.testing import build_tiny_clip, score_continuations
 
 
 def infer_args(cap, trained, out, *extra, images=None):
@@ -37,9 +37,9 @@ def test_results_load_with_coco_and_have_one_caption_per_image(cap, trained, tmp
     assert sorted(res.getImgIds()) == ids
     assert [len(res.getAnnIds(imgIds=[i])) for i in ids] == [1, 1]
     assert all(a["caption"].strip() for a in res.dataset["annotations"])
-    assert "CIDEr" in proc.stdout and (tmp_path / "metrics.json").exists()
+    assert "CIDEr" in proc.stdout and (tmp_path / "res.metrics.json").exists()
     assert "img/s" in proc.stderr
-    page = (tmp_path / "gallery.html").read_text()
+    page = (tmp_path / "res.gallery.html").read_text()
     assert page.count("<figure>") == 2
     # Images are linked relatively, so the page opens from disk.
     src = page.split('<img src="')[1].split('"')[0]
@@ -62,7 +62,7 @@ def test_metrics_equal_the_pycocoevalcap_scorers_called_directly(cap, trained, t
     json.dump(results, open(out, "w"))
     proc = run_python("-m", "llama_caption.evaluation", "--annotations", cap["ann"], "--results", out)
     assert proc.returncode == 0, proc.stderr
-    ours = json.load(open(tmp_path / "metrics.json"))
+    ours = json.load(open(tmp_path / "res.metrics.json"))["metrics"]
     tok = PTBTokenizer()
     gts = tok.tokenize({r["image_id"]: [{"caption": c} for c in caps[r["image_id"]]] for r in results})
     res = tok.tokenize({r["image_id"]: [{"caption": r["caption"]}] for r in results})
@@ -203,8 +203,8 @@ def test_bad_checkpoints_and_missing_java(cap, trained, tmp_path):
     proc = run_python("captioning_inference.py", *infer_args(cap, trained, tmp_path / "r.json", "--clip_model", other))
     assert proc.returncode == 2 and "use the CLIP model it was trained with" in proc.stderr
     # A LLaMA of another width.
-    from llama_caption.checkpoint import random_state_dict, write_meta_checkpoint
     from llama_caption.model import ModelArgs
+    from llama_caption.testing import random_state_dict, write_meta_checkpoint
 
     wide = {"dim": 128, "n_layers": 1, "n_heads": 2, "multiple_of": 32, "norm_eps": 1e-5}
     write_meta_checkpoint(str(tmp_path / "wide"), wide, random_state_dict(ModelArgs.from_params(wide, vocab_size=96)))

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from llama_caption.checkpoint import load_llama, load_shard
-from llama_caption.generation import generate, greedy_no_cache
+from llama_caption.generation import generate
 from llama_caption.model import ModelArgs
+from llama_caption.testing import greedy_no_cache
 
 
 def test_hidden_size_rule_matches_released_llama_shapes():
@@ -85,11 +86,11 @@ def test_cached_decoding_logits_equal_full_forward(assets, process_group):
     torch.testing.assert_close(torch.cat(chunks, 1), full, rtol=1e-5, atol=1e-5)
 
 
-def test_keep_returns_the_logits_of_the_kept_positions(assets, process_group):
+def test_logits_at_returns_the_logits_of_the_chosen_positions(assets, process_group):
     model, _ = load_llama(assets["tiny"], assets["tokenizer"], max_seq_len=64)
     emb = torch.randn(3, 7, 64, generator=torch.Generator().manual_seed(3))
     keep = torch.rand(3, 7, generator=torch.Generator().manual_seed(4)) > 0.5
-    kept = model(embeddings=emb, keep=keep)
+    kept = model(embeddings=emb, logits_at=keep)
     assert kept.shape == (int(keep.sum()), model.args.vocab_size)
     torch.testing.assert_close(kept, model(embeddings=emb)[keep], rtol=1e-5, atol=1e-5)
 

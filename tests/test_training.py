@@ -8,12 +8,14 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from conftest import run_python, torchrun
-from llama_caption.captioner import IGNORE, Captioner, CaptionStyle, load_captioner
+from llama_caption.captioner import IGNORE, Captioner, CaptionStyle
 from llama_caption.checkpoint import load_llama
 from llama_caption.data import CaptionDataset, StepBatches, collate, load_coco, open_rgb
 from llama_caption.features import FeatureCache
 from llama_caption.projection import Projection
-from llama_caption.vision import ClipEncoder, build_tiny_clip
+from llama_caption.runs import load_captioner
+from llama_caption.testing import build_tiny_clip
+from llama_caption.vision import ClipEncoder, EncoderSpec
 
 def train_args(cap, out_dir, *extra, ann=None):
     return ["--ckpt_dir", cap["ckpt_dir"], "--tokenizer_path", cap["tokenizer"], "--clip_model", cap["clip"],
@@ -23,7 +25,7 @@ def train_args(cap, out_dir, *extra, ann=None):
 
 def test_loss_counts_exactly_the_caption_and_eos_positions(cap, process_group):
     llama, tok = load_llama(cap["ckpt_dir"], cap["tokenizer"], max_seq_len=40)
-    proj = Projection("linear", "pooled", (64,), 64, prefix_len=3)
+    proj = Projection("linear", True, 64, 64, prefix_len=3, hidden=64)
     c = Captioner(llama, tok, proj, CaptionStyle())
     caps = ["A red circle on a blue background.", "a square"]
     ids = c.caption_ids(caps)
@@ -38,10 +40,10 @@ def test_loss_counts_exactly_the_caption_and_eos_positions(cap, process_group):
     assert tok.pad_id not in labels.tolist()
     # The loss equals cross-entropy computed position by position, and padding does not change it.
     feats = torch.randn(2, 64)
-    total, n = c.loss_terms(feats, caps)
+    total, n = c.caption_loss(feats, caps)
     assert n == sum(len(x) + 1 for x in ids)
     with torch.no_grad():
-        alone, n1 = c.loss_terms(feats[1:], caps[1:])
+        alone, n1 = c.caption_loss(feats[1:], caps[1:])
         prefix = proj(feats[1:])
         seq = [tok.bos_id] + ids[1]
         emb = torch.cat([prefix, llama.embed(torch.tensor([seq]))], 1)
@@ -56,11 +58,11 @@ def test_loss_counts_exactly_the_caption_and_eos_positions(cap, process_group):
 
 def test_long_captions_are_truncated_and_counted(cap, process_group):
     llama, tok = load_llama(cap["ckpt_dir"], cap["tokenizer"], max_seq_len=12)
-    c = Captioner(llama, tok, Projection("linear", "pooled", (64,), 64, prefix_len=3))
+    c = Captioner(llama, tok, Projection("linear", True, 64, 64, prefix_len=3, hidden=64))
     long = " ".join(["a red circle on a blue background"] * 4)
     ids = c.caption_ids([long, "a square"])
     assert len(ids[0]) == 12 - 3 - 1 and c.truncated == 1
-    _, n = c.loss_terms(torch.randn(2, 64), [long, "a square"])  # fits max_seq_len
+    _, n = c.caption_loss(torch.randn(2, 64), [long, "a square"])  # fits max_seq_len
     assert n == 9 + len(ids[1]) + 1
 
 
@@ -173,15 +175,15 @@ def test_feature_cache_gives_the_same_loss_as_on_the_fly(cap, process_group, tmp
     assert proc.returncode == 0, proc.stderr
     cache = FeatureCache(str(tmp_path / "feats"))
     assert len(cache) == 6 and cache.meta["feature"] == "pooled" and cache.meta["clip_model"] == cap["clip"]
-    enc = ClipEncoder(cap["clip"])
+    enc = ClipEncoder(EncoderSpec.of(cap["clip"]))
     recs = load_coco(cap["images"], cap["ann"])
     llama, tok = load_llama(cap["ckpt_dir"], cap["tokenizer"], max_seq_len=64)
-    c = Captioner(llama, tok, Projection("mlp", "pooled", (64,), 64, prefix_len=4))
+    c = Captioner(llama, tok, Projection("mlp", True, 64, 64, prefix_len=4, hidden=64))
     on_fly = collate([CaptionDataset(recs, enc.preprocess)[i] for i in (0, 7, 13)])
     cached = collate([CaptionDataset(recs, features=cache)[i] for i in (0, 7, 13)])
     assert on_fly["caption"] == cached["caption"]
-    a, _ = c.loss_terms(enc(on_fly["pixels"]), on_fly["caption"])
-    b, _ = c.loss_terms(cached["features"], cached["caption"])
+    a, _ = c.caption_loss(enc(on_fly["pixels"]), on_fly["caption"])
+    b, _ = c.caption_loss(cached["features"], cached["caption"])
     torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
@@ -208,7 +210,7 @@ def test_feature_cache_from_another_clip_model_is_refused(cap, tmp_path):
     build_tiny_clip(other, seed=7)
     proc = run_train(dict(cap, clip=other), tmp_path / "run", "--features", tmp_path / "feats", check=False)
     assert proc.returncode != 0 and "--features" in proc.stderr and "extract the features again" in proc.stderr
-    patch = run_train(cap, tmp_path / "run2", "--features", tmp_path / "feats", "--feature", "patch", check=False)
+    patch = run_train(cap, tmp_path / "run2", "--features", tmp_path / "feats", "--feature_kind", "patch", check=False)
     assert patch.returncode != 0 and "feature='pooled'" in patch.stderr
 
 

@@ -20,15 +20,21 @@ import re
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import torch
 
 from .. import distributed
+from ..config import Config, setting
 from ..data import load_coco, open_rgb
 from ..errors import UserError
-from ..fileio import write_json
+from ..evaluation import METRIC_ORDER
+from ..fileio import check_output_dir, write_json
+from ..testing import build_tiny_clip, demo_layout
+from ..vision import import_clip
 from .shapes import BACKGROUNDS, SHAPE_COLOURS, SHAPES, SYNONYMS, make_dataset
+from .standins import build_llama, text_embeddings, train_clip
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -43,22 +49,6 @@ LLAMA_PARAMS = dict(dim=128, n_layers=4, n_heads=4, multiple_of=64, norm_eps=1e-
 CLIP_SETTINGS = dict(width=64, layers=2, patch=8, embed_dim=128, batch_size=128)
 
 
-def demo_paths(root: str = "demo_runs", scale: str = "full") -> Dict[str, str]:
-    base = os.path.join(root, scale)
-    data = os.path.join(base, "data")
-    st = os.path.join(base, "standins")
-    return {
-        "root": base, "data": data, "standins": st,
-        "train_images": os.path.join(data, "train2014"), "val_images": os.path.join(data, "val2014"),
-        "train_ann": os.path.join(data, "annotations", "captions_train2014.json"),
-        "val_ann": os.path.join(data, "annotations", "captions_val2014.json"),
-        "val_attrs": os.path.join(data, "annotations", "attributes_val2014.json"),
-        "clip": os.path.join(st, "clip.pt"), "ckpt_dir": os.path.join(st, "llama"),
-        "tokenizer": os.path.join(st, "tokenizer.model"), "features": os.path.join(base, "features"),
-        "run": os.path.join(base, "run"),
-    }
-
-
 def stamp_ok(path: str, settings: dict) -> bool:
     try:
         with open(path) as f:
@@ -68,9 +58,7 @@ def stamp_ok(path: str, settings: dict) -> bool:
 
 
 def preprocess_all(paths: List[str], resolution: int) -> torch.Tensor:
-    from clip.clip import _transform
-
-    tf = _transform(resolution)
+    tf = import_clip().clip._transform(resolution)
     return torch.stack([tf(open_rgb(p)) for p in paths])
 
 
@@ -114,8 +102,6 @@ def attribute_accuracy(results: List[dict], truth: Dict[str, dict]) -> Dict[str,
 @torch.no_grad()
 def clip_zero_shot(model, images: torch.Tensor, truth: List[dict]) -> Dict[str, float]:
     """Per attribute: the image against its caption with that attribute set to each value."""
-    from .standins import text_embeddings
-
     img = torch.nn.functional.normalize(model.encode_image(images).float(), dim=-1)
     acc = {}
     for attr, values in (("shape", SHAPES), ("colour", SHAPE_COLOURS), ("background", BACKGROUNDS)):
@@ -133,9 +119,6 @@ def clip_zero_shot(model, images: torch.Tensor, truth: List[dict]) -> Dict[str, 
 def build_standins(paths: Dict[str, str], s: dict, log, images: Optional[str] = None,
                    annotations: Optional[str] = None) -> None:
     """Train and save the stand-in CLIP and LLaMA unless the cached ones match the settings."""
-    from ..vision import build_tiny_clip
-    from .standins import build_llama, train_clip
-
     images = images or paths["train_images"]
     annotations = annotations or paths["train_ann"]
     settings = {"scale": s, "clip": CLIP_SETTINGS, "llama": LLAMA_PARAMS, "images": os.path.abspath(images),
@@ -195,22 +178,37 @@ def ensure_features(paths: Dict[str, str], log=print) -> str:
     return os.path.join(paths["features"], "train")
 
 
-def run_demo(scale: str = "full", root: str = "demo_runs", images: Optional[str] = None,
-             annotations: Optional[str] = None, log=print) -> dict:
-    if scale not in SCALES:
-        raise UserError(f"--scale {scale!r} must be one of {list(SCALES)}")
-    s = SCALES[scale]
-    paths = demo_paths(root, scale)
+@dataclass
+class DemoConfig(Config):
+    scale: str = setting("full", "full (the README's figures) or small (the reduced demo the tests run).")
+    root: str = setting("demo_runs", "where data, stand-ins and runs are kept (reused by later runs; each run gets a new folder).")
+    images: Optional[str] = setting(None, "build the stand-in models from this COCO-format images folder instead of the synthetic one.")
+    annotations: Optional[str] = setting(None, "the captions JSON that goes with --images.")
+
+    def check(self) -> None:
+        self.one_of("scale", SCALES)
+        if (self.images is None) != (self.annotations is None):
+            raise UserError("--images and --annotations go together")
+
+
+def new_run_folder(runs: str) -> str:
+    """runs/001, runs/002, ...: a demo run never writes over an earlier one."""
+    os.makedirs(runs, exist_ok=True)
+    taken = [int(d) for d in os.listdir(runs) if d.isdigit()]
+    return os.path.join(runs, f"{max(taken, default=0) + 1:03d}")
+
+
+def run_demo(cfg: DemoConfig, log=print) -> dict:
+    check_output_dir(cfg.root, "--root")
+    s = SCALES[cfg.scale]
+    paths = demo_layout(cfg.root, cfg.scale)
     t_start = time.time()
     make_dataset(paths["data"], s["train"], s["val"], seed=0, image_size=s["image_size"])
     log(f"dataset: {s['train']} train and {s['val']} val images in COCO's layout under {paths['data']}")
-    distributed.setup(mp_size=1, device="cpu", quiet=False)  # the stand-in LLaMA is built in this process
-    try:
-        build_standins(paths, s, log, images, annotations)
-    finally:
-        distributed.teardown()
+    with distributed.session(mp_size=1, device="cpu", quiet=False):  # the stand-in LLaMA is built in this process
+        build_standins(paths, s, log, cfg.images, cfg.annotations)
     ensure_features(paths, log)
-    run = paths["run"]
+    run = new_run_folder(paths["runs"])
     torchrun("captioning_training.py", "--ckpt_dir", paths["ckpt_dir"], "--tokenizer_path", paths["tokenizer"],
              "--clip_model", paths["clip"], "--train_images", paths["train_images"], "--train_annotations",
              paths["train_ann"], "--features", os.path.join(paths["features"], "train"),
@@ -220,31 +218,28 @@ def run_demo(scale: str = "full", root: str = "demo_runs", images: Optional[str]
              "--num_workers", 0, "--log_every", 20, "--save_every", 100000, log=log)
     outputs = {}
     for name, extra in (("captions", []), ("control", ["--control_shuffle", "True"])):
-        res = os.path.join(run, name, "results.json")
-        for stale in (res, res + ".partial.jsonl"):
-            if os.path.exists(stale):
-                os.remove(stale)
+        res = os.path.join(run, f"{name}.json")
         printed = torchrun("captioning_inference.py", "--ckpt_dir", paths["ckpt_dir"], "--tokenizer_path",
                            paths["tokenizer"], "--checkpoint", run, "--images", paths["val_images"], "--annotations",
                            paths["val_ann"], "--out", res, "--batch_size", 50, "--num_workers", 0,
                            "--gallery", 24 if name == "captions" else 0, *extra, log=log)
-        outputs[name] = {"results": json.load(open(res)), "printed": printed,
-                         "metrics": json.load(open(os.path.join(run, name, "metrics.json")))}
-    truth = json.load(open(paths["val_attrs"]))
+        with open(res) as f, open(os.path.join(run, f"{name}.metrics.json")) as m:
+            outputs[name] = {"results": json.load(f), "printed": printed, "metrics": json.load(m)["metrics"]}
+    with open(paths["val_attrs"]) as f:
+        truth = json.load(f)
     report = {k: {"metrics": v["metrics"], "attributes": attribute_accuracy(v["results"], truth)}
               for k, v in outputs.items()}
     report["seconds"] = time.time() - t_start
     zs = os.path.join(paths["standins"], "clip_zero_shot.json")
     if os.path.isfile(zs):
-        report["clip_zero_shot"] = json.load(open(zs))
+        with open(zs) as f:
+            report["clip_zero_shot"] = json.load(f)
     write_json(os.path.join(run, "demo_report.json"), report, indent=1)
-    print_report(report, outputs, truth, paths)
+    print_report(report, outputs, truth, run)
     return report
 
 
-def print_report(report, outputs, truth, paths) -> None:
-    from ..evaluation import METRIC_ORDER
-
+def print_report(report, outputs, truth, run: str) -> None:
     print("\n" + "=" * 78)
     print("llama_caption demo: val images captioned by the trained projection")
     names = [m for m in METRIC_ORDER if m in report["captions"]["metrics"]]
@@ -265,6 +260,6 @@ def print_report(report, outputs, truth, paths) -> None:
     c_cider, s_cider = report["captions"]["metrics"]["CIDEr"], report["control"]["metrics"]["CIDEr"]
     print(f"\nCIDEr {c_cider * 100:.1f} against {s_cider * 100:.1f} with shuffled features "
           f"({c_cider / max(s_cider, 1e-9):.1f}x); demo took {report['seconds']:.0f} s")
-    print(f"gallery: {os.path.join(paths['run'], 'captions', 'gallery.html')}")
-    print(f"loss curve: {os.path.join(paths['run'], 'loss_curve.png')}")
-    print(f"report: {os.path.join(paths['run'], 'demo_report.json')}")
+    print(f"gallery: {os.path.join(run, 'captions.gallery.html')}")
+    print(f"loss curve: {os.path.join(run, 'loss_curve.png')}")
+    print(f"report: {os.path.join(run, 'demo_report.json')}")

@@ -12,9 +12,10 @@ from typing import Dict, List
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint import random_state_dict, write_meta_checkpoint
 from ..model import ModelArgs, Transformer
-from ..tokenizer import Tokenizer, train_tokenizer
+from ..testing import random_state_dict, train_tokenizer, write_meta_checkpoint
+from ..tokenizer import Tokenizer
+from ..vision import import_clip
 
 
 def pretrain_llama(groups: List[List[str]], tokenizer: Tokenizer, params: dict, steps: int = 300,
@@ -72,12 +73,7 @@ def build_llama(out_dir: str, groups: List[List[str]], params: dict, vocab_size:
 
 
 def clip_tokenize(texts: List[str], context_length: int) -> torch.Tensor:
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        import clip
-    return clip.tokenize(texts, context_length=context_length, truncate=True)
+    return import_clip().tokenize(texts, context_length=context_length, truncate=True)
 
 
 def train_clip(images: torch.Tensor, captions: List[List[str]], steps: int = 300, batch_size: int = 256,
@@ -89,12 +85,7 @@ def train_clip(images: torch.Tensor, captions: List[List[str]], steps: int = 300
     image and step). Pairs whose captions are the same text count as positives of each other.
     Returns the trained clip.model.CLIP (eval mode).
     """
-    import torch.nn.functional as F
-
-    with __import__("warnings").catch_warnings():
-        __import__("warnings").simplefilter("ignore", UserWarning)
-        from clip.model import CLIP
-
+    CLIP = import_clip().model.CLIP
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     model = CLIP(embed_dim=embed_dim, image_resolution=images.shape[-1], vision_layers=layers, vision_width=width,
@@ -131,6 +122,4 @@ def train_clip(images: torch.Tensor, captions: List[List[str]], steps: int = 300
 
 @torch.no_grad()
 def text_embeddings(model, texts: List[str]) -> torch.Tensor:
-    import torch.nn.functional as F
-
     return F.normalize(model.encode_text(clip_tokenize(texts, model.context_length)).float(), dim=-1)

@@ -1,0 +1,132 @@
+"""Settings, each defined once: a dataclass field with its default and one line of help.
+
+An entry point is `command(SomeConfig, run, summary)`: its command-line flags, their defaults
+and its `--help` text (fire reads the signature and the docstring) are built from the fields,
+so a flag is written in one place. Values are type-checked and range-checked in the config's
+`__post_init__`, before anything is loaded, so a bad flag is a one-line error naming it.
+"""
+
+import dataclasses
+import inspect
+import typing
+from dataclasses import MISSING, field, fields
+from typing import Any, Callable, Dict, Iterable, List, Optional
+
+from .errors import UserError, exit_on_user_error
+
+
+def setting(default: Any = MISSING, help: str = "") -> Any:
+    """A config field with one line of help (shown by --help and kept with the field)."""
+    return field(default=default, metadata={"help": help})
+
+
+def _plain_type(annotation):
+    """Optional[X] -> (X, True); X -> (X, False)."""
+    if typing.get_origin(annotation) is typing.Union:
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return args[0], True
+    return annotation, False
+
+
+def _coerce(name: str, value: Any, annotation) -> Any:
+    kind, optional = _plain_type(annotation)
+    if value is None:
+        if optional:
+            return None
+        raise UserError(f"--{name} needs a value")
+    flag = f"--{name}"
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"{flag} must be True or False, got {value!r}")
+    if kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise UserError(f"{flag} must be a whole number, got {value!r}")
+    if kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise UserError(f"{flag} must be a number, got {value!r}")
+    if kind is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # fire reads `--split 1` as a number
+        if isinstance(value, str):
+            return value
+        raise UserError(f"{flag} must be a string, got {value!r}")
+    if typing.get_origin(kind) in (list, List):
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]
+        if isinstance(value, (list, tuple)) and all(isinstance(v, (str, int, float)) for v in value):
+            return [str(v) for v in value]
+        raise UserError(f"{flag} must be a list of strings, got {value!r}")
+    return value
+
+
+class Config:
+    """Base of every command's settings: type checks, then the subclass's `check`."""
+
+    def __post_init__(self):
+        hints = typing.get_type_hints(type(self))
+        for f in fields(self):
+            setattr(self, f.name, _coerce(f.name, getattr(self, f.name), hints[f.name]))
+        self.check()
+
+    def check(self) -> None:
+        """Range and consistency checks of the settings; raise UserError naming the flag."""
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    # Small helpers for `check`.
+    def at_least(self, low, *names: str) -> None:
+        for name in names:
+            value = getattr(self, name)
+            if value is not None and value < low:
+                raise UserError(f"--{name} must be at least {low}, got {value}")
+
+    def one_of(self, name: str, choices: Iterable[str]) -> None:
+        choices = tuple(choices)
+        if getattr(self, name) not in choices:
+            raise UserError(f"--{name} {getattr(self, name)!r} must be one of {', '.join(choices)}")
+
+
+def help_text(cls) -> str:
+    """The Args section of a docstring (fire shows it under --help), one line per field."""
+    return "Args:\n" + "".join(f"    {f.name}: {f.metadata.get('help', '')}\n" for f in fields(cls) if f.init)
+
+
+def command(cls, run: Callable, summary: str, varargs: Optional[str] = None) -> Callable:
+    """A fire entry point whose flags are the fields of `cls`; calls run(cls(**flags)).
+
+    varargs: a list field that also takes the words after it (`--images a.jpg b.jpg dir/`).
+    """
+    hints = typing.get_type_hints(cls)
+    params = []
+    for f in fields(cls):
+        if not f.init:
+            continue
+        default = inspect.Parameter.empty if f.default is MISSING else f.default
+        kind, optional = _plain_type(hints[f.name])
+        shown = getattr(kind, "__name__", str(kind).replace("typing.", ""))
+        params.append(inspect.Parameter(f.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default,
+                                        annotation=f"Optional[{shown}]" if optional else shown))
+    if varargs:
+        params.append(inspect.Parameter("more_" + varargs, inspect.Parameter.VAR_POSITIONAL))
+    signature = inspect.Signature(params)
+
+    @exit_on_user_error
+    def main(*args, **kwargs):
+        try:
+            values = dict(signature.bind(*args, **kwargs).arguments)
+        except TypeError as e:
+            raise UserError(f"{e}: see --help") from None
+        if varargs:
+            extra = values.pop("more_" + varargs, ())
+            if extra:
+                first = values[varargs]
+                values[varargs] = (list(first) if isinstance(first, (list, tuple)) else [first]) + list(extra)
+        return run(cls(**values))
+
+    main.__signature__ = signature
+    main.__doc__ = summary.strip() + "\n\n" + help_text(cls)
+    return main

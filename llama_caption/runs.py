@@ -1,0 +1,203 @@
+"""A training run folder and our own checkpoints: only the trainable weights, never LLaMA or CLIP.
+
+    RUN/config.json                                  the flags of the run
+    RUN/metrics.jsonl, RUN/loss_curve.png            one JSON object per logged step; the curve
+    RUN/checkpoints/step-0001000/projection.safetensors   weights + CaptionerConfig + flags (metadata)
+                                 trainer.safetensors      optimizer tensors, RNG state
+                                 trainer.json             step, epoch, scheduler, param groups
+    RUN/checkpoints/latest                           the newest complete checkpoint's name
+
+A checkpoint folder is filled under a temporary name and renamed when complete; `latest` is
+rewritten atomically after that, so a crash at any moment leaves the previous one usable.
+A folder that holds a run is only continued (--resume), never started over. `load_captioner`
+builds a trained captioner (frozen LLaMA and CLIP included) from a run folder or a checkpoint.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Dict, Optional, Tuple
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .captioner import (PROJECTION_FILE, Captioner, CaptionerConfig, check_encoder, check_window, load_projection,
+                        save_projection)
+from .checkpoint import load_llama
+from .errors import UserError
+from .fileio import atomic_path, write_text
+from .vision import ClipEncoder, EncoderSpec
+
+
+def checkpoints_dir(out_dir: str) -> str:
+    return os.path.join(out_dir, "checkpoints")
+
+
+def latest_name(out_dir: str) -> Optional[str]:
+    path = os.path.join(checkpoints_dir(out_dir), "latest")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return f.read().strip() or None
+
+
+def save_checkpoint(out_dir: str, step: int, projection_state: Dict[str, torch.Tensor], captioner: CaptionerConfig,
+                    flags: dict, optimizer_state: dict, trainer: dict, keep_last: int = 3) -> str:
+    root = checkpoints_dir(out_dir)
+    os.makedirs(root, exist_ok=True)
+    name = f"step-{step:07d}"
+    tmp = tempfile.mkdtemp(prefix=f".{name}.", dir=root)
+    save_projection(os.path.join(tmp, PROJECTION_FILE), projection_state, captioner, flags)
+    tensors = {"rng_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors["rng_cuda"] = torch.cuda.get_rng_state()
+    for idx, st in optimizer_state["state"].items():
+        for key, val in st.items():
+            tensors[f"opt.{idx}.{key}"] = val.detach().cpu().contiguous()
+    save_file(tensors, os.path.join(tmp, "trainer.safetensors"))
+    with open(os.path.join(tmp, "trainer.json"), "w") as f:
+        json.dump(dict(trainer, step=step, config=flags, param_groups=optimizer_state["param_groups"]), f, indent=1)
+    final = os.path.join(root, name)
+    if os.path.exists(final):  # the same step saved again (e.g. at the end of a resumed epoch)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    write_text(os.path.join(root, "latest"), name + "\n")
+    prune(root, name, keep_last)
+    return final
+
+
+def prune(root: str, latest: str, keep_last: int) -> None:
+    """Keep the `keep_last` newest checkpoints; the one `latest` names is never deleted."""
+    if keep_last <= 0:
+        return
+    older = sorted(d for d in os.listdir(root) if d.startswith("step-") and d != latest)
+    for old in older[: max(0, len(older) - (keep_last - 1))]:
+        shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+
+
+def find_checkpoint(path: str, flag: str = "--checkpoint") -> str:
+    """A checkpoint folder from a run folder (its latest), a checkpoints/ folder, or itself."""
+    for candidate in (os.path.join(path, "checkpoints", "latest"), os.path.join(path, "latest")):
+        if os.path.isfile(candidate):
+            with open(candidate) as f:
+                name = f.read().strip()
+            return os.path.join(os.path.dirname(candidate), name)
+    if os.path.isfile(os.path.join(path, PROJECTION_FILE)):
+        return path
+    raise UserError(f"{flag} {path}: no checkpoint there (expected RUN/checkpoints/latest or {PROJECTION_FILE})")
+
+
+def load_trainer_state(ckpt: str) -> Tuple[dict, dict, Dict[str, torch.Tensor]]:
+    """(trainer.json, the optimizer's state dict, the RNG tensors) of a checkpoint folder."""
+    jpath, tpath = os.path.join(ckpt, "trainer.json"), os.path.join(ckpt, "trainer.safetensors")
+    if not (os.path.isfile(jpath) and os.path.isfile(tpath)):
+        raise UserError(f"{ckpt} lacks trainer.json / trainer.safetensors: it cannot be resumed")
+    with open(jpath) as f:
+        trainer = json.load(f)
+    tensors = load_file(tpath)
+    state: Dict[int, dict] = {}
+    for key, val in tensors.items():
+        if key.startswith("opt."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = val
+    rng = {k: v for k, v in tensors.items() if k.startswith("rng_")}
+    return trainer, {"state": state, "param_groups": trainer["param_groups"]}, rng
+
+
+def holds_run(out_dir: str) -> Optional[str]:
+    """What in `out_dir` shows that a run was started there (None: nothing)."""
+    name = latest_name(out_dir)
+    if name:
+        return f"a run at {name}"
+    for f in ("config.json", "metrics.jsonl"):
+        if os.path.isfile(os.path.join(out_dir, f)):
+            return f"a run's {f}"
+    if os.path.isdir(checkpoints_dir(out_dir)) and any(d.startswith("step-") for d in os.listdir(checkpoints_dir(out_dir))):
+        return "checkpoints"
+    return None
+
+
+def check_fresh(out_dir: str) -> None:
+    """A new run may not start in a folder that holds one: its files would be overwritten."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"--out_dir {out_dir} is a file: name a folder for the run")
+    found = os.path.isdir(out_dir) and holds_run(out_dir)
+    if found:
+        raise UserError(f"--out_dir {out_dir} already holds {found}: add --resume to continue it, "
+                        f"or pick a new --out_dir (nothing was changed)")
+
+
+def load_captioner(checkpoint: str, ckpt_dir: str, tokenizer_path: str, device, dtype=torch.float32,
+                   max_gen_len: int = 30, clip_model: Optional[str] = None):
+    """A trained captioner from a training checkpoint, the frozen LLaMA and CLIP.
+
+    The encoder, projection and prefix come from the checkpoint's CaptionerConfig; `clip_model`
+    is the path of the same CLIP file when it moved (its identity must match).
+    Returns (captioner, encoder, CaptionerConfig).
+    """
+    ckpt = find_checkpoint(checkpoint)
+    weights, cfg, _ = load_projection(ckpt)
+    check_window(cfg.prefix_len, max_gen_len, ckpt_dir, "--max_gen_len")  # before anything is loaded
+    spec = cfg.encoder
+    if clip_model:
+        spec = EncoderSpec.of(clip_model, spec.feature_kind, -2 if spec.clip_layer is None else spec.clip_layer)
+    encoder = ClipEncoder(spec, device)
+    cfg = check_encoder(cfg, encoder, f"--checkpoint {ckpt}")
+    window = check_window(cfg.prefix_len, max_gen_len, ckpt_dir, "--max_gen_len")
+    llama, tokenizer = load_llama(ckpt_dir, tokenizer_path, window, device=device, dtype=dtype)
+    if cfg.llama_dim != llama.args.dim:
+        raise UserError(f"--checkpoint {ckpt} projects to LLaMA width {cfg.llama_dim} but {ckpt_dir} has width "
+                        f"{llama.args.dim}: use the LLaMA it was trained with")
+    projection = cfg.new_projection()
+    try:
+        projection.load_state_dict(weights, strict=True)
+    except RuntimeError as e:
+        raise UserError(f"{ckpt}: projection weights do not fit the stored config ({str(e).splitlines()[0]})") from None
+    projection.to(device).eval()
+    return Captioner(llama, tokenizer, projection, cfg.style), encoder, cfg
+
+
+class MetricsLog:
+    """metrics.jsonl (one JSON object per line) and the loss-curve PNG, written by rank 0."""
+
+    def __init__(self, out_dir: str, enabled: bool, resume_step: Optional[int]):
+        self.path = os.path.join(out_dir, "metrics.jsonl")
+        self.png = os.path.join(out_dir, "loss_curve.png")
+        self.enabled = enabled
+        if enabled and resume_step is not None and os.path.isfile(self.path):
+            # Lines the interrupted run wrote after its checkpoint are about to be redone.
+            with open(self.path) as f:
+                kept = [l for l in f if l.strip() and json.loads(l).get("step", 0) <= resume_step]
+            write_text(self.path, "".join(kept))
+
+    def write(self, **row):
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def plot(self):
+        if not self.enabled or not os.path.isfile(self.path):
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        with open(self.path) as f:
+            rows = [json.loads(l) for l in f if l.strip()]
+        train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+        val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        if train:
+            ax.plot(*zip(*train), label="train loss")
+        if val:
+            ax.plot(*zip(*val), "o-", label="validation loss")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("cross-entropy per caption token")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        with atomic_path(self.png) as tmp:
+            fig.savefig(tmp, format="png", dpi=100)
+        plt.close(fig)

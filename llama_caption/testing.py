@@ -1,0 +1,149 @@
+"""Scaffolding for the tests, the demo and the benchmark: models and files made from nothing.
+
+None of it runs in a user's training or captioning job. It makes tiny models in the real
+formats (a sentencepiece tokenizer, a random LLaMA as Meta's params.json + consolidated.XX.pth,
+a `clip.model.CLIP` saved as a TorchScript file that clip.load reads) and holds the slow
+reference decoders that the tests and the benchmark compare the real ones against.
+"""
+
+import io
+import os
+from typing import Dict, Iterable, List, Optional
+
+import torch
+from torch import nn
+
+from .checkpoint import shard_tensor
+from .fileio import atomic_path, write_json, write_torch
+from .model import ModelArgs, Transformer, param_shapes, skip_weight_init
+from .tokenizer import Tokenizer
+from .vision import import_clip
+
+
+def train_tokenizer(lines: Iterable[str], vocab_size: int, path: str) -> Tokenizer:
+    """Train a BPE sentencepiece model with LLaMA's special ids (BOS 1, EOS 2, no pad) to `path`."""
+    from sentencepiece import SentencePieceTrainer
+
+    buf = io.BytesIO()
+    SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2, hard_vocab_limit=False,
+        num_threads=1,
+    )
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(buf.getvalue())
+    return Tokenizer(path)
+
+
+def random_state_dict(args: ModelArgs, seed: int = 0, std: float = 0.02, device="cpu") -> Dict[str, torch.Tensor]:
+    """A full (MP=1) random LLaMA in Meta's layout: norms 1, every other weight N(0, std)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    sd = {}
+    for k, shape in param_shapes(args).items():
+        if k.endswith("norm.weight"):
+            sd[k] = torch.ones(shape, device=device)
+        else:
+            sd[k] = torch.randn(shape, generator=g, device=device) * std
+    return sd
+
+
+def random_model(args: ModelArgs, device, dtype, seed: int = 0, std: Optional[float] = None) -> Transformer:
+    """A random LLaMA made directly on `device` (model-parallel size 1). The default scale
+    2/sqrt(dim) keeps the logits peaked, so greedy choices are not near-ties that rounding
+    could flip between implementations."""
+    with skip_weight_init(), torch.device("meta"):
+        model = Transformer(args)
+    sd = random_state_dict(args, seed, 2.0 / args.dim ** 0.5 if std is None else std, device)
+    model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=True, assign=True)
+    return model.requires_grad_(False).eval()
+
+
+def write_meta_checkpoint(ckpt_dir: str, params: dict, state_dict: Dict[str, torch.Tensor], mp: int = 1) -> None:
+    """Write a full state dict as Meta's params.json + consolidated.XX.pth, split for `mp` ranks."""
+    os.makedirs(ckpt_dir, exist_ok=True)
+    for r in range(mp):
+        write_torch(os.path.join(ckpt_dir, f"consolidated.{r:02d}.pth"),
+                    {k: shard_tensor(k, v, mp, r) for k, v in state_dict.items()})
+    write_json(os.path.join(ckpt_dir, "params.json"), params)
+
+
+def build_tiny_clip(path: str, embed_dim: int = 64, width: int = 64, layers: int = 2, patch: int = 8,
+                    resolution: int = 32, seed: int = 0, model: Optional[nn.Module] = None) -> str:
+    """Save a small `clip.model.CLIP` as a TorchScript file that `clip.load(path)` reads.
+
+    Widths must be multiples of 64: clip.model.build_model infers head counts as width // 64.
+    `model` may be an already trained CLIP (the demo's stand-in); else a random one is made.
+    """
+    import warnings
+
+    clip = import_clip()
+    if model is None:
+        torch.manual_seed(seed)
+        model = clip.model.CLIP(embed_dim=embed_dim, image_resolution=resolution, vision_layers=layers,
+                                vision_width=width, vision_patch_size=patch, context_length=16, vocab_size=49408,
+                                transformer_width=64, transformer_heads=1, transformer_layers=1)
+    model = model.float().eval()
+    res = model.visual.input_resolution
+    image = torch.zeros(1, 3, res, res)
+    text = torch.zeros(1, model.context_length, dtype=torch.long)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        traced = torch.jit.trace(model, (image, text), check_trace=False)
+    with atomic_path(path) as tmp:
+        traced.save(tmp)
+    return path
+
+
+@torch.no_grad()
+def greedy_no_cache(model: Transformer, prompts: List[List[int]], *, eos_id: int, max_gen_len: int,
+                    prefix: Optional[torch.Tensor] = None) -> List[List[int]]:
+    """Reference decoder: one sequence at a time, the whole sequence re-run at every step (the
+    approach the KV cache replaces, and the first version's decoder)."""
+    results = []
+    for i, prompt in enumerate(prompts):
+        generated: List[int] = []
+        for _ in range(max_gen_len):
+            ids = torch.tensor([prompt + generated], dtype=torch.long, device=model.device)
+            emb = model.embed(ids)
+            if prefix is not None:
+                emb = torch.cat([prefix[i:i + 1].to(emb.dtype), emb], dim=1)
+            tok = int(model(embeddings=emb, last_only=True)[0, -1].argmax())
+            if tok == eos_id:
+                break
+            generated.append(tok)
+        results.append(generated)
+    return results
+
+
+@torch.no_grad()
+def score_continuations(model: Transformer, prompts: List[List[int]], continuations: List[List[int]], *,
+                        eos_id: int, prefix: Optional[torch.Tensor] = None) -> List[float]:
+    """Log-probability of each continuation followed by EOS, one sequence at a time."""
+    out = []
+    for i, (p, c) in enumerate(zip(prompts, continuations)):
+        emb = model.embed(torch.tensor([p + c], device=model.device))
+        if prefix is not None:
+            emb = torch.cat([prefix[i:i + 1].to(emb.dtype), emb], 1)
+        logp = torch.log_softmax(model(embeddings=emb).double(), -1)[0]
+        start = emb.shape[1] - len(c) - 1
+        out.append(sum(float(logp[start + j, t]) for j, t in enumerate(c + [eos_id])))
+    return out
+
+
+def demo_layout(root: str = "demo_runs", scale: str = "full") -> Dict[str, str]:
+    """Where the demo keeps its dataset, stand-in models and feature caches (the benchmark reuses
+    them)."""
+    base = os.path.join(root, scale)
+    data = os.path.join(base, "data")
+    st = os.path.join(base, "standins")
+    return {
+        "root": base, "data": data, "standins": st,
+        "train_images": os.path.join(data, "train2014"), "val_images": os.path.join(data, "val2014"),
+        "train_ann": os.path.join(data, "annotations", "captions_train2014.json"),
+        "val_ann": os.path.join(data, "annotations", "captions_val2014.json"),
+        "val_attrs": os.path.join(data, "annotations", "attributes_val2014.json"),
+        "clip": os.path.join(st, "clip.pt"), "ckpt_dir": os.path.join(st, "llama"),
+        "tokenizer": os.path.join(st, "tokenizer.model"), "features": os.path.join(base, "features"),
+        "runs": os.path.join(base, "runs"),
+    }
