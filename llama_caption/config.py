@@ -101,17 +101,17 @@ def command(cls, run: Callable, summary: str, varargs: Optional[str] = None) -> 
     varargs: a list field that also takes the words after it (`--images a.jpg b.jpg dir/`).
     """
     hints = typing.get_type_hints(cls)
-    params = []
+    params, how = [], inspect.Parameter.POSITIONAL_OR_KEYWORD
     for f in fields(cls):
         if not f.init:
             continue
         default = inspect.Parameter.empty if f.default is MISSING else f.default
-        kind, optional = _plain_type(hints[f.name])
-        shown = getattr(kind, "__name__", str(kind).replace("typing.", ""))
-        params.append(inspect.Parameter(f.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default,
-                                        annotation=f"Optional[{shown}]" if optional else shown))
-    if varargs:
-        params.append(inspect.Parameter("more_" + varargs, inspect.Parameter.VAR_POSITIONAL))
+        kind, _ = _plain_type(hints[f.name])
+        # fire adds Optional[...] itself where the default is None.
+        params.append(inspect.Parameter(f.name, how, default=default, annotation=kind))
+        if f.name == varargs:  # further words are more of it; every later field needs its flag
+            params.append(inspect.Parameter("more_" + varargs, inspect.Parameter.VAR_POSITIONAL))
+            how = inspect.Parameter.KEYWORD_ONLY
     signature = inspect.Signature(params)
 
     @exit_on_user_error

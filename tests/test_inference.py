@@ -222,3 +222,26 @@ def test_bad_checkpoints_and_missing_java(cap, trained, tmp_path):
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "needs Java" in proc.stderr
     assert len(json.load(open(out))) == 3
+
+
+def test_a_checkpoint_of_the_first_format_still_loads(cap, trained, model, tmp_path):
+    """Before the typed CaptionerConfig, projection.safetensors carried only the training flags
+    (with --feature, since renamed --feature_kind) plus the CLIP identity and LLaMA width."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from llama_caption.captioner import CaptionerConfig
+    from llama_caption.runs import find_checkpoint
+
+    with safe_open(os.path.join(find_checkpoint(trained), "projection.safetensors"), "pt") as f:
+        meta, weights = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    flags = json.loads(meta["config"])
+    captioner_cfg = json.loads(meta["captioner"])
+    old = {("feature" if k == "feature_kind" else k): v for k, v in flags.items()}
+    old.update(clip_identity=captioner_cfg["encoder"]["identity"], llama_dim=captioner_cfg["llama_dim"])
+    (tmp_path / "old").mkdir()
+    save_file(weights, str(tmp_path / "old" / "projection.safetensors"), metadata={"config": json.dumps(old)})
+    captioner, _, cfg = load_captioner(str(tmp_path / "old"), cap["ckpt_dir"], cap["tokenizer"], "cpu", max_gen_len=30)
+    assert cfg == CaptionerConfig.from_dict(captioner_cfg)
+    new, feats = model
+    assert captioner.generate(feats, max_gen_len=30) == new.generate(feats, max_gen_len=30)

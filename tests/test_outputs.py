@@ -1,0 +1,236 @@
+"""Nothing lost, nothing stale: what each command does with outputs that already exist, and the
+one-line errors for bad input (checked before any work starts)."""
+
+import hashlib
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from conftest import run_python, torchrun
+from llama_caption.config import command
+from llama_caption.errors import UserError
+from llama_caption.evaluation import EvaluationConfig, evaluate
+from llama_caption.features import FeaturesConfig, extract
+from llama_caption.inference import InferenceConfig, run
+from llama_caption.runs import find_checkpoint, save_checkpoint
+from llama_caption.training import TrainConfig, train
+
+
+def tree_digest(folder):
+    """SHA-256 of every file under `folder` (names and contents)."""
+    h = hashlib.sha256()
+    for root, _, files in sorted(os.walk(folder)):
+        for f in sorted(files):
+            p = os.path.join(root, f)
+            h.update(os.path.relpath(p, folder).encode())
+            h.update(open(p, "rb").read())
+    return h.hexdigest()
+
+
+def infer(cap, trained, out, **kw):
+    args = dict(ckpt_dir=cap["ckpt_dir"], tokenizer_path=cap["tokenizer"], checkpoint=trained,
+                images=[cap["val_images"]], annotations=cap["val_ann"], out=str(out), num_workers=0, evaluate=False)
+    args.update(kw)
+    return run(InferenceConfig(**args))
+
+
+def other_checkpoint(trained, tmp_path):
+    """The trained projection with its weights nudged: another checkpoint of the same shape."""
+    src = find_checkpoint(trained)
+    dst = tmp_path / "other_ckpt"
+    shutil.copytree(src, dst)
+    path = dst / "projection.safetensors"
+    with safe_open(str(path), "pt") as f:
+        meta, weights = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    save_file({k: v + 0.05 for k, v in weights.items()}, str(path), metadata=meta)
+    return str(dst)
+
+
+def test_inference_rerun_matrix(cap, trained, process_group, tmp_path, capsys):
+    out = tmp_path / "res.json"
+    first = infer(cap, trained, out)["results"]
+    run_json = json.load(open(tmp_path / "res.run.json"))
+    assert run_json["decoding"]["num_beams"] == 1 and run_json["selection"]["annotations"] == cap["val_ann"]
+    kept = out.read_bytes()
+    # Same settings: resumes, nothing is captioned again.
+    capsys.readouterr()
+    again = infer(cap, trained, out)
+    assert again["results"] == first and "3 already captioned" in capsys.readouterr().err
+    # Other decoding, another checkpoint, another image selection: refused, the file untouched.
+    other = other_checkpoint(trained, tmp_path)
+    for kw, what in ((dict(num_beams=3), "decoding.num_beams"), (dict(checkpoint=other), "checkpoint"),
+                     (dict(num_images=2), "selection.num_images"), (dict(max_gen_len=5), "decoding.max_gen_len")):
+        with pytest.raises(UserError, match="other settings") as e:
+            infer(cap, trained, out, **kw)
+        assert what in str(e.value) and "--overwrite" in str(e.value)
+        assert out.read_bytes() == kept
+    # Own files into a results file of a COCO split: refused too.
+    with pytest.raises(UserError, match="selection"):
+        infer(cap, trained, out, annotations=None, images=[cap["images"]])
+    assert out.read_bytes() == kept
+    # An explicit overwrite recomputes, and records what made the new captions.
+    shorter = infer(cap, trained, out, max_gen_len=2, overwrite=True)["results"]
+    assert json.load(open(tmp_path / "res.run.json"))["decoding"]["max_gen_len"] == 2
+    assert [len(r["caption"].split()) for r in shorter] != [len(r["caption"].split()) for r in first]
+    assert json.load(open(out)) == shorter
+
+
+def test_two_results_files_in_one_folder_keep_their_own_metrics(cap, trained, process_group, tmp_path):
+    a = infer(cap, trained, tmp_path / "greedy.json", evaluate=True)
+    b = infer(cap, trained, tmp_path / "short.json", evaluate=True, max_gen_len=2)
+    ma, mb = json.load(open(tmp_path / "greedy.metrics.json")), json.load(open(tmp_path / "short.metrics.json"))
+    assert ma["results"] == str(tmp_path / "greedy.json") and mb["results"] == str(tmp_path / "short.json")
+    assert ma["metrics"] == a["metrics"] and mb["metrics"] == b["metrics"] and ma["metrics"] != mb["metrics"]
+    assert ma["images"] == 3 and ma["results_sha256"] == hashlib.sha256(open(tmp_path / "greedy.json", "rb").read()).hexdigest()
+
+
+def test_output_paths_and_generation_length_are_checked_before_any_work(cap, trained, process_group, tmp_path):
+    (tmp_path / "folder.json").mkdir()
+    with pytest.raises(UserError, match="is a folder"):
+        infer(cap, trained, tmp_path / "folder.json")
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(UserError, match="is a file, not a folder"):
+        infer(cap, trained, tmp_path / "afile" / "res.json")
+    # The KV cache would need 100,000 positions: refused against the LLaMA's 2048, before loading.
+    with pytest.raises(UserError, match="--max_gen_len 100000.*more than the 2048"):
+        infer(cap, trained, tmp_path / "long.json", max_gen_len=100000)
+    assert sorted(os.listdir(tmp_path)) == ["afile", "folder.json"]  # nothing written anywhere
+
+
+def test_nothing_captioned_is_an_error(cap, trained, process_group, tmp_path):
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    (folder / "b.png").write_text("not a png")
+    with pytest.raises(UserError, match="none of the 2 image"):
+        infer(cap, trained, tmp_path / "r.json", images=[str(folder)], annotations=None)
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_a_fresh_training_run_never_replaces_a_run(cap, trained, process_group, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained, run_dir)
+    before = tree_digest(run_dir)
+    flags = dict(ckpt_dir=cap["ckpt_dir"], tokenizer_path=cap["tokenizer"], clip_model=cap["clip"],
+                 train_images=cap["images"], train_annotations=cap["ann"], out_dir=str(run_dir), num_workers=0,
+                 epochs=20, batch_size=4, warmup_steps=5, lr=3e-3)
+    with pytest.raises(UserError, match="already holds a run at step-.*--resume"):
+        train(TrainConfig(**flags))
+    assert tree_digest(run_dir) == before
+    # Still resumable: the finished run resumes at its last step and trains nothing more.
+    done = train(TrainConfig(**flags, resume=True))
+    assert done["step"] == int(open(run_dir / "checkpoints" / "latest").read().strip().split("-")[1])
+    # A caption window beyond the LLaMA's context is refused before loading.
+    with pytest.raises(UserError, match="--max_caption_len 5000"):
+        train(TrainConfig(**dict(flags, out_dir=str(tmp_path / "new"), max_caption_len=5000)))
+
+
+def test_keep_last_never_deletes_the_latest_checkpoint(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step in (100, 200):
+        (root / f"step-{step:07d}").mkdir(parents=True)
+    w = {"net.0.weight": torch.zeros(2, 2)}
+    from llama_caption.captioner import CaptionerConfig, CaptionStyle
+    from llama_caption.vision import EncoderSpec
+
+    spec = CaptionerConfig.build(EncoderSpec("m", "m"), (2,), "linear", 1, None, 2, CaptionStyle())
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
+    save_checkpoint(str(tmp_path), 5, w, spec, {}, opt.state_dict(), {"epoch": 0}, keep_last=2)
+    assert sorted(os.listdir(root)) == ["latest", "step-0000005", "step-0000200"]
+    assert find_checkpoint(str(tmp_path)) == str(root / "step-0000005")
+
+
+def test_annotations_with_empty_or_odd_captions(cap, process_group, tmp_path):
+    data = json.load(open(cap["val_ann"]))
+    ids = [im["id"] for im in data["images"]]
+    anns = [a for a in data["annotations"] if a["image_id"] != ids[2]]  # the third image: no references
+    anns[0] = dict(anns[0], caption="")
+    anns[1] = dict(anns[1], caption=7)
+    bad = tmp_path / "ann.json"
+    json.dump(dict(data, annotations=anns), open(bad, "w"))
+    res = tmp_path / "res.json"
+    json.dump([{"image_id": i, "caption": "a red circle on a blue background"} for i in ids], open(res, "w"))
+    metrics = evaluate(EvaluationConfig(annotations=str(bad), results=str(res)))
+    assert 0 < metrics["CIDEr"]
+    record = json.load(open(tmp_path / "res.metrics.json"))
+    assert record["images"] == 2 and record["metrics"] == metrics
+    json.dump(dict(data, images=[dict(data["images"][0], id="abc")] + data["images"][1:]), open(bad, "w"))
+    with pytest.raises(UserError, match="image id 'abc' is not a whole number"):
+        evaluate(EvaluationConfig(annotations=str(bad), results=str(res)))
+    # Training on captions that are all empty stops with a message.
+    train_data = json.load(open(cap["ann"]))
+    json.dump(dict(train_data, annotations=[dict(a, caption=" ") for a in train_data["annotations"]]), open(bad, "w"))
+    with pytest.raises(UserError, match="no image with a usable caption"):
+        train(TrainConfig(ckpt_dir=cap["ckpt_dir"], tokenizer_path=cap["tokenizer"], clip_model=cap["clip"],
+                          train_images=cap["images"], train_annotations=str(bad), out_dir=str(tmp_path / "run"),
+                          num_workers=0))
+
+
+def test_unfinished_feature_cache_of_other_settings_is_refused(cap, process_group, tmp_path):
+    out = tmp_path / "feats"
+    flags = dict(clip_model=cap["clip"], images=cap["images"], annotations=cap["ann"], out=str(out), num_workers=0,
+                 batch_size=2, chunk=1)
+    extract(FeaturesConfig(**flags))
+    os.remove(out / "meta.json")  # as if it had crashed before finishing
+    before = tree_digest(out)
+    with pytest.raises(UserError, match="other settings .*feature"):
+        extract(FeaturesConfig(**dict(flags, feature_kind="patch")))
+    with pytest.raises(UserError, match="other settings .*images"):
+        extract(FeaturesConfig(**dict(flags, images=cap["val_images"], annotations=cap["val_ann"])))
+    assert tree_digest(out) == before
+    extract(FeaturesConfig(**flags))  # the same settings finish it
+    assert (out / "meta.json").exists()
+
+
+@pytest.mark.parametrize("cls, flags, message", [
+    (TrainConfig, dict(num_workers=-1), "--num_workers must be at least 0"),
+    (TrainConfig, dict(epochs="three"), "--epochs must be a whole number, got 'three'"),
+    (TrainConfig, dict(lr="fast"), "--lr must be a number"),
+    (InferenceConfig, dict(temperature=-0.5), "--temperature must be 0"),
+    (InferenceConfig, dict(top_p=1.5), "--top_p must be in (0, 1]"),
+    (InferenceConfig, dict(top_p=0), "--top_p must be in (0, 1]"),
+    (FeaturesConfig, dict(batch_size=0), "--batch_size must be at least 1"),
+])
+def test_bad_flags_are_refused_by_the_config(cls, flags, message):
+    base = {"ckpt_dir": "c", "tokenizer_path": "t", "clip_model": "m", "train_images": "i", "out_dir": "o",
+            "checkpoint": "k", "images": "i", "out": "o"}
+    names = set(cls.__dataclass_fields__)
+    with pytest.raises(UserError) as e:
+        cls(**{k: v for k, v in base.items() if k in names}, **flags)
+    assert message in str(e.value)
+
+
+def test_command_line_errors_are_one_line_and_last(cap, trained, tmp_path):
+    # Plain python: one line, exit status 2, no traceback.
+    for args in (["-m", "llama_caption.features", "--clip_model", cap["clip"], "--images", cap["images"],
+                  "--out", tmp_path / "f", "--batch_size", "abc"],
+                 ["example.py", "--ckpt_dir", cap["ckpt_dir"], "--tokenizer_path", cap["tokenizer"], "--prompts", "[]"],
+                 ["captioning_training.py", "--ckpt_dir", cap["ckpt_dir"], "--tokenizer_path", cap["tokenizer"],
+                  "--clip_model", cap["clip"], "--train_images", cap["images"], "--out_dir", tmp_path / "afile"]):
+        if "afile" in map(str, args[-1:]) or str(args[-1]).endswith("afile"):
+            (tmp_path / "afile").write_text("a file, not a folder")
+        proc = run_python(*args)
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr
+    # Under torchrun the launcher's report ends with the same line, as the root cause.
+    proc = torchrun(1, "captioning_inference.py", "--ckpt_dir", cap["ckpt_dir"], "--tokenizer_path", cap["tokenizer"],
+                    "--checkpoint", trained, "--images", cap["val_images"], "--out", tmp_path, check=False)
+    assert proc.returncode != 0
+    last = [l for l in proc.stderr.strip().splitlines() if l.strip("=")][-1]
+    assert last.strip().endswith(f"error: --out {tmp_path} is a folder: name a file, e.g. {tmp_path}/results.json")
+
+
+def test_command_flags_and_help_come_from_the_config_fields():
+    main = command(TrainConfig, lambda cfg: cfg, "Train.")
+    assert "    epochs: passes over the training samples.\n" in main.__doc__
+    cfg = main("a", "b", "c", "d", "e", epochs=3)
+    assert isinstance(cfg, TrainConfig) and cfg.epochs == 3 and cfg.lr == 1e-4
+    many = command(InferenceConfig, lambda cfg: cfg, "Caption.", varargs="images")
+    cfg = many("a", "b", "c", "x.jpg", "y.jpg", "z/")
+    assert cfg.images == ["x.jpg", "y.jpg", "z/"] and cfg.split == "test"
