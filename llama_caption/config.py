@@ -125,7 +125,7 @@ def command(cls, run: Callable, summary: str, varargs: Optional[str] = None) -> 
             if extra:
                 first = values[varargs]
                 values[varargs] = (list(first) if isinstance(first, (list, tuple)) else [first]) + list(extra)
-        return run(cls(**values))
+        run(cls(**values))  # nothing returned: fire would print it
 
     main.__signature__ = signature
     main.__doc__ = summary.strip() + "\n\n" + help_text(cls)

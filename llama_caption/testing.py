@@ -8,6 +8,7 @@ reference decoders that the tests and the benchmark compare the real ones agains
 
 import io
 import os
+import warnings
 from typing import Dict, Iterable, List, Optional
 
 import torch
@@ -75,8 +76,6 @@ def build_tiny_clip(path: str, embed_dim: int = 64, width: int = 64, layers: int
     Widths must be multiples of 64: clip.model.build_model infers head counts as width // 64.
     `model` may be an already trained CLIP (the demo's stand-in); else a random one is made.
     """
-    import warnings
-
     clip = import_clip()
     if model is None:
         torch.manual_seed(seed)

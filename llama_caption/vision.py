@@ -91,13 +91,12 @@ class ClipEncoder(nn.Module):
 
     def __init__(self, spec: EncoderSpec, device="cpu"):
         super().__init__()
-        if spec.feature_kind not in FEATURE_KINDS:
-            raise UserError(f"--feature_kind {spec.feature_kind!r} must be one of {', '.join(FEATURE_KINDS)}")
         model, self.preprocess = load_clip(spec.clip_model, device)
         self.visual = model.visual  # the text tower is not needed
         del model
         self.visual.requires_grad_(False).eval()
         n_blocks = len(self.visual.transformer.resblocks)
+        # The block count is only known once the model is loaded: this check cannot live in a config.
         if spec.feature_kind == "patch" and not (-n_blocks <= spec.clip_layer < n_blocks):
             raise UserError(f"--clip_layer {spec.clip_layer} is outside the {n_blocks} blocks of {spec.clip_model}")
         self.spec = spec
