@@ -12,7 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, run_python, torchrun
+import captioning_inference
+from conftest import REPO, run_cli, torchrun
+from llama_caption import evaluation
 from llama_caption.data import load_coco, open_rgb
 from llama_caption.generation import beam_search, generate, sequence_score
 from llama_caption.runs import load_captioner
@@ -28,8 +30,9 @@ def test_results_load_with_coco_and_have_one_caption_per_image(cap, trained, tmp
     from pycocotools.coco import COCO
 
     out = tmp_path / "res.json"
-    proc = torchrun(1, "captioning_inference.py", *infer_args(cap, trained, out, "--annotations", cap["val_ann"],
-                                                              "--num_images", 2, "--gallery", 2))
+    proc = run_cli(captioning_inference.main, *infer_args(cap, trained, out, "--annotations", cap["val_ann"],
+                                                          "--num_images", 2, "--gallery", 2))
+    assert proc.returncode == 0, proc.stderr
     with contextlib.redirect_stdout(io.StringIO()):
         coco = COCO(cap["val_ann"])
         res = coco.loadRes(str(out))
@@ -60,7 +63,7 @@ def test_metrics_equal_the_pycocoevalcap_scorers_called_directly(cap, trained, t
     caps = {i: [a["caption"] for a in ann["annotations"] if a["image_id"] == i] for i in ids}
     results = [{"image_id": i, "caption": caps[ids[(k + (k % 2)) % len(ids)]][k % 5]} for k, i in enumerate(ids[:5])]
     json.dump(results, open(out, "w"))
-    proc = run_python("-m", "llama_caption.evaluation", "--annotations", cap["ann"], "--results", out)
+    proc = run_cli(evaluation.main, "--annotations", cap["ann"], "--results", out)
     assert proc.returncode == 0, proc.stderr
     ours = json.load(open(tmp_path / "res.metrics.json"))["metrics"]
     tok = PTBTokenizer()
@@ -84,7 +87,7 @@ def test_results_file_not_in_coco_format_is_refused(cap, tmp_path):
                          ('[{"image_id": 1, "caption": "a"}, {"image_id": 1, "caption": "b"}]', "more than one caption"),
                          ('[{"image_id": 424242, "caption": "a"}]', "do not know"), ("[", "not valid JSON")):
         bad.write_text(content)
-        proc = run_python("-m", "llama_caption.evaluation", "--annotations", cap["ann"], "--results", bad)
+        proc = run_cli(evaluation.main, "--annotations", cap["ann"], "--results", bad)
         assert proc.returncode == 2 and msg in proc.stderr, (content, proc.stderr)
 
 
@@ -136,7 +139,7 @@ def own_images(folder, cap, copies):
 def test_interrupted_run_resumes_without_recaptioning(cap, trained, tmp_path):
     imgs = own_images(tmp_path / "imgs", cap, 15)  # 90 images, one per batch
     full = tmp_path / "full.json"
-    ref = run_python("captioning_inference.py", *infer_args(cap, trained, full, "--batch_size", 1, images=imgs))
+    ref = run_cli(captioning_inference.main, *infer_args(cap, trained, full, "--batch_size", 1, images=imgs))
     assert ref.returncode == 0, ref.stderr
     out = tmp_path / "cut.json"
     env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
@@ -154,7 +157,7 @@ def test_interrupted_run_resumes_without_recaptioning(cap, trained, tmp_path):
     proc.wait()
     done_before = sum(1 for _ in open(partial))
     assert 20 <= done_before < 90
-    again = run_python("captioning_inference.py", *infer_args(cap, trained, out, "--batch_size", 1, images=imgs))
+    again = run_cli(captioning_inference.main, *infer_args(cap, trained, out, "--batch_size", 1, images=imgs))
     assert again.returncode == 0, again.stderr
     assert f"{done_before} already captioned" in again.stderr
     assert len([l for l in again.stdout.splitlines() if "\t" in l]) == 90 - done_before  # only the rest
@@ -165,7 +168,7 @@ def test_interrupted_run_resumes_without_recaptioning(cap, trained, tmp_path):
 def test_two_data_parallel_ranks_give_the_same_results(cap, trained, tmp_path):
     args = ["--annotations", cap["val_ann"], "--evaluate", "False", "--batch_size", 2]
     torchrun(2, "captioning_inference.py", *infer_args(cap, trained, tmp_path / "two.json", *args))
-    torchrun(1, "captioning_inference.py", *infer_args(cap, trained, tmp_path / "one.json", *args))
+    assert run_cli(captioning_inference.main, *infer_args(cap, trained, tmp_path / "one.json", *args)).returncode == 0
     two, one = json.load(open(tmp_path / "two.json")), json.load(open(tmp_path / "one.json"))
     assert two == one and len(one) == 3
 
@@ -178,7 +181,8 @@ def test_own_files_folder_with_png_grayscale_jpeg_and_broken_file(cap, trained, 
     (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
     (folder / "notes.txt").write_text("not an image, not listed")
     out = tmp_path / "mine.json"
-    proc = torchrun(1, "captioning_inference.py", *infer_args(cap, trained, out, images=folder))
+    proc = run_cli(captioning_inference.main, *infer_args(cap, trained, out, images=folder))
+    assert proc.returncode == 0, proc.stderr
     lines = [l.split("\t") for l in proc.stdout.splitlines() if "\t" in l]
     assert sorted(os.path.basename(f) for f, _ in lines) == ["gray.jpg", "shape.png"]
     assert all(c.strip() for _, c in lines)
@@ -187,7 +191,7 @@ def test_own_files_folder_with_png_grayscale_jpeg_and_broken_file(cap, trained, 
     assert "1 unreadable image(s) skipped" in proc.stderr and "broken.jpg" in proc.stderr
 
 
-def test_bad_checkpoints_and_missing_java(cap, trained, tmp_path):
+def test_bad_checkpoints_and_missing_java(cap, trained, tmp_path, monkeypatch):
     # A checkpoint folder with no config.
     from safetensors.torch import save_file
 
@@ -195,12 +199,12 @@ def test_bad_checkpoints_and_missing_java(cap, trained, tmp_path):
     save_file({"net.0.weight": torch.zeros(2, 2)}, tmp_path / "noconf" / "projection.safetensors")
     args = infer_args(cap, trained, tmp_path / "r.json")
     args[args.index("--checkpoint") + 1] = tmp_path / "noconf"
-    proc = run_python("captioning_inference.py", *args)
+    proc = run_cli(captioning_inference.main, *args)
     assert proc.returncode == 2 and "carries no training config" in proc.stderr
     # Another CLIP model than the one it was trained with.
     other = str(tmp_path / "other.pt")
     build_tiny_clip(other, seed=3)
-    proc = run_python("captioning_inference.py", *infer_args(cap, trained, tmp_path / "r.json", "--clip_model", other))
+    proc = run_cli(captioning_inference.main, *infer_args(cap, trained, tmp_path / "r.json", "--clip_model", other))
     assert proc.returncode == 2 and "use the CLIP model it was trained with" in proc.stderr
     # A LLaMA of another width.
     from llama_caption.model import ModelArgs
@@ -210,16 +214,14 @@ def test_bad_checkpoints_and_missing_java(cap, trained, tmp_path):
     write_meta_checkpoint(str(tmp_path / "wide"), wide, random_state_dict(ModelArgs.from_params(wide, vocab_size=96)))
     args = infer_args(cap, trained, tmp_path / "r.json")
     args[args.index("--ckpt_dir") + 1] = tmp_path / "wide"
-    proc = run_python("captioning_inference.py", *args)
+    proc = run_cli(captioning_inference.main, *args)
     assert proc.returncode == 2 and "projects to LLaMA width 64" in proc.stderr and "width 128" in proc.stderr
     # No Java: the captions are written, then evaluation says what is missing.
     env_path = tmp_path / "bin"
     env_path.mkdir()
     out = tmp_path / "nojava.json"
-    env = dict(os.environ, PYTHONPATH=REPO, PATH=str(env_path))
-    proc = subprocess.run([sys.executable, "captioning_inference.py",
-                           *map(str, infer_args(cap, trained, out, "--annotations", cap["val_ann"]))],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    monkeypatch.setenv("PATH", str(env_path))
+    proc = run_cli(captioning_inference.main, *infer_args(cap, trained, out, "--annotations", cap["val_ann"]))
     assert proc.returncode == 2 and "needs Java" in proc.stderr
     assert len(json.load(open(out))) == 3
 

@@ -7,7 +7,9 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from conftest import run_python, torchrun
+import captioning_training
+from conftest import run_cli, run_python, torchrun
+from llama_caption import features
 from llama_caption.captioner import IGNORE, Captioner, CaptionStyle
 from llama_caption.checkpoint import load_llama
 from llama_caption.data import CaptionDataset, StepBatches, collate, load_coco, open_rgb
@@ -109,7 +111,14 @@ def test_one_caption_per_image_is_the_same_draw_everywhere(cap):
 
 
 def run_train(cap, out_dir, *extra, ann=None, nproc=1, check=True):
-    return torchrun(nproc, "captioning_training.py", *train_args(cap, out_dir, *extra, ann=ann), check=check)
+    """Training as the command line runs it: under torchrun for several processes, else in this
+    process (the same code, without the start-up time)."""
+    if nproc > 1:
+        return torchrun(nproc, "captioning_training.py", *train_args(cap, out_dir, *extra, ann=ann), check=check)
+    proc = run_cli(captioning_training.main, *train_args(cap, out_dir, *extra, ann=ann))
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
 
 
 def final_weights(out_dir):
@@ -166,8 +175,8 @@ def test_resumed_run_equals_uninterrupted_run(cap, tmp_path):
 
 
 def extract(cap, out, *extra, images=None, ann=None):
-    return run_python("-m", "llama_caption.features", "--clip_model", cap["clip"], "--images", images or cap["images"],
-                      "--annotations", ann or cap["ann"], "--out", out, "--num_workers", 0, "--batch_size", 2, *extra)
+    return run_cli(features.main, "--clip_model", cap["clip"], "--images", images or cap["images"],
+                   "--annotations", ann or cap["ann"], "--out", out, "--num_workers", 0, "--batch_size", 2, *extra)
 
 
 def test_feature_cache_gives_the_same_loss_as_on_the_fly(cap, process_group, tmp_path):
@@ -232,7 +241,8 @@ def test_bad_images_are_skipped_and_counted(cap, tmp_path):
     args = train_args(cap, tmp_path / "run", "--epochs", 1, "--batch_size", 8, "--captions", "one", "--warmup_steps", 1)
     i = args.index("--train_images")
     args[i + 1], args[i + 3] = imgs, tmp_path / "ann.json"
-    proc = torchrun(1, "captioning_training.py", *args)
+    proc = run_cli(captioning_training.main, *args)
+    assert proc.returncode == 0, proc.stderr
     assert "1 annotated image(s) not found" in proc.stderr and "missing.jpg" in proc.stderr
     assert "2 unreadable image(s) skipped" in proc.stderr
     assert "trunc.jpg" in proc.stderr and "junk.jpg" in proc.stderr
@@ -246,8 +256,8 @@ def test_malformed_annotations_name_the_file(cap, tmp_path):
     assert proc.returncode != 0
     assert f"error: {bad} is not valid JSON" in proc.stderr and "Traceback" not in proc.stderr
     bad.write_text('{"images": [{"id": 1}], "annotations": []}')
-    proc = run_python("captioning_training.py", *train_args(cap, tmp_path / "run", ann=str(bad)))
-    assert "has no file_name" in proc.stderr
+    proc = run_cli(captioning_training.main, *train_args(cap, tmp_path / "run", ann=str(bad)))
+    assert proc.returncode == 2 and "has no file_name" in proc.stderr
 
 
 def test_nan_loss_stops_with_a_message(cap, tmp_path):
