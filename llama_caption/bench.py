@@ -35,7 +35,7 @@ from .fileio import check_output_file, write_json
 from .generation import generate
 from .model import ModelArgs, Transformer
 from .testing import demo_layout, greedy_no_cache, random_model
-from .vision import ClipEncoder, EncoderSpec
+from .vision import OPEN_CLIP, ClipEncoder, EncoderSpec, OpenClipEncoder
 
 CONFIGS = {
     # dim 512 x 8 layers with LLaMA's 32000-word vocabulary: ~60M parameters, CPU-sized.
@@ -374,6 +374,40 @@ def cache_vs_fly_bench(log, steps: int = 8, batch: int = 32, root: str = "demo_r
     return out
 
 
+ENCODERS = ("ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336", "EVA02-L-14", "ViT-SO400M-14-SigLIP")
+
+
+def encoder_bench(archs, batch: int, log) -> dict:
+    """Per open_clip architecture (random weights: nothing is downloaded): the features it gives,
+    the prefix length patch features imply, its weights' memory and the CPU time to encode one
+    image (pooled features, fastest of the timed runs at `batch` images a call)."""
+    import open_clip
+
+    out = {}
+    log(f"  {'encoder':22} {'pooled':>6} {'patch grid':>10} {'width':>5} {'prefix (patch)':>14} "
+        f"{'params':>8} {'fp32 MiB':>8} {'ms/image':>8}")
+    for arch in archs:
+        torch.manual_seed(0)
+        model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=None)
+        spec = EncoderSpec(OPEN_CLIP + arch, "random", "patch", -2)
+        patch = OpenClipEncoder(spec, model=model, preprocess=preprocess)
+        pooled = OpenClipEncoder(EncoderSpec(OPEN_CLIP + arch, "random"), model=model, preprocess=preprocess)
+        n_params = sum(p.numel() for p in patch.visual.parameters())
+        size = patch.visual.image_size
+        size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+        images = torch.randn(batch, 3, *size)
+        _, dt = timed(lambda: pooled(images), torch.device("cpu"), repeat=2, min_seconds=0, max_repeat=2)
+        grid, width = patch.feature_shape
+        out[arch] = {"pooled_dim": pooled.feature_shape[0], "patch_tokens": grid, "patch_width": width,
+                     "image_size": list(size), "params_m": n_params / 1e6, "fp32_mib": n_params * 4 / 2**20,
+                     "ms_per_image": 1000 * dt / batch}
+        r = out[arch]
+        log(f"  {arch:22} {r['pooled_dim']:6d} {f'{int(grid ** 0.5)}x{int(grid ** 0.5)}':>10} {width:5d} "
+            f"{grid:14d} {r['params_m']:7.0f}M {r['fp32_mib']:8.0f} {r['ms_per_image']:8.0f}")
+        del model, patch, pooled
+    return out
+
+
 def machine(device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -392,9 +426,14 @@ class BenchConfig(Config):
     device: str = setting("auto", "auto, cpu or cuda.")
     out: str = setting("bench.json", "JSON file for the figures ('' for none).")
     train: bool = setting(True, "also measure training steps.")
+    encoders: Optional[List[str]] = setting(None, f"instead: the image encoders table, for these open_clip architectures (e.g. '[\"ViT-B-32\", \"ViT-L-14\"]'; 'all': {', '.join(ENCODERS)}).")
+    encoder_batch: int = setting(4, "images per encoder call in the encoders table.")
 
     def check(self) -> None:
         self.one_of("config", CONFIGS)
+        self.at_least(1, "encoder_batch")
+        if self.encoders == ["all"]:
+            self.encoders = list(ENCODERS)
 
 
 def print_decode_summary(d: dict, c: dict, dev, n_params: int, dtype) -> None:
@@ -421,6 +460,13 @@ def card_peaks(dev):
 def bench(cfg: BenchConfig) -> dict:
     if cfg.out:
         check_output_file(cfg.out, "--out")
+    if cfg.encoders:
+        print(f"{machine(torch.device('cpu'))}; torch {torch.__version__}; image encoders, random weights, fp32, "
+              f"batch {cfg.encoder_batch}")
+        res = {"machine": machine(torch.device("cpu")), "encoders": encoder_bench(cfg.encoders, cfg.encoder_batch, print)}
+        if cfg.out:
+            write_json(cfg.out, res, indent=1)
+        return res
     c = CONFIGS[cfg.config]
     with distributed.session(mp_size=1, device=cfg.device) as env:
         dev = env.device

@@ -28,7 +28,7 @@ from .generation import beam_search, generate
 from .model import Transformer
 from .projection import Projection
 from .tokenizer import Tokenizer
-from .vision import ClipEncoder, EncoderSpec
+from .vision import EncoderSpec, ImageEncoder
 
 IGNORE = -100
 PROJECTION_FILE = "projection.safetensors"
@@ -224,7 +224,7 @@ def check_window(prefix_len: int, text_len: int, ckpt_dir: str, flag: str) -> in
     return window
 
 
-def check_encoder(cfg: CaptionerConfig, encoder: ClipEncoder, where: str) -> CaptionerConfig:
+def check_encoder(cfg: CaptionerConfig, encoder: ImageEncoder, where: str) -> CaptionerConfig:
     """The encoder must be the one the captioner was trained with; fills in a legacy patch count."""
     got = encoder.spec
     if got.identity != cfg.encoder.identity:

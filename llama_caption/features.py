@@ -31,7 +31,7 @@ from .config import Config, command, setting
 from .data import ImageFiles, collate, drop_missing, load_split, report_bad_images
 from .errors import UserError
 from .fileio import check_output_dir, write_json, write_safetensors
-from .vision import FEATURE_KINDS, ClipEncoder, EncoderSpec
+from .vision import FEATURE_KINDS, EncoderSpec, ImageEncoder, check_encoder_flags, load_encoder
 
 META = "meta.json"
 SETTINGS = "settings.json"
@@ -102,9 +102,10 @@ def next_part_number(out: str, rank: int) -> int:
 
 @dataclass
 class FeaturesConfig(Config):
-    clip_model: str = setting(help="a released CLIP name (ViT-B/32, ViT-B/16, ViT-L/14, ViT-L/14@336px) or a local CLIP file.")
+    clip_model: str = setting(help="a released CLIP name (ViT-B/32, ViT-B/16, ViT-L/14, ViT-L/14@336px), a local CLIP file, or open_clip:ARCH (with --clip_pretrained).")
     images: str = setting(help="the images folder (with --karpathy_split: the folder holding train2014/ and val2014/).")
     out: str = setting(help="the cache folder to create (or to finish, after a crash, with the same flags).")
+    clip_pretrained: Optional[str] = setting(None, "with --clip_model open_clip:ARCH: the weights file or a pretrained tag.")
     annotations: Optional[str] = setting(None, "COCO captions JSON (captions_train2014.json, ...); not needed with --karpathy_split.")
     karpathy_split: Optional[str] = setting(None, "Karpathy's dataset_coco.json; then --split picks train (with restval), val or test.")
     split: str = setting("train", "the Karpathy split to extract.")
@@ -121,6 +122,7 @@ class FeaturesConfig(Config):
         self.at_least(0, "num_workers")
         self.one_of("storage", ("auto", "fp32", "fp16"))
         self.one_of("feature_kind", FEATURE_KINDS)
+        check_encoder_flags(self.clip_model, self.clip_pretrained)
 
     @property
     def half(self) -> bool:
@@ -154,8 +156,8 @@ def claim(out: str, settings: dict, is_main: bool) -> None:
 def extract(cfg: FeaturesConfig) -> None:
     check_output_dir(cfg.out, "--out")
     with distributed.session(mp_size=1, device=cfg.device) as env:
-        spec = EncoderSpec.of(cfg.clip_model, cfg.feature_kind, cfg.clip_layer)
-        encoder = ClipEncoder(spec, env.device)
+        spec = EncoderSpec.of(cfg.clip_model, cfg.feature_kind, cfg.clip_layer, cfg.clip_pretrained)
+        encoder = load_encoder(spec, env.device)
         settings = cfg.settings(spec)
         if os.path.isfile(os.path.join(cfg.out, META)):
             FeatureCache(cfg.out).check(spec, "--out")
@@ -182,7 +184,7 @@ def extract(cfg: FeaturesConfig) -> None:
             print(f"wrote {total} feature vectors to {cfg.out} ({int(counts)} unreadable image(s) skipped)")
 
 
-def extract_parts(cfg: FeaturesConfig, env, encoder: ClipEncoder, todo) -> list:
+def extract_parts(cfg: FeaturesConfig, env, encoder: ImageEncoder, todo) -> list:
     """This rank's features, a part file every `chunk` batches; returns the unreadable images."""
     loader = torch.utils.data.DataLoader(ImageFiles(todo, encoder.preprocess), batch_size=cfg.batch_size,
                                          num_workers=cfg.num_workers, collate_fn=collate)
@@ -198,7 +200,7 @@ def extract_parts(cfg: FeaturesConfig, env, encoder: ClipEncoder, todo) -> list:
             part_no += 1
         feats, ids = [], []
 
-    bar = tqdm(loader, desc=f"CLIP {cfg.feature_kind} features", unit="batch", disable=not env.is_main,
+    bar = tqdm(loader, desc=f"{cfg.feature_kind} image features", unit="batch", disable=not env.is_main,
                dynamic_ncols=True)
     for n, batch in enumerate(bar, 1):
         bad += batch["bad"]

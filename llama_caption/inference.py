@@ -58,6 +58,7 @@ class InferenceConfig(Config):
     num_beams: int = setting(1, "beam search with this many beams (1: greedy).")
     length_penalty: float = setting(1.0, "beam scores are log-probability / length**length_penalty.")
     clip_model: Optional[str] = setting(None, "the CLIP file, when it moved since training (it must be the same model).")
+    clip_pretrained: Optional[str] = setting(None, "the open_clip weights file, when it moved since training (the same weights).")
     evaluate: bool = setting(True, "score against the annotations (BLEU, METEOR, ROUGE-L, CIDEr; SPICE when installed).")
     gallery: int = setting(0, "write RESULTS.gallery.html with the first N images.")
     num_workers: int = setting(2, "image-loading processes (0: load in the main process).")
@@ -343,7 +344,7 @@ def run(cfg: InferenceConfig) -> Optional[Dict]:
         records = select_records(cfg, env.log)
         dtype = resolve_dtype(cfg.dtype, env.device)
         captioner, encoder, _ = load_captioner(cfg.checkpoint, cfg.ckpt_dir, cfg.tokenizer_path, env.device, dtype,
-                                               cfg.max_gen_len, cfg.clip_model)
+                                               cfg.max_gen_len, cfg.clip_model, cfg.clip_pretrained)
         made_by = provenance(cfg, encoder.spec.identity, dtype)
         files.previous(made_by, cfg.overwrite)
         done = {} if cfg.overwrite else files.load_done(cfg.annotated)

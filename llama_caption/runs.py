@@ -27,7 +27,7 @@ from .captioner import (PROJECTION_FILE, Captioner, CaptionerConfig, check_encod
 from .checkpoint import load_llama
 from .errors import UserError
 from .fileio import atomic_path, write_text
-from .vision import ClipEncoder, EncoderSpec
+from .vision import EncoderSpec, load_encoder
 
 
 def checkpoints_dir(out_dir: str) -> str:
@@ -129,7 +129,7 @@ def check_fresh(out_dir: str) -> None:
 
 
 def load_captioner(checkpoint: str, ckpt_dir: str, tokenizer_path: str, device, dtype=torch.float32,
-                   max_gen_len: int = 30, clip_model: Optional[str] = None):
+                   max_gen_len: int = 30, clip_model: Optional[str] = None, clip_pretrained: Optional[str] = None):
     """A trained captioner from a training checkpoint, the frozen LLaMA and CLIP.
 
     The encoder, projection and prefix come from the checkpoint's CaptionerConfig; `clip_model`
@@ -140,9 +140,10 @@ def load_captioner(checkpoint: str, ckpt_dir: str, tokenizer_path: str, device, 
     weights, cfg, _ = load_projection(ckpt)
     check_window(cfg.prefix_len, max_gen_len, ckpt_dir, "--max_gen_len")  # before anything is loaded
     spec = cfg.encoder
-    if clip_model:
-        spec = EncoderSpec.of(clip_model, spec.feature_kind, -2 if spec.clip_layer is None else spec.clip_layer)
-    encoder = ClipEncoder(spec, device)
+    if clip_model or clip_pretrained:  # the same encoder's files, moved: the identity must still match
+        spec = EncoderSpec.of(clip_model or spec.clip_model, spec.feature_kind,
+                              -2 if spec.clip_layer is None else spec.clip_layer, clip_pretrained or spec.pretrained)
+    encoder = load_encoder(spec, device)
     cfg = check_encoder(cfg, encoder, f"--checkpoint {ckpt}")
     window = check_window(cfg.prefix_len, max_gen_len, ckpt_dir, "--max_gen_len")
     llama, tokenizer = load_llama(ckpt_dir, tokenizer_path, window, device=device, dtype=dtype)

@@ -146,3 +146,27 @@ def demo_layout(root: str = "demo_runs", scale: str = "full") -> Dict[str, str]:
         "tokenizer": os.path.join(st, "tokenizer.model"), "features": os.path.join(base, "features"),
         "runs": os.path.join(base, "runs"),
     }
+
+
+TINY_OPEN_CLIP_TEXT = {"context_length": 16, "vocab_size": 1000, "width": 64, "heads": 1, "layers": 1}
+
+
+def build_tiny_open_clip(folder: str, name: str, vision_cfg: dict, seed: int = 0, embed_dim: int = 32) -> tuple:
+    """A small open_clip model: its config as FOLDER/NAME.json (what `--clip_model
+    open_clip:FOLDER/NAME.json` reads) and random weights as FOLDER/NAME-SEED.bin, a
+    torch.save'd state dict like open_clip's released files. Returns (config path, weights path)."""
+    import json
+
+    import open_clip
+
+    os.makedirs(folder, exist_ok=True)
+    cfg_path = os.path.join(folder, f"{name}.json")
+    with atomic_path(cfg_path) as tmp:
+        with open(tmp, "w") as f:
+            json.dump({"embed_dim": embed_dim, "vision_cfg": vision_cfg, "text_cfg": TINY_OPEN_CLIP_TEXT}, f)
+    open_clip.add_model_config(cfg_path)
+    torch.manual_seed(seed)
+    model = open_clip.create_model(name, pretrained=None)
+    weights = os.path.join(folder, f"{name}-{seed}.bin")
+    write_torch(weights, model.state_dict())
+    return cfg_path, weights

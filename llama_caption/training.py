@@ -33,14 +33,14 @@ from .features import FeatureCache
 from .fileio import check_output_dir, write_json
 from .projection import PROJECTIONS
 from .runtime import DTYPE_NAMES, resolve_dtype
-from .vision import FEATURE_KINDS, ClipEncoder, EncoderSpec
+from .vision import FEATURE_KINDS, EncoderSpec, ImageEncoder, check_encoder_flags, load_encoder
 
 
 @dataclass
 class TrainConfig(Config):
     ckpt_dir: str = setting(help="LLaMA folder (params.json + consolidated.XX.pth); its shard count is the model-parallel size.")
     tokenizer_path: str = setting(help="LLaMA's tokenizer.model.")
-    clip_model: str = setting(help="CLIP name (ViT-B/32, ViT-B/16, ViT-L/14, ViT-L/14@336px) or a local CLIP file.")
+    clip_model: str = setting(help="CLIP name (ViT-B/32, ViT-B/16, ViT-L/14, ViT-L/14@336px), a local CLIP file, or open_clip:ARCH (an open_clip model name or model config JSON; weights from --clip_pretrained).")
     train_images: str = setting(help="train2014/ (with --karpathy_split: the folder holding train2014/ and val2014/).")
     out_dir: str = setting(help="the run folder: checkpoints/, metrics.jsonl, loss_curve.png, config.json. A folder that holds a run is only continued, with --resume.")
     train_annotations: Optional[str] = setting(None, "captions_train2014.json (not needed with --karpathy_split).")
@@ -49,6 +49,7 @@ class TrainConfig(Config):
     karpathy_split: Optional[str] = setting(None, "dataset_coco.json: train = train+restval, validation = its val split.")
     features: Optional[str] = setting(None, "a training feature cache from python -m llama_caption.features (else CLIP runs on the fly).")
     val_features: Optional[str] = setting(None, "a validation feature cache.")
+    clip_pretrained: Optional[str] = setting(None, "with --clip_model open_clip:ARCH: the weights file (open_clip_pytorch_model.bin, .safetensors) or a pretrained tag (downloaded only if not cached).")
     feature_kind: str = setting("pooled", "pooled (CLIP image embedding, ClipCap) or patch (patch tokens, LLaVA).")
     clip_layer: int = setting(-2, "with --feature_kind patch, the block whose output is taken (-2: penultimate).")
     projection: str = setting("mlp", "linear or mlp (Linear-GELU-Linear).")
@@ -90,6 +91,7 @@ class TrainConfig(Config):
         if self.min_lr_ratio > 1:
             raise UserError(f"--min_lr_ratio must be between 0 and 1, got {self.min_lr_ratio}")
         self.one_of("feature_kind", FEATURE_KINDS)
+        check_encoder_flags(self.clip_model, self.clip_pretrained)
         self.one_of("projection", PROJECTIONS)
         self.one_of("captions", CAPTION_MODES)
         self.one_of("dtype", DTYPE_NAMES)
@@ -143,7 +145,7 @@ class Job:
 
     captioner: Captioner
     spec: CaptionerConfig
-    encoder: Optional[ClipEncoder]
+    encoder: Optional[ImageEncoder]
     train_set: CaptionDataset
     val_set: Optional[CaptionDataset]
     micro_batch: int
@@ -198,9 +200,9 @@ def build(cfg: TrainConfig, env) -> Job:
     """Encoder (when a split has no feature cache), the frozen LLaMA, the projection, the data,
     the optimizer and its schedule."""
     micro = cfg.micro_batch(env.dp_size)
-    spec_in = EncoderSpec.of(cfg.clip_model, cfg.feature_kind, cfg.clip_layer)
+    spec_in = EncoderSpec.of(cfg.clip_model, cfg.feature_kind, cfg.clip_layer, cfg.clip_pretrained)
     need_encoder = cfg.features is None or (cfg.val_images is not None and cfg.val_features is None)
-    encoder = ClipEncoder(spec_in, env.device) if need_encoder else None
+    encoder = load_encoder(spec_in, env.device) if need_encoder else None
     cache = open_cache(cfg.features, spec_in, "--features")
     val_cache = open_cache(cfg.val_features, spec_in, "--val_features")
     shape = encoder.feature_shape if encoder else cache.meta["shape"]

@@ -1,19 +1,23 @@
-"""The frozen CLIP image encoder, from OpenAI's `clip` package.
+"""The frozen image encoder: OpenAI's CLIP from the `clip` package (the default), or any
+open_clip model (`--clip_model open_clip:ARCH --clip_pretrained FILE_OR_TAG`: SigLIP, EVA-CLIP,
+DataComp, ... including the timm-based towers). `load_encoder` picks the backend from the name.
 
 Two kinds of features:
   pooled  CLIP's image embedding, one vector per image (ClipCap);            (B, embed_dim)
   patch   the patch tokens after a chosen transformer block, the penultimate
           by default, without the CLS token (LLaVA);                          (B, grid*grid, width)
 
-`EncoderSpec` is what identifies an encoder's features (the model, the SHA-256 of its file, the
-feature kind and layer); feature caches and captioner checkpoints record it and are refused
-when it differs.
+`EncoderSpec` is what identifies an encoder's features (the model, the SHA-256 of its weights
+file, the feature kind and layer); feature caches and captioner checkpoints record it and are
+refused when it differs. Every encoder preprocesses with its model's own transform (resolution,
+mean/std, resize mode).
 """
 
 import hashlib
 import os
 import warnings
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Optional, Tuple
 
 import torch
@@ -22,6 +26,7 @@ from torch import nn
 from .errors import UserError
 
 FEATURE_KINDS = ("pooled", "patch")
+OPEN_CLIP = "open_clip:"
 
 
 def import_clip():
@@ -47,21 +52,71 @@ def clip_identity(name_or_path: str) -> str:
 
 @dataclass(frozen=True)
 class EncoderSpec:
-    """Which features: CLIP model (name or file), its identity, feature kind, block (patch)."""
+    """Which features: the model (a `clip` name or file, or open_clip:ARCH), its weights
+    (open_clip: a file or a pretrained tag), their identity, the feature kind and block (patch)."""
 
     clip_model: str
     identity: str
     feature_kind: str = "pooled"
     clip_layer: Optional[int] = None  # only for patch features
+    pretrained: Optional[str] = None  # only for open_clip
 
     @classmethod
-    def of(cls, clip_model: str, feature_kind: str = "pooled", clip_layer: int = -2) -> "EncoderSpec":
-        return cls(clip_model, clip_identity(clip_model), feature_kind, clip_layer if feature_kind == "patch" else None)
+    def of(cls, clip_model: str, feature_kind: str = "pooled", clip_layer: int = -2,
+           pretrained: Optional[str] = None) -> "EncoderSpec":
+        if clip_model.startswith(OPEN_CLIP):
+            arch = clip_model[len(OPEN_CLIP):]
+            if arch.endswith(".json"):  # a config file is known by its name, as open_clip registers it
+                arch = os.path.splitext(os.path.basename(arch))[0]
+            identity = f"{OPEN_CLIP}{arch}+{clip_identity(pretrained) if pretrained else 'none'}"
+        else:
+            identity = clip_identity(clip_model)
+        return cls(clip_model, identity, feature_kind, clip_layer if feature_kind == "patch" else None, pretrained)
 
     def cache_meta(self) -> dict:
         """The keys a feature cache's meta.json records (names kept from the first version)."""
         return {"clip_model": self.clip_model, "clip_identity": self.identity, "feature": self.feature_kind,
                 "clip_layer": str(self.clip_layer)}
+
+
+def check_encoder_flags(clip_model: str, clip_pretrained: Optional[str]) -> None:
+    """--clip_pretrained goes with open_clip models, which need it (but for hf-hub:/local-dir: names)."""
+    if not clip_model.startswith(OPEN_CLIP):
+        if clip_pretrained:
+            raise UserError("--clip_pretrained is for --clip_model open_clip:ARCH; a `clip` model is one file: "
+                            "pass it as --clip_model")
+        return
+    arch = clip_model[len(OPEN_CLIP):]
+    if not arch:
+        raise UserError("--clip_model open_clip: needs an architecture, e.g. open_clip:ViT-B-32")
+    if not clip_pretrained and not arch.startswith(("hf-hub:", "local-dir:")):
+        raise UserError(f"--clip_model {clip_model} needs --clip_pretrained: a weights file "
+                        f"(open_clip_pytorch_model.bin or .safetensors) or a pretrained tag")
+
+
+class ImageEncoder(nn.Module):
+    """A frozen vision tower: `preprocess` (PIL image to tensor), `feature_shape`, and forward
+    (preprocessed images to float32 features of `spec.feature_kind`)."""
+
+    spec: EncoderSpec
+    preprocess = None
+
+    def train(self, mode: bool = True):  # frozen: always in eval mode
+        return super().train(False)
+
+    def check_layer(self, n_blocks: int) -> int:
+        """The block index of a patch-feature spec, checked against the loaded model's blocks."""
+        layer = self.spec.clip_layer
+        if not -n_blocks <= layer < n_blocks:
+            raise UserError(f"--clip_layer {layer} is outside the {n_blocks} blocks of {self.spec.clip_model}")
+        return layer % n_blocks
+
+
+def load_encoder(spec: EncoderSpec, device="cpu") -> ImageEncoder:
+    """The encoder a spec names: open_clip for `open_clip:ARCH`, else the `clip` package."""
+    if spec.clip_model.startswith(OPEN_CLIP):
+        return OpenClipEncoder(spec, device)
+    return ClipEncoder(spec, device)
 
 
 def load_clip(name_or_path: str, device="cpu"):
@@ -86,8 +141,8 @@ def load_clip(name_or_path: str, device="cpu"):
     return model, preprocess
 
 
-class ClipEncoder(nn.Module):
-    """Frozen CLIP vision tower: eval mode, no gradients, CLIP's own preprocessing."""
+class ClipEncoder(ImageEncoder):
+    """OpenAI's CLIP vision tower from the `clip` package, with CLIP's own preprocessing."""
 
     def __init__(self, spec: EncoderSpec, device="cpu"):
         super().__init__()
@@ -95,14 +150,9 @@ class ClipEncoder(nn.Module):
         self.visual = model.visual  # the text tower is not needed
         del model
         self.visual.requires_grad_(False).eval()
-        n_blocks = len(self.visual.transformer.resblocks)
-        # The block count is only known once the model is loaded: this check cannot live in a config.
-        if spec.feature_kind == "patch" and not (-n_blocks <= spec.clip_layer < n_blocks):
-            raise UserError(f"--clip_layer {spec.clip_layer} is outside the {n_blocks} blocks of {spec.clip_model}")
         self.spec = spec
-
-    def train(self, mode: bool = True):  # frozen: always in eval mode
-        return super().train(False)
+        # The block count is only known once the model is loaded: this check cannot live in a config.
+        self.block = self.check_layer(len(self.visual.transformer.resblocks)) if spec.feature_kind == "patch" else None
 
     @property
     def feature_shape(self) -> Tuple[int, ...]:
@@ -127,7 +177,102 @@ class ClipEncoder(nn.Module):
         cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = v.ln_pre(torch.cat([cls, x], 1) + v.positional_embedding.to(x.dtype))
         x = x.permute(1, 0, 2)  # CLIP's blocks take (L, N, D)
-        blocks = v.transformer.resblocks
-        for block in blocks[: self.spec.clip_layer % len(blocks) + 1]:
+        for block in v.transformer.resblocks[: self.block + 1]:
             x = block(x)
         return x.permute(1, 0, 2)[:, 1:].float()
+
+
+def register_open_clip_config(arch: str) -> str:
+    """ARCH as open_clip knows it: a registered name, or a model config JSON file (registered
+    here under its file name, as open_clip.add_model_config does)."""
+    import open_clip
+
+    if arch.endswith(".json"):
+        if not os.path.isfile(arch):
+            raise UserError(f"--clip_model {OPEN_CLIP}{arch}: no such model config file")
+        open_clip.add_model_config(arch)
+        return os.path.splitext(os.path.basename(arch))[0]
+    if arch.startswith(("hf-hub:", "local-dir:")) or arch in open_clip.list_models():
+        return arch
+    raise UserError(f"--clip_model {OPEN_CLIP}{arch}: open_clip has no model {arch!r} (see open_clip.list_models(), "
+                    f"or name a model config JSON file)")
+
+
+def open_clip_weights(arch: str, pretrained: Optional[str]) -> Optional[str]:
+    """What to pass open_clip as `pretrained`: a file, or a tag it knows for ARCH (which it may
+    download). Anything else is a one-line error naming --clip_pretrained."""
+    import open_clip
+
+    if arch.startswith(("hf-hub:", "local-dir:")):
+        return None  # the weights come with the model name
+    if not pretrained:
+        raise UserError(f"--clip_model {OPEN_CLIP}{arch} needs --clip_pretrained: a weights file "
+                        f"(open_clip_pytorch_model.bin or .safetensors) or a pretrained tag")
+    if os.path.isfile(pretrained):
+        return pretrained
+    tags = open_clip.list_pretrained_tags_by_model(arch)
+    if pretrained not in tags:
+        raise UserError(f"--clip_pretrained {pretrained} is neither a file nor a pretrained tag of {arch} "
+                        f"(tags: {', '.join(tags) or 'none'})")
+    return pretrained
+
+
+class OpenClipEncoder(ImageEncoder):
+    """An open_clip vision tower (its own ViT, or a timm trunk such as SigLIP's), with the model's
+    own validation preprocessing. Nothing is downloaded unless --clip_pretrained is a tag that is
+    not in the local cache."""
+
+    def __init__(self, spec: EncoderSpec, device="cpu", model=None, preprocess=None):
+        """`model` and `preprocess`: an open_clip model already built (the benchmark's random ones)."""
+        super().__init__()
+        if model is None:
+            model, preprocess = self.load(spec, device)
+        self.preprocess = preprocess
+        self.visual = model.visual
+        del model
+        self.visual.requires_grad_(False).eval()
+        self.spec = spec
+        self.trunk = getattr(self.visual, "trunk", None)  # timm-based towers
+        self.block = self.check_layer(self.n_blocks()) if spec.feature_kind == "patch" else None
+
+    @staticmethod
+    def load(spec: EncoderSpec, device):
+        import open_clip
+
+        arch = register_open_clip_config(spec.clip_model[len(OPEN_CLIP):])
+        weights = open_clip_weights(arch, spec.pretrained)
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=weights, device=device)
+        except Exception as e:  # a download that failed offline, a file of another architecture
+            raise UserError(f"cannot load open_clip {arch} with --clip_pretrained {spec.pretrained}: "
+                            f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}") from None
+        return model, preprocess
+
+    def n_blocks(self) -> int:
+        blocks = self.trunk.blocks if self.trunk is not None else getattr(self.visual, "transformer", None)
+        blocks = getattr(blocks, "resblocks", blocks)
+        if blocks is None or not hasattr(self.visual, "forward_intermediates"):
+            raise UserError(f"--feature_kind patch needs a ViT tower; {self.spec.clip_model} has none: use pooled")
+        return len(blocks)
+
+    @cached_property
+    def feature_shape(self) -> Tuple[int, ...]:
+        if self.spec.feature_kind == "pooled":
+            size = self.visual.image_size
+            size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+            return tuple(self(torch.zeros(1, 3, *size)).shape[1:])  # one blank image: towers differ in how they say it
+        if self.trunk is not None:
+            grid, width = self.trunk.patch_embed.grid_size, self.trunk.embed_dim
+        else:
+            grid, width = self.visual.grid_size, self.visual.transformer.width
+        return (grid[0] * grid[1], width)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Preprocessed images (B, 3, R, R) to float32 features."""
+        images = images.to(next(self.visual.parameters()).device)
+        if self.spec.feature_kind == "pooled":
+            return self.visual(images).float()
+        out = self.visual.forward_intermediates(images, indices=[self.block], stop_early=True,
+                                                intermediates_only=True, output_fmt="NLC")
+        return out["image_intermediates"][0].float()  # patch tokens only: class/prefix tokens are split off
