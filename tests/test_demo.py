@@ -53,3 +53,22 @@ def test_reduced_demo_captions_depend_on_the_image(tmp_path, process_group):
     assert abs(fly["first_loss"] - cache["first_loss"]) < 1e-4 * abs(fly["first_loss"])
     assert fly["batch_ms"]["encode"] > cache["batch_ms"]["encode"]
     assert bench["ratio"] == cache["samples_s"] / fly["samples_s"] and len(calls) == 3
+    # The same demo with an open_clip encoder instead of the stand-in CLIP: the stand-in LLaMA is
+    # reused, the run goes to a new folder, and the checkpoint records the open_clip encoder.
+    from llama_caption.captioner import load_projection
+    from llama_caption.runs import find_checkpoint
+    from llama_caption.testing import build_tiny_open_clip
+
+    cfg, weights = build_tiny_open_clip(str(tmp_path / "oc"), "demo-oc-vit",
+                                        {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8})
+    proc = subprocess.run([sys.executable, "-m", "llama_caption.demo", "--scale", "small", "--root", str(tmp_path),
+                           "--clip_model", "open_clip:" + cfg, "--clip_pretrained", weights],
+                          cwd=REPO, env=dict(env, PYTHONPATH=REPO), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "stand-in LLaMA: reusing" in proc.stdout and "training the stand-in CLIP" not in proc.stdout
+    assert sorted(r.name for r in (tmp_path / "small" / "runs").iterdir()) == ["001", "002"]
+    assert report == json.load(open(runs[0] / "demo_report.json"))  # the first run is untouched
+    _, second, _ = load_projection(find_checkpoint(str(tmp_path / "small" / "runs" / "002")))
+    assert second.encoder.identity.startswith("open_clip:demo-oc-vit+sha256:")
+    assert "CIDEr" in json.load(open(tmp_path / "small" / "runs" / "002" / "demo_report.json"))["captions"]["metrics"]
+

@@ -14,6 +14,7 @@
    accuracy (shape, colour, background) of both.
 """
 
+import hashlib
 import json
 import os
 import re
@@ -32,7 +33,7 @@ from ..errors import UserError
 from ..evaluation import METRIC_ORDER
 from ..fileio import check_output_dir, write_json
 from ..testing import build_tiny_clip, demo_layout
-from ..vision import import_clip
+from ..vision import EncoderSpec, check_encoder_flags, import_clip
 from .shapes import BACKGROUNDS, SHAPE_COLOURS, SHAPES, SYNONYMS, make_dataset
 from .standins import build_llama, text_embeddings, train_clip
 
@@ -116,20 +117,22 @@ def clip_zero_shot(model, images: torch.Tensor, truth: List[dict]) -> Dict[str, 
     return acc
 
 
-def build_standins(paths: Dict[str, str], s: dict, log, images: Optional[str] = None,
-                   annotations: Optional[str] = None) -> None:
-    """Train and save the stand-in CLIP and LLaMA unless the cached ones match the settings."""
-    images = images or paths["train_images"]
-    annotations = annotations or paths["train_ann"]
-    settings = {"scale": s, "clip": CLIP_SETTINGS, "llama": LLAMA_PARAMS, "images": os.path.abspath(images),
-                "annotations": os.path.abspath(annotations)}
-    stamp = os.path.join(paths["standins"], "settings.json")
-    if stamp_ok(stamp, settings) and os.path.isfile(paths["clip"]) and os.path.isfile(os.path.join(paths["ckpt_dir"], "params.json")):
-        log(f"stand-in models: reusing {paths['standins']}")
-        return
+def captioned_records(images: str, annotations: str):
     recs = [r for r in load_coco(images, annotations) if r.captions and os.path.isfile(r.path)]
     if not recs:
         raise UserError(f"{annotations} has no captioned images under {images}")
+    return recs
+
+
+def build_clip_standin(paths: Dict[str, str], s: dict, log, images: str, annotations: str) -> None:
+    """Train and save the stand-in CLIP unless the cached one matches the settings."""
+    settings = {"scale": s, "clip": CLIP_SETTINGS, "images": os.path.abspath(images),
+                "annotations": os.path.abspath(annotations)}
+    stamp = os.path.join(paths["standins"], "clip_settings.json")
+    if stamp_ok(stamp, settings) and os.path.isfile(paths["clip"]):
+        log(f"stand-in CLIP: reusing {paths['clip']}")
+        return
+    recs = captioned_records(images, annotations)
     t0 = time.time()
     log(f"training the stand-in CLIP on {len(recs)} images ({s['clip_steps']} steps)...")
     pixels = preprocess_all([r.path for r in recs], s["image_size"])
@@ -139,12 +142,25 @@ def build_standins(paths: Dict[str, str], s: dict, log, images: Optional[str] = 
     build_tiny_clip(paths["clip"], model=model)
     log(f"  CLIP stand-in saved as {paths['clip']} ({time.time() - t0:.0f} s)")
     if os.path.isfile(paths["val_attrs"]) and images == paths["train_images"]:
-        truth = json.load(open(paths["val_attrs"]))
+        with open(paths["val_attrs"]) as f:
+            truth = json.load(f)
         val = load_coco(paths["val_images"], paths["val_ann"])
         acc = clip_zero_shot(model, preprocess_all([r.path for r in val], s["image_size"]),
                              [truth[str(r.image_id)] for r in val])
         write_json(os.path.join(paths["standins"], "clip_zero_shot.json"), acc, indent=1)
         log("  CLIP stand-in zero-shot accuracy on val: " + ", ".join(f"{k} {v:.0%}" for k, v in acc.items()))
+    write_json(stamp, settings)
+
+
+def build_llama_standin(paths: Dict[str, str], s: dict, log, images: str, annotations: str) -> None:
+    """Pretrain and save the stand-in LLaMA unless the cached one matches the settings."""
+    settings = {"scale": s, "llama": LLAMA_PARAMS, "images": os.path.abspath(images),
+                "annotations": os.path.abspath(annotations)}
+    stamp = os.path.join(paths["standins"], "llama_settings.json")
+    if stamp_ok(stamp, settings) and os.path.isfile(os.path.join(paths["ckpt_dir"], "params.json")):
+        log(f"stand-in LLaMA: reusing {paths['ckpt_dir']}")
+        return
+    recs = captioned_records(images, annotations)
     t0 = time.time()
     log(f"pretraining the stand-in LLaMA ({s['llama_steps']} steps)...")
     build_llama(paths["standins"], [r.captions for r in recs], LLAMA_PARAMS, vocab_size=256,
@@ -168,14 +184,28 @@ def torchrun(*args, log=print, quiet=False) -> str:
     return proc.stdout
 
 
-def ensure_features(paths: Dict[str, str], log=print) -> str:
-    """CLIP feature caches of both splits (llama_caption.features, skipped when complete)."""
+def encoder_flags(cfg, paths: Dict[str, str]) -> List[str]:
+    """The encoder every script is given: the user's (--clip_model, --clip_pretrained) or the stand-in CLIP."""
+    if not cfg.clip_model:
+        return ["--clip_model", paths["clip"]]
+    return ["--clip_model", cfg.clip_model] + (["--clip_pretrained", cfg.clip_pretrained] if cfg.clip_pretrained else [])
+
+
+def features_dir(cfg, paths: Dict[str, str]) -> str:
+    """The stand-in CLIP's caches in features/, another encoder's in features-<its identity's hash>/."""
+    if not cfg.clip_model:
+        return paths["features"]
+    identity = EncoderSpec.of(cfg.clip_model, pretrained=cfg.clip_pretrained).identity
+    return paths["features"] + "-" + hashlib.sha256(identity.encode()).hexdigest()[:10]
+
+
+def ensure_features(paths: Dict[str, str], encoder: List[str], folder: str, log=print) -> str:
+    """Feature caches of both splits (llama_caption.features, skipped when complete)."""
     for split in ("train", "val"):
-        out = os.path.join(paths["features"], split)
-        torchrun("-m", "llama_caption.features", "--clip_model", paths["clip"], "--images", paths[f"{split}_images"],
-                 "--annotations", paths[f"{split}_ann"], "--out", out, "--num_workers", 0, "--batch_size", 256,
-                 log=log, quiet=True)
-    return os.path.join(paths["features"], "train")
+        torchrun("-m", "llama_caption.features", *encoder, "--images", paths[f"{split}_images"],
+                 "--annotations", paths[f"{split}_ann"], "--out", os.path.join(folder, split), "--num_workers", 0,
+                 "--batch_size", 256, log=log, quiet=True)
+    return os.path.join(folder, "train")
 
 
 @dataclass
@@ -184,11 +214,17 @@ class DemoConfig(Config):
     root: str = setting("demo_runs", "where data, stand-ins and runs are kept (reused by later runs; each run gets a new folder).")
     images: Optional[str] = setting(None, "build the stand-in models from this COCO-format images folder instead of the synthetic one.")
     annotations: Optional[str] = setting(None, "the captions JSON that goes with --images.")
+    clip_model: Optional[str] = setting(None, "an image encoder of your own instead of the stand-in CLIP (as in training: a `clip` file or open_clip:ARCH).")
+    clip_pretrained: Optional[str] = setting(None, "with --clip_model open_clip:ARCH: its weights file or tag.")
 
     def check(self) -> None:
         self.one_of("scale", SCALES)
         if (self.images is None) != (self.annotations is None):
             raise UserError("--images and --annotations go together")
+        if self.clip_model:
+            check_encoder_flags(self.clip_model, self.clip_pretrained)
+        elif self.clip_pretrained:
+            raise UserError("--clip_pretrained goes with --clip_model")
 
 
 def new_run_folder(runs: str) -> str:
@@ -205,15 +241,19 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     t_start = time.time()
     make_dataset(paths["data"], s["train"], s["val"], seed=0, image_size=s["image_size"])
     log(f"dataset: {s['train']} train and {s['val']} val images in COCO's layout under {paths['data']}")
+    images, annotations = cfg.images or paths["train_images"], cfg.annotations or paths["train_ann"]
     with distributed.session(mp_size=1, device="cpu", quiet=False):  # the stand-in LLaMA is built in this process
-        build_standins(paths, s, log, cfg.images, cfg.annotations)
-    ensure_features(paths, log)
+        if not cfg.clip_model:
+            build_clip_standin(paths, s, log, images, annotations)
+        build_llama_standin(paths, s, log, images, annotations)
+    encoder, feats = encoder_flags(cfg, paths), features_dir(cfg, paths)
+    ensure_features(paths, encoder, feats, log)
     run = new_run_folder(paths["runs"])
     torchrun("captioning_training.py", "--ckpt_dir", paths["ckpt_dir"], "--tokenizer_path", paths["tokenizer"],
-             "--clip_model", paths["clip"], "--train_images", paths["train_images"], "--train_annotations",
-             paths["train_ann"], "--features", os.path.join(paths["features"], "train"),
+             *encoder, "--train_images", paths["train_images"], "--train_annotations",
+             paths["train_ann"], "--features", os.path.join(feats, "train"),
              "--val_images", paths["val_images"], "--val_annotations", paths["val_ann"],
-             "--val_features", os.path.join(paths["features"], "val"), "--out_dir", run, "--prefix_len", 4,
+             "--val_features", os.path.join(feats, "val"), "--out_dir", run, "--prefix_len", 4,
              "--epochs", s["epochs"], "--batch_size", s["batch_size"], "--lr", s["lr"], "--warmup_steps", 50,
              "--num_workers", 0, "--log_every", 20, "--save_every", 100000, log=log)
     outputs = {}
@@ -231,7 +271,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
               for k, v in outputs.items()}
     report["seconds"] = time.time() - t_start
     zs = os.path.join(paths["standins"], "clip_zero_shot.json")
-    if os.path.isfile(zs):
+    if os.path.isfile(zs) and not cfg.clip_model:
         with open(zs) as f:
             report["clip_zero_shot"] = json.load(f)
     write_json(os.path.join(run, "demo_report.json"), report, indent=1)
