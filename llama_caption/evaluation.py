@@ -10,7 +10,6 @@ and METEOR are Java programs.
 """
 
 import contextlib
-import hashlib
 import io
 import json
 import os
@@ -23,7 +22,7 @@ import fire
 from .config import Config, command, setting
 from .data import read_coco_captions
 from .errors import UserError
-from .fileio import check_output_file, write_json
+from .fileio import check_output_file, sha256_file, write_json
 
 METRIC_ORDER = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
 
@@ -115,9 +114,7 @@ def metrics_path(results: str) -> str:
 
 def metrics_record(metrics: Dict[str, float], results_path: str, scored: List[Dict], annotations: str) -> dict:
     """The metrics with what they score: the results file (and its SHA-256), the references, the images."""
-    with open(results_path, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()
-    return {"results": os.path.abspath(results_path), "results_sha256": digest,
+    return {"results": os.path.abspath(results_path), "results_sha256": sha256_file(results_path),
             "annotations": os.path.abspath(annotations), "images": len(scored), "metrics": metrics}
 
 

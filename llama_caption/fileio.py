@@ -4,6 +4,7 @@ A write goes to a temporary file in the target's folder, is flushed, then rename
 target: a crash mid-write leaves the previous file intact (or no file), never a truncated one.
 """
 
+import hashlib
 import json
 import os
 import tempfile
@@ -52,6 +53,15 @@ def write_safetensors(path: str, tensors, metadata=None) -> None:
 
     with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+
+
+def sha256_file(path: str) -> str:
+    """The SHA-256 of a file's bytes, read 1 MiB at a time."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _nearest_existing(path: str) -> str:

@@ -12,7 +12,6 @@ runs and old captions or metrics are never reported as new ones. With data paral
 gathered on rank 0, which alone writes.
 """
 
-import hashlib
 import html
 import json
 import math
@@ -33,7 +32,8 @@ from .config import Config, command, setting
 from .data import ImageFiles, ImageRecord, collate, list_image_files, load_split, report_bad_images
 from .errors import UserError
 from .evaluation import check_results, format_table, metrics_record, score
-from .fileio import check_output_file, write_json, write_text
+from .captioner import PROJECTION_FILE
+from .fileio import check_output_file, sha256_file, write_json, write_text
 from .runs import find_checkpoint, load_captioner
 from .runtime import DTYPE_NAMES, resolve_dtype
 
@@ -110,23 +110,15 @@ class InferenceConfig(Config):
         return d
 
 
-def sha256_of(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def provenance(cfg: InferenceConfig, encoder_identity: str, dtype: torch.dtype) -> dict:
     """What makes a results file: compared key by key when a run continues one."""
     ckpt = find_checkpoint(cfg.checkpoint)
     shards = list_shards(cfg.ckpt_dir)
     return {
-        "checkpoint": "sha256:" + sha256_of(os.path.join(ckpt, "projection.safetensors")),
+        "checkpoint": "sha256:" + sha256_file(os.path.join(ckpt, PROJECTION_FILE)),
         "llama": {"params": read_params(cfg.ckpt_dir),
                   "shards": [[os.path.basename(s), os.path.getsize(s)] for s in shards],
-                  "tokenizer": "sha256:" + sha256_of(cfg.tokenizer_path)},
+                  "tokenizer": "sha256:" + sha256_file(cfg.tokenizer_path)},
         "clip": encoder_identity,
         "decoding": cfg.decoding(dtype),
         "selection": cfg.selection(),

@@ -13,7 +13,6 @@ refused when it differs. Every encoder preprocesses with its model's own transfo
 mean/std, resize mode).
 """
 
-import hashlib
 import os
 import warnings
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ import torch
 from torch import nn
 
 from .errors import UserError
+from .fileio import sha256_file
 
 FEATURE_KINDS = ("pooled", "patch")
 OPEN_CLIP = "open_clip:"
@@ -42,11 +42,7 @@ def clip_identity(name_or_path: str) -> str:
     """The name of a released model, or the SHA-256 of a local file (so a rebuilt file with the
     same name is told apart)."""
     if os.path.isfile(name_or_path):
-        h = hashlib.sha256()
-        with open(name_or_path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        return "sha256:" + h.hexdigest()
+        return "sha256:" + sha256_file(name_or_path)
     return name_or_path
 
 
