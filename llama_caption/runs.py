@@ -138,14 +138,16 @@ def load_captioner(checkpoint: str, ckpt_dir: str, tokenizer_path: str, device, 
     """
     ckpt = find_checkpoint(checkpoint)
     weights, cfg, _ = load_projection(ckpt)
-    check_window(cfg.prefix_len, max_gen_len, ckpt_dir, "--max_gen_len")  # before anything is loaded
+    window = check_window(cfg.prefix_len, max_gen_len, ckpt_dir, "--max_gen_len")  # before anything is loaded
     spec = cfg.encoder
     if clip_model or clip_pretrained:  # the same encoder's files, moved: the identity must still match
         spec = EncoderSpec.of(clip_model or spec.clip_model, spec.feature_kind,
                               -2 if spec.clip_layer is None else spec.clip_layer, clip_pretrained or spec.pretrained)
     encoder = load_encoder(spec, device)
+    known = cfg.prefix_len
     cfg = check_encoder(cfg, encoder, f"--checkpoint {ckpt}")
-    window = check_window(cfg.prefix_len, max_gen_len, ckpt_dir, "--max_gen_len")
+    if cfg.prefix_len != known:  # a first-format patch checkpoint: its patch count came from the encoder
+        window = check_window(cfg.prefix_len, max_gen_len, ckpt_dir, "--max_gen_len")
     llama, tokenizer = load_llama(ckpt_dir, tokenizer_path, window, device=device, dtype=dtype)
     if cfg.llama_dim != llama.args.dim:
         raise UserError(f"--checkpoint {ckpt} projects to LLaMA width {cfg.llama_dim} but {ckpt_dir} has width "
