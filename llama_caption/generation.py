@@ -10,7 +10,7 @@ KV cache), `prefill` (the prompt through the model), `decode_step` (one token th
 """
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -95,8 +95,10 @@ def decode_step(model: Transformer, tokens: torch.Tensor, step: int, window: Win
                  last_only=True)[:, -1]
 
 
-def cut_at_eos(ids: List[int], eos_id: int) -> List[int]:
-    return ids[: ids.index(eos_id)] if eos_id in ids else ids
+def cut_at_eos(ids: List[int], eos_id: Union[int, Sequence[int]]) -> List[int]:
+    """`ids` up to (without) the first end token; `eos_id` is one id or several."""
+    stops = {eos_id} if isinstance(eos_id, int) else set(eos_id)
+    return next((ids[:i] for i, t in enumerate(ids) if t in stops), ids)
 
 
 @torch.no_grad()
@@ -104,14 +106,15 @@ def generate(
     model: Transformer,
     prompts: List[List[int]],
     *,
-    eos_id: int,
+    eos_id: Union[int, Sequence[int]],
     max_gen_len: int,
     prefix: Optional[torch.Tensor] = None,
     temperature: float = 0.0,
     top_p: float = 0.95,
     generator: Optional[torch.Generator] = None,
 ) -> List[List[int]]:
-    """Generate up to `max_gen_len` tokens after each prompt; each list stops before its EOS.
+    """Generate up to `max_gen_len` tokens after each prompt; each list stops before its EOS
+    (`eos_id`: one id, or several that all end a sequence, e.g. Llama 3's `tokenizer.stop_ids`).
 
     prompts: token ids per sequence (BOS included by the caller); prefix: (B, P, dim) embeddings
     placed before each prompt, or None. Every model-parallel rank must call this with the same
@@ -121,13 +124,14 @@ def generate(
     logits = prefill(model, emb, window)
     out = torch.zeros(len(prompts), max_gen_len, dtype=torch.long, device=emb.device)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=emb.device)
+    stops = torch.tensor([eos_id] if isinstance(eos_id, int) else list(eos_id), device=emb.device)
     steps = 0
     for step in range(max_gen_len):
         tok = pick_next(logits, temperature, top_p, generator)
-        tok = torch.where(done, torch.full_like(tok, eos_id), tok)
+        tok = torch.where(done, stops[0], tok)
         out[:, step] = tok
         steps = step + 1
-        done |= tok == eos_id
+        done |= torch.isin(tok, stops)
         # Asking whether all sequences ended waits for the device: do it every few steps only.
         if step + 1 == max_gen_len or (step % 4 == 3 and bool(done.all())):
             break

@@ -1,4 +1,4 @@
-"""LLaMA (v1, and the Llama 2 `params.json` extras) on fairscale's model-parallel layers.
+"""LLaMA (1, 2 and 3.x) on fairscale's model-parallel layers.
 
 Parameter names and shapes are those of Meta's `consolidated.XX.pth` shards, so the released
 files load with strict key checking. The module knows nothing about launching: the caller picks
@@ -11,6 +11,11 @@ embeddings, which is how the image prefix is trained while every LLaMA weight st
 At model-parallel size 1 the layers are plain `nn.Linear`/`nn.Embedding` (fairscale's wrappers
 only add per-call overhead there); above 1 they are fairscale's. Either way the parameter names
 are Meta's. `pack_weights` swaps the linear layers for `PackedLinear` for CPU decoding.
+
+The families differ in three places, all in `ModelArgs`: Llama 2's grouped-query attention
+(`n_kv_heads`), Llama 3's rotary base (`rope_theta` 500000) and Llama 3.1+'s frequency scaling
+(`rope_scaling`, see `rope_frequencies`), and how model-parallel shards split the token embedding
+(`embedding_split`: Llama 1/2 on its width, Llama 3 on the vocabulary).
 """
 
 from contextlib import contextmanager
@@ -27,6 +32,7 @@ from fairscale.nn.model_parallel.layers import (
     ColumnParallelLinear,
     ParallelEmbedding,
     RowParallelLinear,
+    VocabParallelEmbedding,
 )
 
 
@@ -42,14 +48,26 @@ class ModelArgs:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     max_seq_len: int = 2048  # the KV-cache window; LLaMA 1 was trained on 2048 tokens
+    use_scaled_rope: bool = False  # Llama 3.1+ params.json: the "llama3" frequency scaling
+    # The scaling's numbers (keys of LLAMA3_SCALING); None with use_scaled_rope means Meta's.
+    rope_scaling: Optional[dict] = None
+    embedding_split: str = "width"  # how model-parallel shards split tok_embeddings: width or vocab
+    intermediate_size: Optional[int] = None  # the SwiGLU width when a config states it (Hugging Face)
 
     @classmethod
     def from_params(cls, params: dict, **overrides) -> "ModelArgs":
         """Fill from a `params.json` dict; unknown keys are ignored, as Meta's own loader does."""
-        known = {f.name for f in fields(cls)}
+        known = {f.name for f in fields(cls)} - {"embedding_split"}  # a loader's finding, not a param
         kwargs = {k: v for k, v in params.items() if k in known}
         kwargs.update(overrides)
         return cls(**kwargs)
+
+    @property
+    def scaling(self) -> Optional[dict]:
+        """The llama3 frequency scaling in use, or None."""
+        if self.rope_scaling is not None:
+            return self.rope_scaling
+        return dict(LLAMA3_SCALING) if self.use_scaled_rope else None
 
     @property
     def kv_heads(self) -> int:
@@ -61,11 +79,20 @@ class ModelArgs:
 
     @property
     def hidden_dim(self) -> int:
+        if self.intermediate_size:
+            return self.intermediate_size
         # LLaMA's rule: 2/3 of 4*dim, optionally scaled, rounded up to `multiple_of`.
         hidden = int(2 * (4 * self.dim) / 3)
         if self.ffn_dim_multiplier is not None:
             hidden = int(self.ffn_dim_multiplier * hidden)
         return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+
+# Meta's `apply_scaling` (llama-models, models/llama3/model.py) fixes these for every Llama 3.1+
+# checkpoint whose params.json says use_scaled_rope; Hugging Face configs state their own.
+LLAMA3_SCALING = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 8192}
+EMBEDDING_SPLITS = ("width", "vocab")
 
 
 def param_shapes(args: ModelArgs) -> dict:
@@ -88,13 +115,15 @@ def param_shapes(args: ModelArgs) -> dict:
     return shapes
 
 
-def shard_dim(name: str) -> Optional[int]:
+def shard_dim(name: str, embedding_split: str = "width") -> Optional[int]:
     """The dimension along which Meta's model-parallel shards split a parameter (None: replicated)."""
     leaf = name.split(".")[-2]
+    if leaf == "tok_embeddings":  # Llama 1/2 ParallelEmbedding: the width; Llama 3 VocabParallelEmbedding
+        return 0 if embedding_split == "vocab" else 1
     if leaf in ("wq", "wk", "wv", "w1", "w3", "output"):
         return 0  # ColumnParallelLinear: output features
-    if leaf in ("wo", "w2", "tok_embeddings"):
-        return 1  # RowParallelLinear: input features; ParallelEmbedding: embedding width
+    if leaf in ("wo", "w2"):
+        return 1  # RowParallelLinear: input features
     return None
 
 
@@ -109,11 +138,29 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
 
 
-def rope_rotation(head_dim: int, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Unit complex numbers e^(i * position * theta^(-2k/head_dim)) for integer positions of any
-    shape: (..., head_dim/2), complex64."""
-    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
-    ang = positions.float()[..., None] * inv
+def rope_frequencies(args: ModelArgs, device=None) -> torch.Tensor:
+    """The rotary frequencies theta^(-2k/head_dim), k < head_dim/2 (fp32), with Llama 3.1's
+    scaling when the model has it: wavelengths longer than original_context/low_freq_factor are
+    stretched by `factor`, shorter than original_context/high_freq_factor kept, and those between
+    blended linearly in original_context/wavelength."""
+    hd = args.head_dim
+    freqs = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2, device=device).float() / hd))
+    scaling = args.scaling
+    if scaling is None:
+        return freqs
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    context = scaling["original_max_position_embeddings"]
+    wavelen = 2 * torch.pi / freqs
+    smooth = ((context / wavelen - low) / (high - low)).clamp(0, 1)
+    blended = (1 - smooth) * freqs / factor + smooth * freqs
+    return torch.where(wavelen > context / low, freqs / factor,
+                       torch.where(wavelen < context / high, freqs, blended))
+
+
+def rope_rotation(freqs: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Unit complex numbers e^(i * position * freq) for integer positions of any shape:
+    (..., head_dim/2), complex64."""
+    ang = positions.float()[..., None] * freqs.to(positions.device)
     return torch.polar(torch.ones_like(ang), ang)
 
 
@@ -322,11 +369,19 @@ class Transformer(nn.Module):
         mp = fs_init.get_model_parallel_world_size()
         if args.n_heads % mp or args.kv_heads % mp:
             raise ValueError(f"model-parallel size {mp} must divide n_heads={args.n_heads} and n_kv_heads={args.kv_heads}")
+        if args.embedding_split not in EMBEDDING_SPLITS:
+            raise ValueError(f"embedding_split must be one of {EMBEDDING_SPLITS}, got {args.embedding_split!r}")
         self.args = args
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim) if mp == 1 else ParallelEmbedding(args.vocab_size, args.dim)
+        if mp == 1:
+            self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        elif args.embedding_split == "vocab":
+            self.tok_embeddings = VocabParallelEmbedding(args.vocab_size, args.dim)
+        else:
+            self.tok_embeddings = ParallelEmbedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = column_linear(args.dim, args.vocab_size, gather_output=True)
+        self.rope_freqs = None  # computed on first use, on the inputs' device (not a buffer: never saved)
 
     @property
     def device(self):
@@ -402,7 +457,9 @@ class Transformer(nn.Module):
             raise ValueError("pass exactly one of tokens and embeddings")
         h = self.embed(tokens) if tokens is not None else embeddings.to(self.dtype)
         layout = attention_layout(start_pos, h.shape[1], key_valid, h.device)
-        rot = rope_rotation(self.args.head_dim, layout.positions, self.args.rope_theta)
+        if self.rope_freqs is None or self.rope_freqs.device != h.device:
+            self.rope_freqs = rope_frequencies(self.args, h.device)
+        rot = rope_rotation(self.rope_freqs, layout.positions)
         for i, layer in enumerate(self.layers):
             h = layer(h, rot, layout, None if cache is None else cache[i], start_pos)
         if last_only:
