@@ -53,30 +53,10 @@ PEAKS = {"H100": (989.0, 3350.0), "H200": (989.0, 4800.0), "A100": (312.0, 2039.
 
 
 def to_hf_state_dict(model: Transformer) -> Dict[str, torch.Tensor]:
-    """Meta's layout to transformers' LlamaForCausalLM layout. Meta rotates interleaved pairs
-    (x0,x1),(x2,x3)..; transformers rotates the two halves of each head, so the rows of wq and wk
-    are reordered per head: even components first, then odd."""
-    a = model.args
+    """Meta's layout to transformers' LlamaForCausalLM layout (names, q/k rows per head)."""
+    from .huggingface import to_hf_layout
 
-    def halves(w, heads):
-        hd = w.shape[0] // heads
-        return w.view(heads, hd // 2, 2, -1).transpose(1, 2).reshape(w.shape)
-
-    sd = model.state_dict()
-    out = {"model.embed_tokens.weight": sd["tok_embeddings.weight"], "model.norm.weight": sd["norm.weight"],
-           "lm_head.weight": sd["output.weight"]}
-    for i in range(a.n_layers):
-        p, q = f"layers.{i}.", f"model.layers.{i}."
-        out[q + "self_attn.q_proj.weight"] = halves(sd[p + "attention.wq.weight"], a.n_heads)
-        out[q + "self_attn.k_proj.weight"] = halves(sd[p + "attention.wk.weight"], a.kv_heads)
-        out[q + "self_attn.v_proj.weight"] = sd[p + "attention.wv.weight"]
-        out[q + "self_attn.o_proj.weight"] = sd[p + "attention.wo.weight"]
-        out[q + "mlp.gate_proj.weight"] = sd[p + "feed_forward.w1.weight"]
-        out[q + "mlp.down_proj.weight"] = sd[p + "feed_forward.w2.weight"]
-        out[q + "mlp.up_proj.weight"] = sd[p + "feed_forward.w3.weight"]
-        out[q + "input_layernorm.weight"] = sd[p + "attention_norm.weight"]
-        out[q + "post_attention_layernorm.weight"] = sd[p + "ffn_norm.weight"]
-    return out
+    return to_hf_layout(model.state_dict(), model.args)
 
 
 def hf_model(model: Transformer):

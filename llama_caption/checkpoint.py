@@ -1,15 +1,21 @@
-"""Meta's LLaMA checkpoints: loading one model-parallel rank, writing, resharding.
+"""LLaMA checkpoints: Meta's layout or Hugging Face's, told apart by the folder's contents.
 
-A checkpoint folder holds `params.json` and one `consolidated.XX.pth` per model-parallel rank;
-the shards split each weight along the dimension `model.shard_dim` names. (Our own training
-checkpoints are in runs.py.) Every file is
-untrusted: `torch.load(..., weights_only=True)`, strict key and shape checks, one-line errors.
+- Meta's: `params.json` and one `consolidated.XX.pth` per model-parallel rank; the shards split
+  each weight along the dimension `model.shard_dim` names (the token embedding on its width for
+  Llama 1/2, on the vocabulary for Llama 3). A run's model-parallel size is the shard count.
+- Hugging Face's: `config.json` and safetensors files (huggingface.py); any model-parallel size
+  that divides the heads, each rank reading only its slices.
+
+`open_checkpoint` reads what a folder is without loading weights; `load_llama` builds this rank's
+frozen model. (Our own training checkpoints are in runs.py.) Every file is untrusted:
+`torch.load(..., weights_only=True)`, safetensors, strict key and shape checks, one-line errors.
 """
 
 import glob
 import json
 import os
-from typing import Dict, List, Tuple
+from dataclasses import dataclass, field, replace
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from fairscale.nn.model_parallel import initialize as fs_init
@@ -17,14 +23,17 @@ from fairscale.nn.model_parallel import initialize as fs_init
 from .distributed import check_model_parallel
 from .errors import UserError
 from .model import ModelArgs, Transformer, param_shapes, shard_dim, skip_weight_init
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, load_tokenizer, resolve_tokenizer_path
+
+META, HUGGING_FACE = "meta", "hugging face"
 
 IGNORED_KEYS = ("rope.freqs",)  # a buffer Meta saved by accident in v1; it is recomputed
 
 
 def read_params(ckpt_dir: str) -> dict:
     if not os.path.isdir(ckpt_dir):
-        raise UserError(f"checkpoint folder {ckpt_dir} does not exist: pass --ckpt_dir with params.json and consolidated.XX.pth")
+        raise UserError(f"checkpoint folder {ckpt_dir} does not exist: pass --ckpt_dir with params.json and consolidated.XX.pth, "
+                        f"or a Hugging Face folder with config.json")
     path = os.path.join(ckpt_dir, "params.json")
     if not os.path.isfile(path):
         raise UserError(f"{path} is missing: --ckpt_dir must hold Meta's params.json beside the consolidated.XX.pth shards")
@@ -58,8 +67,8 @@ def load_shard(path: str) -> Dict[str, torch.Tensor]:
     return sd
 
 
-def sharded_shape(shape: Tuple[int, ...], name: str, mp: int) -> Tuple[int, ...]:
-    d = shard_dim(name)
+def sharded_shape(shape: Tuple[int, ...], name: str, mp: int, embedding_split: str = "width") -> Tuple[int, ...]:
+    d = shard_dim(name, embedding_split)
     if d is None:
         return tuple(shape)
     s = list(shape)
@@ -67,9 +76,12 @@ def sharded_shape(shape: Tuple[int, ...], name: str, mp: int) -> Tuple[int, ...]
     return tuple(s)
 
 
-def check_state_dict(sd: Dict[str, torch.Tensor], args: ModelArgs, mp: int, path: str) -> None:
-    """Strict key and shape check of one rank's shard against the architecture in params.json."""
-    expected = {k: sharded_shape(v, k, mp) for k, v in param_shapes(args).items()}
+def check_state_dict(sd: Dict[str, torch.Tensor], args: ModelArgs, mp: int, path: str, tied: bool = False,
+                     described_by: str = "params.json") -> None:
+    """Strict key and shape check of one rank's shard against the architecture in params.json
+    (or config.json). `tied`: no output.weight, the output layer is the token embedding."""
+    expected = {k: sharded_shape(v, k, mp, args.embedding_split) for k, v in param_shapes(args).items()
+                if not (tied and k == "output.weight")}
     got = {k for k in sd if k not in IGNORED_KEYS}
     missing, unexpected = sorted(set(expected) - got), sorted(got - set(expected))
     if missing or unexpected:
@@ -78,67 +90,176 @@ def check_state_dict(sd: Dict[str, torch.Tensor], args: ModelArgs, mp: int, path
             parts.append(f"missing keys {missing[:4]}{' ...' if len(missing) > 4 else ''}")
         if unexpected:
             parts.append(f"unexpected keys {unexpected[:4]}{' ...' if len(unexpected) > 4 else ''}")
-        raise UserError(f"{path} does not match params.json: {'; '.join(parts)}")
+        raise UserError(f"{path} does not match {described_by}: {'; '.join(parts)}")
     for k, shape in expected.items():
         if tuple(sd[k].shape) != shape:
             raise UserError(
-                f"{path}: {k} has shape {tuple(sd[k].shape)}, params.json with model-parallel size {mp} "
+                f"{path}: {k} has shape {tuple(sd[k].shape)}, {described_by} with model-parallel size {mp} "
                 f"implies {shape}: wrong params.json, or a shard of another model"
             )
 
 
-def context_length(ckpt_dir: str) -> int:
-    """The most positions a sequence may use with this LLaMA. Meta's params.json does not say
-    (LLaMA 1 was trained on 2048 tokens, Llama 2 on 4096); a `max_seq_len` there is used, else
-    2048, LLaMA 1's and the default KV-cache window of Meta's code."""
-    value = read_params(ckpt_dir).get("max_seq_len", ModelArgs.max_seq_len)
+def meta_context_length(params: dict, path: str) -> int:
+    """Meta's params.json does not say how long a context the model had: a `max_seq_len` there is
+    used, else the family's: 131072 with use_scaled_rope (Llama 3.1+), 8192 for Llama 3.0 (its
+    params.json states vocab_size), 2048 for LLaMA 1 and 2 (LLaMA 1's, and the default window of
+    Meta's code; Llama 2 was trained on 4096)."""
+    family = 131072 if params.get("use_scaled_rope") else 8192 if params.get("vocab_size", -1) > 0 else ModelArgs.max_seq_len
+    value = params.get("max_seq_len", family)
     if not isinstance(value, int) or value < 1:
-        raise UserError(f"{ckpt_dir}/params.json: max_seq_len {value!r} is not a positive whole number")
+        raise UserError(f"{path}: max_seq_len {value!r} is not a positive whole number")
     return value
 
 
-def load_llama(ckpt_dir: str, tokenizer_path: str, max_seq_len: int = 512, device="cpu",
-               dtype=torch.float32) -> Tuple[Transformer, Tokenizer]:
-    """This model-parallel rank's frozen LLaMA, on `device` in `dtype`, and the tokenizer.
+def meta_embedding_split(params: dict, shape: Tuple[int, ...], mp: int, path: str) -> str:
+    """How Meta's shards split tok_embeddings, from a shard's shape (MP > 1). With one shard the
+    family decides where a reshard will split it: Llama 3's params.json states its vocab_size
+    (128256), Llama 1/2's says -1."""
+    if mp == 1:
+        return "vocab" if params.get("vocab_size", -1) > 0 else "width"
+    dim = params["dim"]
+    if shape[1] == dim:
+        return "vocab"  # Llama 3: VocabParallelEmbedding
+    if shape[1] * mp == dim:
+        return "width"  # Llama 1/2: ParallelEmbedding
+    raise UserError(f"{path}: tok_embeddings.weight has shape {tuple(shape)}, neither a vocabulary nor a width split "
+                    f"of dim {dim} into {mp} shards: wrong params.json, or a shard of another model")
 
-    fairscale's model parallelism must be initialised (distributed.setup) with a size equal to
-    the number of shards.
+
+@dataclass
+class LlamaCheckpoint:
+    """What a checkpoint folder holds, read without loading its weights."""
+
+    folder: str
+    format: str  # META or HUGGING_FACE
+    params: dict  # params.json or config.json, as written
+    args: ModelArgs  # the architecture (Meta: vocab_size and embedding split come with the weights)
+    files: List[str]  # Meta: the shards; Hugging Face: the safetensors files
+    context: int  # the most positions a sequence may use
+    tied: bool = False  # Hugging Face: tie_word_embeddings with no lm_head.weight
+    described_by: str = field(default="params.json", repr=False)
+
+    def model_parallel_size(self, requested: int = 0, flag: str = "--model_parallel") -> int:
+        """The model-parallel size a run uses: Meta's shard count, or for a Hugging Face folder
+        `requested` (0: 1), which must divide the heads and the vocabulary."""
+        if self.format == META:
+            if requested not in (0, len(self.files)):
+                raise UserError(
+                    f"{flag} {requested}: {self.folder} has {len(self.files)} model-parallel shard(s); reshard it first "
+                    f"(python -m llama_caption.reshard --ckpt_dir {self.folder} --mp {requested} --out NEW_DIR)")
+            return len(self.files)
+        mp = requested or 1
+        check_model_parallel(mp, self.args.n_heads, self.args.kv_heads, flag)
+        if self.args.vocab_size % mp:
+            raise UserError(f"{flag} {mp} must divide the vocabulary of {self.args.vocab_size} tokens")
+        return mp
+
+    def provenance(self) -> dict:
+        return {"format": self.format, "params": self.params,
+                "files": [[os.path.relpath(p, self.folder), os.path.getsize(p)] for p in self.files]}
+
+
+def open_checkpoint(ckpt_dir: str) -> LlamaCheckpoint:
+    """The checkpoint in `ckpt_dir`: Meta's layout when it has params.json, Hugging Face's when it
+    has config.json."""
+    if not os.path.isdir(ckpt_dir):
+        read_params(ckpt_dir)  # its message
+    if os.path.isfile(os.path.join(ckpt_dir, "params.json")) or glob.glob(os.path.join(ckpt_dir, "consolidated.*.pth")):
+        params = read_params(ckpt_dir)
+        path = os.path.join(ckpt_dir, "params.json")
+        args = ModelArgs.from_params(params)
+        return LlamaCheckpoint(ckpt_dir, META, params, args, list_shards(ckpt_dir), meta_context_length(params, path))
+    if os.path.isfile(os.path.join(ckpt_dir, "config.json")):
+        from . import huggingface
+
+        path = os.path.join(ckpt_dir, "config.json")
+        config = huggingface.read_config(ckpt_dir)
+        args = huggingface.model_args(config, path)
+        files = huggingface.weight_files(ckpt_dir)
+        tied = bool(config.get("tie_word_embeddings", False)) and "lm_head.weight" not in files
+        context = config.get("max_position_embeddings", ModelArgs.max_seq_len)
+        return LlamaCheckpoint(ckpt_dir, HUGGING_FACE, config, args, sorted(set(files.values())), context, tied,
+                               "config.json")
+    raise UserError(f"{ckpt_dir} holds neither params.json (Meta's layout, with consolidated.XX.pth) nor config.json "
+                    f"(a Hugging Face folder, with safetensors): pass the folder of the weights as --ckpt_dir")
+
+
+def context_length(ckpt_dir: str) -> int:
+    """The most positions a sequence may use with the LLaMA in `ckpt_dir`."""
+    return open_checkpoint(ckpt_dir).context
+
+
+def rank_state(ckpt: LlamaCheckpoint, mp: int, rank: int) -> Tuple[Dict[str, torch.Tensor], ModelArgs, bool, str]:
+    """This rank's weights in Meta's names (as stored: mmapped, file dtype), the full architecture
+    (vocab_size and embedding split filled in), whether the output layer is the embedding, and
+    the file the weights came from (for messages)."""
+    if ckpt.format == HUGGING_FACE:
+        from .huggingface import HFWeights
+
+        weights = HFWeights(ckpt.folder, ckpt.args, ckpt.tied)
+        sd = weights.rank_state(mp, rank)
+        weights.close()
+        return sd, ckpt.args, ckpt.tied, ckpt.files[0] if len(ckpt.files) == 1 else ckpt.folder
+    path = ckpt.files[rank]
+    sd = {k: v for k, v in load_shard(path).items() if k not in IGNORED_KEYS}
+    emb = sd.get("tok_embeddings.weight")
+    if emb is None:
+        raise UserError(f"{path} does not match params.json: missing keys ['tok_embeddings.weight']")
+    split = meta_embedding_split(ckpt.params, tuple(emb.shape), mp, path)
+    vocab = emb.shape[0] * (mp if split == "vocab" else 1)
+    stated = ckpt.params.get("vocab_size", -1)
+    if stated > 0 and stated != vocab:
+        raise UserError(f"{ckpt.folder}/params.json says vocab_size {stated} but the weights have {vocab}")
+    tied = "output.weight" not in sd
+    if tied and mp > 1 and split != "vocab":
+        raise UserError(f"{path} has no output.weight and splits the embedding on its width: the output layer "
+                        f"cannot be tied to it; reshard to one shard or use the checkpoint's own output.weight")
+    return sd, replace(ckpt.args, vocab_size=vocab, embedding_split=split), tied, path
+
+
+def load_llama(ckpt_dir: str, tokenizer_path: Optional[str] = None, max_seq_len: int = 512, device="cpu",
+               dtype=torch.float32) -> Tuple[Transformer, Tokenizer]:
+    """This model-parallel rank's frozen LLaMA, on `device` in `dtype`, and the tokenizer
+    (`tokenizer_path`, or the one that came with the checkpoint).
+
+    fairscale's model parallelism must be initialised (distributed.setup); with Meta's layout
+    its size must equal the number of shards.
     """
-    params = read_params(ckpt_dir)
-    shards = list_shards(ckpt_dir)
+    ckpt = open_checkpoint(ckpt_dir)
     mp, rank = fs_init.get_model_parallel_world_size(), fs_init.get_model_parallel_rank()
-    if len(shards) != mp:
+    if ckpt.format == META and len(ckpt.files) != mp:
         raise UserError(
-            f"{ckpt_dir} has {len(shards)} model-parallel shard(s) but this run has model-parallel size {mp}: "
-            f"launch with torchrun --nproc_per_node {len(shards)} (or a multiple, for data parallelism), "
+            f"{ckpt_dir} has {len(ckpt.files)} model-parallel shard(s) but this run has model-parallel size {mp}: "
+            f"launch with torchrun --nproc_per_node {len(ckpt.files)} (or a multiple, for data parallelism), "
             f"or reshard with python -m llama_caption.reshard --ckpt_dir {ckpt_dir} --mp {mp} --out NEW_DIR"
         )
-    tokenizer = Tokenizer(tokenizer_path)
-    sd = load_shard(shards[rank])
-    emb = sd.get("tok_embeddings.weight")
-    ckpt_vocab = emb.shape[0] if emb is not None else params.get("vocab_size", -1)
-    if params.get("vocab_size", -1) > 0 and params["vocab_size"] != ckpt_vocab:
-        raise UserError(f"{ckpt_dir}/params.json says vocab_size {params['vocab_size']} but the weights have {ckpt_vocab}")
-    if tokenizer.n_words != ckpt_vocab:
+    ckpt.model_parallel_size(mp, "model-parallel size")
+    tokenizer = load_tokenizer(resolve_tokenizer_path(tokenizer_path, ckpt_dir))
+    sd, args, tied, path = rank_state(ckpt, mp, rank)
+    if tokenizer.n_words != args.vocab_size:
         raise UserError(
-            f"tokenizer {tokenizer_path} has {tokenizer.n_words} words but the checkpoint in {ckpt_dir} "
-            f"has {ckpt_vocab}: pass the tokenizer.model that came with these weights"
+            f"tokenizer {tokenizer.path} has {tokenizer.n_words} words but the checkpoint in {ckpt_dir} "
+            f"has {args.vocab_size}: pass the tokenizer that came with these weights"
         )
-    args = ModelArgs.from_params(params, max_seq_len=max_seq_len, vocab_size=tokenizer.n_words)
+    args = replace(args, max_seq_len=max_seq_len)
     check_model_parallel(mp, args.n_heads, args.kv_heads, "model-parallel size")
-    check_state_dict(sd, args, mp, shards[rank])
+    check_state_dict(sd, args, mp, path, tied, ckpt.described_by)
     with skip_weight_init(), torch.device("meta"):
         model = Transformer(args)
-    weights = {k: v.to(device=device, dtype=dtype) for k, v in sd.items() if k not in IGNORED_KEYS}
+    weights = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}
     del sd
+    if tied:
+        weights["output.weight"] = weights["tok_embeddings.weight"]
     model.load_state_dict(weights, strict=True, assign=True)
+    if tied:  # one tensor, not two Parameters that happen to share storage
+        model.output.weight = model.tok_embeddings.weight
     model.requires_grad_(False)
     return model.eval(), tokenizer
 
 
-def shard_tensor(name: str, t: torch.Tensor, mp: int, rank: int) -> torch.Tensor:
+def shard_tensor(name: str, t: torch.Tensor, mp: int, rank: int, embedding_split: str = "width") -> torch.Tensor:
     """Model-parallel rank `rank`'s piece of the full tensor `t` (a copy, never a view)."""
-    d = shard_dim(name)
+    d = shard_dim(name, embedding_split)
     if d is None:
         return t.clone()
     if t.shape[d] % mp:
@@ -146,9 +267,9 @@ def shard_tensor(name: str, t: torch.Tensor, mp: int, rank: int) -> torch.Tensor
     return t.chunk(mp, dim=d)[rank].clone()  # clone: a saved view would carry its whole storage
 
 
-def merge_tensor(name: str, pieces: List[torch.Tensor]) -> torch.Tensor:
+def merge_tensor(name: str, pieces: List[torch.Tensor], embedding_split: str = "width") -> torch.Tensor:
     """The full tensor from every rank's piece (replicated tensors: rank 0's)."""
-    d = shard_dim(name)
+    d = shard_dim(name, embedding_split)
     if d is None or len(pieces) == 1:
         return pieces[0]
     return torch.cat(pieces, dim=d)

@@ -17,7 +17,7 @@ from torch import nn
 from .checkpoint import shard_tensor
 from .fileio import atomic_path, write_json, write_torch
 from .model import ModelArgs, Transformer, param_shapes, skip_weight_init
-from .tokenizer import Tokenizer
+from .tokenizer import SentencePieceTokenizer, Tokenizer
 from .vision import import_clip
 
 
@@ -34,7 +34,7 @@ def train_tokenizer(lines: Iterable[str], vocab_size: int, path: str) -> Tokeniz
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             f.write(buf.getvalue())
-    return Tokenizer(path)
+    return SentencePieceTokenizer(path)
 
 
 def random_state_dict(args: ModelArgs, seed: int = 0, std: float = 0.02, device="cpu") -> Dict[str, torch.Tensor]:
@@ -60,13 +60,57 @@ def random_model(args: ModelArgs, device, dtype, seed: int = 0, std: Optional[fl
     return model.requires_grad_(False).eval()
 
 
-def write_meta_checkpoint(ckpt_dir: str, params: dict, state_dict: Dict[str, torch.Tensor], mp: int = 1) -> None:
-    """Write a full state dict as Meta's params.json + consolidated.XX.pth, split for `mp` ranks."""
+def write_meta_checkpoint(ckpt_dir: str, params: dict, state_dict: Dict[str, torch.Tensor], mp: int = 1,
+                          embedding_split: str = "width") -> None:
+    """Write a full state dict as Meta's params.json + consolidated.XX.pth, split for `mp` ranks
+    (the embedding on its width as Llama 1/2, or on the vocabulary as Llama 3)."""
     os.makedirs(ckpt_dir, exist_ok=True)
     for r in range(mp):
         write_torch(os.path.join(ckpt_dir, f"consolidated.{r:02d}.pth"),
-                    {k: shard_tensor(k, v, mp, r) for k, v in state_dict.items()})
+                    {k: shard_tensor(k, v, mp, r, embedding_split) for k, v in state_dict.items()})
     write_json(os.path.join(ckpt_dir, "params.json"), params)
+
+
+def write_hf_checkpoint(folder: str, args: ModelArgs, state_dict: Dict[str, torch.Tensor], dtype=torch.bfloat16,
+                        tied: bool = False, max_shard_bytes: Optional[int] = None, bos_id: int = 1,
+                        eos_id: int = 2) -> None:
+    """Write a full Meta-layout state dict as a Hugging Face `LlamaForCausalLM` folder (config.json
+    in the hub's form, safetensors; sharded with an index when `max_shard_bytes` is given), q and
+    k rows permuted as Hugging Face's conversion does. Without transformers: for the benchmark and
+    the stand-ins (the tests check our loader against transformers' own files)."""
+    from safetensors.torch import save_file
+
+    from .huggingface import to_hf_layout
+
+    os.makedirs(folder, exist_ok=True)
+    kept = {k: v for k, v in state_dict.items() if not (tied and k == "output.weight")}
+    tensors = {k: v.to(dtype).contiguous() for k, v in to_hf_layout(kept, args).items()}
+    groups, size = [[]], 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if max_shard_bytes and groups[-1] and size + nbytes > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes
+    if len(groups) == 1:
+        save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, names in enumerate(groups):
+            file = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+            save_file({n: tensors[n] for n in names}, os.path.join(folder, file), metadata={"format": "pt"})
+            weight_map.update({n: file for n in names})
+        write_json(os.path.join(folder, "model.safetensors.index.json"), {"metadata": {}, "weight_map": weight_map})
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": args.dim,
+              "num_hidden_layers": args.n_layers, "num_attention_heads": args.n_heads,
+              "num_key_value_heads": args.kv_heads, "intermediate_size": args.hidden_dim,
+              "vocab_size": args.vocab_size, "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta,
+              "rope_scaling": dict(args.scaling, rope_type="llama3") if args.scaling else None,
+              "max_position_embeddings": args.max_seq_len, "tie_word_embeddings": tied, "hidden_act": "silu",
+              "attention_bias": False, "mlp_bias": False, "bos_token_id": bos_id, "eos_token_id": eos_id,
+              "torch_dtype": str(dtype).replace("torch.", "")}
+    write_json(os.path.join(folder, "config.json"), config)
 
 
 def build_tiny_clip(path: str, embed_dim: int = 64, width: int = 64, layers: int = 2, patch: int = 8,
