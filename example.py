@@ -1,9 +1,12 @@
 """LLaMA text completion, as Meta's v1 example.
 
     torchrun --nproc_per_node MP example.py --ckpt_dir llama/7B --tokenizer_path llama/tokenizer.model
+    torchrun --nproc_per_node 1 example.py --ckpt_dir Llama-3.2-1B      # a Hugging Face folder
 
-MP is the number of consolidated.XX.pth shards (7B: 1, 13B: 2, 33B: 4, 65B: 8), or reshard with
-`python -m llama_caption.reshard`. Each completion is printed, then a line of 34 '='.
+With Meta's layout MP is the number of consolidated.XX.pth shards (7B: 1, 13B: 2, 33B: 4, 65B: 8),
+or reshard with `python -m llama_caption.reshard`; a Hugging Face folder takes --model_parallel.
+Completions stop at the tokenizer's end tokens (Llama 3: <|end_of_text|>, <|eom_id|>, <|eot_id|>).
+Each completion is printed, then a line of 34 '='.
 """
 
 import time
@@ -13,7 +16,7 @@ from typing import List, Optional
 import fire
 
 from llama_caption import distributed
-from llama_caption.checkpoint import context_length, list_shards, load_llama
+from llama_caption.checkpoint import load_llama, open_checkpoint
 from llama_caption.config import Config, command, setting
 from llama_caption.errors import UserError
 from llama_caption.generation import generate
@@ -27,8 +30,9 @@ DEFAULT_PROMPTS = [
 
 @dataclass
 class ExampleConfig(Config):
-    ckpt_dir: str = setting(help="folder with Meta's params.json and consolidated.XX.pth shards.")
-    tokenizer_path: str = setting(help="LLaMA's tokenizer.model (sentencepiece).")
+    ckpt_dir: str = setting(help="the LLaMA: Meta's folder (params.json + consolidated.XX.pth) or a Hugging Face folder (config.json + safetensors).")
+    tokenizer_path: Optional[str] = setting(None, "tokenizer.model (sentencepiece or Llama 3's tiktoken) or tokenizer.json; default: the one in --ckpt_dir (or beside it).")
+    model_parallel: int = setting(0, "model-parallel size; 0: the checkpoint's (Meta's: its shard count; Hugging Face's: 1). A Hugging Face folder loads at any size dividing the heads.")
     temperature: float = setting(0.8, "sampling temperature; 0 means greedy decoding.")
     top_p: float = setting(0.95, "nucleus-sampling threshold (used when temperature > 0), in (0, 1].")
     max_seq_len: int = setting(512, "the longest prompt plus completion, in tokens (KV-cache size).")
@@ -53,11 +57,11 @@ class ExampleConfig(Config):
 
 def complete(cfg: ExampleConfig) -> None:
     prompts = cfg.prompts or DEFAULT_PROMPTS
-    shards = list_shards(cfg.ckpt_dir)  # a missing folder gets its message before processes are grouped
-    if cfg.max_seq_len > context_length(cfg.ckpt_dir):
-        raise UserError(f"--max_seq_len {cfg.max_seq_len} is more than the {context_length(cfg.ckpt_dir)} positions "
+    ckpt = open_checkpoint(cfg.ckpt_dir)  # a missing folder gets its message before processes are grouped
+    if cfg.max_seq_len > ckpt.context:
+        raise UserError(f"--max_seq_len {cfg.max_seq_len} is more than the {ckpt.context} positions "
                         f"of the LLaMA in {cfg.ckpt_dir}")
-    with distributed.session(len(shards), cfg.device, cfg.seed) as env:
+    with distributed.session(ckpt.model_parallel_size(cfg.model_parallel), cfg.device, cfg.seed) as env:
         t0 = time.time()
         model, tokenizer = load_llama(cfg.ckpt_dir, cfg.tokenizer_path, cfg.max_seq_len, device=env.device,
                                       dtype=resolve_dtype(cfg.dtype, env.device))
@@ -69,10 +73,10 @@ def complete(cfg: ExampleConfig) -> None:
             longest = max(len(t) for t in ids)
             if longest >= cfg.max_seq_len:
                 raise UserError(f"a prompt has {longest} tokens, not less than --max_seq_len {cfg.max_seq_len}")
-            outs = generate(model, ids, eos_id=tokenizer.eos_id, max_gen_len=min(cfg.max_gen_len, cfg.max_seq_len - longest),
+            outs = generate(model, ids, eos_id=tokenizer.stop_ids, max_gen_len=min(cfg.max_gen_len, cfg.max_seq_len - longest),
                             temperature=cfg.temperature, top_p=cfg.top_p)
             for prompt_ids, out in zip(ids, outs):
-                print(tokenizer.decode(prompt_ids + out))
+                print(tokenizer.decode(prompt_ids[1:] + out))  # without BOS, which Llama 3's decoders spell out
                 print("\n" + "=" * 34 + "\n")
 
 

@@ -215,7 +215,7 @@ class Captioner(nn.Module):
 
 def check_window(prefix_len: int, text_len: int, ckpt_dir: str, flag: str) -> int:
     """The tokens a sequence needs (prefix + BOS + text) against the LLaMA's context, read from
-    its params.json before anything is loaded; returns the window."""
+    its params.json or config.json before anything is loaded; returns the window."""
     window = prefix_len + 1 + text_len
     context = context_length(ckpt_dir)
     if window > context:

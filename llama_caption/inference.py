@@ -27,7 +27,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from . import distributed
-from .checkpoint import list_shards, read_params
+from .checkpoint import open_checkpoint
+from .tokenizer import resolve_tokenizer_path
 from .config import Config, command, setting
 from .data import ImageFiles, ImageRecord, collate, list_image_files, load_split, report_bad_images
 from .errors import UserError
@@ -40,10 +41,11 @@ from .runtime import DTYPE_NAMES, resolve_dtype
 
 @dataclass
 class InferenceConfig(Config):
-    ckpt_dir: str = setting(help="LLaMA folder (params.json + consolidated.XX.pth); its shard count is the model-parallel size.")
-    tokenizer_path: str = setting(help="LLaMA's tokenizer.model.")
+    ckpt_dir: str = setting(help="the LLaMA: Meta's folder (params.json + consolidated.XX.pth) or a Hugging Face folder (config.json + safetensors).")
     checkpoint: str = setting(help="a training run folder (its latest checkpoint) or one checkpoint folder.")
     images: List[str] = setting(help="--images DIR for a COCO split; or image files and folders of your own (no annotations): --images a.jpg b.png photos/")
+    tokenizer_path: Optional[str] = setting(None, "tokenizer.model (sentencepiece or Llama 3's tiktoken) or tokenizer.json; default: the one in --ckpt_dir (or beside it).")
+    model_parallel: int = setting(0, "model-parallel size; 0: the checkpoint's (Meta's: its shard count; Hugging Face's: 1). A Hugging Face folder loads at any size dividing the heads.")
     out: str = setting("results.json", "the COCO results file to write; RESULTS.run.json beside it records what made it, and a rerun with the same settings completes it.")
     overwrite: bool = setting(False, "replace the captions of an --out made with other settings (they are otherwise refused, never mixed).")
     annotations: Optional[str] = setting(None, "COCO captions JSON of the split (captions_val2014.json): enables evaluation.")
@@ -113,12 +115,10 @@ class InferenceConfig(Config):
 def provenance(cfg: InferenceConfig, encoder_identity: str, dtype: torch.dtype) -> dict:
     """What makes a results file: compared key by key when a run continues one."""
     ckpt = find_checkpoint(cfg.checkpoint)
-    shards = list_shards(cfg.ckpt_dir)
+    tokenizer = resolve_tokenizer_path(cfg.tokenizer_path, cfg.ckpt_dir)
     return {
         "checkpoint": "sha256:" + sha256_file(os.path.join(ckpt, PROJECTION_FILE)),
-        "llama": {"params": read_params(cfg.ckpt_dir),
-                  "shards": [[os.path.basename(s), os.path.getsize(s)] for s in shards],
-                  "tokenizer": "sha256:" + sha256_file(cfg.tokenizer_path)},
+        "llama": dict(open_checkpoint(cfg.ckpt_dir).provenance(), tokenizer="sha256:" + sha256_file(tokenizer)),
         "clip": encoder_identity,
         "decoding": cfg.decoding(dtype),
         "selection": cfg.selection(),
@@ -331,8 +331,8 @@ def evaluate_results(cfg: InferenceConfig, env, files: ResultsFiles, results: Li
 def run(cfg: InferenceConfig) -> Optional[Dict]:
     files = ResultsFiles(cfg.out)
     files.check_paths()  # before anything is loaded or captioned
-    shards = list_shards(cfg.ckpt_dir)
-    with distributed.session(len(shards), cfg.device, cfg.seed) as env:
+    mp = open_checkpoint(cfg.ckpt_dir).model_parallel_size(cfg.model_parallel)
+    with distributed.session(mp, cfg.device, cfg.seed) as env:
         records = select_records(cfg, env.log)
         dtype = resolve_dtype(cfg.dtype, env.device)
         captioner, encoder, _ = load_captioner(cfg.checkpoint, cfg.ckpt_dir, cfg.tokenizer_path, env.device, dtype,

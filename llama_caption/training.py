@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from . import distributed, runs
 from .captioner import Captioner, CaptionerConfig, CaptionStyle, check_window
-from .checkpoint import list_shards, load_llama, read_params
+from .checkpoint import load_llama, open_checkpoint
 from .config import Config, setting
 from .data import CAPTION_MODES, CaptionDataset, StepBatches, collate, drop_missing, load_split, report_bad_images
 from .errors import UserError
@@ -38,11 +38,12 @@ from .vision import FEATURE_KINDS, EncoderSpec, ImageEncoder, check_encoder_flag
 
 @dataclass
 class TrainConfig(Config):
-    ckpt_dir: str = setting(help="LLaMA folder (params.json + consolidated.XX.pth); its shard count is the model-parallel size.")
-    tokenizer_path: str = setting(help="LLaMA's tokenizer.model.")
+    ckpt_dir: str = setting(help="the LLaMA: Meta's folder (params.json + consolidated.XX.pth) or a Hugging Face folder (config.json + safetensors).")
     clip_model: str = setting(help="CLIP name (ViT-B/32, ViT-B/16, ViT-L/14, ViT-L/14@336px), a local CLIP file, or open_clip:ARCH (an open_clip model name or model config JSON; weights from --clip_pretrained).")
     train_images: str = setting(help="train2014/ (with --karpathy_split: the folder holding train2014/ and val2014/).")
     out_dir: str = setting(help="the run folder: checkpoints/, metrics.jsonl, loss_curve.png, config.json. A folder that holds a run is only continued, with --resume.")
+    tokenizer_path: Optional[str] = setting(None, "tokenizer.model (sentencepiece or Llama 3's tiktoken) or tokenizer.json; default: the one in --ckpt_dir (or beside it).")
+    model_parallel: int = setting(0, "model-parallel size; 0: the checkpoint's (Meta's: its shard count; Hugging Face's: 1). A Hugging Face folder loads at any size dividing the heads.")
     train_annotations: Optional[str] = setting(None, "captions_train2014.json (not needed with --karpathy_split).")
     val_images: Optional[str] = setting(None, "val2014/ for the validation loss after each epoch (optional).")
     val_annotations: Optional[str] = setting(None, "captions_val2014.json.")
@@ -207,7 +208,7 @@ def build(cfg: TrainConfig, env) -> Job:
     val_cache = open_cache(cfg.val_features, spec_in, "--val_features")
     shape = encoder.feature_shape if encoder else cache.meta["shape"]
     spec = CaptionerConfig.build(spec_in, shape, cfg.projection, cfg.prefix_len, cfg.proj_hidden,
-                                 read_params(cfg.ckpt_dir)["dim"], CaptionStyle(cfg.lowercase, cfg.drop_period))
+                                 open_checkpoint(cfg.ckpt_dir).args.dim, CaptionStyle(cfg.lowercase, cfg.drop_period))
     window = check_window(spec.prefix_len, cfg.max_caption_len, cfg.ckpt_dir, "--max_caption_len")
     dtype = resolve_dtype(cfg.dtype, env.device, training=True)
     llama, tokenizer = load_llama(cfg.ckpt_dir, cfg.tokenizer_path, window, device=env.device, dtype=dtype)
@@ -382,8 +383,8 @@ def train(cfg: TrainConfig) -> dict:
     check_output_dir(cfg.out_dir, "--out_dir")
     if not cfg.resume:
         runs.check_fresh(cfg.out_dir)  # before any rank writes anything
-    shards = list_shards(cfg.ckpt_dir)
-    with distributed.session(len(shards), cfg.device, cfg.seed) as env:
+    mp = open_checkpoint(cfg.ckpt_dir).model_parallel_size(cfg.model_parallel)
+    with distributed.session(mp, cfg.device, cfg.seed) as env:
         resume = resume_point(cfg) if cfg.resume else None
         job = build(cfg, env)
         progress = Progress(restore(job, resume, env) if resume else 0)
