@@ -2,6 +2,8 @@
 packed weights), written by rank 0.
 
     python -m torch.distributed.run --nproc_per_node N tests/mp_worker.py OUT_DIR TOKENIZER CKPT [CKPT ...]
+
+TOKENIZER "auto": each checkpoint's own.
 """
 
 import json
@@ -16,7 +18,7 @@ from llama_caption.generation import generate
 
 
 def run(ckpt, tokenizer_path):
-    model, tok = load_llama(ckpt, tokenizer_path, max_seq_len=64)
+    model, tok = load_llama(ckpt, None if tokenizer_path == "auto" else tokenizer_path, max_seq_len=64)
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(3, tok.n_words, (2, 10), generator=g)
     prefix = torch.randn(3, 2, model.args.dim, generator=g)
@@ -24,6 +26,7 @@ def run(ckpt, tokenizer_path):
     with torch.no_grad():
         logits = model(tokens)
     out = {
+        "prompts": prompts,
         "greedy": generate(model, prompts, eos_id=tok.eos_id, max_gen_len=10),
         "greedy_prefix": generate(model, prompts, eos_id=tok.eos_id, max_gen_len=10, prefix=prefix),
     }
@@ -32,7 +35,7 @@ def run(ckpt, tokenizer_path):
     with torch.no_grad():
         packed_logits = model(tokens)
     out["greedy_prefix_packed"] = generate(model, prompts, eos_id=tok.eos_id, max_gen_len=10, prefix=prefix)
-    return {"logits": logits, "packed_logits": packed_logits}, out
+    return {"logits": logits, "packed_logits": packed_logits, "tokens": tokens}, out
 
 
 def main(out_dir, tokenizer_path, *ckpts):

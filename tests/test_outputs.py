@@ -235,8 +235,9 @@ def test_command_flags_and_help_come_from_the_config_fields():
     got = []
     main = command(TrainConfig, got.append, "Train.")
     assert "    epochs: passes over the training samples.\n" in main.__doc__
-    main("a", "b", "c", "d", "e", epochs=3)
+    main("a", "b", "c", "d", epochs=3)
     assert isinstance(got[0], TrainConfig) and got[0].epochs == 3 and got[0].lr == 1e-4
+    assert got[0].tokenizer_path is None  # optional: the checkpoint's own tokenizer
     many = command(InferenceConfig, got.append, "Caption.", varargs="images")
-    many("a", "b", "c", "x.jpg", "y.jpg", "z/")
+    many("a", "b", "x.jpg", "y.jpg", "z/")
     assert got[1].images == ["x.jpg", "y.jpg", "z/"] and got[1].split == "test"
