@@ -56,6 +56,11 @@ def _coerce(name: str, value: Any, annotation) -> Any:
     if typing.get_origin(kind) in (list, List):
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             value = [value]
+        item = (typing.get_args(kind) or (str,))[0]
+        if item is int:
+            if isinstance(value, (list, tuple)) and value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+                return list(value)
+            raise UserError(f"{flag} must be a whole number or a list of them, got {value!r}")
         if isinstance(value, (list, tuple)) and all(isinstance(v, (str, int, float)) for v in value):
             return [str(v) for v in value]
         raise UserError(f"{flag} must be a list of strings, got {value!r}")

@@ -193,7 +193,9 @@ class HFWeights:
             if shape[d] % mp:
                 raise UserError(f"{path}: {source} of shape {tuple(shape)} cannot be split into {mp} model-parallel shards")
             n = shape[d] // mp
-            t = view[rank * n:(rank + 1) * n] if d == 0 else view[:, rank * n:(rank + 1) * n]
+            # A column slice is a strided view of the mapped file: copy it, so the weight is
+            # contiguous for the matrix products.
+            t = view[rank * n:(rank + 1) * n] if d == 0 else view[:, rank * n:(rank + 1) * n].contiguous()
         leaf = name.split(".")[-2]
         if leaf in ("wq", "wk"):
             heads = self.args.n_heads if leaf == "wq" else self.args.kv_heads

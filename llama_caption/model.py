@@ -352,11 +352,16 @@ def skip_weight_init():
     `torch.device("meta")`: nothing is computed and no weight memory is touched before loading.
     """
     original = fs_layers._initialize_affine_weight
+    resets = {cls: cls.reset_parameters for cls in (nn.Linear, nn.Embedding)}
     fs_layers._initialize_affine_weight = lambda *args, **kwargs: None
+    for cls in resets:  # at MP 1 (plain layers) their init on the meta device costs a 2 s import
+        cls.reset_parameters = lambda self: None
     try:
         yield
     finally:
         fs_layers._initialize_affine_weight = original
+        for cls, reset in resets.items():
+            cls.reset_parameters = reset
 
 
 class Transformer(nn.Module):

@@ -33,3 +33,24 @@ def test_ours_seed_and_transformers_produce_the_same_captions(tiny):
     assert res["captions_identical"] == {"batch8": True, "no_cache_packed": True, "ours_plain": True, "no_cache": True,
                                          "hf_batch8": True}
     assert set(res["ours"]) == {1, 8} and all(r["captions_s"] > 0 for r in res["ours"].values())
+
+
+def test_load_benchmark_reports_each_format_and_rank(tmp_path):
+    """bench_load on the tiny shape at MP 2: both formats load on two ranks, each holding half
+    the weights (the figures themselves are printed by `python -m llama_caption.bench_load`)."""
+    from conftest import run_cli
+    from llama_caption import bench_load
+
+    out = tmp_path / "load.json"
+    proc = run_cli(bench_load.main, "--shape", "tiny", "--mp", 2, "--out", out, "--dir", tmp_path / "scratch")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    import json
+
+    res = json.load(open(out))
+    assert [(r["format"], r["mp"]) for r in res["loads"]] == [("hugging face", 2), ("meta", 2)]
+    for row in res["loads"]:
+        assert len(row["ranks"]) == 2
+        # Tied embeddings: the output layer is not a second copy, so a rank holds half the file's
+        # weights, plus the replicated norms (5 x 64 bf16 values).
+        assert all(r["share_bytes"] == res["weight_bytes"] // 2 + 5 * 64 for r in row["ranks"])
+    assert "hugging face" in proc.stdout and "meta" in proc.stdout
