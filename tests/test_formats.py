@@ -230,6 +230,11 @@ def test_convert_loads_to_the_same_logits_and_reshards_bit_exact(formats, tmp_pa
     convert(formats["llama2"], str(tmp_path / "meta2_l2"), 2, quiet=True)
     assert json.load(open(tmp_path / "meta2_l2" / "params.json"))["vocab_size"] == -1
     assert load_shard(f"{tmp_path}/meta2_l2/consolidated.00.pth")["tok_embeddings.weight"].shape == (formats_vocab(formats), 32)
+    # reshard given a Hugging Face folder converts it; convert given Meta's layout says to reshard.
+    reshard(formats["llama2"], 1, str(tmp_path / "via_reshard"), quiet=True)
+    assert json.load(open(tmp_path / "via_reshard" / "params.json")) == json.load(open(tmp_path / "meta2_l2" / "params.json"))
+    with pytest.raises(UserError, match="already in Meta's layout: use python -m llama_caption.reshard"):
+        convert(str(tmp_path / "meta1"), str(tmp_path / "again"), 1)
 
 
 def formats_vocab(formats):
