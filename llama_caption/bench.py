@@ -11,8 +11,11 @@
 2. Training steps (samples/s) from the CLIP feature cache against CLIP on the fly, with the
    demo's stand-in models (config cpu).
 3. Peak memory of generation and of a training step (CUDA: allocator peak; CPU: process RSS).
-On a GPU it also prints tokens/s, the weight bandwidth achieved against the card's peak and the
-model FLOPs utilisation of a training step. Writes the figures as JSON (--out).
+4. Ours again with the fixed-shape decoders of static_decode.py (`--decoders`: static, compile,
+   cuda_graph), each checked caption by caption against the eager decoder.
+On a GPU it also prints tokens/s, the weight bandwidth achieved against the card's peak, the
+model FLOPs utilisation of a training step, and what these rates mean for captioning val2014 and
+for one epoch of COCO train on that card. Writes the figures as JSON (--out).
 """
 
 import functools
@@ -49,6 +52,7 @@ CONFIGS = {
                  no_cache_images=8, batches=(1, 8), hf_batches=(8,), dtype="fp32", train_batch=8),
 }
 # Dense bf16/fp16 tensor-core peak (TFLOP/s) and memory bandwidth (GB/s) from the vendors' sheets.
+VAL2014_IMAGES, COCO_TRAIN_CAPTIONS = 40504, 414113
 PEAKS = {"H100": (989.0, 3350.0), "H200": (989.0, 4800.0), "A100": (312.0, 2039.0)}
 
 
@@ -164,13 +168,17 @@ def decode_prefixes(model: Transformer, c: dict, device) -> torch.Tensor:
 BOS = 1  # eos_id -1 below: no token ends a caption early, so every decoder makes gen_len tokens
 
 
-def time_ours(model: Transformer, prefix: torch.Tensor, batch: int, gen_len: int, device):
-    """Our decoder over all prefixes at `batch` images a call: (tokens, seconds, peak MiB)."""
+def time_ours(model: Transformer, prefix: torch.Tensor, batch: int, gen_len: int, device, decoder=None):
+    """Our decoder over all prefixes at `batch` images a call: (tokens, seconds, peak MiB).
+    `decoder`: a static_decode.StaticDecoder, else generation.generate."""
     def run():
         toks = []
         for s in range(0, len(prefix), batch):
-            toks += generate(model, [[BOS]] * len(prefix[s:s + batch]), prefix=prefix[s:s + batch], eos_id=-1,
-                             max_gen_len=gen_len)
+            rows, pre = [[BOS]] * len(prefix[s:s + batch]), prefix[s:s + batch]
+            if decoder is None:
+                toks += generate(model, rows, prefix=pre, eos_id=-1, max_gen_len=gen_len)
+            else:
+                toks += decoder.generate(rows, prefix=pre, eos_id=-1, max_gen_len=gen_len)
         return toks
     with PeakMemory(device) as mem:
         toks, dt = timed(run, device)
@@ -205,6 +213,34 @@ def time_hf(model: Transformer, prefix: torch.Tensor, c: dict, device, log) -> D
 
 def rates(n: int, gen_len: int, dt: float) -> dict:
     return {"captions_s": n / dt, "tokens_s": n * gen_len / dt}
+
+
+def static_decoder_bench(model: Transformer, c: dict, device, modes: List[str], reference, log) -> dict:
+    """Ours with the fixed-shape decoders (static_decode.py) at each batch size: captions/s and
+    whether the captions equal the eager decoder's. A mode that fails is reported, not fatal."""
+    from .static_decode import StaticDecoder
+
+    n, L = c["images"], c["gen_len"]
+    prefix = decode_prefixes(model, c, device)
+    out = {}
+    packed = model.pack_weights()  # as the eager decoder was timed (CPU)
+    for mode in modes:
+        try:
+            decoder = StaticDecoder(model, mode, sizes=c["batches"], window=c["prefix"] + 1 + L)
+            rows = {}
+            for b in c["batches"]:
+                toks, dt, extra = time_ours(model, prefix, b, L, device, decoder)
+                same = sum(x == y for x, y in zip(toks, reference))
+                rows[b] = dict(rates(n, L, dt), peak_extra_mb=extra, identical=same)
+                log(f"  ours, {mode} decoder, batch {b:3d}: {n / dt:9.2f} captions/s  {n * L / dt:10.1f} tokens/s  "
+                    f"(+{extra:.0f} MiB; {same}/{n} captions as the eager decoder's)")
+            out[mode] = rows
+        except Exception as e:  # an untried GPU path must not cost the other figures
+            out[mode] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
+            log(f"  ours, {mode} decoder: failed ({out[mode]['error']})")
+    if packed:
+        model.unpack_weights()
+    return out
 
 
 def decode_bench(model: Transformer, c: dict, device, log) -> dict:
@@ -253,6 +289,7 @@ def decode_bench(model: Transformer, c: dict, device, log) -> dict:
             tok_same = sum(a == b_ for x, y in zip(toks, reference) for a, b_ in zip(x, y))
             log(f"  transformers batch {b}: {same}/{n} captions identical ({tok_same / (n * L):.1%} of tokens)")
     res["captions_identical"] = agree
+    res["reference_tokens"] = reference
     res["ratio_vs_no_cache"] = res["ours"][top]["captions_s"] / res["no_cache"]["captions_s"]
     if packed:
         res["ratio_vs_no_cache_packed"] = res["ours"][top]["captions_s"] / res["no_cache_packed"]["captions_s"]
@@ -409,9 +446,15 @@ class BenchConfig(Config):
     train: bool = setting(True, "also measure training steps.")
     encoders: Optional[List[str]] = setting(None, f"instead: the image encoders table, for these open_clip architectures (e.g. '[\"ViT-B-32\", \"ViT-L-14\"]'; 'all': {', '.join(ENCODERS)}).")
     encoder_batch: int = setting(4, "images per encoder call in the encoders table.")
+    decoders: List[str] = setting(("static",), "also time ours with these fixed-shape decoders: static (eager), compile (torch.compile), cuda_graph (CUDA only); '[]' for none.")
 
     def check(self) -> None:
         self.one_of("config", CONFIGS)
+        from .static_decode import MODES
+
+        for mode in self.decoders:
+            if mode not in MODES[1:]:
+                raise UserError(f"--decoders: {mode!r} is not one of {', '.join(MODES[1:])}")
         self.at_least(1, "encoder_batch")
         if self.encoders == ["all"]:
             self.encoders = list(ENCODERS)
@@ -427,11 +470,17 @@ def print_decode_summary(d: dict, c: dict, dev, n_params: int, dtype) -> None:
         return
     weight_bytes = n_params * torch.finfo(dtype).bits // 8
     peak = card_peaks(dev)
-    for b, r in d["ours"].items():
-        bw = r["tokens_s"] / b * weight_bytes / 1e9
-        r["weight_gb_s"] = bw
-        print(f"  batch {b:3d}: {r['tokens_s']:9.0f} tokens/s, weights read at {bw:7.0f} GB/s"
-              + (f" ({bw / peak[1]:.0%} of {peak[1]:.0f} GB/s)" if peak else ""))
+    tables = [("eager", d["ours"])] + [(m, r) for m, r in d.get("static", {}).items() if "error" not in r]
+    for name, rows in tables:
+        for b, r in rows.items():
+            bw = r["tokens_s"] / b * weight_bytes / 1e9
+            r["weight_gb_s"] = bw
+            print(f"  {name:>10} batch {b:3d}: {r['tokens_s']:9.0f} tokens/s, weights read at {bw:7.0f} GB/s"
+                  + (f" ({bw / peak[1]:.0%} of {peak[1]:.0f} GB/s)" if peak else ""))
+    name, b, best = max(((n, b, r["captions_s"]) for n, rows in tables for b, r in rows.items()), key=lambda x: x[2])
+    d["val2014_minutes"] = VAL2014_IMAGES / best / 60
+    print(f"  captioning val2014 ({VAL2014_IMAGES} images) at the best rate ({name}, batch {b}, {best:.1f} captions/s, "
+          f"{c['gen_len']} tokens each): {d['val2014_minutes']:.1f} minutes on this card")
 
 
 def card_peaks(dev):
@@ -461,6 +510,9 @@ def bench(cfg: BenchConfig) -> dict:
               f"{c['gen_len']} tokens per caption")
         res = {"machine": machine(dev), "config": cfg.config, "params": n_params, "dtype": str(dtype),
                "decode": decode_bench(model, c, dev, print)}
+        reference = res["decode"].pop("reference_tokens")
+        if cfg.decoders:
+            res["decode"]["static"] = static_decoder_bench(model, c, dev, cfg.decoders, reference, print)
         print_decode_summary(res["decode"], c, dev, n_params, dtype)
         if cfg.train:
             res["train_frozen"] = frozen_step_bench(model, c, dev, print)
@@ -468,6 +520,10 @@ def bench(cfg: BenchConfig) -> dict:
             if peak:
                 res["train_frozen"]["mfu"] = res["train_frozen"]["model_tflops"] / peak[0]
                 print(f"  model FLOPs utilisation: {res['train_frozen']['mfu']:.1%} of {peak[0]:.0f} TFLOP/s")
+            if dev.type == "cuda":
+                hours = COCO_TRAIN_CAPTIONS / res["train_frozen"]["samples_s"] / 3600
+                res["train_frozen"]["coco_epoch_hours"] = hours
+                print(f"  one epoch of COCO train ({COCO_TRAIN_CAPTIONS} captions) at this rate: {hours:.2f} hours on this card")
             if cfg.config == "cpu":
                 del model
                 res["cache_vs_fly"] = cache_vs_fly_bench(print)

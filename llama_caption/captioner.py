@@ -145,6 +145,7 @@ class Captioner(nn.Module):
         self.projection = projection
         self.style = style
         self.truncated = 0  # captions cut to fit max_seq_len, counted for the report
+        self.decoder = None  # a static_decode.StaticDecoder for greedy/sampled captions, else generation.generate
 
     @property
     def prefix_len(self) -> int:
@@ -207,6 +208,9 @@ class Captioner(nn.Module):
         if num_beams > 1:
             out = beam_search(self.llama, prompts, prefix=prefix, eos_id=self.tokenizer.eos_id,
                               max_gen_len=max_gen_len, num_beams=num_beams, length_penalty=length_penalty)
+        elif self.decoder is not None:
+            out = self.decoder.generate(prompts, prefix=prefix, eos_id=self.tokenizer.eos_id, max_gen_len=max_gen_len,
+                                        temperature=temperature, top_p=top_p, generator=generator)
         else:
             out = generate(self.llama, prompts, prefix=prefix, eos_id=self.tokenizer.eos_id,
                            max_gen_len=max_gen_len, temperature=temperature, top_p=top_p, generator=generator)

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from . import distributed
 from .checkpoint import open_checkpoint
+from .static_decode import DEFAULT_SIZES, MODES, StaticDecoder
 from .tokenizer import resolve_tokenizer_path
 from .config import Config, command, setting
 from .data import ImageFiles, ImageRecord, collate, list_image_files, load_split, report_bad_images
@@ -69,6 +70,7 @@ class InferenceConfig(Config):
     seed: int = setting(1, "random seed for sampling, the same on every rank.")
     save_every_s: float = setting(30.0, "seconds between rewrites of the results file while working.")
     control_shuffle: bool = setting(False, "a control experiment: caption each image from the CLIP features of the next image in its batch.")
+    decoder: str = setting("eager", "greedy/top-p decoder: eager; static (fixed-shape KV cache, batches padded to 1, 2, 4 ... 64 or --batch_size); compile (static through torch.compile); cuda_graph (static captured as CUDA graphs, CUDA only: not yet measured on a GPU by this project). Same captions in fp32; beam search is always eager.")
     pack_weights: bool = setting(True, "on a CPU, decode with a copy of LLaMA's weights packed for oneDNN (faster; one extra copy in memory). No effect on CUDA.")
 
     def check(self) -> None:
@@ -87,6 +89,10 @@ class InferenceConfig(Config):
         if (self.annotations or self.karpathy_split) and len(self.images) != 1:
             raise UserError("--images must be one folder when --annotations or --karpathy_split is given")
         self.one_of("dtype", DTYPE_NAMES)
+        self.one_of("decoder", MODES)
+        if self.decoder != "eager" and self.num_beams > 1:
+            raise UserError(f"--decoder {self.decoder} is for greedy and sampled captions; beam search (--num_beams > 1) "
+                            f"runs eagerly: leave --decoder eager")
 
     @property
     def annotated(self) -> bool:
@@ -96,6 +102,8 @@ class InferenceConfig(Config):
         """The settings that decide the captions (recorded beside the results)."""
         d = {"max_gen_len": self.max_gen_len, "num_beams": self.num_beams, "temperature": self.temperature,
              "control_shuffle": self.control_shuffle, "dtype": str(dtype).replace("torch.", "")}
+        if self.decoder != "eager":  # fp16 kernels of other shapes may round otherwise
+            d["decoder"] = self.decoder
         if self.num_beams > 1:
             d["length_penalty"] = self.length_penalty
         if self.temperature > 0:
@@ -343,6 +351,11 @@ def run(cfg: InferenceConfig) -> Optional[Dict]:
         dist.barrier()  # every rank has read the old files before rank 0 changes them
         if cfg.pack_weights and captioner.llama.pack_weights():
             env.log("CPU decoding: LLaMA's weights packed for oneDNN (--pack_weights False to save the extra copy)")
+        if cfg.decoder != "eager":
+            if cfg.decoder == "cuda_graph" and env.device.type != "cuda":
+                raise UserError("--decoder cuda_graph needs a CUDA device: use static or compile on the CPU")
+            sizes = sorted({s for s in DEFAULT_SIZES if s < cfg.batch_size} | {cfg.batch_size})
+            captioner.decoder = StaticDecoder(captioner.llama, cfg.decoder, sizes)
         todo = [r for r in records if (r.image_id if cfg.annotated else r.path) not in done]
         mode = (f"beam search, {cfg.num_beams} beams" if cfg.num_beams > 1 else
                 "sampling" if cfg.temperature > 0 else "greedy")

@@ -272,7 +272,14 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
 
-    def update(self, start: int, k, v):
+    def update(self, start, k, v):
+        """Write k, v (B, H_kv, T, hd) at slots start..start+T-1; returns the keys and values of
+        slots 0..start+T-1. `start` a one-element tensor (the static decoder): T is 1, the write
+        is an index_copy_ and the whole window comes back, so every shape stays fixed."""
+        if isinstance(start, torch.Tensor):
+            self.k.index_copy_(2, start, k)
+            self.v.index_copy_(2, start, v)
+            return self.k, self.v
         end = start + k.shape[2]
         b = k.shape[0]
         self.k[:b, :, start:end] = k
@@ -439,6 +446,19 @@ class Transformer(nn.Module):
         return nn.ModuleList(
             KVCache(batch_size, n, kvh, self.args.head_dim, self.device, self.dtype) for _ in self.layers
         )
+
+    def decode_static(self, tokens: torch.Tensor, slot: torch.Tensor, positions: torch.Tensor,
+                      key_mask: torch.Tensor, cache: List[KVCache]) -> torch.Tensor:
+        """One decoding step in fixed shapes (static_decode.py): tokens (B,) at window slot
+        `slot` (a one-element long tensor), rotary positions (B,), key_mask (B, 1, 1, S) True
+        for the slots each row may see. Attends over the whole window S of the cache, so one
+        captured graph serves every step. Returns the logits (B, vocab), fp32."""
+        h = self.embed(tokens[:, None])
+        rot = rope_rotation(self.rope_freqs, positions[:, None])
+        layout = AttentionLayout(positions[:, None], key_mask, False)
+        for layer, layer_cache in zip(self.layers, cache):
+            h = layer(h, rot, layout, layer_cache, slot)
+        return self.output(self.norm(h[:, -1])).float()
 
     def forward(
         self,

@@ -54,3 +54,18 @@ def test_load_benchmark_reports_each_format_and_rank(tmp_path):
         # weights, plus the replicated norms (5 x 64 bf16 values).
         assert all(r["share_bytes"] == res["weight_bytes"] // 2 + 5 * 64 for r in row["ranks"])
     assert "hugging face" in proc.stdout and "meta" in proc.stdout
+
+
+def test_static_decoder_rows_report_the_eager_captions(tiny):
+    from llama_caption.bench import decode_prefixes, static_decoder_bench
+    from llama_caption.generation import generate
+
+    model, c = tiny
+    prefix = decode_prefixes(model, c, torch.device("cpu"))
+    reference = generate(model, [[1]] * len(prefix), prefix=prefix, eos_id=-1, max_gen_len=c["gen_len"])
+    res = static_decoder_bench(model, c, torch.device("cpu"), ["static"], reference, lambda m: None)
+    assert set(res["static"]) == set(c["batches"])
+    assert all(r["identical"] == c["images"] and r["captions_s"] > 0 for r in res["static"].values())
+    # A mode that cannot run is reported in its row, and the others are kept.
+    res = static_decoder_bench(model, c, torch.device("cpu"), ["cuda_graph", "static"], reference, lambda m: None)
+    assert "needs the model on a CUDA device" in res["cuda_graph"]["error"] and "error" not in res["static"]

@@ -247,3 +247,20 @@ def test_a_checkpoint_of_the_first_format_still_loads(cap, trained, model, tmp_p
     assert cfg == CaptionerConfig.from_dict(captioner_cfg)
     new, feats = model
     assert captioner.generate(feats, max_gen_len=30) == new.generate(feats, max_gen_len=30)
+
+
+def test_static_decoder_gives_the_eager_captions(cap, trained, tmp_path):
+    """--decoder static (fixed-shape KV cache, the batch of 3 padded to 4) writes the same
+    captions as the eager decoder; cuda_graph is refused on the CPU, and with beam search."""
+    runs = {}
+    for decoder in ("eager", "static"):
+        out = tmp_path / f"{decoder}.json"
+        proc = run_cli(captioning_inference.main, *infer_args(cap, trained, out, "--decoder", decoder, "--batch_size", 4))
+        assert proc.returncode == 0, proc.stderr
+        runs[decoder] = json.load(open(out))
+    assert runs["static"] == runs["eager"] and len(runs["eager"]) == 3
+    proc = run_cli(captioning_inference.main, *infer_args(cap, trained, tmp_path / "g.json", "--decoder", "cuda_graph"))
+    assert proc.returncode == 2 and "--decoder cuda_graph needs a CUDA device" in proc.stderr
+    proc = run_cli(captioning_inference.main, *infer_args(cap, trained, tmp_path / "b.json", "--decoder", "static",
+                                                          "--num_beams", 3))
+    assert proc.returncode == 2 and "beam search (--num_beams > 1) runs eagerly" in proc.stderr
