@@ -70,7 +70,7 @@ class InferenceConfig(Config):
     seed: int = setting(1, "random seed for sampling, the same on every rank.")
     save_every_s: float = setting(30.0, "seconds between rewrites of the results file while working.")
     control_shuffle: bool = setting(False, "a control experiment: caption each image from the CLIP features of the next image in its batch.")
-    decoder: str = setting("eager", "greedy/top-p decoder: eager; static (fixed-shape KV cache, batches padded to 1, 2, 4 ... 64 or --batch_size); compile (static through torch.compile); cuda_graph (static captured as CUDA graphs, CUDA only: not yet measured on a GPU by this project). Same captions in fp32; beam search is always eager.")
+    decoder: str = setting("auto", "greedy/top-p decoder: auto (static on a CPU, where it is faster; eager on CUDA); eager; static (fixed-shape KV cache, batches padded to 1, 2, 4 ... 64 or --batch_size); compile (static through torch.compile); cuda_graph (static captured as CUDA graphs, CUDA only: not yet measured on a GPU by this project). Same captions in fp32; beam search is always eager.")
     pack_weights: bool = setting(True, "on a CPU, decode with a copy of LLaMA's weights packed for oneDNN (faster; one extra copy in memory). No effect on CUDA.")
 
     def check(self) -> None:
@@ -89,10 +89,16 @@ class InferenceConfig(Config):
         if (self.annotations or self.karpathy_split) and len(self.images) != 1:
             raise UserError("--images must be one folder when --annotations or --karpathy_split is given")
         self.one_of("dtype", DTYPE_NAMES)
-        self.one_of("decoder", MODES)
-        if self.decoder != "eager" and self.num_beams > 1:
+        self.one_of("decoder", ("auto",) + MODES)
+        if self.decoder not in ("auto", "eager") and self.num_beams > 1:
             raise UserError(f"--decoder {self.decoder} is for greedy and sampled captions; beam search (--num_beams > 1) "
                             f"runs eagerly: leave --decoder eager")
+
+    def resolve_decoder(self, device: torch.device) -> None:
+        """`auto`: the static decoder on a CPU (the same captions, faster there: README), the
+        eager one on CUDA and for beam search."""
+        if self.decoder == "auto":
+            self.decoder = "static" if device.type == "cpu" and self.num_beams == 1 else "eager"
 
     @property
     def annotated(self) -> bool:
@@ -343,6 +349,7 @@ def run(cfg: InferenceConfig) -> Optional[Dict]:
     with distributed.session(mp, cfg.device, cfg.seed) as env:
         records = select_records(cfg, env.log)
         dtype = resolve_dtype(cfg.dtype, env.device)
+        cfg.resolve_decoder(env.device)
         captioner, encoder, _ = load_captioner(cfg.checkpoint, cfg.ckpt_dir, cfg.tokenizer_path, env.device, dtype,
                                                cfg.max_gen_len, cfg.clip_model, cfg.clip_pretrained)
         made_by = provenance(cfg, encoder.spec.identity, dtype)

@@ -253,12 +253,15 @@ def test_static_decoder_gives_the_eager_captions(cap, trained, tmp_path):
     """--decoder static (fixed-shape KV cache, the batch of 3 padded to 4) writes the same
     captions as the eager decoder; cuda_graph is refused on the CPU, and with beam search."""
     runs = {}
-    for decoder in ("eager", "static"):
+    for decoder in ("eager", "static", "auto"):
         out = tmp_path / f"{decoder}.json"
         proc = run_cli(captioning_inference.main, *infer_args(cap, trained, out, "--decoder", decoder, "--batch_size", 4))
         assert proc.returncode == 0, proc.stderr
         runs[decoder] = json.load(open(out))
-    assert runs["static"] == runs["eager"] and len(runs["eager"]) == 3
+    assert runs["static"] == runs["eager"] == runs["auto"] and len(runs["eager"]) == 3
+    # auto is the static decoder on a CPU, and the results' provenance says which ran.
+    assert json.load(open(tmp_path / "auto.run.json"))["decoding"]["decoder"] == "static"
+    assert "decoder" not in json.load(open(tmp_path / "eager.run.json"))["decoding"]
     proc = run_cli(captioning_inference.main, *infer_args(cap, trained, tmp_path / "g.json", "--decoder", "cuda_graph"))
     assert proc.returncode == 2 and "--decoder cuda_graph needs a CUDA device" in proc.stderr
     proc = run_cli(captioning_inference.main, *infer_args(cap, trained, tmp_path / "b.json", "--decoder", "static",
