@@ -446,10 +446,12 @@ class BenchConfig(Config):
     train: bool = setting(True, "also measure training steps.")
     encoders: Optional[List[str]] = setting(None, f"instead: the image encoders table, for these open_clip architectures (e.g. '[\"ViT-B-32\", \"ViT-L-14\"]'; 'all': {', '.join(ENCODERS)}).")
     encoder_batch: int = setting(4, "images per encoder call in the encoders table.")
+    dtype: str = setting("auto", "the model's dtype on CUDA: auto (the config's: fp16 for 7b, as the figures in the README), fp16 or bf16. fp32 on a CPU.")
     decoders: List[str] = setting(("static",), "also time ours with these fixed-shape decoders: static (eager), compile (torch.compile), cuda_graph (CUDA only); '[]' for none.")
 
     def check(self) -> None:
         self.one_of("config", CONFIGS)
+        self.one_of("dtype", ("auto", "fp32", "fp16", "bf16"))
         from .static_decode import MODES
 
         for mode in self.decoders:
@@ -500,7 +502,9 @@ def bench(cfg: BenchConfig) -> dict:
     c = CONFIGS[cfg.config]
     with distributed.session(mp_size=1, device=cfg.device) as env:
         dev = env.device
-        dtype = {"fp32": torch.float32, "fp16": torch.float16}[c["dtype"]] if dev.type == "cuda" else torch.float32
+        name = c["dtype"] if cfg.dtype == "auto" else cfg.dtype
+        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name] \
+            if dev.type == "cuda" else torch.float32
         args = ModelArgs(dim=c["dim"], n_layers=c["n_layers"], n_heads=c["n_heads"], vocab_size=c["vocab"],
                          max_seq_len=c["prefix"] + 1 + c["gen_len"] + 8)
         model = random_model(args, dev, dtype)
