@@ -62,15 +62,21 @@ class CaptionerConfig:
     proj_hidden: int
     llama_dim: int
     style: CaptionStyle = CaptionStyle()
+    mapper_width: int = 512  # the transformer mapper's sizes (unused by linear and mlp)
+    mapper_layers: int = 4
 
     @classmethod
     def build(cls, encoder: EncoderSpec, feature_shape, projection: str, prefix_len: int,
-              proj_hidden: Optional[int], llama_dim: int, style: CaptionStyle) -> "CaptionerConfig":
+              proj_hidden: Optional[int], llama_dim: int, style: CaptionStyle, mapper_width: int = 512,
+              mapper_layers: int = 4) -> "CaptionerConfig":
         """The prefix-length rule: pooled features make `prefix_len` tokens, patch features one
-        token per patch (the flag is then unused)."""
+        token per patch (the flag is then unused), except through the transformer mapper, which
+        always makes `prefix_len`."""
         shape = tuple(int(s) for s in feature_shape)
-        tokens = prefix_len if encoder.feature_kind == "pooled" else shape[0]
-        return cls(encoder, shape, projection, tokens, proj_hidden or llama_dim, llama_dim, style)
+        pooled = encoder.feature_kind == "pooled"
+        tokens = prefix_len if pooled or projection == "transformer" else shape[0]
+        return cls(encoder, shape, projection, tokens, proj_hidden or llama_dim, llama_dim, style, mapper_width,
+                   mapper_layers)
 
     @property
     def pooled(self) -> bool:
@@ -78,7 +84,8 @@ class CaptionerConfig:
 
     def new_projection(self) -> Projection:
         return Projection(self.projection, self.pooled, self.feature_shape[-1], self.llama_dim, self.prefix_len,
-                          self.proj_hidden)
+                          self.proj_hidden, 1 if self.pooled else self.feature_shape[0], self.mapper_width,
+                          self.mapper_layers)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -86,7 +93,8 @@ class CaptionerConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "CaptionerConfig":
         return cls(EncoderSpec(**d["encoder"]), tuple(d["feature_shape"]), d["projection"], int(d["prefix_len"]),
-                   int(d["proj_hidden"]), int(d["llama_dim"]), CaptionStyle(**d["style"]))
+                   int(d["proj_hidden"]), int(d["llama_dim"]), CaptionStyle(**d["style"]),
+                   int(d.get("mapper_width", 512)), int(d.get("mapper_layers", 4)))
 
     @classmethod
     def from_training_config(cls, cfg: dict, weights: Dict[str, torch.Tensor]) -> "CaptionerConfig":

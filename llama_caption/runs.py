@@ -189,15 +189,17 @@ class MetricsLog:
 
         with open(self.path) as f:
             rows = [json.loads(l) for l in f if l.strip()]
-        train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-        val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+        scst = any("reward" in r for r in rows)  # SCST: the reward and validation CIDEr-D
+        train_key, val_key = ("reward", "val_cider") if scst else ("loss", "val_loss")
+        train = [(r["step"], r[train_key]) for r in rows if train_key in r]
+        val = [(r["step"], r[val_key]) for r in rows if val_key in r]
         fig, ax = plt.subplots(figsize=(6, 4))
         if train:
-            ax.plot(*zip(*train), label="train loss")
+            ax.plot(*zip(*train), label="mean reward of the samples" if scst else "train loss")
         if val:
-            ax.plot(*zip(*val), "o-", label="validation loss")
+            ax.plot(*zip(*val), "o-", label="validation CIDEr-D, greedy" if scst else "validation loss")
         ax.set_xlabel("optimizer step")
-        ax.set_ylabel("cross-entropy per caption token")
+        ax.set_ylabel("CIDEr-D" if scst else "cross-entropy per caption token")
         ax.legend()
         ax.grid(alpha=0.3)
         fig.tight_layout()

@@ -11,6 +11,7 @@ data and optimizer, then `train_epoch` (a loop of `optimizer_step`), validation 
 per epoch, and `finish`.
 """
 
+import dataclasses
 import hashlib
 import math
 import os
@@ -31,8 +32,10 @@ from .data import CAPTION_MODES, CaptionDataset, StepBatches, collate, drop_miss
 from .errors import UserError
 from .features import FeatureCache
 from .fileio import check_output_dir, write_json
+from .generation import generate
 from .projection import PROJECTIONS
 from .runtime import DTYPE_NAMES, resolve_dtype
+from .scst import BASELINES, CiderD, advantages, sample_captions, sample_keys, sequence_logprobs
 from .vision import FEATURE_KINDS, EncoderSpec, ImageEncoder, check_encoder_flags, load_encoder
 
 
@@ -53,9 +56,11 @@ class TrainConfig(Config):
     clip_pretrained: Optional[str] = setting(None, "with --clip_model open_clip:ARCH: the weights file (open_clip_pytorch_model.bin, .safetensors) or a pretrained tag (downloaded only if not cached).")
     feature_kind: str = setting("pooled", "pooled (CLIP image embedding, ClipCap) or patch (patch tokens, LLaVA).")
     clip_layer: int = setting(-2, "with --feature_kind patch, the block whose output is taken (-2: penultimate).")
-    projection: str = setting("mlp", "linear or mlp (Linear-GELU-Linear).")
-    prefix_len: int = setting(10, "prefix tokens made from a pooled feature (patch features: one per patch).")
+    projection: str = setting("mlp", "linear, mlp (Linear-GELU-Linear) or transformer (learned queries and the features through --mapper_layers layers).")
+    prefix_len: int = setting(10, "prefix tokens made from a pooled feature (patch features: one per patch, except through the transformer mapper: --prefix_len).")
     proj_hidden: Optional[int] = setting(None, "hidden width of the mlp projection (default: LLaMA's width).")
+    mapper_width: int = setting(512, "width of the transformer mapper's layers (--projection transformer; heads of 64).")
+    mapper_layers: int = setting(4, "layers of the transformer mapper (--projection transformer).")
     captions: str = setting("all", "all (every caption each epoch, ClipCap) or one (one random caption per image per epoch).")
     lowercase: bool = setting(True, "lowercase captions before training.")
     drop_period: bool = setting(True, "drop a trailing period from captions.")
@@ -75,6 +80,11 @@ class TrainConfig(Config):
     keep_last: int = setting(3, "checkpoints kept in out_dir/checkpoints (0: all); the latest is never deleted.")
     log_every: int = setting(10, "optimizer steps between metrics.jsonl lines and progress-bar updates.")
     max_bad_steps: int = setting(10, "consecutive NaN/inf losses (skipped steps) before training stops with an error.")
+    objective: str = setting("xe", "xe (cross-entropy on the reference captions) or scst (self-critical: maximise the CIDEr-D of sampled captions; starts from --init_from).")
+    init_from: Optional[str] = setting(None, "a trained run folder (its latest checkpoint) or checkpoint whose projection starts this run, with a fresh optimizer; needed by --objective scst.")
+    scst_samples: int = setting(5, "with --objective scst: captions sampled per image per step.")
+    scst_baseline: str = setting("mean", "with --objective scst: mean (each sample against the mean reward of the image's other samples) or greedy (against the image's greedy caption).")
+    scst_temperature: float = setting(1.0, "with --objective scst: sampling temperature (captions up to --max_caption_len tokens).")
     seed: int = setting(0, "random seed (data order, initialisation), the same on every rank.")
     resume: bool = setting(False, "continue from out_dir/checkpoints/latest with the same configuration.")
     stop_after_steps: Optional[int] = setting(None, "stop (with a checkpoint) after this many steps, e.g. to split a job across allocations.")
@@ -85,7 +95,7 @@ class TrainConfig(Config):
 
     def check(self) -> None:
         self.at_least(1, "epochs", "batch_size", "grad_accum", "max_caption_len", "log_every", "save_every",
-                      "prefix_len", "max_bad_steps", "proj_hidden", "stop_after_steps")
+                      "prefix_len", "max_bad_steps", "proj_hidden", "stop_after_steps", "mapper_width", "mapper_layers")
         self.at_least(0, "num_workers", "warmup_steps", "keep_last", "grad_clip", "weight_decay", "min_lr_ratio")
         if self.lr <= 0:
             raise UserError(f"--lr must be positive, got {self.lr}")
@@ -96,6 +106,15 @@ class TrainConfig(Config):
         self.one_of("projection", PROJECTIONS)
         self.one_of("captions", CAPTION_MODES)
         self.one_of("dtype", DTYPE_NAMES)
+        self.one_of("objective", ("xe", "scst"))
+        self.one_of("scst_baseline", BASELINES)
+        if self.objective == "scst":
+            if not self.init_from:
+                raise UserError("--objective scst needs --init_from RUN_DIR: a projection trained with cross-entropy first")
+            if self.scst_baseline == "mean" and self.scst_samples < 2:
+                raise UserError(f"--scst_samples {self.scst_samples}: the mean baseline needs at least 2 samples per image")
+            if self.scst_temperature <= 0:
+                raise UserError(f"--scst_temperature must be positive, got {self.scst_temperature}")
         if self.val_images and not (self.val_annotations or self.karpathy_split):
             raise UserError("--val_images needs --val_annotations (or --karpathy_split)")
 
@@ -129,6 +148,9 @@ def resume_point(cfg: TrainConfig) -> ResumePoint:
     ckpt = runs.find_checkpoint(cfg.out_dir, "--resume: --out_dir")
     weights, _, saved = runs.load_projection(ckpt, "--resume")
     now = cfg.to_dict()
+    # A flag added since the checkpoint was written counts as its default there.
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    saved = {k: saved.get(k, defaults.get(k)) for k in now}
     diff = sorted(k for k in now if k not in TrainConfig.RESUMABLE_CHANGES and saved.get(k) != now[k])
     if diff:
         raise UserError(
@@ -157,6 +179,7 @@ class Job:
     dtype: torch.dtype
     use_amp: bool
     epochs: int
+    cider: Optional[CiderD] = None  # SCST's reward, document frequencies from the training references
 
     @property
     def total_steps(self) -> int:
@@ -193,7 +216,7 @@ def load_dataset(cfg: TrainConfig, split: str, cache, transform, env) -> Caption
     if not records:
         raise UserError(f"--{split}_images {images}: no image with a usable caption (are the captions empty?)")
     records = restrict_to_cache(records, cache, "--features" if split == "train" else "--val_features", env.log)
-    mode = cfg.captions if split == "train" else "all"
+    mode = ("one" if cfg.objective == "scst" else cfg.captions) if split == "train" else "all"  # SCST: each image once
     return CaptionDataset(records, None if cache else transform, cache, mode, cfg.seed)
 
 
@@ -208,11 +231,15 @@ def build(cfg: TrainConfig, env) -> Job:
     val_cache = open_cache(cfg.val_features, spec_in, "--val_features")
     shape = encoder.feature_shape if encoder else cache.meta["shape"]
     spec = CaptionerConfig.build(spec_in, shape, cfg.projection, cfg.prefix_len, cfg.proj_hidden,
-                                 open_checkpoint(cfg.ckpt_dir).args.dim, CaptionStyle(cfg.lowercase, cfg.drop_period))
+                                 open_checkpoint(cfg.ckpt_dir).args.dim, CaptionStyle(cfg.lowercase, cfg.drop_period),
+                                 cfg.mapper_width, cfg.mapper_layers)
     window = check_window(spec.prefix_len, cfg.max_caption_len, cfg.ckpt_dir, "--max_caption_len")
     dtype = resolve_dtype(cfg.dtype, env.device, training=True)
     llama, tokenizer = load_llama(cfg.ckpt_dir, cfg.tokenizer_path, window, device=env.device, dtype=dtype)
-    projection = spec.new_projection().to(env.device)
+    projection = spec.new_projection()
+    if cfg.init_from:
+        projection.load_state_dict(initial_weights(cfg, spec), strict=True)
+    projection = projection.to(env.device)
     transform = encoder.preprocess if encoder else None
     train_set = load_dataset(cfg, "train", cache, transform, env)
     val_set = load_dataset(cfg, "val", val_cache, transform, env) if cfg.val_images else None
@@ -227,7 +254,31 @@ def build(cfg: TrainConfig, env) -> Job:
     job = Job(Captioner(llama, tokenizer, projection, spec.style), spec, encoder, train_set, val_set, micro,
               steps_per_epoch, optimizer, scheduler,
               torch.amp.GradScaler("cuda", enabled=use_amp and dtype == torch.float16), dtype, use_amp, cfg.epochs)
+    if cfg.objective == "scst":
+        job.cider = CiderD({r.image_id: r.captions for r in train_set.records})
+        env.log(f"SCST: CIDEr-D reward, document frequencies from the {len(train_set.records)} training images' references")
     return job
+
+
+def initial_weights(cfg: TrainConfig, spec: CaptionerConfig) -> dict:
+    """The projection of --init_from, refused when it is not the same captioner (encoder,
+    feature shape, projection kind and sizes, LLaMA)."""
+    ckpt = runs.find_checkpoint(cfg.init_from, "--init_from")
+    weights, saved, flags = runs.load_projection(ckpt, "--init_from")
+    mine, theirs = spec.to_dict(), saved.to_dict()
+    mine["encoder"].pop("clip_model"), theirs["encoder"].pop("clip_model")  # the same file may have moved
+    diff = [k for k in mine if mine[k] != theirs[k]]
+    if diff:
+        k = diff[0]
+        raise UserError(f"--init_from {ckpt} is another captioner: its {k} is {theirs[k]!r}, this run's {mine[k]!r} "
+                        f"(pass the flags it was trained with)")
+    old_llama = flags.get("ckpt_dir")
+    if old_llama and os.path.isdir(old_llama):
+        a, b = open_checkpoint(old_llama).args, open_checkpoint(cfg.ckpt_dir).args
+        if (a.dim, a.n_layers, a.n_heads, a.vocab_size) != (b.dim, b.n_layers, b.n_heads, b.vocab_size):
+            raise UserError(f"--init_from {ckpt} was trained with the LLaMA in {old_llama}, not the one in --ckpt_dir "
+                            f"{cfg.ckpt_dir}")
+    return weights
 
 
 def restore(job: Job, resume: ResumePoint, env) -> int:
@@ -261,13 +312,18 @@ def optimizer_step(job: Job, micro_batches: List[dict], env, max_grad_norm: floa
             part, _ = captioner.loss(job.features_of(b), batch_ids)
         job.scaler.scale(part / n_targets).backward()
         loss_sum += part.detach().double()
-    params = list(captioner.projection.parameters())
-    loss = float(distributed.all_reduce_gradients(params, loss_sum, env.dp_group)[0]) / max(n_targets, 1.0)
+    totals = distributed.all_reduce_gradients(list(captioner.projection.parameters()), loss_sum, env.dp_group)
+    return apply_update(job, float(totals[0]) / max(n_targets, 1.0), max_grad_norm), n_samples
+
+
+def apply_update(job: Job, loss: float, max_grad_norm: float) -> Optional[float]:
+    """Clip and apply the summed gradients (or skip the step when the loss is NaN/inf: None)."""
+    params = list(job.captioner.projection.parameters())
     if not math.isfinite(loss):
         job.optimizer.zero_grad(set_to_none=True)
         if job.use_amp:
             job.scaler.update()  # the scaler backs off after an overflow
-        return None, n_samples
+        return None
     job.scaler.unscale_(job.optimizer)
     if max_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
@@ -275,7 +331,46 @@ def optimizer_step(job: Job, micro_batches: List[dict], env, max_grad_norm: floa
     job.scaler.update()
     job.scheduler.step()
     job.optimizer.zero_grad(set_to_none=True)
-    return loss, n_samples
+    return loss
+
+
+def scst_step(job: Job, micro_batches: List[dict], env, cfg: TrainConfig, step: int):
+    """One SCST optimizer step over this rank's micro-batches (scst.py). Returns (loss per sample,
+    samples in the global step, {"reward", "sample_len"} means); loss None when non-finite."""
+    cap, k = job.captioner, cfg.scst_samples
+    tok, llama, dev = cap.tokenizer, cap.llama, env.device
+    n_local = sum(len(b["image_id"]) for b in micro_batches)
+    count = torch.tensor([float(n_local * k)], dtype=torch.float64, device=dev)
+    dist.all_reduce(count, group=env.dp_group)
+    n_global = float(count[0])
+    stats = torch.zeros(3, dtype=torch.float64, device=dev)  # loss, reward, sampled tokens
+    for b in micro_batches:
+        if not b["image_id"]:
+            continue
+        with torch.autocast(dev.type, dtype=job.dtype, enabled=job.use_amp):
+            prefix = cap.projection(job.features_of(b).to(dev))
+        rows = prefix.repeat_interleave(k, 0)
+        keys = sample_keys(cfg.seed, step, b["image_id"], k, dev)
+        tokens, ended = sample_captions(llama, rows.detach(), tok.bos_id, tok.eos_id, cfg.max_caption_len, keys,
+                                        cfg.scst_temperature)
+        ids = [i for i in b["image_id"] for _ in range(k)]
+        rewards = torch.tensor(job.cider.scores(ids, [tok.decode(t) for t in tokens]), dtype=torch.float64)
+        rewards = rewards.view(len(b["image_id"]), k)
+        greedy = None
+        if cfg.scst_baseline == "greedy":
+            best = generate(llama, [[tok.bos_id]] * len(b["image_id"]), prefix=prefix.detach(), eos_id=tok.eos_id,
+                            max_gen_len=cfg.max_caption_len)
+            greedy = torch.tensor(job.cider.scores(b["image_id"], [tok.decode(t) for t in best]), dtype=torch.float64)
+        adv = advantages(rewards, cfg.scst_baseline, greedy).flatten().to(dev)
+        with torch.autocast(dev.type, dtype=job.dtype, enabled=job.use_amp):
+            logp = sequence_logprobs(llama, rows, tokens, ended, tok.bos_id, tok.eos_id)
+        part = -(adv * logp.double()).sum()
+        job.scaler.scale((part / n_global).float()).backward()
+        stats += torch.tensor([float(part), float(rewards.sum()), sum(len(t) for t in tokens)], dtype=torch.float64,
+                              device=dev)
+    totals = distributed.all_reduce_gradients(list(cap.projection.parameters()), stats, env.dp_group)
+    loss = apply_update(job, float(totals[0]) / n_global, cfg.grad_clip)
+    return loss, int(n_global) // k, {"reward": float(totals[1]) / n_global, "sample_len": float(totals[2]) / n_global}
 
 
 @dataclass
@@ -313,7 +408,11 @@ def train_epoch(cfg: TrainConfig, env, job: Job, epoch: int, progress: Progress,
             micro_batches = [next(it) for _ in range(cfg.grad_accum)]
             for b in micro_batches:
                 progress.bad_images += b["bad"]
-            loss, n_samples = optimizer_step(job, micro_batches, env, cfg.grad_clip)
+            extra = {}
+            if cfg.objective == "scst":
+                loss, n_samples, extra = scst_step(job, micro_batches, env, cfg, progress.step)
+            else:
+                loss, n_samples = optimizer_step(job, micro_batches, env, cfg.grad_clip)
             if loss is None:
                 progress.consecutive_bad += 1
                 env.log(f"warning: non-finite loss at step {progress.step + 1}; step skipped")
@@ -332,8 +431,9 @@ def train_epoch(cfg: TrainConfig, env, job: Job, epoch: int, progress: Progress,
                 now = time.time()
                 rate = samples_since / max(now - t_last, 1e-9)
                 lr = job.scheduler.get_last_lr()[0]
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
-                metrics.write(step=step, epoch=epoch + 1, loss=loss, lr=lr, samples_per_s=rate)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}",
+                                **{k: f"{v:.3f}" for k, v in extra.items()})
+                metrics.write(step=step, epoch=epoch + 1, loss=loss, lr=lr, samples_per_s=rate, **extra)
                 t_last, samples_since = now, 0
             if step % cfg.save_every == 0:
                 save(cfg, env, job, step, epoch)
@@ -361,6 +461,33 @@ def evaluate_loss(job: Job, env, num_workers: int) -> float:
         total += torch.tensor([float(loss), n], dtype=torch.float64, device=env.device)
     dist.all_reduce(total, group=env.dp_group)
     projection.train()
+    return float(total[0] / max(total[1], 1))
+
+
+@torch.no_grad()
+def evaluate_cider(job: Job, env, cfg: TrainConfig) -> float:
+    """Mean CIDEr-D (the reward's scorer; document frequencies from the validation references) of
+    greedy captions of the validation images, shared out over data-parallel ranks."""
+    records = job.val_set.records
+    scorer = CiderD({r.image_id: r.captions for r in records})
+    firsts = {}
+    for index, (i, _) in enumerate(job.val_set.samples):
+        firsts.setdefault(i, index)
+    mine = [firsts[i] for i in sorted(firsts)][env.dp_rank::env.dp_size]
+    batches = [mine[i:i + job.micro_batch] for i in range(0, len(mine), job.micro_batch)]
+    loader = torch.utils.data.DataLoader(job.val_set, batch_sampler=batches, num_workers=cfg.num_workers,
+                                         collate_fn=collate)
+    total = torch.zeros(2, dtype=torch.float64, device=env.device)
+    job.captioner.projection.eval()
+    for b in tqdm(loader, desc="validation CIDEr-D", disable=not env.is_main, leave=False, file=sys.stderr):
+        if not b["image_id"]:
+            continue
+        with torch.autocast(env.device.type, dtype=job.dtype, enabled=job.use_amp):
+            captions = job.captioner.generate(job.features_of(b), cfg.max_caption_len)
+        total += torch.tensor([sum(scorer.scores(b["image_id"], captions)), len(captions)], dtype=torch.float64,
+                              device=env.device)
+    dist.all_reduce(total, group=env.dp_group)
+    job.captioner.projection.train()
     return float(total[0] / max(total[1], 1))
 
 
@@ -402,8 +529,11 @@ def train(cfg: TrainConfig) -> dict:
                 return {"step": progress.step, "loss": progress.last_loss, "stopped": True}
             if job.val_set is not None:
                 val_loss = evaluate_loss(job, env, cfg.num_workers)
-                env.log(f"epoch {epoch + 1}: validation loss {val_loss:.4f}")
-                metrics.write(step=progress.step, epoch=epoch + 1, val_loss=val_loss)
+                row = {"val_loss": val_loss}
+                if cfg.objective == "scst":
+                    row["val_cider"] = evaluate_cider(job, env, cfg)
+                env.log(f"epoch {epoch + 1}: " + ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in row.items()))
+                metrics.write(step=progress.step, epoch=epoch + 1, **row)
             save(cfg, env, job, progress.step, epoch + 1)
             metrics.plot()
         return finish(cfg, env, job, progress, metrics)

@@ -1,0 +1,200 @@
+"""SCST's pieces: the CIDEr-D reward against pycocoevalcap, keyed sampling, advantages, and the
+direction of one policy-gradient step (tiny models)."""
+
+import random
+
+import pytest
+import torch
+
+from conftest import COLOURS, PLACES, THINGS
+from llama_caption.checkpoint import load_llama
+from llama_caption.projection import Projection
+from llama_caption.scst import (CiderD, advantages, sample_captions, sample_keys, sequence_logprobs,
+                                tokenize)
+
+
+def caption_sets(seed, images=6):
+    rng = random.Random(seed)
+    words = lambda: f"a {rng.choice(COLOURS)} {rng.choice(THINGS)} {rng.choice(PLACES)} the {rng.choice(THINGS)}"  # noqa: E731
+    refs = {i: [words() + rng.choice(["", " .", " today", " in the park"]) for _ in range(rng.randint(2, 5))]
+            for i in range(images)}
+    cands = {i: [words(), refs[i][0], " ".join(refs[i][-1].split()[:3]), "the the the"] for i in refs}
+    return refs, cands
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_cider_d_equals_pycocoevalcap_with_the_same_document_frequencies(seed):
+    from pycocoevalcap.cider.cider_scorer import CiderScorer
+
+    refs, cands = caption_sets(seed)
+    refs = {i: [tokenize(r) for r in rs] for i, rs in refs.items()}
+    ours = CiderD(refs, pretokenized=True)
+    for j in range(4):  # one candidate per image in each set
+        scorer = CiderScorer(n=4, sigma=6.0)
+        for i in refs:
+            scorer += (tokenize(cands[i][j]), refs[i])
+        _, theirs = scorer.compute_score()
+        mine = ours.scores(list(refs), [tokenize(cands[i][j]) for i in refs])
+        assert mine == pytest.approx(list(theirs), rel=1e-9, abs=1e-12)
+    assert max(ours.score(i, refs[i][0]) for i in refs) > 1.0  # a reference itself scores high
+
+
+def test_tokenize_drops_punctuation_and_case():
+    assert tokenize("A Dog's bone, on the TABLE.") == "a dog's bone on the table"
+
+
+def test_mean_baseline_advantages_sum_to_zero_per_image():
+    r = torch.tensor([[1.0, 2.0, 4.0, 0.5], [0.0, 0.0, 3.0, 1.0]])
+    a = advantages(r, "mean")
+    assert torch.allclose(a.sum(1), torch.zeros(2), atol=1e-6)
+    assert a[0, 2] == pytest.approx(4.0 - (1.0 + 2.0 + 0.5) / 3)
+    g = advantages(r, "greedy", torch.tensor([1.0, 2.0]))
+    assert torch.equal(g, r - torch.tensor([[1.0], [2.0]]))
+    with pytest.raises(ValueError):
+        advantages(r[:, :1], "mean")
+
+
+@pytest.fixture(scope="module")
+def small(assets, process_group):
+    llama, tok = load_llama(assets["tiny"], assets["tokenizer"], max_seq_len=40)
+    torch.manual_seed(0)
+    proj = Projection("mlp", True, 16, llama.args.dim, 3, 32)
+    return llama, tok, proj
+
+
+def test_keyed_samples_do_not_depend_on_the_batch(small):
+    llama, tok, proj = small
+    feats = torch.randn(3, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        prefix = proj(feats).repeat_interleave(2, 0)
+    keys = sample_keys(7, 5, [10, 11, 12], 2, "cpu")
+    together, _ = sample_captions(llama, prefix, tok.bos_id, tok.eos_id, 12, keys)
+    alone, _ = sample_captions(llama, prefix[2:4], tok.bos_id, tok.eos_id, 12, sample_keys(7, 5, [11], 2, "cpu"))
+    assert together[2:4] == alone
+    assert together[2] != together[3] or together[0] != together[1]  # samples of one image differ
+    other_step, _ = sample_captions(llama, prefix, tok.bos_id, tok.eos_id, 12, sample_keys(7, 6, [10, 11, 12], 2, "cpu"))
+    assert other_step != together
+
+
+def test_logprobs_equal_the_sum_of_stepwise_logprobs(small):
+    llama, tok, proj = small
+    feats = torch.randn(2, 16, generator=torch.Generator().manual_seed(2))
+    prefix = proj(feats)
+    tokens, ended = [[5, 9, 12], [7]], [True, False]
+    got = sequence_logprobs(llama, prefix, tokens, ended, tok.bos_id, tok.eos_id)
+    for i in range(2):  # the slow way: the whole sequence, log-softmax at each position
+        seq = [tok.bos_id] + tokens[i]
+        emb = torch.cat([prefix[i:i + 1], llama.embed(torch.tensor([seq]))], 1)
+        logp = torch.log_softmax(llama(embeddings=emb)[0], -1)
+        targets = tokens[i] + ([tok.eos_id] if ended[i] else [])
+        want = sum(logp[3 + j, t] for j, t in enumerate(targets))
+        assert float(got[i]) == pytest.approx(float(want), rel=1e-5, abs=1e-5)
+
+
+def test_one_step_raises_above_baseline_samples_and_lowers_the_others(small):
+    llama, tok, _ = small
+    torch.manual_seed(3)
+    proj = Projection("mlp", True, 16, llama.args.dim, 3, 32)
+    feats = torch.randn(1, 16, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        prefix = proj(feats).repeat_interleave(4, 0)
+    tokens, ended = sample_captions(llama, prefix, tok.bos_id, tok.eos_id, 10, sample_keys(0, 0, [1], 4, "cpu"))
+    rewards = torch.tensor([[3.0, 0.0, 2.5, 0.1]])
+    adv = advantages(rewards, "mean").flatten()
+    opt = torch.optim.SGD(proj.parameters(), lr=1e-3)
+    before = sequence_logprobs(llama, proj(feats).repeat_interleave(4, 0), tokens, ended, tok.bos_id, tok.eos_id)
+    (-(adv * before).sum()).backward()
+    opt.step()
+    with torch.no_grad():
+        after = sequence_logprobs(llama, proj(feats).repeat_interleave(4, 0), tokens, ended, tok.bos_id, tok.eos_id)
+    change = after - before.detach()
+    assert change[0] > 0 and change[1] < 0  # the best sample up, the worst down
+    assert all((c > 0) == (a > 0) for c, a in zip(change.tolist(), adv.tolist())), (change, adv)
+    assert float((adv * change).sum()) > 0
+
+
+# SCST through captioning_training.py, from the cross-entropy run of the `trained` fixture.
+
+def scst_args(cap, trained, out_dir, *extra):
+    return ["--ckpt_dir", cap["ckpt_dir"], "--tokenizer_path", cap["tokenizer"], "--clip_model", cap["clip"],
+            "--train_images", cap["images"], "--train_annotations", cap["ann"], "--out_dir", out_dir,
+            "--num_workers", 0, "--log_every", 1, "--objective", "scst", "--init_from", trained,
+            "--scst_samples", 3, "--batch_size", 2, "--lr", 1e-3, "--warmup_steps", 0, "--max_caption_len", 12, *extra]
+
+
+def scst_run(cap, trained, out_dir, *extra, nproc=1):
+    import captioning_training
+    from conftest import run_cli, torchrun
+
+    if nproc > 1:
+        return torchrun(nproc, "captioning_training.py", *scst_args(cap, trained, out_dir, *extra))
+    proc = run_cli(captioning_training.main, *scst_args(cap, trained, out_dir, *extra))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def weights_of(out_dir):
+    from safetensors.torch import load_file
+
+    latest = open(f"{out_dir}/checkpoints/latest").read().strip()
+    return load_file(f"{out_dir}/checkpoints/{latest}/projection.safetensors")
+
+
+def test_scst_run_logs_reward_and_validation_cider(cap, trained, tmp_path):
+    import json
+    import os
+
+    out = tmp_path / "scst"
+    proc = scst_run(cap, trained, out, "--epochs", 2, "--val_images", cap["val_images"], "--val_annotations",
+                    cap["val_ann"])
+    assert "SCST: CIDEr-D reward" in proc.stderr and "val cider" in proc.stderr
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    steps = [r for r in rows if "reward" in r]
+    assert len(steps) == 6 and all(r["reward"] >= 0 and r["sample_len"] > 0 for r in steps)  # 6 images / 2, 2 epochs
+    assert [r["epoch"] for r in rows if "val_cider" in r] == [1, 2]
+    assert os.path.getsize(out / "loss_curve.png") > 1000
+    # The run started from the cross-entropy weights: its first steps are near them, not random.
+    start = weights_of(trained)
+    got = weights_of(out)
+    assert all(float((got[k] - start[k]).abs().max()) < 0.1 for k in start)
+
+
+def test_scst_two_data_parallel_ranks_equal_one_process_and_resume_equals_uninterrupted(cap, trained, tmp_path):
+    args = ["--epochs", 2, "--batch_size", 4]
+    scst_run(cap, trained, tmp_path / "one", *args)
+    scst_run(cap, trained, tmp_path / "two", *args, nproc=2)
+    a, b = weights_of(tmp_path / "one"), weights_of(tmp_path / "two")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+    assert any(not torch.equal(a[k], weights_of(trained)[k]) for k in a)  # it did learn something
+    cut = scst_run(cap, trained, tmp_path / "cut", *args, "--stop_after_steps", 1)
+    assert "stopped after step 1" in cut.stderr
+    scst_run(cap, trained, tmp_path / "cut", *args, "--resume")
+    c = weights_of(tmp_path / "cut")
+    assert all(torch.equal(c[k], a[k]) for k in a)
+
+
+@pytest.mark.parametrize("what", ["no_init", "one_sample", "other_projection", "other_prefix"])
+def test_scst_bad_flags_are_one_line_errors_and_write_nothing(cap, trained, tmp_path, what):
+    import captioning_training
+    from conftest import run_cli
+
+    out = tmp_path / "x"
+    args = scst_args(cap, trained, out)
+    if what == "no_init":
+        i = args.index("--init_from")
+        del args[i:i + 2]
+        msg = "--objective scst needs --init_from"
+    elif what == "one_sample":
+        args += ["--scst_samples", 1]
+        msg = "--scst_samples 1: the mean baseline needs at least 2"
+    elif what == "other_projection":
+        args += ["--projection", "linear"]
+        msg = "is another captioner: its projection is 'mlp', this run's 'linear'"
+    else:
+        args += ["--prefix_len", 4]
+        msg = "is another captioner: its prefix_len is 10, this run's 4"
+    proc = run_cli(captioning_training.main, *args)
+    assert proc.returncode == 2 and msg in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()
