@@ -366,7 +366,7 @@ def scst_step(job: Job, micro_batches: List[dict], env, cfg: TrainConfig, step: 
             logp = sequence_logprobs(llama, rows, tokens, ended, tok.bos_id, tok.eos_id)
         part = -(adv * logp.double()).sum()
         job.scaler.scale((part / n_global).float()).backward()
-        stats += torch.tensor([float(part), float(rewards.sum()), sum(len(t) for t in tokens)], dtype=torch.float64,
+        stats += torch.tensor([float(part.detach()), float(rewards.sum()), sum(len(t) for t in tokens)], dtype=torch.float64,
                               device=dev)
     totals = distributed.all_reduce_gradients(list(cap.projection.parameters()), stats, env.dp_group)
     loss = apply_update(job, float(totals[0]) / n_global, cfg.grad_clip)

@@ -26,23 +26,37 @@ def test_attribute_parser_reads_every_caption_template():
     assert acc == {"shape": 0.0, "colour": 1.0, "background": 1.0, "all three": 0.0}
 
 
-def test_reduced_demo_captions_depend_on_the_image(tmp_path, process_group):
+def run_demo(*args):
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # the demo uses every core
-    proc = subprocess.run([sys.executable, "-m", "llama_caption.demo", "--scale", "small", "--root", str(tmp_path)],
+    proc = subprocess.run([sys.executable, "-m", "llama_caption.demo", "--scale", "small", *map(str, args)],
                           cwd=REPO, env=dict(env, PYTHONPATH=REPO), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_reduced_demo_captions_depend_on_the_image(tmp_path, process_group):
+    proc = run_demo("--root", tmp_path)
     runs = sorted((tmp_path / "small" / "runs").iterdir())
     assert [r.name for r in runs] == ["001"]
     report = json.load(open(runs[0] / "demo_report.json"))
-    cap, ctl = report["captions"], report["control"]
+    stages = report["stages"]
+    # Cross-entropy with the MLP and with the transformer mapper on the same data, the better one
+    # fine-tuned by SCST, the shuffled control from the final weights.
+    assert list(stages) == ["xe-mlp", "xe-transformer", "scst", "control"]
+    best = report["best_projection"]
+    assert stages[f"xe-{best}"]["metrics"]["CIDEr"] == max(stages[k]["metrics"]["CIDEr"] for k in ("xe-mlp", "xe-transformer"))
+    cap, ctl = stages["scst"], stages["control"]
     # The shuffled control keeps the language; only the image is taken away.
     assert cap["attributes"]["colour"] >= ctl["attributes"]["colour"] + 0.2
     assert cap["attributes"]["background"] >= ctl["attributes"]["background"] + 0.2
     assert cap["attributes"]["all three"] > ctl["attributes"]["all three"]
     assert cap["metrics"]["CIDEr"] >= 1.5 * ctl["metrics"]["CIDEr"]
-    assert "shuffled control" in proc.stdout and "gallery:" in proc.stdout
-    assert (runs[0] / "captions.gallery.html").exists()
-    assert (runs[0] / "loss_curve.png").exists()
+    for line in ("cross-entropy, MLP", "cross-entropy, mapper", f"SCST (from {best})", "shuffled control", "gallery:"):
+        assert line in proc.stdout
+    assert (runs[0] / "scst" / "captions.gallery.html").exists()
+    assert (runs[0] / "scst" / "loss_curve.png").exists()
+    scst_rows = [json.loads(l) for l in open(runs[0] / "scst" / "metrics.jsonl")]
+    assert any("reward" in r for r in scst_rows) and any("val_cider" in r for r in scst_rows)
     # The benchmark's cache-vs-on-the-fly comparison on these stand-ins: the same batches reach
     # the same model both ways (equal first losses), and only the on-the-fly run calls CLIP.
     from llama_caption.bench import cache_vs_fly_bench
@@ -53,22 +67,63 @@ def test_reduced_demo_captions_depend_on_the_image(tmp_path, process_group):
     assert abs(fly["first_loss"] - cache["first_loss"]) < 1e-4 * abs(fly["first_loss"])
     assert fly["batch_ms"]["encode"] > cache["batch_ms"]["encode"]
     assert bench["ratio"] == cache["samples_s"] / fly["samples_s"] and len(calls) == 3
-    # The same demo with an open_clip encoder instead of the stand-in CLIP: the stand-in LLaMA is
-    # reused, the run goes to a new folder, and the checkpoint records the open_clip encoder.
+
+
+def stripes_dataset(folder, n=40, seed=0):
+    """A COCO-format set that is not the shapes: stripes of two colours, across or down."""
+    from PIL import Image
+
+    rng = random.Random(seed)
+    colours = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 180, 30), "white": (240, 240, 240)}
+    os.makedirs(folder / "img")
+    images, anns = [], []
+    for i in range(n):
+        a, b = rng.sample(sorted(colours), 2)
+        across = rng.random() < 0.5
+        im = Image.new("RGB", (32, 32), colours[a])
+        for k in range(0, 32, 8):
+            box = (0, k, 32, k + 4) if across else (k, 0, k + 4, 32)
+            im.paste(colours[b], box)
+        name = f"s{i:03d}.png"
+        im.save(folder / "img" / name)
+        images.append({"id": 100 + i, "file_name": name})
+        way = "horizontal" if across else "vertical"
+        for j, text in enumerate([f"{way} {a} and {b} stripes", f"{a} stripes crossed by {b} ones going {way}",
+                                  f"a {way} pattern of {a} and {b}"]):
+            anns.append({"id": 1000 + 10 * i + j, "image_id": 100 + i, "caption": text})
+    json.dump({"images": images, "annotations": anns}, open(folder / "captions.json", "w"))
+    return folder / "img", folder / "captions.json"
+
+
+def test_demo_on_another_coco_format_dataset_with_an_open_clip_encoder(tmp_path, process_group):
+    """The demo end to end on a COCO-format set made here (not the shapes), with an open_clip
+    encoder instead of the stand-in CLIP (the MLP only, no SCST, to keep the suite short): the
+    stand-in LLaMA is built from that set, a tenth of it is held out for validation, and the
+    checkpoint records the open_clip encoder."""
     from llama_caption.captioner import load_projection
+    from llama_caption.demo.build import SCALES, build_llama_standin, new_run_folder, prepare_data, DemoConfig
     from llama_caption.runs import find_checkpoint
     from llama_caption.testing import build_tiny_open_clip
 
-    cfg, weights = build_tiny_open_clip(str(tmp_path / "oc"), "demo-oc-vit",
-                                        {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8})
-    proc = subprocess.run([sys.executable, "-m", "llama_caption.demo", "--scale", "small", "--root", str(tmp_path),
-                           "--clip_model", "open_clip:" + cfg, "--clip_pretrained", weights],
-                          cwd=REPO, env=dict(env, PYTHONPATH=REPO), capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "stand-in LLaMA: reusing" in proc.stdout and "training the stand-in CLIP" not in proc.stdout
-    assert sorted(r.name for r in (tmp_path / "small" / "runs").iterdir()) == ["001", "002"]
-    assert report == json.load(open(runs[0] / "demo_report.json"))  # the first run is untouched
-    _, second, _ = load_projection(find_checkpoint(str(tmp_path / "small" / "runs" / "002")))
-    assert second.encoder.identity.startswith("open_clip:demo-oc-vit+sha256:")
-    assert "CIDEr" in json.load(open(tmp_path / "small" / "runs" / "002" / "demo_report.json"))["captions"]["metrics"]
-
+    images, ann = stripes_dataset(tmp_path / "stripes")
+    cfg, weights = build_tiny_open_clip(str(tmp_path / "oc"), "stripes-vit",
+                                        {"image_size": 32, "layers": 1, "width": 64, "patch_size": 8})
+    args = ["--root", tmp_path / "root", "--images", images, "--annotations", ann, "--clip_model", "open_clip:" + cfg,
+            "--clip_pretrained", weights, "--projections", '["mlp"]', "--scst_epochs", 0]
+    proc = run_demo(*args)
+    assert "held out 4 of 40 images" in proc.stdout and "training the stand-in CLIP" not in proc.stdout
+    (run,) = [p for p in (tmp_path / "root").glob("small-*/runs/001")]
+    report = json.load(open(run / "demo_report.json"))
+    assert list(report["stages"]) == ["xe-mlp", "control"]
+    assert all("attributes" not in v for v in report["stages"].values())  # only the synthetic set has them
+    val = json.load(open(run / "xe-mlp" / "captions.json"))
+    assert sorted(r["image_id"] for r in val) == [100, 110, 120, 130]
+    assert not (tmp_path / "root" / "small").exists()  # the synthetic set was not drawn
+    _, made, _ = load_projection(find_checkpoint(str(run / "xe-mlp")))
+    assert made.encoder.identity.startswith("open_clip:stripes-vit+sha256:")
+    # A second run reuses the stand-in LLaMA built from this set, and gets a new run folder.
+    demo = DemoConfig(images=str(images), annotations=str(ann), root=str(tmp_path / "root"), scale="small")
+    paths, logged = prepare_data(demo, SCALES["small"], lambda m: None), []
+    build_llama_standin(paths, SCALES["small"], logged.append, paths["train_images"], paths["train_ann"])
+    assert logged == [f"stand-in LLaMA: reusing {paths['ckpt_dir']}"]
+    assert new_run_folder(paths["runs"]).endswith("002")

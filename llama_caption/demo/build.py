@@ -9,15 +9,23 @@
    pretrained on the same captions and written in Meta's format with a sentencepiece tokenizer.
    `--images/--annotations` build them from any COCO-format captions dataset instead.
 3. torchrun llama_caption.features, captioning_training.py and captioning_inference.py, unchanged,
-   exactly as on COCO: the projection learns with both stand-ins frozen, then captions val.
+   exactly as on COCO: with both stand-ins frozen, a projection learns by cross-entropy (the MLP
+   and the transformer mapper, each in its own folder, on the same data), the better one by
+   validation CIDEr is fine-tuned by SCST (CIDEr-D optimisation), and each captions val.
 4. A control run that captions every image from another image's features, and the attribute
-   accuracy (shape, colour, background) of both.
+   accuracy (shape, colour, background) of each.
+
+With `--images DIR --annotations FILE` the whole demo runs on that COCO-format dataset instead:
+the stand-ins are built from it, and the validation images are `--val_images/--val_annotations`
+or, without them, a held-out tenth of the given images (attribute accuracy is for the synthetic
+set only).
 """
 
 import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -40,12 +48,16 @@ from .standins import build_llama, text_embeddings, train_clip
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 SCALES = {
-    # train/val images, CLIP steps, LLaMA steps, projection epochs
-    "full": dict(train=2000, val=200, image_size=32, clip_steps=1200, llama_steps=600, epochs=4, batch_size=64,
-                 lr=2e-3),
+    # train/val images, CLIP steps, LLaMA steps, cross-entropy epochs, SCST epochs
+    "full": dict(train=2000, val=200, image_size=32, clip_steps=1200, llama_steps=600, epochs=3, batch_size=64,
+                 lr=2e-3, scst_epochs=2, scst_batch=32, scst_lr=1e-3),
     "small": dict(train=300, val=50, image_size=32, clip_steps=250, llama_steps=150, epochs=2, batch_size=32,
-                  lr=2e-3),
+                  lr=2e-3, scst_epochs=1, scst_batch=16, scst_lr=1e-3),
 }
+# The transformer mapper's size for the demo, and its cross-entropy learning rate (it trains
+# better at half the MLP's).
+PROJECTION_FLAGS = {"transformer": ["--mapper_width", 128, "--mapper_layers", 2]}
+XE_LR = {"transformer": 1e-3}
 LLAMA_PARAMS = dict(dim=128, n_layers=4, n_heads=4, multiple_of=64, norm_eps=1e-5)
 CLIP_SETTINGS = dict(width=64, layers=2, patch=8, embed_dim=128, batch_size=128)
 
@@ -141,6 +153,9 @@ def build_clip_standin(paths: Dict[str, str], s: dict, log, images: str, annotat
                        width=cs["width"], layers=cs["layers"], patch=cs["patch"], embed_dim=cs["embed_dim"], log=log)
     build_tiny_clip(paths["clip"], model=model)
     log(f"  CLIP stand-in saved as {paths['clip']} ({time.time() - t0:.0f} s)")
+    if os.path.isdir(paths["features"]):  # the caches of the CLIP it replaces
+        shutil.rmtree(paths["features"])
+        log(f"  removed {paths['features']}: features of the previous stand-in CLIP")
     if os.path.isfile(paths["val_attrs"]) and images == paths["train_images"]:
         with open(paths["val_attrs"]) as f:
             truth = json.load(f)
@@ -176,11 +191,14 @@ def torchrun(*args, log=print, quiet=False) -> str:
                PYTHONWARNINGS="ignore")
     log("$ torchrun --nproc_per_node 1 " + " ".join(map(str, args)))
     proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.DEVNULL if quiet else None, text=True)
+                          stderr=subprocess.PIPE if quiet else None, text=True)
     if proc.stdout and not quiet:
         log(proc.stdout.rstrip())
     if proc.returncode != 0:
-        raise UserError(f"{args[0]} failed (exit {proc.returncode}); see its messages above")
+        what = " ".join(map(str, args[:2])) if args[0] == "-m" else args[0]
+        errors = [l for l in (proc.stderr or "").splitlines() if l.startswith("error: ")]
+        raise UserError(f"{what} failed (exit {proc.returncode})" + (f": {errors[-1][7:]}" if errors else
+                                                                     "; see its messages above"))
     return proc.stdout
 
 
@@ -216,11 +234,25 @@ class DemoConfig(Config):
     annotations: Optional[str] = setting(None, "the captions JSON that goes with --images.")
     clip_model: Optional[str] = setting(None, "an image encoder of your own instead of the stand-in CLIP (as in training: a `clip` file or open_clip:ARCH).")
     clip_pretrained: Optional[str] = setting(None, "with --clip_model open_clip:ARCH: its weights file or tag.")
+    val_images: Optional[str] = setting(None, "with --images: the validation images (default: a held-out tenth of --images).")
+    val_annotations: Optional[str] = setting(None, "the captions JSON that goes with --val_images.")
+    projections: List[str] = setting(("mlp", "transformer"), "the projections trained by cross-entropy and compared; the best goes on to SCST.")
+    scst_epochs: Optional[int] = setting(None, "SCST epochs after cross-entropy (default: the scale's, 2 full, 1 small; 0: none).")
 
     def check(self) -> None:
         self.one_of("scale", SCALES)
         if (self.images is None) != (self.annotations is None):
             raise UserError("--images and --annotations go together")
+        if (self.val_images is None) != (self.val_annotations is None):
+            raise UserError("--val_images and --val_annotations go together")
+        if self.val_images and not self.images:
+            raise UserError("--val_images goes with --images (the synthetic set has its own validation split)")
+        if not self.projections:
+            raise UserError("--projections needs at least one of mlp, linear, transformer")
+        for p in self.projections:
+            if p not in ("mlp", "linear", "transformer"):
+                raise UserError(f"--projections: {p!r} is not one of mlp, linear, transformer")
+        self.at_least(0, "scst_epochs")
         if self.clip_model:
             check_encoder_flags(self.clip_model, self.clip_pretrained)
         elif self.clip_pretrained:
@@ -234,72 +266,151 @@ def new_run_folder(runs: str) -> str:
     return os.path.join(runs, f"{max(taken, default=0) + 1:03d}")
 
 
+def held_out_split(images: str, annotations: str, out: str, log) -> Dict[str, str]:
+    """A COCO captions file cut in two: every tenth image (by id, at least one) for validation.
+    Writes out/train.json and out/val.json (the original entries, filtered)."""
+    data = json.load(open(annotations, encoding="utf-8"))
+    ids = sorted(captioned_records(images, annotations), key=lambda r: r.image_id)
+    val_ids = {r.image_id for r in ids[::10]}
+    if len(val_ids) == len(ids):
+        raise UserError(f"{annotations} has {len(ids)} captioned image(s): too few to hold some out; give --val_images")
+    for name, keep in (("train", lambda i: i not in val_ids), ("val", lambda i: i in val_ids)):
+        part = dict(data, images=[im for im in data["images"] if keep(im["id"])],
+                    annotations=[a for a in data["annotations"] if keep(a["image_id"])])
+        write_json(os.path.join(out, f"{name}.json"), part)
+    log(f"held out {len(val_ids)} of {len(ids)} images of {annotations} for validation")
+    return {"train": os.path.join(out, "train.json"), "val": os.path.join(out, "val.json")}
+
+
+def prepare_data(cfg: DemoConfig, s: dict, log) -> Dict[str, str]:
+    """The layout of this demo: the synthetic set (drawn once), or the user's dataset with its own
+    stand-ins, feature caches and runs under root/<scale>-<hash of its paths>."""
+    if not cfg.images:
+        paths = demo_layout(cfg.root, cfg.scale)
+        make_dataset(paths["data"], s["train"], s["val"], seed=0, image_size=s["image_size"])
+        log(f"dataset: {s['train']} train and {s['val']} val images in COCO's layout under {paths['data']}")
+        return paths
+    given = [os.path.abspath(p) if p else None for p in (cfg.images, cfg.annotations, cfg.val_images, cfg.val_annotations)]
+    key = hashlib.sha256(json.dumps(given).encode()).hexdigest()[:10]
+    paths = demo_layout(cfg.root, f"{cfg.scale}-{key}")
+    paths.update(train_images=cfg.images, val_images=cfg.val_images or cfg.images, val_attrs="")
+    if cfg.val_images:
+        paths.update(train_ann=cfg.annotations, val_ann=cfg.val_annotations)
+    else:
+        split = held_out_split(cfg.images, cfg.annotations, paths["data"], log)
+        paths.update(train_ann=split["train"], val_ann=split["val"])
+    log(f"dataset: {cfg.images} ({paths['train_ann']}), validation {paths['val_images']} ({paths['val_ann']}); "
+        f"stand-ins and runs under {paths['root']}")
+    return paths
+
+
+def caption(paths, checkpoint: str, name: str, folder: str, log, extra=()) -> dict:
+    """captioning_inference.py on the validation images; its results and metrics."""
+    res = os.path.join(folder, f"{name}.json")
+    printed = torchrun("captioning_inference.py", "--ckpt_dir", paths["ckpt_dir"], "--tokenizer_path",
+                       paths["tokenizer"], "--checkpoint", checkpoint, "--images", paths["val_images"],
+                       "--annotations", paths["val_ann"], "--out", res, "--batch_size", 50, "--num_workers", 0,
+                       *extra, log=log)
+    with open(res) as f, open(os.path.join(folder, f"{name}.metrics.json")) as m:
+        return {"results": json.load(f), "printed": printed, "metrics": json.load(m)["metrics"]}
+
+
 def run_demo(cfg: DemoConfig, log=print) -> dict:
     check_output_dir(cfg.root, "--root")
     s = SCALES[cfg.scale]
-    paths = demo_layout(cfg.root, cfg.scale)
     t_start = time.time()
-    make_dataset(paths["data"], s["train"], s["val"], seed=0, image_size=s["image_size"])
-    log(f"dataset: {s['train']} train and {s['val']} val images in COCO's layout under {paths['data']}")
-    images, annotations = cfg.images or paths["train_images"], cfg.annotations or paths["train_ann"]
+    paths = prepare_data(cfg, s, log)
     with distributed.session(mp_size=1, device="cpu", quiet=False):  # the stand-in LLaMA is built in this process
         if not cfg.clip_model:
-            build_clip_standin(paths, s, log, images, annotations)
-        build_llama_standin(paths, s, log, images, annotations)
+            build_clip_standin(paths, s, log, paths["train_images"], paths["train_ann"])
+        build_llama_standin(paths, s, log, paths["train_images"], paths["train_ann"])
     encoder, feats = encoder_flags(cfg, paths), features_dir(cfg, paths)
     ensure_features(paths, encoder, feats, log)
     run = new_run_folder(paths["runs"])
-    torchrun("captioning_training.py", "--ckpt_dir", paths["ckpt_dir"], "--tokenizer_path", paths["tokenizer"],
-             *encoder, "--train_images", paths["train_images"], "--train_annotations",
-             paths["train_ann"], "--features", os.path.join(feats, "train"),
-             "--val_images", paths["val_images"], "--val_annotations", paths["val_ann"],
-             "--val_features", os.path.join(feats, "val"), "--out_dir", run, "--prefix_len", 4,
-             "--epochs", s["epochs"], "--batch_size", s["batch_size"], "--lr", s["lr"], "--warmup_steps", 50,
-             "--num_workers", 0, "--log_every", 20, "--save_every", 100000, log=log)
-    outputs = {}
-    for name, extra in (("captions", []), ("control", ["--control_shuffle", "True"])):
-        res = os.path.join(run, f"{name}.json")
-        printed = torchrun("captioning_inference.py", "--ckpt_dir", paths["ckpt_dir"], "--tokenizer_path",
-                           paths["tokenizer"], "--checkpoint", run, "--images", paths["val_images"], "--annotations",
-                           paths["val_ann"], "--out", res, "--batch_size", 50, "--num_workers", 0,
-                           "--gallery", 24 if name == "captions" else 0, *extra, log=log)
-        with open(res) as f, open(os.path.join(run, f"{name}.metrics.json")) as m:
-            outputs[name] = {"results": json.load(f), "printed": printed, "metrics": json.load(m)["metrics"]}
-    with open(paths["val_attrs"]) as f:
-        truth = json.load(f)
-    report = {k: {"metrics": v["metrics"], "attributes": attribute_accuracy(v["results"], truth)}
-              for k, v in outputs.items()}
+    common = ["--ckpt_dir", paths["ckpt_dir"], "--tokenizer_path", paths["tokenizer"], *encoder,
+              "--train_images", paths["train_images"], "--train_annotations", paths["train_ann"],
+              "--features", os.path.join(feats, "train"), "--val_images", paths["val_images"],
+              "--val_annotations", paths["val_ann"], "--val_features", os.path.join(feats, "val"), "--prefix_len", 4,
+              "--num_workers", 0, "--log_every", 20, "--save_every", 100000]
+    stages, seconds = {}, {}
+    for proj in cfg.projections:
+        folder = os.path.join(run, f"xe-{proj}")
+        t0 = time.time()
+        torchrun("captioning_training.py", *common, "--out_dir", folder, "--projection", proj, "--epochs", s["epochs"],
+                 "--batch_size", s["batch_size"], "--lr", XE_LR.get(proj, s["lr"]), "--warmup_steps", 50,
+                 *PROJECTION_FLAGS.get(proj, []), log=log)
+        seconds[f"xe-{proj}"] = time.time() - t0
+        stages[f"xe-{proj}"] = caption(paths, folder, "captions", folder, log, ["--gallery", 24])
+    best = max(cfg.projections, key=lambda p: stages[f"xe-{p}"]["metrics"]["CIDEr"])
+    final = os.path.join(run, f"xe-{best}")
+    scst_epochs = s["scst_epochs"] if cfg.scst_epochs is None else cfg.scst_epochs
+    if scst_epochs:
+        final = os.path.join(run, "scst")
+        t0 = time.time()
+        torchrun("captioning_training.py", *common, "--out_dir", final, "--projection", best,
+                 *PROJECTION_FLAGS.get(best, []),
+                 "--objective", "scst", "--init_from", os.path.join(run, f"xe-{best}"), "--scst_samples", 5,
+                 "--epochs", scst_epochs, "--batch_size", s["scst_batch"], "--lr", s["scst_lr"], "--warmup_steps", 0,
+                 "--max_caption_len", 20, log=log)
+        seconds["scst"] = time.time() - t0
+        stages["scst"] = caption(paths, final, "captions", final, log, ["--gallery", 24])
+    stages["control"] = caption(paths, final, "control", final, log, ["--gallery", 0, "--control_shuffle", "True"])
+    truth = None
+    if paths["val_attrs"] and os.path.isfile(paths["val_attrs"]):
+        with open(paths["val_attrs"]) as f:
+            truth = json.load(f)
+    report = {"best_projection": best, "final": final, "stages": {}, "stage_seconds": seconds}
+    for name, out in stages.items():
+        report["stages"][name] = {"metrics": out["metrics"]}
+        if truth:
+            report["stages"][name]["attributes"] = attribute_accuracy(out["results"], truth)
     report["seconds"] = time.time() - t_start
     zs = os.path.join(paths["standins"], "clip_zero_shot.json")
-    if os.path.isfile(zs) and not cfg.clip_model:
+    if os.path.isfile(zs) and not cfg.clip_model and truth:
         with open(zs) as f:
             report["clip_zero_shot"] = json.load(f)
     write_json(os.path.join(run, "demo_report.json"), report, indent=1)
-    print_report(report, outputs, truth, run)
+    print_report(report, stages, truth, run)
     return report
 
 
-def print_report(report, outputs, truth, run: str) -> None:
+STAGE_LABELS = {"xe-mlp": "cross-entropy, MLP", "xe-linear": "cross-entropy, linear",
+                "xe-transformer": "cross-entropy, mapper", "scst": "SCST", "control": "shuffled control"}
+
+
+def print_report(report, stages, truth, run: str) -> None:
     print("\n" + "=" * 78)
-    print("llama_caption demo: val images captioned by the trained projection")
-    names = [m for m in METRIC_ORDER if m in report["captions"]["metrics"]]
-    print(f"\n{'':22}" + "".join(f"{m:>9}" for m in names))
-    for k, label in (("captions", "captions"), ("control", "shuffled control")):
-        print(f"{label:22}" + "".join(f"{report[k]['metrics'][m] * 100:9.2f}" for m in names))
-    print("\nattribute accuracy      shape   colour  background  all three")
-    for k, label in (("captions", "captions"), ("control", "shuffled control")):
-        a = report[k]["attributes"]
-        print(f"{label:22}{a['shape']:7.0%}{a['colour']:9.0%}{a['background']:12.0%}{a['all three']:11.0%}")
+    print("llama_caption demo: val images captioned by the trained projections")
+    first = next(iter(stages.values()))["metrics"]
+    names = [m for m in METRIC_ORDER if m in first]
+    print(f"\n{'':24}" + "".join(f"{m:>9}" for m in names))
+    for k in stages:
+        label = STAGE_LABELS.get(k, k) + (f" (from {report['best_projection']})" if k == "scst" else "")
+        print(f"{label:24}" + "".join(f"{report['stages'][k]['metrics'][m] * 100:9.2f}" for m in names))
+    if truth:
+        print("\nattribute accuracy        shape   colour  background  all three")
+        for k in stages:
+            a = report["stages"][k]["attributes"]
+            print(f"{STAGE_LABELS.get(k, k):24}{a['shape']:7.0%}{a['colour']:9.0%}{a['background']:12.0%}"
+                  f"{a['all three']:11.0%}")
     if "clip_zero_shot" in report:
         z = report["clip_zero_shot"]
         print(f"CLIP stand-in zero-shot: shape {z['shape']:.0%}, colour {z['colour']:.0%}, background {z['background']:.0%}")
-    print("\nexamples (generated caption | true shape, colour, background):")
-    for r in outputs["captions"]["results"][:6]:
-        t = truth[str(r["image_id"])]
-        print(f"  {r['caption']:50} | {t['size']} {t['colour']} {t['shape']}, {t['background']} background")
-    c_cider, s_cider = report["captions"]["metrics"]["CIDEr"], report["control"]["metrics"]["CIDEr"]
-    print(f"\nCIDEr {c_cider * 100:.1f} against {s_cider * 100:.1f} with shuffled features "
-          f"({c_cider / max(s_cider, 1e-9):.1f}x); demo took {report['seconds']:.0f} s")
-    print(f"gallery: {os.path.join(run, 'captions.gallery.html')}")
-    print(f"loss curve: {os.path.join(run, 'loss_curve.png')}")
+    final = "scst" if "scst" in stages else f"xe-{report['best_projection']}"
+    print("\nexamples (generated caption" + (" | true shape, colour, background):" if truth else "):"))
+    for r in stages[final]["results"][:6]:
+        if truth:
+            t = truth[str(r["image_id"])]
+            print(f"  {r['caption']:50} | {t['size']} {t['colour']} {t['shape']}, {t['background']} background")
+        else:
+            print(f"  {r['caption']}")
+    cider = {k: v["metrics"]["CIDEr"] * 100 for k, v in report["stages"].items()}
+    xe = cider[f"xe-{report['best_projection']}"]
+    line = f"\nCIDEr: cross-entropy ({report['best_projection']}) {xe:.1f}"
+    if "scst" in cider:
+        line += f", after SCST {cider['scst']:.1f} ({cider['scst'] - xe:+.1f})"
+    print(line + f", shuffled control {cider['control']:.1f}; demo took {report['seconds']:.0f} s")
+    folder = report["final"]
+    print(f"gallery: {os.path.join(folder, 'captions.gallery.html')}")
+    print(f"curves: {os.path.join(folder, 'loss_curve.png')}")
     print(f"report: {os.path.join(run, 'demo_report.json')}")
