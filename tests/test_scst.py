@@ -174,8 +174,8 @@ def test_scst_two_data_parallel_ranks_equal_one_process_and_resume_equals_uninte
     assert all(torch.equal(c[k], a[k]) for k in a)
 
 
-@pytest.mark.parametrize("what", ["no_init", "one_sample", "other_projection", "other_prefix"])
-def test_scst_bad_flags_are_one_line_errors_and_write_nothing(cap, trained, tmp_path, what):
+@pytest.mark.parametrize("what", ["no_init", "one_sample", "other_projection", "other_prefix", "other_llama"])
+def test_scst_bad_flags_are_one_line_errors_and_write_nothing(cap, trained, assets, tmp_path, what):
     import captioning_training
     from conftest import run_cli
 
@@ -191,9 +191,12 @@ def test_scst_bad_flags_are_one_line_errors_and_write_nothing(cap, trained, tmp_
     elif what == "other_projection":
         args += ["--projection", "linear"]
         msg = "is another captioner: its projection is 'mlp', this run's 'linear'"
-    else:
+    elif what == "other_prefix":
         args += ["--prefix_len", 4]
         msg = "is another captioner: its prefix_len is 10, this run's 4"
+    else:  # the same width, another vocabulary
+        args[args.index("--ckpt_dir") + 1], args[args.index("--tokenizer_path") + 1] = assets["tiny"], assets["tokenizer"]
+        msg = f"was trained with the LLaMA in {cap['ckpt_dir']}, not the one in --ckpt_dir {assets['tiny']}"
     proc = run_cli(captioning_training.main, *args)
     assert proc.returncode == 2 and msg in proc.stderr, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
