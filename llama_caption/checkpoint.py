@@ -154,6 +154,17 @@ class LlamaCheckpoint:
             raise UserError(f"{flag} {mp} must divide the vocabulary of {self.args.vocab_size} tokens")
         return mp
 
+    def vocab_size(self) -> int:
+        """The vocabulary of the weights (Meta's params.json often says -1: read shard 0's
+        embedding shape, memory-mapped)."""
+        if self.format == HUGGING_FACE or self.args.vocab_size > 0:
+            return self.args.vocab_size
+        emb = load_shard(self.files[0]).get("tok_embeddings.weight")
+        if emb is None:
+            raise UserError(f"{self.files[0]} has no tok_embeddings.weight: is it a LLaMA shard?")
+        split = meta_embedding_split(self.params, tuple(emb.shape), len(self.files), self.files[0])
+        return emb.shape[0] * (len(self.files) if split == "vocab" else 1)
+
     def provenance(self) -> dict:
         return {"format": self.format, "params": self.params,
                 "files": [[os.path.relpath(p, self.folder), os.path.getsize(p)] for p in self.files]}

@@ -161,9 +161,6 @@ class HFWeights:
         self.files = weight_files(folder)
         self.handles = {}
 
-    def file_list(self) -> List[str]:
-        return sorted(set(self.files.values()))
-
     def meta_names(self, with_tied_output: bool = False) -> List[str]:
         from .model import param_shapes
 

@@ -274,8 +274,9 @@ def initial_weights(cfg: TrainConfig, spec: CaptionerConfig) -> dict:
                         f"(pass the flags it was trained with)")
     old_llama = flags.get("ckpt_dir")
     if old_llama and os.path.isdir(old_llama):
-        a, b = open_checkpoint(old_llama).args, open_checkpoint(cfg.ckpt_dir).args
-        if (a.dim, a.n_layers, a.n_heads, a.vocab_size) != (b.dim, b.n_layers, b.n_heads, b.vocab_size):
+        a, b = open_checkpoint(old_llama), open_checkpoint(cfg.ckpt_dir)
+        if (a.args.dim, a.args.n_layers, a.args.n_heads, a.args.kv_heads, a.vocab_size()) != \
+                (b.args.dim, b.args.n_layers, b.args.n_heads, b.args.kv_heads, b.vocab_size()):
             raise UserError(f"--init_from {ckpt} was trained with the LLaMA in {old_llama}, not the one in --ckpt_dir "
                             f"{cfg.ckpt_dir}")
     return weights
