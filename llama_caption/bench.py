@@ -215,13 +215,14 @@ def rates(n: int, gen_len: int, dt: float) -> dict:
     return {"captions_s": n / dt, "tokens_s": n * gen_len / dt}
 
 
-def static_decoder_bench(model: Transformer, c: dict, device, modes: List[str], reference, log) -> dict:
-    """Ours with the fixed-shape decoders (static_decode.py) at each batch size: captions/s and
-    whether the captions equal the eager decoder's. A mode that fails is reported, not fatal."""
+def static_decoder_bench(model: Transformer, c: dict, device, modes: List[str], prefix: torch.Tensor, reference,
+                         log) -> dict:
+    """Ours with the fixed-shape decoders (static_decode.py) at each batch size on `prefix`:
+    captions/s and whether the captions equal the eager decoder's `reference`. A mode that fails
+    is reported, not fatal."""
     from .static_decode import StaticDecoder
 
     n, L = c["images"], c["gen_len"]
-    prefix = decode_prefixes(model, c, device)
     out = {}
     packed = model.pack_weights()  # as the eager decoder was timed (CPU)
     for mode in modes:
@@ -243,8 +244,9 @@ def static_decoder_bench(model: Transformer, c: dict, device, modes: List[str], 
     return out
 
 
-def decode_bench(model: Transformer, c: dict, device, log) -> dict:
-    """Captions/s three ways on the same prefixes; checks that the captions agree.
+def decode_bench(model: Transformer, c: dict, device, log, static_modes: List[str] = ()) -> dict:
+    """Captions/s three ways on the same prefixes (and ours with the fixed-shape decoders of
+    `static_modes`); checks that the captions agree.
 
     On a CPU ours decodes from oneDNN-packed weights, as captioning_inference.py does; it is also
     timed on the plain weights at the largest batch, and the no-cache baseline on both, so the
@@ -289,7 +291,8 @@ def decode_bench(model: Transformer, c: dict, device, log) -> dict:
             tok_same = sum(a == b_ for x, y in zip(toks, reference) for a, b_ in zip(x, y))
             log(f"  transformers batch {b}: {same}/{n} captions identical ({tok_same / (n * L):.1%} of tokens)")
     res["captions_identical"] = agree
-    res["reference_tokens"] = reference
+    if static_modes:
+        res["static"] = static_decoder_bench(model, c, device, static_modes, prefix, reference, log)
     res["ratio_vs_no_cache"] = res["ours"][top]["captions_s"] / res["no_cache"]["captions_s"]
     if packed:
         res["ratio_vs_no_cache_packed"] = res["ours"][top]["captions_s"] / res["no_cache_packed"]["captions_s"]
@@ -513,10 +516,7 @@ def bench(cfg: BenchConfig) -> dict:
               f"{n_params / 1e6:.1f}M parameters, {str(dtype).replace('torch.', '')}; prefix {c['prefix']} + BOS, "
               f"{c['gen_len']} tokens per caption")
         res = {"machine": machine(dev), "config": cfg.config, "params": n_params, "dtype": str(dtype),
-               "decode": decode_bench(model, c, dev, print)}
-        reference = res["decode"].pop("reference_tokens")
-        if cfg.decoders:
-            res["decode"]["static"] = static_decoder_bench(model, c, dev, cfg.decoders, reference, print)
+               "decode": decode_bench(model, c, dev, print, cfg.decoders)}
         print_decode_summary(res["decode"], c, dev, n_params, dtype)
         if cfg.train:
             res["train_frozen"] = frozen_step_bench(model, c, dev, print)

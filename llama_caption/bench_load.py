@@ -29,6 +29,8 @@ from typing import List, Optional
 import fire
 import torch
 
+from . import distributed
+from .bench import PeakMemory
 from .config import Config, command, setting
 from .fileio import check_output_file, write_json
 
@@ -93,11 +95,6 @@ def write_checkpoints(root: str, shape: str, mps: List[int], log) -> dict:
     return {"paths": paths, "weight_bytes": n_bytes}
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def rss_parts() -> dict:
     """Resident memory now, split into anonymous (allocated) and file-backed (pages of mapped
     files: reclaimable page cache, shared with every process mapping the same file)."""
@@ -114,11 +111,10 @@ def worker(ckpt_dir: str, out: str) -> None:
     """One torchrun rank: load, read every weight once, report (rank 0 writes all ranks' figures)."""
     import torch.distributed as dist
 
-    from . import distributed
     from .checkpoint import load_llama
 
     env = distributed.setup(device="cpu")
-    before, parts_before = rss_bytes(), rss_parts()
+    before, parts_before = PeakMemory.rss(), rss_parts()
     dist.barrier()
     t0 = time.perf_counter()
     model, _ = load_llama(ckpt_dir, None, 64, dtype=torch.bfloat16)
@@ -128,8 +124,8 @@ def worker(ckpt_dir: str, out: str) -> None:
     total_s = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     storages = {p.untyped_storage().data_ptr(): p.numel() * p.element_size() for p in model.parameters()}
-    mine = {"load_s": load_s, "load_and_read_s": total_s, "peak_rss_above_start": max(peak, rss_bytes()) - before,
-            "rss_after": rss_bytes() - before, "share_bytes": sum(storages.values())}
+    mine = {"load_s": load_s, "load_and_read_s": total_s, "peak_rss_above_start": max(peak, PeakMemory.rss()) - before,
+            "rss_after": PeakMemory.rss() - before, "share_bytes": sum(storages.values())}
     mine.update({f"{k}_after": v - parts_before[k] for k, v in rss_parts().items()})
     ranks = [None] * env.world_size
     dist.all_gather_object(ranks, mine)
@@ -141,21 +137,13 @@ def worker(ckpt_dir: str, out: str) -> None:
 def run_load(ckpt_dir: str, mp: int, scratch: str) -> List[dict]:
     out = os.path.join(scratch, "ranks.json")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(mp), "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), "-m", "llama_caption.bench_load", "--worker", ckpt_dir, "--out", out]
+           "--master_port", str(distributed._free_port()), "-m", "llama_caption.bench_load", "--worker", ckpt_dir, "--out", out]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"loading {ckpt_dir} at MP {mp} failed:\n{proc.stderr[-3000:]}")
     with open(out) as f:
         return json.load(f)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def bench(cfg: LoadBenchConfig) -> Optional[dict]:

@@ -126,6 +126,17 @@ def meta_embedding_split(params: dict, shape: Tuple[int, ...], mp: int, path: st
                     f"of dim {dim} into {mp} shards: wrong params.json, or a shard of another model")
 
 
+def meta_vocab(params: dict, shape: Tuple[int, ...], mp: int, path: str) -> Tuple[int, str]:
+    """The vocabulary of Meta's weights and their embedding split, from one shard's
+    tok_embeddings shape (params.json's vocab_size, when stated, must agree)."""
+    split = meta_embedding_split(params, shape, mp, path)
+    vocab = shape[0] * (mp if split == "vocab" else 1)
+    stated = params.get("vocab_size", -1)
+    if stated > 0 and stated != vocab:
+        raise UserError(f"{os.path.dirname(path)}/params.json says vocab_size {stated} but the weights have {vocab}")
+    return vocab, split
+
+
 @dataclass
 class LlamaCheckpoint:
     """What a checkpoint folder holds, read without loading its weights."""
@@ -147,10 +158,11 @@ class LlamaCheckpoint:
                 raise UserError(
                     f"{flag} {requested}: {self.folder} has {len(self.files)} model-parallel shard(s); reshard it first "
                     f"(python -m llama_caption.reshard --ckpt_dir {self.folder} --mp {requested} --out NEW_DIR)")
-            return len(self.files)
-        mp = requested or 1
+            mp = len(self.files)
+        else:
+            mp = requested or 1
         check_model_parallel(mp, self.args.n_heads, self.args.kv_heads, flag)
-        if self.args.vocab_size % mp:
+        if self.format == HUGGING_FACE and self.args.vocab_size % mp:
             raise UserError(f"{flag} {mp} must divide the vocabulary of {self.args.vocab_size} tokens")
         return mp
 
@@ -162,8 +174,7 @@ class LlamaCheckpoint:
         emb = load_shard(self.files[0]).get("tok_embeddings.weight")
         if emb is None:
             raise UserError(f"{self.files[0]} has no tok_embeddings.weight: is it a LLaMA shard?")
-        split = meta_embedding_split(self.params, tuple(emb.shape), len(self.files), self.files[0])
-        return emb.shape[0] * (len(self.files) if split == "vocab" else 1)
+        return meta_vocab(self.params, tuple(emb.shape), len(self.files), self.files[0])[0]
 
     def provenance(self) -> dict:
         return {"format": self.format, "params": self.params,
@@ -216,11 +227,7 @@ def rank_state(ckpt: LlamaCheckpoint, mp: int, rank: int) -> Tuple[Dict[str, tor
     emb = sd.get("tok_embeddings.weight")
     if emb is None:
         raise UserError(f"{path} does not match params.json: missing keys ['tok_embeddings.weight']")
-    split = meta_embedding_split(ckpt.params, tuple(emb.shape), mp, path)
-    vocab = emb.shape[0] * (mp if split == "vocab" else 1)
-    stated = ckpt.params.get("vocab_size", -1)
-    if stated > 0 and stated != vocab:
-        raise UserError(f"{ckpt.folder}/params.json says vocab_size {stated} but the weights have {vocab}")
+    vocab, split = meta_vocab(ckpt.params, tuple(emb.shape), mp, path)
     tied = "output.weight" not in sd
     if tied and mp > 1 and split != "vocab":
         raise UserError(f"{path} has no output.weight and splits the embedding on its width: the output layer "
@@ -253,7 +260,6 @@ def load_llama(ckpt_dir: str, tokenizer_path: Optional[str] = None, max_seq_len:
             f"has {args.vocab_size}: pass the tokenizer that came with these weights"
         )
     args = replace(args, max_seq_len=max_seq_len)
-    check_model_parallel(mp, args.n_heads, args.kv_heads, "model-parallel size")
     check_state_dict(sd, args, mp, path, tied, ckpt.described_by)
     with skip_weight_init(), torch.device("meta"):
         model = Transformer(args)

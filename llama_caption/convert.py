@@ -108,7 +108,7 @@ def convert(ckpt_dir: str, out: str, mp: int = 1, dtype=None, quiet: bool = Fals
         piece = {}
         for name in weights.meta_names(with_tied_output=True):
             t = weights.slice(name, mp, r, split)
-            piece[name] = (t if dtype is None else t.to(dtype)).contiguous()
+            piece[name] = t if dtype is None else t.to(dtype)
         path = os.path.join(out, f"consolidated.{r:02d}.pth")
         write_torch(path, piece)
         del piece

@@ -63,9 +63,10 @@ def test_static_decoder_rows_report_the_eager_captions(tiny):
     model, c = tiny
     prefix = decode_prefixes(model, c, torch.device("cpu"))
     reference = generate(model, [[1]] * len(prefix), prefix=prefix, eos_id=-1, max_gen_len=c["gen_len"])
-    res = static_decoder_bench(model, c, torch.device("cpu"), ["static"], reference, lambda m: None)
+    res = static_decoder_bench(model, c, torch.device("cpu"), ["static"], prefix, reference, lambda m: None)
     assert set(res["static"]) == set(c["batches"])
     assert all(r["identical"] == c["images"] and r["captions_s"] > 0 for r in res["static"].values())
     # A mode that cannot run is reported in its row, and the others are kept.
-    res = static_decoder_bench(model, c, torch.device("cpu"), ["cuda_graph", "static"], reference, lambda m: None)
+    res = static_decoder_bench(model, c, torch.device("cpu"), ["cuda_graph", "static"], prefix, reference,
+                               lambda m: None)
     assert "needs the model on a CUDA device" in res["cuda_graph"]["error"] and "error" not in res["static"]
