@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench clean
+.PHONY: install test test-fast demo bench clean
 
 install: $(STAMP)
 
@@ -15,14 +15,19 @@ $(STAMP): requirements.txt setup.py
 	$(PY) -m pip install -q --no-build-isolation -e ".[bench]"
 	touch $(STAMP)
 
+# Everything (CI's).
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# The quick tier: tests that start no process (no torchrun, no Java scorer, no demo), about a minute.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
+
 demo: $(STAMP)
-	$(PY) -m llama_caption.demo
+	$(PY) -m llama_caption demo
 
 bench: $(STAMP)
-	$(PY) -m llama_caption.bench
+	$(PY) -m llama_caption bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache demo_runs

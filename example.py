@@ -1,86 +1,19 @@
-"""LLaMA text completion, as Meta's v1 example.
+"""LLaMA text completion, as Meta's v1 example: `python -m llama_caption complete`, kept as the
+design card's script.
 
     torchrun --nproc_per_node MP example.py --ckpt_dir llama/7B --tokenizer_path llama/tokenizer.model
     torchrun --nproc_per_node 1 example.py --ckpt_dir Llama-3.2-1B      # a Hugging Face folder
 
-With Meta's layout MP is the number of consolidated.XX.pth shards (7B: 1, 13B: 2, 33B: 4, 65B: 8),
-or reshard with `python -m llama_caption.reshard`; a Hugging Face folder takes --model_parallel.
-Completions stop at the tokenizer's end tokens (Llama 3: <|end_of_text|>, <|eom_id|>, <|eot_id|>).
-Each completion is printed, then a line of 34 '='.
+MP defaults to the number of consolidated.XX.pth shards (7B: 1, 13B: 2, 33B: 4, 65B: 8);
+--model_parallel N loads either format at any size that divides the heads. Every flag:
+python example.py --help.
 """
 
-import time
-from dataclasses import dataclass
-from typing import List, Optional
+import sys
 
-import fire
-
-from llama_caption import distributed
-from llama_caption.checkpoint import load_llama, open_checkpoint
-from llama_caption.config import Config, command, setting
-from llama_caption.errors import UserError
-from llama_caption.generation import generate
-from llama_caption.runtime import DTYPE_NAMES, resolve_dtype
-
-DEFAULT_PROMPTS = [
-    "The three things every good photograph has in common are",
-    "Here is a short recipe for a warm winter soup:\n",
-]
-
-
-@dataclass
-class ExampleConfig(Config):
-    ckpt_dir: str = setting(help="the LLaMA: Meta's folder (params.json + consolidated.XX.pth) or a Hugging Face folder (config.json + safetensors).")
-    tokenizer_path: Optional[str] = setting(None, "tokenizer.model (sentencepiece or Llama 3's tiktoken) or tokenizer.json; default: the one in --ckpt_dir (or beside it).")
-    model_parallel: int = setting(0, "model-parallel size; 0: the checkpoint's (Meta's: its shard count; Hugging Face's: 1). A Hugging Face folder loads at any size dividing the heads.")
-    temperature: float = setting(0.8, "sampling temperature; 0 means greedy decoding.")
-    top_p: float = setting(0.95, "nucleus-sampling threshold (used when temperature > 0), in (0, 1].")
-    max_seq_len: int = setting(512, "the longest prompt plus completion, in tokens (KV-cache size).")
-    max_batch_size: int = setting(32, "the most prompts decoded together; more are done in several batches.")
-    max_gen_len: int = setting(64, "the most tokens generated per prompt.")
-    prompts: Optional[List[str]] = setting(None, "a list of prompts that replaces the two built-in ones, e.g. '[\"Hello\", \"Hi\"]'.")
-    device: str = setting("auto", "auto (CUDA when available, else CPU), cpu or cuda.")
-    dtype: str = setting("auto", "auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16.")
-    seed: int = setting(1, "the random seed, the same on every rank.")
-    pack_weights: bool = setting(True, "on a CPU, decode with a copy of the weights packed for oneDNN (faster; one extra copy in memory). No effect on CUDA.")
-
-    def check(self) -> None:
-        self.at_least(1, "max_batch_size", "max_gen_len", "max_seq_len")
-        if self.prompts is not None and not self.prompts:
-            raise UserError("--prompts is an empty list: give at least one prompt, or leave the flag out for the built-in ones")
-        if self.temperature < 0:
-            raise UserError(f"--temperature must be 0 (greedy) or positive, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise UserError(f"--top_p must be in (0, 1], got {self.top_p}")
-        self.one_of("dtype", DTYPE_NAMES)
-
-
-def complete(cfg: ExampleConfig) -> None:
-    prompts = cfg.prompts or DEFAULT_PROMPTS
-    ckpt = open_checkpoint(cfg.ckpt_dir)  # a missing folder gets its message before processes are grouped
-    if cfg.max_seq_len > ckpt.context:
-        raise UserError(f"--max_seq_len {cfg.max_seq_len} is more than the {ckpt.context} positions "
-                        f"of the LLaMA in {cfg.ckpt_dir}")
-    with distributed.session(ckpt.model_parallel_size(cfg.model_parallel), cfg.device, cfg.seed) as env:
-        t0 = time.time()
-        model, tokenizer = load_llama(cfg.ckpt_dir, cfg.tokenizer_path, cfg.max_seq_len, device=env.device,
-                                      dtype=resolve_dtype(cfg.dtype, env.device))
-        if cfg.pack_weights:
-            model.pack_weights()
-        print(f"Loaded in {time.time() - t0:.2f} seconds")
-        for start in range(0, len(prompts), cfg.max_batch_size):
-            ids = [tokenizer.encode(p, bos=True, eos=False) for p in prompts[start:start + cfg.max_batch_size]]
-            longest = max(len(t) for t in ids)
-            if longest >= cfg.max_seq_len:
-                raise UserError(f"a prompt has {longest} tokens, not less than --max_seq_len {cfg.max_seq_len}")
-            outs = generate(model, ids, eos_id=tokenizer.stop_ids, max_gen_len=min(cfg.max_gen_len, cfg.max_seq_len - longest),
-                            temperature=cfg.temperature, top_p=cfg.top_p)
-            for prompt_ids, out in zip(ids, outs):
-                print(tokenizer.decode(prompt_ids[1:] + out))  # without BOS, which Llama 3's decoders spell out
-                print("\n" + "=" * 34 + "\n")
-
-
-main = command(ExampleConfig, complete, "Print a completion for each prompt, each followed by a line of 34 '='.")
+from llama_caption.llama.complete import main  # noqa: F401  (the entry point, for scripts that import it)
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    from llama_caption.__main__ import run
+
+    run("complete", sys.argv[1:])

@@ -21,13 +21,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .checkpoint import context_length
+from .llama.checkpoint import LlamaCheckpoint
 from .errors import UserError
 from .fileio import atomic_path
-from .generation import beam_search, generate
-from .model import Transformer
+from .llama.generation import beam_search, generate
+from .llama.model import Transformer
 from .projection import Projection
-from .tokenizer import Tokenizer
+from .llama.tokenizer import Tokenizer
 from .vision import EncoderSpec, ImageEncoder
 
 IGNORE = -100
@@ -146,14 +146,14 @@ def load_projection(ckpt: str, flag: str = "--checkpoint") -> Tuple[Dict[str, to
 
 class Captioner(nn.Module):
     def __init__(self, llama: Transformer, tokenizer: Tokenizer, projection: Projection,
-                 style: CaptionStyle = CaptionStyle()):
+                 style: CaptionStyle = CaptionStyle(), decoder=None):
         super().__init__()
         self.llama = llama
         self.tokenizer = tokenizer
         self.projection = projection
         self.style = style
         self.truncated = 0  # captions cut to fit max_seq_len, counted for the report
-        self.decoder = None  # a static_decode.StaticDecoder for greedy/sampled captions, else generation.generate
+        self.decoder = decoder  # a static_decode.StaticDecoder for greedy/sampled captions, else generation.generate
 
     @property
     def prefix_len(self) -> int:
@@ -225,14 +225,13 @@ class Captioner(nn.Module):
         return [self.tokenizer.decode(x).strip() for x in out]
 
 
-def check_window(prefix_len: int, text_len: int, ckpt_dir: str, flag: str) -> int:
+def check_window(prefix_len: int, text_len: int, llama: LlamaCheckpoint, flag: str) -> int:
     """The tokens a sequence needs (prefix + BOS + text) against the LLaMA's context, read from
     its params.json or config.json before anything is loaded; returns the window."""
     window = prefix_len + 1 + text_len
-    context = context_length(ckpt_dir)
-    if window > context:
+    if window > llama.context:
         raise UserError(f"{flag} {text_len} with a {prefix_len}-token image prefix needs {window} positions, "
-                        f"more than the {context} of the LLaMA in {ckpt_dir}: lower {flag}")
+                        f"more than the {llama.context} of the LLaMA in {llama.folder}: lower {flag}")
     return window
 
 

@@ -107,9 +107,10 @@ def command(cls, run: Callable, summary: str, varargs: Optional[str] = None) -> 
     """
     hints = typing.get_type_hints(cls)
     params, how = [], inspect.Parameter.POSITIONAL_OR_KEYWORD
-    for f in fields(cls):
-        if not f.init:
-            continue
+    # An inherited settings group (LlamaSettings) is keyword-only in the dataclass: its required
+    # fields come first on the command line, its optional ones last.
+    group = lambda f: 1 if not f.kw_only else 0 if f.default is MISSING else 2  # noqa: E731
+    for f in sorted((f for f in fields(cls) if f.init), key=group):
         default = inspect.Parameter.empty if f.default is MISSING else f.default
         kind, _ = _plain_type(hints[f.name])
         # fire adds Optional[...] itself where the default is None.

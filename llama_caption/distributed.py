@@ -86,9 +86,9 @@ def setup(mp_size: Optional[int] = None, device: Optional[str] = None, seed: int
     mp = world if mp_size is None else mp_size
     if mp < 1 or world % mp:
         raise UserError(
-            f"the checkpoint has {mp} model-parallel shard(s), a number that does not divide the {world} "
-            f"process(es): launch with torchrun --nproc_per_node {mp} (or a multiple, for data parallelism), "
-            f"or reshard with python -m llama_caption.reshard"
+            f"model-parallel size {mp} does not divide the {world} process(es): launch with torchrun "
+            f"--nproc_per_node {mp} (or a multiple, for data parallelism), or pass --model_parallel with a divisor of "
+            f"{world}"
         )
     dev = pick_device(device, local_rank)
     if dev.type == "cuda":

@@ -1,6 +1,6 @@
 """COCO caption metrics with pycocoevalcap: BLEU-1..4, METEOR, ROUGE-L, CIDEr (and SPICE).
 
-    python -m llama_caption.evaluation --annotations coco/annotations/captions_val2014.json \\
+    python -m llama_caption evaluate --annotations coco/annotations/captions_val2014.json \\
         --results runs/b32-7b/results.json      # writes runs/b32-7b/results.metrics.json
 
 The scorers are called one by one, on the images of the results only: COCOEvalCap.evaluate()
@@ -17,7 +17,6 @@ import shutil
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
-import fire
 
 from .config import Config, command, setting
 from .data import read_coco_captions
@@ -153,4 +152,6 @@ def evaluate(cfg: EvaluationConfig) -> Dict[str, float]:
 main = command(EvaluationConfig, evaluate, "Score a COCO results file against COCO caption annotations.")
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    from .__main__ import alias
+
+    alias("evaluation", "evaluate")

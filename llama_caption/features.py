@@ -1,6 +1,6 @@
 """CLIP feature cache: run the frozen encoder once over a split, reuse it every epoch.
 
-    torchrun --nproc_per_node 4 -m llama_caption.features --clip_model ViT-B/32 \\
+    torchrun --nproc_per_node 4 -m llama_caption features --clip_model ViT-B/32 \\
         --images coco/train2014 --annotations coco/annotations/captions_train2014.json \\
         --out features/train2014-B32-pooled
 
@@ -20,7 +20,6 @@ import sys
 from dataclasses import dataclass
 from typing import Dict, Optional
 
-import fire
 import torch
 import torch.distributed as dist
 from safetensors import safe_open
@@ -43,9 +42,9 @@ class FeatureCache:
     def __init__(self, path: str):
         meta_path = os.path.join(path, META)
         if not os.path.isdir(path):
-            raise UserError(f"feature cache {path} does not exist: make it with python -m llama_caption.features")
+            raise UserError(f"feature cache {path} does not exist: make it with python -m llama_caption features")
         if not os.path.isfile(meta_path):
-            raise UserError(f"feature cache {path} is incomplete (no {META}): run the same llama_caption.features command again to finish it")
+            raise UserError(f"feature cache {path} is incomplete (no {META}): run the same python -m llama_caption features command again to finish it")
         with open(meta_path) as f:
             self.meta = json.load(f)
         self.path = path
@@ -216,4 +215,6 @@ def extract_parts(cfg: FeaturesConfig, env, encoder: ImageEncoder, todo) -> list
 main = command(FeaturesConfig, extract, "Extract CLIP features of every image of a split into the folder OUT.")
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    from .__main__ import alias
+
+    alias("features", "features")

@@ -1,19 +1,11 @@
-"""Caption a COCO split or a user's own images; write COCO results; evaluate; draw a gallery.
+"""Caption a COCO split or a user's own images; write COCO results (results.py); evaluate.
 
-A results file RESULTS.json belongs to the run that made it. Beside it:
-    RESULTS.partial.jsonl   each batch's captions as they come (removed once RESULTS is complete)
-    RESULTS.run.json        what made them: checkpoint, LLaMA, CLIP, decoding settings, images
-    RESULTS.metrics.json    their scores, and which results file and images they score
-    RESULTS.gallery.html    the first N images with their captions
-A run started again with the same settings captions only the images that are not done; with
-other settings it is refused (another --out, or --overwrite), so a results file never mixes two
-runs and old captions or metrics are never reported as new ones. With data parallelism
-(world_size > MP) the images are dealt out to the data-parallel groups and the captions
-gathered on rank 0, which alone writes.
+`run` selects the images, loads the captioner (runs.load_captioner: the decoder is chosen there),
+refuses or continues an existing results file by what made it, captions the images not done yet
+in batches, dealt out over data-parallel groups (rank 0 gathers and alone writes), then writes the
+results, the gallery and the metrics.
 """
 
-import html
-import json
 import math
 import os
 import sys
@@ -21,32 +13,28 @@ import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
-import fire
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
 from . import distributed
-from .checkpoint import open_checkpoint
-from .static_decode import DEFAULT_SIZES, MODES, StaticDecoder
-from .tokenizer import resolve_tokenizer_path
-from .config import Config, command, setting
+from .config import command, setting
+from .llama.checkpoint import LlamaSettings
+from .llama.generation import check_sampling
+from .llama.static_decode import MODES
 from .data import ImageFiles, ImageRecord, collate, list_image_files, load_split, report_bad_images
 from .errors import UserError
-from .evaluation import check_results, format_table, metrics_record, score
-from .captioner import PROJECTION_FILE
-from .fileio import check_output_file, sha256_file, write_json, write_text
+from .evaluation import format_table, metrics_record, score
+from .results import ResultsFiles, ordered, provenance, result_key, write_gallery
+from .fileio import write_json
 from .runs import find_checkpoint, load_captioner
 from .runtime import DTYPE_NAMES, resolve_dtype
 
 
 @dataclass
-class InferenceConfig(Config):
-    ckpt_dir: str = setting(help="the LLaMA: Meta's folder (params.json + consolidated.XX.pth) or a Hugging Face folder (config.json + safetensors).")
+class InferenceConfig(LlamaSettings):
     checkpoint: str = setting(help="a training run folder (its latest checkpoint) or one checkpoint folder.")
     images: List[str] = setting(help="--images DIR for a COCO split; or image files and folders of your own (no annotations): --images a.jpg b.png photos/")
-    tokenizer_path: Optional[str] = setting(None, "tokenizer.model (sentencepiece or Llama 3's tiktoken) or tokenizer.json; default: the one in --ckpt_dir (or beside it).")
-    model_parallel: int = setting(0, "model-parallel size; 0: the checkpoint's (Meta's: its shard count; Hugging Face's: 1). A Hugging Face folder loads at any size dividing the heads.")
     out: str = setting("results.json", "the COCO results file to write; RESULTS.run.json beside it records what made it, and a rerun with the same settings completes it.")
     overwrite: bool = setting(False, "replace the captions of an --out made with other settings (they are otherwise refused, never mixed).")
     annotations: Optional[str] = setting(None, "COCO captions JSON of the split (captions_val2014.json): enables evaluation.")
@@ -65,7 +53,6 @@ class InferenceConfig(Config):
     evaluate: bool = setting(True, "score against the annotations (BLEU, METEOR, ROUGE-L, CIDEr; SPICE when installed).")
     gallery: int = setting(0, "write RESULTS.gallery.html with the first N images.")
     num_workers: int = setting(2, "image-loading processes (0: load in the main process).")
-    device: str = setting("auto", "auto, cpu or cuda.")
     dtype: str = setting("auto", "frozen LLaMA precision: auto (fp16 on CUDA, fp32 on CPU), fp32, fp16, bf16.")
     seed: int = setting(1, "random seed for sampling, the same on every rank.")
     save_every_s: float = setting(30.0, "seconds between rewrites of the results file while working.")
@@ -74,12 +61,10 @@ class InferenceConfig(Config):
     pack_weights: bool = setting(True, "on a CPU, decode with a copy of LLaMA's weights packed for oneDNN (faster; one extra copy in memory). No effect on CUDA.")
 
     def check(self) -> None:
+        super().check()
         self.at_least(1, "batch_size", "max_gen_len", "num_beams", "num_images")
         self.at_least(0, "num_workers", "gallery", "save_every_s")
-        if self.temperature < 0:
-            raise UserError(f"--temperature must be 0 (greedy) or positive, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise UserError(f"--top_p must be in (0, 1], got {self.top_p}")
+        check_sampling(self.temperature, self.top_p)
         if self.num_beams > 1 and self.temperature > 0:
             raise UserError("--num_beams > 1 is beam search, which does not sample: leave --temperature at 0")
         if self.num_images is not None and self.fraction is not None:
@@ -95,10 +80,12 @@ class InferenceConfig(Config):
                             f"runs eagerly: leave --decoder eager")
 
     def resolve_decoder(self, device: torch.device) -> None:
-        """`auto`: the static decoder on a CPU (the same captions, faster there: README), the
-        eager one on CUDA and for beam search."""
+        """`auto`: the static decoder on a CPU (the same captions, faster there: docs/captioning.md),
+        the eager one on CUDA and for beam search."""
         if self.decoder == "auto":
             self.decoder = "static" if device.type == "cpu" and self.num_beams == 1 else "eager"
+        if self.decoder == "cuda_graph" and device.type != "cuda":
+            raise UserError("--decoder cuda_graph needs a CUDA device: use static or compile on the CPU")
 
     @property
     def annotated(self) -> bool:
@@ -126,109 +113,6 @@ class InferenceConfig(Config):
         return d
 
 
-def provenance(cfg: InferenceConfig, encoder_identity: str, dtype: torch.dtype) -> dict:
-    """What makes a results file: compared key by key when a run continues one."""
-    ckpt = find_checkpoint(cfg.checkpoint)
-    tokenizer = resolve_tokenizer_path(cfg.tokenizer_path, cfg.ckpt_dir)
-    return {
-        "checkpoint": "sha256:" + sha256_file(os.path.join(ckpt, PROJECTION_FILE)),
-        "llama": dict(open_checkpoint(cfg.ckpt_dir).provenance(), tokenizer="sha256:" + sha256_file(tokenizer)),
-        "clip": encoder_identity,
-        "decoding": cfg.decoding(dtype),
-        "selection": cfg.selection(),
-    }
-
-
-def first_difference(old, new, where: str = "") -> Optional[str]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        for k in list(new) + [k for k in old if k not in new]:
-            found = first_difference(old.get(k), new.get(k), f"{where}.{k}" if where else k)
-            if found:
-                return found
-        return None
-    return None if old == new else f"{where}: {json.dumps(old)[:80]} -> {json.dumps(new)[:80]}"
-
-
-def result_key(r: Dict, annotated: bool):
-    return r["image_id"] if annotated else r["file_name"]
-
-
-class ResultsFiles:
-    """A results file and the files that belong to it (see the module docstring)."""
-
-    def __init__(self, out: str):
-        stem = out[:-5] if out.endswith(".json") else out
-        self.results, self.partial = out, out + ".partial.jsonl"
-        self.run, self.metrics, self.gallery = stem + ".run.json", stem + ".metrics.json", stem + ".gallery.html"
-        self.sink = None
-
-    def check_paths(self) -> None:
-        for path in (self.results, self.partial, self.run, self.metrics, self.gallery):
-            check_output_file(path, "--out")
-
-    def existing(self) -> List[str]:
-        return [p for p in (self.results, self.partial) if os.path.isfile(p)]
-
-    def previous(self, made_by: dict, overwrite: bool) -> Optional[dict]:
-        """Refuse to continue results made by something else; returns the recorded provenance."""
-        recorded = None
-        if os.path.isfile(self.run):
-            try:
-                with open(self.run, encoding="utf-8") as f:
-                    recorded = json.load(f)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                recorded = {}
-        if overwrite or not self.existing():
-            return recorded
-        if recorded is None:
-            raise UserError(f"--out {self.results} exists but no {os.path.basename(self.run)} says what made it: "
-                            f"pick another --out, or add --overwrite to replace it")
-        diff = first_difference(recorded, made_by)
-        if diff:
-            raise UserError(f"--out {self.results} holds captions made with other settings ({diff}): pick another "
-                            f"--out to keep both, or add --overwrite to replace them")
-        return recorded
-
-    def load_done(self, annotated: bool) -> Dict:
-        """Captions already written by an earlier run of the same settings."""
-        done = {}
-        if os.path.isfile(self.results):
-            try:
-                with open(self.results, encoding="utf-8") as f:
-                    previous = json.load(f)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise UserError(f"--out {self.results} exists but is not valid JSON ({e}): move it away or pick another --out") from None
-            check_results(previous, self.results)
-            done.update({result_key(r, annotated): r for r in previous})
-        if os.path.isfile(self.partial):
-            with open(self.partial, encoding="utf-8") as f:
-                for line in f:
-                    try:
-                        r = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue  # the line a crash cut short
-                    done[result_key(r, annotated)] = r
-        return done
-
-    def start(self, made_by: dict, fresh: bool) -> None:
-        """Rank 0: record what makes these results, and open the partial log."""
-        if fresh and os.path.isfile(self.partial):
-            os.remove(self.partial)
-        write_json(self.run, made_by, indent=1)
-        self.sink = open(self.partial, "a", encoding="utf-8")
-
-    def append(self, rows: List[Dict]) -> None:
-        for row in rows:
-            self.sink.write(json.dumps(row) + "\n")
-        self.sink.flush()
-        os.fsync(self.sink.fileno())
-
-    def finish(self, results: List[Dict]) -> None:
-        write_json(self.results, results)
-        self.sink.close()
-        os.remove(self.partial)
-
-
 def select_records(cfg: InferenceConfig, log) -> List[ImageRecord]:
     """The images to caption, sorted by id."""
     if cfg.annotated:
@@ -248,41 +132,6 @@ def select_records(cfg: InferenceConfig, log) -> List[ImageRecord]:
     if not records:
         raise UserError(f"no images to caption in --images {' '.join(cfg.images)}")
     return records
-
-
-def write_gallery(path: str, results: List[Dict], records: Dict, n: int) -> None:
-    """An HTML page with the first n images (linked relatively), their caption and references."""
-    folder = os.path.dirname(os.path.abspath(path))
-    rows = []
-    for r in results[:n]:
-        rec = records[r["image_id"]]
-        src = os.path.relpath(os.path.abspath(rec.path), folder)
-        refs = "".join(f"<li>{html.escape(c)}</li>" for c in rec.captions)
-        rows.append(
-            f'<figure><img src="{html.escape(src)}" alt="image {r["image_id"]}">'
-            f'<figcaption><b>{html.escape(r["caption"])}</b>'
-            f'{"<ul>" + refs + "</ul>" if refs else ""}<small>{html.escape(os.path.basename(rec.path))}</small>'
-            f"</figcaption></figure>"
-        )
-    page = (
-        "<!doctype html><html><head><meta charset='utf-8'><title>llama_caption gallery</title><style>"
-        "body{font-family:sans-serif;margin:20px}figure{display:inline-block;width:260px;vertical-align:top;"
-        "margin:8px}img{width:256px;height:auto;image-rendering:pixelated;border:1px solid #ccc}"
-        "ul{padding-left:18px;color:#555;font-size:13px}small{color:#999}</style></head><body>"
-        f"<h1>Generated captions ({min(n, len(results))} images)</h1>"
-        "<p>Bold: the generated caption. Below it: the reference captions.</p>" + "\n".join(rows) + "</body></html>\n"
-    )
-    write_text(path, page)
-
-
-def ordered(done: Dict, records: List[ImageRecord], annotated: bool) -> List[Dict]:
-    """The results of the requested images, in image-id order (own files: the ids of this run)."""
-    out = []
-    for r in records:
-        row = done.get(r.image_id if annotated else r.path)
-        if row is not None:
-            out.append(dict(row, image_id=r.image_id))
-    return out
 
 
 def caption_batches(cfg: InferenceConfig, env, captioner, encoder, todo: List[ImageRecord], done: Dict,
@@ -345,24 +194,19 @@ def evaluate_results(cfg: InferenceConfig, env, files: ResultsFiles, results: Li
 def run(cfg: InferenceConfig) -> Optional[Dict]:
     files = ResultsFiles(cfg.out)
     files.check_paths()  # before anything is loaded or captioned
-    mp = open_checkpoint(cfg.ckpt_dir).model_parallel_size(cfg.model_parallel)
-    with distributed.session(mp, cfg.device, cfg.seed) as env:
+    with distributed.session(cfg.mp_size(), cfg.device, cfg.seed) as env:
         records = select_records(cfg, env.log)
         dtype = resolve_dtype(cfg.dtype, env.device)
         cfg.resolve_decoder(env.device)
-        captioner, encoder, _ = load_captioner(cfg.checkpoint, cfg.ckpt_dir, cfg.tokenizer_path, env.device, dtype,
-                                               cfg.max_gen_len, cfg.clip_model, cfg.clip_pretrained)
-        made_by = provenance(cfg, encoder.spec.identity, dtype)
+        captioner, encoder, _ = load_captioner(cfg.checkpoint, cfg.open(), cfg.tokenizer_path, env.device, dtype,
+                                               cfg.max_gen_len, cfg.clip_model, cfg.clip_pretrained, cfg.decoder,
+                                               cfg.batch_size, cfg.pack_weights, env.log)
+        llama = cfg.open()
+        made_by = provenance(find_checkpoint(cfg.checkpoint), llama, llama.tokenizer_file(cfg.tokenizer_path),
+                             encoder.spec.identity, cfg.decoding(dtype), cfg.selection())
         files.previous(made_by, cfg.overwrite)
         done = {} if cfg.overwrite else files.load_done(cfg.annotated)
         dist.barrier()  # every rank has read the old files before rank 0 changes them
-        if cfg.pack_weights and captioner.llama.pack_weights():
-            env.log("CPU decoding: LLaMA's weights packed for oneDNN (--pack_weights False to save the extra copy)")
-        if cfg.decoder != "eager":
-            if cfg.decoder == "cuda_graph" and env.device.type != "cuda":
-                raise UserError("--decoder cuda_graph needs a CUDA device: use static or compile on the CPU")
-            sizes = sorted({s for s in DEFAULT_SIZES if s < cfg.batch_size} | {cfg.batch_size})
-            captioner.decoder = StaticDecoder(captioner.llama, cfg.decoder, sizes)
         todo = [r for r in records if (r.image_id if cfg.annotated else r.path) not in done]
         mode = (f"beam search, {cfg.num_beams} beams" if cfg.num_beams > 1 else
                 "sampling" if cfg.temperature > 0 else "greedy")
@@ -391,4 +235,6 @@ def run(cfg: InferenceConfig) -> Optional[Dict]:
 main = command(InferenceConfig, run, "Caption a COCO split (and score it) or your own image files.", varargs="images")
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    from .__main__ import alias
+
+    alias("inference", "caption")

@@ -24,7 +24,8 @@ from safetensors.torch import load_file, save_file
 
 from .captioner import (PROJECTION_FILE, Captioner, CaptionerConfig, check_encoder, check_window, load_projection,
                         save_projection)
-from .checkpoint import load_llama
+from .llama.checkpoint import LlamaCheckpoint, load_llama
+from .llama.static_decode import make_decoder
 from .errors import UserError
 from .fileio import atomic_path, write_text
 from .vision import EncoderSpec, load_encoder
@@ -128,17 +129,20 @@ def check_fresh(out_dir: str) -> None:
                         f"or pick a new --out_dir (nothing was changed)")
 
 
-def load_captioner(checkpoint: str, ckpt_dir: str, tokenizer_path: str, device, dtype=torch.float32,
-                   max_gen_len: int = 30, clip_model: Optional[str] = None, clip_pretrained: Optional[str] = None):
-    """A trained captioner from a training checkpoint, the frozen LLaMA and CLIP.
+def load_captioner(checkpoint: str, llama: LlamaCheckpoint, tokenizer_path: Optional[str], device,
+                   dtype=torch.float32, max_gen_len: int = 30, clip_model: Optional[str] = None,
+                   clip_pretrained: Optional[str] = None, decoder: str = "eager", batch_size: int = 32,
+                   pack_weights: bool = False, log=print):
+    """A trained captioner from a training checkpoint, the frozen LLaMA (`llama`, opened) and CLIP.
 
     The encoder, projection and prefix come from the checkpoint's CaptionerConfig; `clip_model`
-    is the path of the same CLIP file when it moved (its identity must match).
-    Returns (captioner, encoder, CaptionerConfig).
+    is the path of the same CLIP file when it moved (its identity must match). `decoder` picks how
+    greedy and sampled captions are decoded (static_decode.MODES); `pack_weights` packs the LLaMA's
+    weights for oneDNN first (CPU). Returns (captioner, encoder, CaptionerConfig).
     """
     ckpt = find_checkpoint(checkpoint)
     weights, cfg, _ = load_projection(ckpt)
-    window = check_window(cfg.prefix_len, max_gen_len, ckpt_dir, "--max_gen_len")  # before anything is loaded
+    window = check_window(cfg.prefix_len, max_gen_len, llama, "--max_gen_len")  # before anything is loaded
     spec = cfg.encoder
     if clip_model or clip_pretrained:  # the same encoder's files, moved: the identity must still match
         spec = EncoderSpec.of(clip_model or spec.clip_model, spec.feature_kind,
@@ -147,18 +151,20 @@ def load_captioner(checkpoint: str, ckpt_dir: str, tokenizer_path: str, device, 
     known = cfg.prefix_len
     cfg = check_encoder(cfg, encoder, f"--checkpoint {ckpt}")
     if cfg.prefix_len != known:  # a first-format patch checkpoint: its patch count came from the encoder
-        window = check_window(cfg.prefix_len, max_gen_len, ckpt_dir, "--max_gen_len")
-    llama, tokenizer = load_llama(ckpt_dir, tokenizer_path, window, device=device, dtype=dtype)
+        window = check_window(cfg.prefix_len, max_gen_len, llama, "--max_gen_len")
     if cfg.llama_dim != llama.args.dim:
-        raise UserError(f"--checkpoint {ckpt} projects to LLaMA width {cfg.llama_dim} but {ckpt_dir} has width "
+        raise UserError(f"--checkpoint {ckpt} projects to LLaMA width {cfg.llama_dim} but {llama.folder} has width "
                         f"{llama.args.dim}: use the LLaMA it was trained with")
+    model, tokenizer = load_llama(llama, tokenizer_path, window, device=device, dtype=dtype)
     projection = cfg.new_projection()
     try:
         projection.load_state_dict(weights, strict=True)
     except RuntimeError as e:
         raise UserError(f"{ckpt}: projection weights do not fit the stored config ({str(e).splitlines()[0]})") from None
     projection.to(device).eval()
-    return Captioner(llama, tokenizer, projection, cfg.style), encoder, cfg
+    if pack_weights and model.pack_weights():
+        log("CPU decoding: LLaMA's weights packed for oneDNN (--pack_weights False to save the extra copy)")
+    return Captioner(model, tokenizer, projection, cfg.style, make_decoder(model, decoder, batch_size)), encoder, cfg
 
 
 class MetricsLog:

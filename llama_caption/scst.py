@@ -28,8 +28,8 @@ from typing import Dict, Hashable, List, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .generation import decode_step, prefill, prefill_inputs
-from .model import Transformer
+from .llama.generation import decode_step, prefill, prefill_inputs
+from .llama.model import Transformer
 
 WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 BASELINES = ("mean", "greedy")

@@ -26,13 +26,13 @@ from tqdm import tqdm
 
 from . import distributed, runs
 from .captioner import Captioner, CaptionerConfig, CaptionStyle, check_window
-from .checkpoint import load_llama, open_checkpoint
-from .config import Config, setting
+from .config import command, setting
+from .llama.checkpoint import LlamaSettings, load_llama, open_checkpoint
 from .data import CAPTION_MODES, CaptionDataset, StepBatches, collate, drop_missing, load_split, report_bad_images
 from .errors import UserError
 from .features import FeatureCache
 from .fileio import check_output_dir, write_json
-from .generation import generate
+from .llama.generation import generate
 from .projection import PROJECTIONS
 from .runtime import DTYPE_NAMES, resolve_dtype
 from .scst import BASELINES, CiderD, advantages, sample_captions, sample_keys, sequence_logprobs
@@ -40,18 +40,15 @@ from .vision import FEATURE_KINDS, EncoderSpec, ImageEncoder, check_encoder_flag
 
 
 @dataclass
-class TrainConfig(Config):
-    ckpt_dir: str = setting(help="the LLaMA: Meta's folder (params.json + consolidated.XX.pth) or a Hugging Face folder (config.json + safetensors).")
+class TrainConfig(LlamaSettings):
     clip_model: str = setting(help="CLIP name (ViT-B/32, ViT-B/16, ViT-L/14, ViT-L/14@336px), a local CLIP file, or open_clip:ARCH (an open_clip model name or model config JSON; weights from --clip_pretrained).")
     train_images: str = setting(help="train2014/ (with --karpathy_split: the folder holding train2014/ and val2014/).")
     out_dir: str = setting(help="the run folder: checkpoints/, metrics.jsonl, loss_curve.png, config.json. A folder that holds a run is only continued, with --resume.")
-    tokenizer_path: Optional[str] = setting(None, "tokenizer.model (sentencepiece or Llama 3's tiktoken) or tokenizer.json; default: the one in --ckpt_dir (or beside it).")
-    model_parallel: int = setting(0, "model-parallel size; 0: the checkpoint's (Meta's: its shard count; Hugging Face's: 1). A Hugging Face folder loads at any size dividing the heads.")
     train_annotations: Optional[str] = setting(None, "captions_train2014.json (not needed with --karpathy_split).")
     val_images: Optional[str] = setting(None, "val2014/ for the validation loss after each epoch (optional).")
     val_annotations: Optional[str] = setting(None, "captions_val2014.json.")
     karpathy_split: Optional[str] = setting(None, "dataset_coco.json: train = train+restval, validation = its val split.")
-    features: Optional[str] = setting(None, "a training feature cache from python -m llama_caption.features (else CLIP runs on the fly).")
+    features: Optional[str] = setting(None, "a training feature cache from python -m llama_caption features (else CLIP runs on the fly).")
     val_features: Optional[str] = setting(None, "a validation feature cache.")
     clip_pretrained: Optional[str] = setting(None, "with --clip_model open_clip:ARCH: the weights file (open_clip_pytorch_model.bin, .safetensors) or a pretrained tag (downloaded only if not cached).")
     feature_kind: str = setting("pooled", "pooled (CLIP image embedding, ClipCap) or patch (patch tokens, LLaVA).")
@@ -74,7 +71,6 @@ class TrainConfig(Config):
     min_lr_ratio: float = setting(0.1, "the final learning rate as a fraction of --lr.")
     grad_clip: float = setting(1.0, "gradient-norm clipping threshold (0: off).")
     dtype: str = setting("auto", "frozen LLaMA precision: auto (fp32 on CPU; bf16, else fp16, with autocast on CUDA), fp32, fp16, bf16 (bf16 on a CPU with AVX-512 bf16 is faster; attention then runs in fp32).")
-    device: str = setting("auto", "auto, cpu or cuda.")
     num_workers: int = setting(2, "image-loading processes per rank (0: load in the training process).")
     save_every: int = setting(1000, "optimizer steps between checkpoints (one is also written after every epoch).")
     keep_last: int = setting(3, "checkpoints kept in out_dir/checkpoints (0: all); the latest is never deleted.")
@@ -94,6 +90,7 @@ class TrainConfig(Config):
                          "log_every", "device", "out_dir", "max_bad_steps")
 
     def check(self) -> None:
+        super().check()
         self.at_least(1, "epochs", "batch_size", "grad_accum", "max_caption_len", "log_every", "save_every",
                       "prefix_len", "max_bad_steps", "proj_hidden", "stop_after_steps", "mapper_width", "mapper_layers")
         self.at_least(0, "num_workers", "warmup_steps", "keep_last", "grad_clip", "weight_decay", "min_lr_ratio")
@@ -231,11 +228,11 @@ def build(cfg: TrainConfig, env) -> Job:
     val_cache = open_cache(cfg.val_features, spec_in, "--val_features")
     shape = encoder.feature_shape if encoder else cache.meta["shape"]
     spec = CaptionerConfig.build(spec_in, shape, cfg.projection, cfg.prefix_len, cfg.proj_hidden,
-                                 open_checkpoint(cfg.ckpt_dir).args.dim, CaptionStyle(cfg.lowercase, cfg.drop_period),
+                                 cfg.open().args.dim, CaptionStyle(cfg.lowercase, cfg.drop_period),
                                  cfg.mapper_width, cfg.mapper_layers)
-    window = check_window(spec.prefix_len, cfg.max_caption_len, cfg.ckpt_dir, "--max_caption_len")
+    window = check_window(spec.prefix_len, cfg.max_caption_len, cfg.open(), "--max_caption_len")
     dtype = resolve_dtype(cfg.dtype, env.device, training=True)
-    llama, tokenizer = load_llama(cfg.ckpt_dir, cfg.tokenizer_path, window, device=env.device, dtype=dtype)
+    llama, tokenizer = load_llama(cfg.open(), cfg.tokenizer_path, window, device=env.device, dtype=dtype)
     projection = spec.new_projection()
     if cfg.init_from:
         projection.load_state_dict(initial_weights(cfg, spec), strict=True)
@@ -273,12 +270,9 @@ def initial_weights(cfg: TrainConfig, spec: CaptionerConfig) -> dict:
         raise UserError(f"--init_from {ckpt} is another captioner: its {k} is {theirs[k]!r}, this run's {mine[k]!r} "
                         f"(pass the flags it was trained with)")
     old_llama = flags.get("ckpt_dir")
-    if old_llama and os.path.isdir(old_llama):
-        a, b = open_checkpoint(old_llama), open_checkpoint(cfg.ckpt_dir)
-        if (a.args.dim, a.args.n_layers, a.args.n_heads, a.args.kv_heads, a.vocab_size()) != \
-                (b.args.dim, b.args.n_layers, b.args.n_heads, b.args.kv_heads, b.vocab_size()):
-            raise UserError(f"--init_from {ckpt} was trained with the LLaMA in {old_llama}, not the one in --ckpt_dir "
-                            f"{cfg.ckpt_dir}")
+    if old_llama and os.path.isdir(old_llama) and open_checkpoint(old_llama).architecture() != cfg.open().architecture():
+        raise UserError(f"--init_from {ckpt} was trained with the LLaMA in {old_llama}, not the one in --ckpt_dir "
+                        f"{cfg.ckpt_dir}")
     return weights
 
 
@@ -511,8 +505,7 @@ def train(cfg: TrainConfig) -> dict:
     check_output_dir(cfg.out_dir, "--out_dir")
     if not cfg.resume:
         runs.check_fresh(cfg.out_dir)  # before any rank writes anything
-    mp = open_checkpoint(cfg.ckpt_dir).model_parallel_size(cfg.model_parallel)
-    with distributed.session(mp, cfg.device, cfg.seed) as env:
+    with distributed.session(cfg.mp_size(), cfg.device, cfg.seed) as env:
         resume = resume_point(cfg) if cfg.resume else None
         job = build(cfg, env)
         progress = Progress(restore(job, resume, env) if resume else 0)
@@ -538,3 +531,11 @@ def train(cfg: TrainConfig) -> dict:
             save(cfg, env, job, progress.step, epoch + 1)
             metrics.plot()
         return finish(cfg, env, job, progress, metrics)
+
+
+main = command(TrainConfig, train, "Train the projection from frozen CLIP features to frozen LLaMA prefix embeddings.")
+
+if __name__ == "__main__":
+    from .__main__ import alias
+
+    alias("training", "train")

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from llama_caption import distributed
-from llama_caption.demo.shapes import make_dataset
-from llama_caption.demo.standins import build_llama
-from llama_caption.model import ModelArgs
-from llama_caption.testing import build_tiny_clip, random_state_dict, train_tokenizer, write_meta_checkpoint
+from llama_caption.tools.demo.shapes import make_dataset
+from llama_caption.tools.demo.standins import build_llama
+from llama_caption.llama.model import ModelArgs
+from llama_caption.tools.testing import build_tiny_clip, random_state_dict, train_tokenizer, write_meta_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLOURS = "red green blue yellow black white orange purple".split()
@@ -52,6 +52,18 @@ def process_group():
     env = distributed.setup(mp_size=1, device="cpu", quiet=False)
     yield env
     distributed.teardown()
+
+
+@pytest.fixture(autouse=True)
+def quick_tests_start_no_process(request, monkeypatch):
+    """The quick tier (`make test-fast`, -m "not slow") starts no process: a test that does
+    fails here until it is marked slow. (Session fixtures are made before this guard.)"""
+    if request.node.get_closest_marker("slow") is None:
+        def refuse(self, args, *rest, **kwargs):
+            raise AssertionError(f"{request.node.nodeid} starts a process ({str(args)[:100]}): mark it @pytest.mark.slow")
+
+        monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
+    yield
 
 
 @pytest.fixture(autouse=True)

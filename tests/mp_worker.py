@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import save_file
 
 from llama_caption import distributed
-from llama_caption.checkpoint import load_llama
-from llama_caption.generation import generate
+from llama_caption.llama.checkpoint import load_llama
+from llama_caption.llama.generation import generate
 
 
 def run(ckpt, tokenizer_path):

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from llama_caption.bench import CONFIGS, decode_bench, hf_model
-from llama_caption.model import ModelArgs
-from llama_caption.testing import random_model
+from llama_caption.tools.bench import CONFIGS, decode_bench, hf_model
+from llama_caption.llama.model import ModelArgs
+from llama_caption.tools.testing import random_model
 
 transformers = pytest.importorskip("transformers", reason="the bench extra: pip install -e .[bench]")
 
@@ -35,11 +35,12 @@ def test_ours_seed_and_transformers_produce_the_same_captions(tiny):
     assert set(res["ours"]) == {1, 8} and all(r["captions_s"] > 0 for r in res["ours"].values())
 
 
+@pytest.mark.slow
 def test_load_benchmark_reports_each_format_and_rank(tmp_path):
     """bench_load on the tiny shape at MP 2: both formats load on two ranks, each holding half
-    the weights (the figures themselves are printed by `python -m llama_caption.bench_load`)."""
+    the weights (the figures themselves are printed by `python -m llama_caption bench-load`)."""
     from conftest import run_cli
-    from llama_caption import bench_load
+    from llama_caption.tools import bench_load
 
     out = tmp_path / "load.json"
     proc = run_cli(bench_load.main, "--shape", "tiny", "--mp", 2, "--out", out, "--dir", tmp_path / "scratch")
@@ -57,8 +58,8 @@ def test_load_benchmark_reports_each_format_and_rank(tmp_path):
 
 
 def test_static_decoder_rows_report_the_eager_captions(tiny):
-    from llama_caption.bench import decode_prefixes, static_decoder_bench
-    from llama_caption.generation import generate
+    from llama_caption.tools.bench import decode_prefixes, static_decoder_bench
+    from llama_caption.llama.generation import generate
 
     model, c = tiny
     prefix = decode_prefixes(model, c, torch.device("cpu"))

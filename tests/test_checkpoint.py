@@ -7,10 +7,11 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import run_python, torchrun
-from llama_caption.checkpoint import load_llama, load_shard
+from llama_caption.llama.checkpoint import load_llama
+from llama_caption.llama.meta import load_shard
 from llama_caption.errors import UserError
-from llama_caption.reshard import reshard
-from llama_caption.testing import train_tokenizer
+from llama_caption.llama.convert import reshard
+from llama_caption.tools.testing import train_tokenizer
 from conftest import caption_lines
 
 
@@ -52,8 +53,9 @@ def broken(tmp_path, assets, what):
         os.remove(shard)
         return d, tok, "no consolidated.XX.pth"
     if what == "two_shards":
+        # Two whole copies are not two shards of one model (any model-parallel size loads now).
         shutil.copy(shard, f"{d}/consolidated.01.pth")
-        return d, tok, "--nproc_per_node 2"
+        return d, tok, "params.json with model-parallel size 2 implies"
     if what == "tokenizer_vocab":
         other = train_tokenizer(caption_lines(seed=3), 90, str(tmp_path / "t90.model"))
         assert other.n_words != assets["vocab"]
@@ -89,6 +91,7 @@ def test_loading_errors_name_the_problem(assets, process_group, tmp_path, what):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.slow
 def test_loading_error_from_the_command_line_is_one_line(assets, tmp_path):
     d, tok, msg = broken(tmp_path, assets, "wrong_shape")
     proc = run_python("example.py", "--ckpt_dir", d, "--tokenizer_path", tok)
@@ -119,6 +122,7 @@ def test_reshard_1_to_2_to_1_is_bit_exact(assets, tmp_path):
     assert os.path.getsize(f"{tmp_path}/mp2/consolidated.00.pth") < 0.6 * os.path.getsize(f"{src}/consolidated.00.pth")
 
 
+@pytest.mark.slow
 def test_reshard_refuses_a_size_that_does_not_divide_the_heads(assets, tmp_path):
     proc = run_python("-m", "llama_caption.reshard", "--ckpt_dir", assets["tiny"], "--mp", 3, "--out", tmp_path / "x")
     assert proc.returncode == 2 and "--mp 3 must divide n_heads 4" in proc.stderr
@@ -133,6 +137,7 @@ def mp2_assets(assets, tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_model_parallel_2_equals_1(assets, mp2_assets, tmp_path):
     """Two gloo ranks on the resharded checkpoint: the same logits and greedy completions, also
     through the packed weights (their own all-reduce and gather)."""
@@ -152,6 +157,25 @@ def test_model_parallel_2_equals_1(assets, mp2_assets, tmp_path):
         assert all(len(x) > 0 for x in c1["greedy"])
 
 
+@pytest.mark.slow
+def test_meta_checkpoints_load_at_any_model_parallel_size(assets, mp2_assets, tmp_path):
+    """Each rank cuts its slice from the stored shards: one shard loaded by two ranks, and two
+    shards loaded by one, give the logits and completions of the checkpoint at its own size."""
+    for name in ("mp1", "split", "merged"):
+        (tmp_path / name).mkdir()
+    torchrun(1, "tests/mp_worker.py", tmp_path / "mp1", assets["tokenizer"], assets["tiny"], assets["tiny_gqa"])
+    torchrun(2, "tests/mp_worker.py", tmp_path / "split", assets["tokenizer"], assets["tiny"], assets["tiny_gqa"])
+    torchrun(1, "tests/mp_worker.py", tmp_path / "merged", assets["tokenizer"], mp2_assets / "tiny", mp2_assets / "tiny_gqa")
+    for i in (0, 1):
+        one = load_file(f"{tmp_path}/mp1/logits{i}.safetensors")["logits"]
+        torch.testing.assert_close(load_file(f"{tmp_path}/split/logits{i}.safetensors")["logits"], one, rtol=1e-5, atol=1e-5)
+        assert torch.equal(load_file(f"{tmp_path}/merged/logits{i}.safetensors")["logits"], one)  # the same weights, whole
+        c1 = json.load(open(f"{tmp_path}/mp1/completions{i}.json"))
+        assert json.load(open(f"{tmp_path}/split/completions{i}.json")) == c1
+        assert json.load(open(f"{tmp_path}/merged/completions{i}.json")) == c1
+
+
+@pytest.mark.slow
 def test_example_end_to_end_mp1_and_mp2(assets, mp2_assets):
     args = ["--tokenizer_path", assets["tokenizer"], "--temperature", 0, "--max_gen_len", 8, "--max_seq_len", 64,
             "--prompts", '["a red cat", "the blue dog under"]']
@@ -168,7 +192,8 @@ def test_example_end_to_end_mp1_and_mp2(assets, mp2_assets):
     assert one.stdout.split("seconds", 1)[1] == two.stdout.split("seconds", 1)[1]
 
 
+@pytest.mark.slow
 def test_example_refuses_wrong_process_count(assets, mp2_assets):
     proc = torchrun(1, "example.py", "--ckpt_dir", mp2_assets / "tiny", "--tokenizer_path", assets["tokenizer"], check=False)
     assert proc.returncode != 0
-    assert "has 2 model-parallel shard(s)" in proc.stderr and "--nproc_per_node 2" in proc.stderr
+    assert "model-parallel size 2 does not divide the 1 process(es)" in proc.stderr and "--nproc_per_node 2" in proc.stderr

@@ -6,9 +6,11 @@ import random
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
-from llama_caption.demo.build import attribute_accuracy, parse_attributes
-from llama_caption.demo.shapes import TEMPLATES, SYNONYMS, random_attributes
+from llama_caption.tools.demo.build import attribute_accuracy, parse_attributes
+from llama_caption.tools.demo.shapes import TEMPLATES, SYNONYMS, random_attributes
 
 
 def test_attribute_parser_reads_every_caption_template():
@@ -28,12 +30,13 @@ def test_attribute_parser_reads_every_caption_template():
 
 def run_demo(*args):
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # the demo uses every core
-    proc = subprocess.run([sys.executable, "-m", "llama_caption.demo", "--scale", "small", *map(str, args)],
+    proc = subprocess.run([sys.executable, "-m", "llama_caption", "demo", "--scale", "small", *map(str, args)],
                           cwd=REPO, env=dict(env, PYTHONPATH=REPO), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
 
+@pytest.mark.slow
 def test_reduced_demo_captions_depend_on_the_image(tmp_path, process_group):
     proc = run_demo("--root", tmp_path)
     runs = sorted((tmp_path / "small" / "runs").iterdir())
@@ -59,7 +62,7 @@ def test_reduced_demo_captions_depend_on_the_image(tmp_path, process_group):
     assert any("reward" in r for r in scst_rows) and any("val_cider" in r for r in scst_rows)
     # The benchmark's cache-vs-on-the-fly comparison on these stand-ins: the same batches reach
     # the same model both ways (equal first losses), and only the on-the-fly run calls CLIP.
-    from llama_caption.bench import cache_vs_fly_bench
+    from llama_caption.tools.bench import cache_vs_fly_bench
 
     calls = []
     bench = cache_vs_fly_bench(calls.append, steps=2, batch=8, root=str(tmp_path), scale="small")
@@ -95,15 +98,16 @@ def stripes_dataset(folder, n=40, seed=0):
     return folder / "img", folder / "captions.json"
 
 
+@pytest.mark.slow
 def test_demo_on_another_coco_format_dataset_with_an_open_clip_encoder(tmp_path, process_group):
     """The demo end to end on a COCO-format set made here (not the shapes), with an open_clip
     encoder instead of the stand-in CLIP (the MLP only, no SCST, to keep the suite short): the
     stand-in LLaMA is built from that set, a tenth of it is held out for validation, and the
     checkpoint records the open_clip encoder."""
     from llama_caption.captioner import load_projection
-    from llama_caption.demo.build import SCALES, build_llama_standin, new_run_folder, prepare_data, DemoConfig
+    from llama_caption.tools.demo.build import SCALES, build_llama_standin, new_run_folder, prepare_data, DemoConfig
     from llama_caption.runs import find_checkpoint
-    from llama_caption.testing import build_tiny_open_clip
+    from llama_caption.tools.testing import build_tiny_open_clip
 
     images, ann = stripes_dataset(tmp_path / "stripes")
     cfg, weights = build_tiny_open_clip(str(tmp_path / "oc"), "stripes-vit",

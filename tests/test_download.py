@@ -70,6 +70,7 @@ def run(tmp_path, server, *parts):
                           env=env, timeout=120)
 
 
+@pytest.mark.slow
 def test_download_verifies_and_skips_what_is_there(site, tmp_path):
     root, server = site
     proc = run(tmp_path, server)
@@ -86,6 +87,7 @@ def test_download_verifies_and_skips_what_is_there(site, tmp_path):
     assert "already there and verified" in again.stdout
 
 
+@pytest.mark.slow
 def test_corrupted_file_is_detected_and_removed(site, tmp_path):
     root, server = site
     (root / "7B" / "params.json").write_text('{"dim": 65}')  # no longer matches checklist.chk
@@ -96,6 +98,7 @@ def test_corrupted_file_is_detected_and_removed(site, tmp_path):
     assert (tmp_path / "llama" / "7B" / "consolidated.00.pth").exists()  # the good file is kept
 
 
+@pytest.mark.slow
 def test_a_locally_damaged_file_is_fetched_again(site, tmp_path):
     root, server = site
     assert run(tmp_path, server, "llama").returncode == 0
@@ -107,6 +110,7 @@ def test_a_locally_damaged_file_is_fetched_again(site, tmp_path):
     assert target.read_bytes() == (root / "7B" / "consolidated.00.pth").read_bytes()
 
 
+@pytest.mark.slow
 def test_corrupt_archive_and_unknown_part(site, tmp_path):
     root, server = site
     (root / "val2014.zip").write_bytes(b"PK not really a zip")

@@ -16,9 +16,10 @@ import captioning_inference
 from conftest import REPO, run_cli, torchrun
 from llama_caption import evaluation
 from llama_caption.data import load_coco, open_rgb
-from llama_caption.generation import beam_search, generate, sequence_score
+from llama_caption.llama.generation import beam_search, generate, sequence_score
+from llama_caption.llama.checkpoint import open_checkpoint
 from llama_caption.runs import load_captioner
-from llama_caption.testing import build_tiny_clip, score_continuations
+from llama_caption.tools.testing import build_tiny_clip, score_continuations
 
 
 def infer_args(cap, trained, out, *extra, images=None):
@@ -26,6 +27,7 @@ def infer_args(cap, trained, out, *extra, images=None):
             "--images", images or cap["val_images"], "--out", out, "--num_workers", 0, *extra]
 
 
+@pytest.mark.slow
 def test_results_load_with_coco_and_have_one_caption_per_image(cap, trained, tmp_path):
     from pycocotools.coco import COCO
 
@@ -49,6 +51,7 @@ def test_results_load_with_coco_and_have_one_caption_per_image(cap, trained, tmp
     assert not os.path.isabs(src) and (tmp_path / src).resolve().exists()
 
 
+@pytest.mark.slow
 def test_metrics_equal_the_pycocoevalcap_scorers_called_directly(cap, trained, tmp_path):
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
@@ -97,7 +100,7 @@ def features_of(encoder, paths):
 
 @pytest.fixture(scope="module")
 def model(cap, trained, process_group):
-    captioner, encoder, cfg = load_captioner(trained, cap["ckpt_dir"], cap["tokenizer"], "cpu", max_gen_len=30)
+    captioner, encoder, cfg = load_captioner(trained, open_checkpoint(cap["ckpt_dir"]), cap["tokenizer"], "cpu", max_gen_len=30)
     recs = load_coco(cap["images"], cap["ann"]) + load_coco(cap["val_images"], cap["val_ann"])
     return captioner, features_of(encoder, [r.path for r in recs])
 
@@ -136,6 +139,7 @@ def own_images(folder, cap, copies):
     return folder
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_without_recaptioning(cap, trained, tmp_path):
     imgs = own_images(tmp_path / "imgs", cap, 15)  # 90 images, one per batch
     full = tmp_path / "full.json"
@@ -165,6 +169,7 @@ def test_interrupted_run_resumes_without_recaptioning(cap, trained, tmp_path):
     assert not partial.exists()
 
 
+@pytest.mark.slow
 def test_two_data_parallel_ranks_give_the_same_results(cap, trained, tmp_path):
     args = ["--annotations", cap["val_ann"], "--evaluate", "False", "--batch_size", 2]
     torchrun(2, "captioning_inference.py", *infer_args(cap, trained, tmp_path / "two.json", *args))
@@ -207,8 +212,8 @@ def test_bad_checkpoints_and_missing_java(cap, trained, tmp_path, monkeypatch):
     proc = run_cli(captioning_inference.main, *infer_args(cap, trained, tmp_path / "r.json", "--clip_model", other))
     assert proc.returncode == 2 and "use the CLIP model it was trained with" in proc.stderr
     # A LLaMA of another width.
-    from llama_caption.model import ModelArgs
-    from llama_caption.testing import random_state_dict, write_meta_checkpoint
+    from llama_caption.llama.model import ModelArgs
+    from llama_caption.tools.testing import random_state_dict, write_meta_checkpoint
 
     wide = {"dim": 128, "n_layers": 1, "n_heads": 2, "multiple_of": 32, "norm_eps": 1e-5}
     write_meta_checkpoint(str(tmp_path / "wide"), wide, random_state_dict(ModelArgs.from_params(wide, vocab_size=96)))
@@ -243,7 +248,7 @@ def test_a_checkpoint_of_the_first_format_still_loads(cap, trained, model, tmp_p
     old.update(clip_identity=captioner_cfg["encoder"]["identity"], llama_dim=captioner_cfg["llama_dim"])
     (tmp_path / "old").mkdir()
     save_file(weights, str(tmp_path / "old" / "projection.safetensors"), metadata={"config": json.dumps(old)})
-    captioner, _, cfg = load_captioner(str(tmp_path / "old"), cap["ckpt_dir"], cap["tokenizer"], "cpu", max_gen_len=30)
+    captioner, _, cfg = load_captioner(str(tmp_path / "old"), open_checkpoint(cap["ckpt_dir"]), cap["tokenizer"], "cpu", max_gen_len=30)
     assert cfg == CaptionerConfig.from_dict(captioner_cfg)
     new, feats = model
     assert captioner.generate(feats, max_gen_len=30) == new.generate(feats, max_gen_len=30)

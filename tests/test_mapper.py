@@ -7,7 +7,7 @@ import torch
 
 from conftest import run_cli
 from llama_caption.captioner import Captioner, CaptionerConfig, CaptionStyle
-from llama_caption.checkpoint import load_llama
+from llama_caption.llama.checkpoint import load_llama
 from llama_caption.vision import EncoderSpec
 
 

@@ -4,10 +4,11 @@ import math
 import pytest
 import torch
 
-from llama_caption.checkpoint import load_llama, load_shard
-from llama_caption.generation import generate
-from llama_caption.model import ModelArgs
-from llama_caption.testing import greedy_no_cache
+from llama_caption.llama.checkpoint import load_llama
+from llama_caption.llama.meta import load_shard
+from llama_caption.llama.generation import generate
+from llama_caption.llama.model import ModelArgs
+from llama_caption.tools.testing import greedy_no_cache
 
 
 def test_hidden_size_rule_matches_released_llama_shapes():
@@ -96,7 +97,7 @@ def test_logits_at_returns_the_logits_of_the_chosen_positions(assets, process_gr
 
 
 def test_packed_weights_decode_the_same_and_leave_training_on_the_plain_weights(assets, process_group):
-    from llama_caption.model import onednn_packing_available
+    from llama_caption.llama.model import onednn_packing_available
 
     assert onednn_packing_available()  # the pinned torch has oneDNN on x86 CPUs
     model, tok = load_llama(assets["tiny_gqa"], assets["tokenizer"], max_seq_len=64)

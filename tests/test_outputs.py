@@ -150,6 +150,7 @@ def test_keep_last_never_deletes_the_latest_checkpoint(tmp_path):
     assert find_checkpoint(str(tmp_path)) == str(root / "step-0000005")
 
 
+@pytest.mark.slow
 def test_annotations_with_empty_or_odd_captions(cap, process_group, tmp_path):
     data = json.load(open(cap["val_ann"]))
     ids = [im["id"] for im in data["images"]]
@@ -210,6 +211,7 @@ def test_bad_flags_are_refused_by_the_config(cls, flags, message):
     assert message in str(e.value)
 
 
+@pytest.mark.slow
 def test_command_line_errors_are_one_line_and_last(cap, trained, tmp_path):
     # One line, exit status 2, no traceback: a value fire cannot type, a config check, an output path
     # (the last as a real `python script.py`, the others through the same fire command in-process).

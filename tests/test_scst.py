@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import COLOURS, PLACES, THINGS
-from llama_caption.checkpoint import load_llama
+from llama_caption.llama.checkpoint import load_llama
 from llama_caption.projection import Projection
 from llama_caption.scst import (CiderD, advantages, sample_captions, sample_keys, sequence_logprobs,
                                 tokenize)
@@ -159,6 +159,7 @@ def test_scst_run_logs_reward_and_validation_cider(cap, trained, tmp_path):
     assert all(float((got[k] - start[k]).abs().max()) < 0.1 for k in start)
 
 
+@pytest.mark.slow
 def test_scst_two_data_parallel_ranks_equal_one_process_and_resume_equals_uninterrupted(cap, trained, tmp_path):
     args = ["--epochs", 2, "--batch_size", 4]
     scst_run(cap, trained, tmp_path / "one", *args)

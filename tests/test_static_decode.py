@@ -5,10 +5,10 @@ a batch padded to a captured size; compiled with torch.compile too. (CUDA graphs
 import pytest
 import torch
 
-from llama_caption.generation import generate
-from llama_caption.model import ModelArgs
-from llama_caption.static_decode import StaticDecoder
-from llama_caption.testing import random_model
+from llama_caption.llama.generation import generate
+from llama_caption.llama.model import ModelArgs
+from llama_caption.llama.static_decode import StaticDecoder
+from llama_caption.tools.testing import random_model
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +48,7 @@ def test_static_sampling_equals_generate(model):
     assert a == b
 
 
+@pytest.mark.slow
 def test_compiled_step_equals_generate(model):
     prefix = prefix_for(model, 3, seed=2)
     want = generate(model, PROMPTS, eos_id=2, max_gen_len=10, prefix=prefix)

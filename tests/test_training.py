@@ -1,3 +1,4 @@
+import pytest
 import json
 import os
 import re
@@ -11,12 +12,12 @@ import captioning_training
 from conftest import run_cli, run_python, torchrun
 from llama_caption import features
 from llama_caption.captioner import IGNORE, Captioner, CaptionStyle
-from llama_caption.checkpoint import load_llama
+from llama_caption.llama.checkpoint import load_llama, open_checkpoint
 from llama_caption.data import CaptionDataset, StepBatches, collate, load_coco, open_rgb
 from llama_caption.features import FeatureCache
 from llama_caption.projection import Projection
 from llama_caption.runs import load_captioner
-from llama_caption.testing import build_tiny_clip
+from llama_caption.tools.testing import build_tiny_clip
 from llama_caption.vision import ClipEncoder, EncoderSpec
 
 def train_args(cap, out_dir, *extra, ann=None):
@@ -134,13 +135,14 @@ def test_training_memorises_a_few_images_and_greedy_reproduces_them(cap, tmp_pat
     assert rows[-1]["loss"] < 0.05 and rows[0]["loss"] > 5 * rows[-1]["loss"]
     assert (out / "loss_curve.png").stat().st_size > 1000
     assert "samples_s=" in proc.stderr  # the tqdm bar reports throughput
-    captioner, encoder, cfg = load_captioner(str(out), cap["ckpt_dir"], cap["tokenizer"], "cpu")
+    captioner, encoder, cfg = load_captioner(str(out), open_checkpoint(cap["ckpt_dir"]), cap["tokenizer"], "cpu")
     recs = load_coco(cap["images"], cap["few"])
     pixels = torch.stack([encoder.preprocess(open_rgb(r.path)) for r in recs])
     got = captioner.generate(encoder(pixels), max_gen_len=40)
     assert got == [CaptionStyle().clean(r.captions[0]) for r in recs]
 
 
+@pytest.mark.slow
 def test_two_data_parallel_ranks_equal_one_process(cap, tmp_path):
     args = ["--epochs", 2, "--batch_size", 8, "--lr", 1e-3]
     two = run_train(cap, tmp_path / "dp2", *args, nproc=2)
@@ -248,6 +250,7 @@ def test_bad_images_are_skipped_and_counted(cap, tmp_path):
     assert "trunc.jpg" in proc.stderr and "junk.jpg" in proc.stderr
 
 
+@pytest.mark.slow
 def test_malformed_annotations_name_the_file(cap, tmp_path):
     bad = tmp_path / "captions.json"
     bad.write_text('{"images": [')

@@ -15,7 +15,7 @@ from llama_caption.captioner import load_projection
 from llama_caption.errors import UserError
 from llama_caption.features import FeatureCache, FeaturesConfig, extract
 from llama_caption.runs import find_checkpoint
-from llama_caption.testing import build_tiny_open_clip
+from llama_caption.tools.testing import build_tiny_open_clip
 from llama_caption.vision import EncoderSpec, load_encoder
 
 open_clip = pytest.importorskip("open_clip")
@@ -141,7 +141,7 @@ def test_training_and_inference_with_an_open_clip_encoder(oc, cap, process_group
 
 
 def test_the_encoders_table_reports_what_the_encoders_give(oc):
-    from llama_caption.bench import encoder_bench
+    from llama_caption.tools.bench import encoder_bench
 
     rows = encoder_bench(["tiny-oc-vit", "tiny-oc-timm"], 2, lambda m: None)
     assert rows["tiny-oc-vit"]["patch_tokens"] == 16 and rows["tiny-oc-vit"]["patch_width"] == 64

@@ -1,1 +1,1 @@
-"""The offline default: a synthetic COCO-format dataset and small stand-in CLIP and LLaMA models."""
+"""The old form of `python -m llama_caption demo` (kept for scripts that call it); the demo is in tools/demo."""

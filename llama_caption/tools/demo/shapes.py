@@ -1,6 +1,6 @@
 """A synthetic captions dataset written exactly like COCO 2014: coloured shapes on a background.
 
-    python -m llama_caption.demo.shapes --out data/shapes --train 2000 --val 200
+    python -m llama_caption demo.shapes --out data/shapes --train 2000 --val 200
 
 Writes OUT/train2014/*.png, OUT/val2014/*.png, OUT/annotations/captions_{train,val}2014.json
 (pycocotools reads them) and OUT/annotations/attributes_{train,val}2014.json (the true shape,
@@ -15,7 +15,7 @@ from typing import Dict, List
 
 from PIL import Image, ImageDraw
 
-from ..fileio import write_json
+from ...fileio import write_json
 
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (40, 70, 220), "yellow": (240, 220, 30),
@@ -101,22 +101,3 @@ def make_dataset(out: str, train: int = 2000, val: int = 200, seed: int = 0, ima
     write_json(stamp_path, settings)
     return {split: os.path.join(out, "annotations", f"captions_{split}2014.json") for split in ("train", "val")}
 
-
-def main(out: str = "data/shapes", train: int = 2000, val: int = 200, seed: int = 0, image_size: int = 64):
-    """Write the synthetic shapes dataset in COCO 2014's layout.
-
-    Args:
-        out: output folder.
-        train: number of training images.
-        val: number of validation images.
-        seed: random seed (the dataset is a function of the arguments).
-        image_size: image width and height in pixels.
-    """
-    paths = make_dataset(out, train, val, seed, image_size)
-    print(json.dumps(paths, indent=1))
-
-
-if __name__ == "__main__":
-    import fire
-
-    fire.Fire(main)

@@ -1,14 +1,14 @@
 """The offline demo: stand-in models and data made here, then the real scripts run on them.
 
-    make demo                                  # = python -m llama_caption.demo
-    python -m llama_caption.demo --scale small # the reduced demo the tests run
+    make demo                                  # = python -m llama_caption demo
+    python -m llama_caption demo --scale small # the reduced demo the tests run
 
 1. A synthetic COCO-format dataset (llama_caption.demo.shapes).
 2. Stand-ins, cached between runs: a CLIP (the clip package's own class) trained contrastively
    on the training captions, checked zero-shot per attribute; a LLaMA (our model class)
    pretrained on the same captions and written in Meta's format with a sentencepiece tokenizer.
    `--images/--annotations` build them from any COCO-format captions dataset instead.
-3. torchrun llama_caption.features, captioning_training.py and captioning_inference.py, unchanged,
+3. torchrun -m llama_caption features, train and caption, unchanged,
    exactly as on COCO: with both stand-ins frozen, a projection learns by cross-entropy (the MLP
    and the transformer mapper, each in its own folder, on the same data), the better one by
    validation CIDEr is fine-tuned by SCST (CIDEr-D optimisation), and each captions val.
@@ -34,18 +34,18 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .. import distributed
-from ..config import Config, setting
-from ..data import load_coco, open_rgb
-from ..errors import UserError
-from ..evaluation import METRIC_ORDER
-from ..fileio import check_output_dir, write_json
+from ... import distributed
+from ...config import Config, command, setting
+from ...data import load_coco, open_rgb
+from ...errors import UserError
+from ...evaluation import METRIC_ORDER
+from ...fileio import check_output_dir, write_json
 from ..testing import build_tiny_clip, demo_layout
-from ..vision import EncoderSpec, check_encoder_flags, import_clip
+from ...vision import EncoderSpec, check_encoder_flags, import_clip
 from .shapes import BACKGROUNDS, SHAPE_COLOURS, SHAPES, SYNONYMS, make_dataset
 from .standins import build_llama, text_embeddings, train_clip
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 SCALES = {
     # train/val images, CLIP steps, LLaMA steps, cross-entropy epochs, SCST epochs
@@ -218,9 +218,9 @@ def features_dir(cfg, paths: Dict[str, str]) -> str:
 
 
 def ensure_features(paths: Dict[str, str], encoder: List[str], folder: str, log=print) -> str:
-    """Feature caches of both splits (llama_caption.features, skipped when complete)."""
+    """Feature caches of both splits (the features command, skipped when complete)."""
     for split in ("train", "val"):
-        torchrun("-m", "llama_caption.features", *encoder, "--images", paths[f"{split}_images"],
+        torchrun("-m", "llama_caption", "features", *encoder, "--images", paths[f"{split}_images"],
                  "--annotations", paths[f"{split}_ann"], "--out", os.path.join(folder, split), "--num_workers", 0,
                  "--batch_size", 256, log=log, quiet=True)
     return os.path.join(folder, "train")
@@ -307,7 +307,7 @@ def prepare_data(cfg: DemoConfig, s: dict, log) -> Dict[str, str]:
 def caption(paths, checkpoint: str, name: str, folder: str, log, extra=()) -> dict:
     """captioning_inference.py on the validation images; its results and metrics."""
     res = os.path.join(folder, f"{name}.json")
-    printed = torchrun("captioning_inference.py", "--ckpt_dir", paths["ckpt_dir"], "--tokenizer_path",
+    printed = torchrun("-m", "llama_caption", "caption", "--ckpt_dir", paths["ckpt_dir"], "--tokenizer_path",
                        paths["tokenizer"], "--checkpoint", checkpoint, "--images", paths["val_images"],
                        "--annotations", paths["val_ann"], "--out", res, "--batch_size", 50, "--num_workers", 0,
                        *extra, log=log)
@@ -336,7 +336,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     for proj in cfg.projections:
         folder = os.path.join(run, f"xe-{proj}")
         t0 = time.time()
-        torchrun("captioning_training.py", *common, "--out_dir", folder, "--projection", proj, "--epochs", s["epochs"],
+        torchrun("-m", "llama_caption", "train", *common, "--out_dir", folder, "--projection", proj, "--epochs", s["epochs"],
                  "--batch_size", s["batch_size"], "--lr", XE_LR.get(proj, s["lr"]), "--warmup_steps", 50,
                  *PROJECTION_FLAGS.get(proj, []), log=log)
         seconds[f"xe-{proj}"] = time.time() - t0
@@ -347,7 +347,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     if scst_epochs:
         final = os.path.join(run, "scst")
         t0 = time.time()
-        torchrun("captioning_training.py", *common, "--out_dir", final, "--projection", best,
+        torchrun("-m", "llama_caption", "train", *common, "--out_dir", final, "--projection", best,
                  *PROJECTION_FLAGS.get(best, []),
                  "--objective", "scst", "--init_from", os.path.join(run, f"xe-{best}"), "--scst_samples", 5,
                  "--epochs", scst_epochs, "--batch_size", s["scst_batch"], "--lr", s["scst_lr"], "--warmup_steps", 0,
@@ -414,3 +414,6 @@ def print_report(report, stages, truth, run: str) -> None:
     print(f"gallery: {os.path.join(folder, 'captions.gallery.html')}")
     print(f"curves: {os.path.join(folder, 'loss_curve.png')}")
     print(f"report: {os.path.join(run, 'demo_report.json')}")
+
+
+main = command(DemoConfig, run_demo, "Build the stand-ins (cached), train the projection with the real scripts, caption val.")

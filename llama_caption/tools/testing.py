@@ -14,11 +14,11 @@ from typing import Dict, Iterable, List, Optional
 import torch
 from torch import nn
 
-from .checkpoint import shard_tensor
-from .fileio import atomic_path, write_json, write_torch
-from .model import ModelArgs, Transformer, param_shapes, skip_weight_init
-from .tokenizer import SentencePieceTokenizer, Tokenizer
-from .vision import import_clip
+from ..llama.meta import shard_tensor
+from ..fileio import atomic_path, write_json, write_torch
+from ..llama.model import ModelArgs, Transformer, param_shapes, skip_weight_init
+from ..llama.tokenizer import SentencePieceTokenizer, Tokenizer
+from ..vision import import_clip
 
 
 def train_tokenizer(lines: Iterable[str], vocab_size: int, path: str) -> Tokenizer:
@@ -80,7 +80,7 @@ def write_hf_checkpoint(folder: str, args: ModelArgs, state_dict: Dict[str, torc
     the stand-ins (the tests check our loader against transformers' own files)."""
     from safetensors.torch import save_file
 
-    from .huggingface import to_hf_layout
+    from ..llama.huggingface import to_hf_layout
 
     os.makedirs(folder, exist_ok=True)
     kept = {k: v for k, v in state_dict.items() if not (tied and k == "output.weight")}

@@ -12,10 +12,10 @@ from typing import Dict, List
 import torch
 import torch.nn.functional as F
 
-from ..model import ModelArgs, Transformer
+from ...llama.model import ModelArgs, Transformer
 from ..testing import random_state_dict, train_tokenizer, write_meta_checkpoint
-from ..tokenizer import Tokenizer
-from ..vision import import_clip
+from ...llama.tokenizer import Tokenizer
+from ...vision import import_clip
 
 
 def pretrain_llama(groups: List[List[str]], tokenizer: Tokenizer, params: dict, steps: int = 300,

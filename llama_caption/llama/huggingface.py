@@ -10,12 +10,12 @@ embedding rotates the halves of a head (`rotate_half`); Meta's code rotates cons
 
 import json
 import os
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
-from .errors import UserError
-from .model import LLAMA3_SCALING, ModelArgs, shard_dim
+from ..errors import UserError
+from .model import LLAMA3_SCALING, ModelArgs
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -151,56 +151,3 @@ def to_hf_layout(state_dict: Dict[str, torch.Tensor], args: ModelArgs) -> Dict[s
             t = permute_rows(t, args.n_heads if leaf == "wq" else args.kv_heads)
         out[hf_name(name)] = t
     return out
-
-
-class HFWeights:
-    """Reads Meta-named slices out of a Hugging Face folder's safetensors files."""
-
-    def __init__(self, folder: str, args: ModelArgs, tied: bool):
-        self.folder, self.args, self.tied = folder, args, tied
-        self.files = weight_files(folder)
-        self.handles = {}
-
-    def meta_names(self, with_tied_output: bool = False) -> List[str]:
-        from .model import param_shapes
-
-        return [n for n in param_shapes(self.args) if with_tied_output or not (n == "output.weight" and self.tied)]
-
-    def slice(self, name: str, mp: int, rank: int, embedding_split: str = "vocab") -> torch.Tensor:
-        """Model-parallel rank `rank`'s piece of Meta's tensor `name` (a tied output layer is read
-        from the embedding)."""
-        from safetensors import safe_open
-
-        source = hf_name("tok_embeddings.weight" if self.tied and name == "output.weight" else name)
-        if source not in self.files:
-            where = os.path.join(self.folder, INDEX_FILE if os.path.isfile(os.path.join(self.folder, INDEX_FILE)) else SINGLE_FILE)
-            raise UserError(f"{where} has no tensor {source}: is this a complete LlamaForCausalLM checkpoint?")
-        path = self.files[source]
-        if path not in self.handles:
-            try:
-                self.handles[path] = safe_open(path, "pt")
-            except Exception as e:  # safetensors raises its own error type on a corrupt header
-                raise UserError(f"cannot read {path} as safetensors ({str(e).splitlines()[0][:200]})") from None
-        view = self.handles[path].get_slice(source)
-        shape = view.get_shape()
-        d = shard_dim(name, embedding_split) if mp > 1 else None
-        if d is None:
-            t = view[:]
-        else:
-            if shape[d] % mp:
-                raise UserError(f"{path}: {source} of shape {tuple(shape)} cannot be split into {mp} model-parallel shards")
-            n = shape[d] // mp
-            # A column slice is a strided view of the mapped file: copy it, so the weight is
-            # contiguous for the matrix products.
-            t = view[rank * n:(rank + 1) * n] if d == 0 else view[:, rank * n:(rank + 1) * n].contiguous()
-        leaf = name.split(".")[-2]
-        if leaf in ("wq", "wk"):
-            heads = self.args.n_heads if leaf == "wq" else self.args.kv_heads
-            t = unpermute_rows(t, heads // mp)
-        return t
-
-    def rank_state(self, mp: int, rank: int) -> Dict[str, torch.Tensor]:
-        return {name: self.slice(name, mp, rank) for name in self.meta_names()}
-
-    def close(self) -> None:
-        self.handles.clear()

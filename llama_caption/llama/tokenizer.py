@@ -18,7 +18,7 @@ import json
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .errors import UserError
+from ..errors import UserError
 
 # Meta's Llama 3 pre-tokenisation pattern (llama-models, models/llama3/tokenizer.py).
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"

@@ -14,7 +14,16 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from ..errors import UserError
 from .model import KVCache, Transformer
+
+
+def check_sampling(temperature: float, top_p: float) -> None:
+    """The flags of `pick_next`, checked before any work: one line naming the bad one."""
+    if temperature < 0:
+        raise UserError(f"--temperature must be 0 (greedy) or positive, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise UserError(f"--top_p must be in (0, 1], got {top_p}")
 
 
 def sample_top_p(probs: torch.Tensor, p: float, generator=None) -> torch.Tensor:

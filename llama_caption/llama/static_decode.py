@@ -142,3 +142,11 @@ class StaticDecoder:
         any prompt slot is padding."""
         rest = torch.ones(valid.shape[0], self.window - width, dtype=torch.bool, device=valid.device)
         return torch.cat([valid, rest], 1), not bool(valid.all())
+
+
+def make_decoder(model: Transformer, mode: str, batch_size: int) -> Optional[StaticDecoder]:
+    """The decoder of `mode` for batches of up to `batch_size` (padded to 1, 2, 4 ... 64 or
+    `batch_size`); None for `eager`, which is generation.generate itself."""
+    if mode == "eager":
+        return None
+    return StaticDecoder(model, mode, sorted({s for s in DEFAULT_SIZES if s < batch_size} | {batch_size}))

@@ -1,0 +1,71 @@
+"""One command line for everything: `python -m llama_caption COMMAND [FLAGS]`.
+
+    python -m llama_caption --help                 every command, one line each
+    python -m llama_caption train --help           a command's flags
+    torchrun --nproc_per_node 8 -m llama_caption train --ckpt_dir llama/13B ...
+
+A command is imported only when it runs, so `--help` is instant and a command pays only for its
+own dependencies. The root scripts (captioning_training.py, captioning_inference.py, example.py)
+and the old `python -m llama_caption.X` forms run the same entry points.
+"""
+
+import importlib
+import sys
+from typing import List, Optional
+
+# name: (module, entry point, what it does)
+COMMANDS = {
+    "train": ("llama_caption.training", "main",
+              "train the projection from frozen CLIP features to frozen-LLaMA prefix tokens (cross-entropy or SCST)"),
+    "caption": ("llama_caption.inference", "main",
+                "caption a COCO split (and score it) or your own images; COCO results files"),
+    "complete": ("llama_caption.llama.complete", "main", "LLaMA text completion, as Meta's example.py"),
+    "features": ("llama_caption.features", "main", "extract a split's CLIP features once, into a cache that training reads"),
+    "evaluate": ("llama_caption.evaluation", "main", "score a COCO results file (BLEU, METEOR, ROUGE-L, CIDEr)"),
+    "convert": ("llama_caption.llama.convert", "convert_main", "a Hugging Face LLaMA folder to Meta's layout, at any model-parallel size"),
+    "reshard": ("llama_caption.llama.convert", "reshard_main", "a Meta LLaMA checkpoint rewritten at another model-parallel size"),
+    "bench": ("llama_caption.tools.bench", "main", "decoding and training throughput and memory"),
+    "bench-load": ("llama_caption.tools.bench_load", "main", "LLaMA checkpoint load time and memory per format and model-parallel size"),
+    "demo": ("llama_caption.tools.demo.build", "main", "the offline demo: stand-in models, real scripts, a table of results"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: python -m llama_caption COMMAND [FLAGS]   (under torchrun: torchrun ... -m llama_caption COMMAND ...)",
+             "", "commands:"]
+    lines += [f"  {name:<{width}}  {summary}" for name, (_, _, summary) in COMMANDS.items()]
+    lines += ["", "python -m llama_caption COMMAND --help lists a command's flags."]
+    return "\n".join(lines)
+
+
+def run(name: str, argv: List[str]) -> None:
+    """Run command `name` with the flags in `argv` (fire parses them)."""
+    import fire
+
+    module, attr, _ = COMMANDS[name]
+    entry = getattr(importlib.import_module(module), attr)
+    fire.Fire(entry, command=list(argv), name=name)
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return
+    if argv[0] not in COMMANDS:
+        from .errors import USER_ERROR_EXIT, report_user_error
+
+        report_user_error(f"unknown command {argv[0]!r}: one of {', '.join(COMMANDS)} (python -m llama_caption --help)")
+        sys.exit(USER_ERROR_EXIT)
+    run(argv[0], argv[1:])
+
+
+def alias(old: str, name: str) -> None:
+    """An old `python -m llama_caption.OLD` form: says the new one, then runs it."""
+    print(f"note: python -m llama_caption.{old} is now python -m llama_caption {name}", file=sys.stderr)
+    run(name, sys.argv[1:])
+
+
+if __name__ == "__main__":
+    main()

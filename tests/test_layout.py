@@ -1,0 +1,165 @@
+"""The one command line, the package boundaries, and one LLaMA open per command."""
+
+import ast
+import contextlib
+import io
+import json
+import os
+import shutil
+import sys
+
+import pytest
+import torch
+
+import captioning_inference
+import captioning_training
+import example
+from conftest import REPO, run_cli
+from llama_caption import __main__ as cli
+from llama_caption.llama import checkpoint, huggingface, sources
+from llama_caption.llama.checkpoint import open_checkpoint
+from llama_caption.llama.meta import load_shard
+from llama_caption.tools.testing import write_hf_checkpoint
+
+PACKAGE = os.path.join(REPO, "llama_caption")
+# What the language model may use besides itself: the shared plumbing, nothing of images or captions.
+PLUMBING = {"llama_caption.errors", "llama_caption.config", "llama_caption.distributed", "llama_caption.fileio",
+            "llama_caption.runtime"}
+
+
+def capture(fn, *args):
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            fn(*args)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_help_lists_every_command_and_each_one_runs(monkeypatch):
+    code, out, _ = capture(cli.main, ["--help"])
+    assert code == 0
+    listed = [line.split()[0] for line in out.splitlines() if line.startswith("  ")]
+    assert listed == list(cli.COMMANDS)
+    for name in ("train", "caption", "complete", "features", "evaluate", "convert", "reshard", "bench", "bench-load", "demo"):
+        assert name in listed
+    for name in cli.COMMANDS:  # every entry point imports and shows its flags
+        code, out, err = capture(cli.main, [name, "--help"])
+        assert code == 0 and f"    {name} - " in out + err and "--help" not in err.split("NAME")[1], name
+    code, _, err = capture(cli.main, ["trian"])
+    assert code == 2 and err.startswith("error: unknown command 'trian'") and len(err.strip().splitlines()) == 1
+
+
+def test_an_old_module_form_says_the_new_one_once_and_runs_it(assets, tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["reshard.py", "--ckpt_dir", assets["tiny"], "--mp", "3", "--out", str(tmp_path / "x")])
+    code, _, err = capture(cli.alias, "reshard", "reshard")
+    assert err.count("note: python -m llama_caption.reshard is now python -m llama_caption reshard") == 1
+    assert code == 2 and "--mp 3 must divide n_heads 4" in err  # the command itself ran
+
+
+def imports_of(path: str, module: str):
+    """The llama_caption modules a file imports (relative imports resolved)."""
+    tree = ast.parse(open(path).read())
+    package = module.split(".") if path.endswith("__init__.py") else module.split(".")[:-1]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            target = ".".join(base + ([node.module] if node.module else []))
+            if node.module is None or not node.level:
+                yield from (f"{target}.{a.name}" if node.level else target for a in node.names)
+            else:
+                yield target
+        elif isinstance(node, ast.Import):
+            yield from (a.name for a in node.names)
+
+
+def module_file(name: str):
+    rel = name.split(".")[1:]
+    for candidate in (os.path.join(PACKAGE, *rel) + ".py", os.path.join(PACKAGE, *rel, "__init__.py")):
+        if os.path.isfile(candidate):
+            return candidate
+    return None
+
+
+def test_the_llama_package_reaches_nothing_of_the_captioner():
+    """Everything llama_caption/llama/ imports, directly or through what it imports, is the
+    language model itself or the shared plumbing."""
+    todo = [f"llama_caption.llama.{f[:-3]}" for f in os.listdir(os.path.join(PACKAGE, "llama")) if f.endswith(".py")]
+    seen = set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        path = module_file(name)
+        if path is None:
+            continue  # a name imported from a module, not a module
+        for dep in imports_of(path, name):
+            if dep.startswith("llama_caption"):
+                todo.append(dep)
+    ours = {m for m in seen if module_file(m)}
+    assert "llama_caption.llama.model" in ours and "llama_caption.llama.checkpoint" in ours
+    outside = sorted(m for m in ours if not m.startswith("llama_caption.llama") and m not in PLUMBING | {"llama_caption"})
+    assert outside == []
+
+
+class Opens:
+    """Counts how often a LLaMA folder is read: the checkpoint opened, its config parsed, its
+    files listed, its shards mapped."""
+
+    def __init__(self, monkeypatch):
+        self.counts = {}
+        for module, name in ((checkpoint, "open_checkpoint"), (checkpoint, "read_params"), (checkpoint, "list_shards"),
+                             (huggingface, "read_config"), (huggingface, "weight_files"),
+                             (sources, "weight_files"), (sources, "load_shard")):
+            monkeypatch.setattr(module, name, self.counting(name, getattr(module, name)))
+
+    def counting(self, name, fn):
+        def wrapped(*args, **kwargs):
+            self.counts[name] = self.counts.get(name, 0) + 1
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    def take(self):
+        counts, self.counts = self.counts, {}
+        return counts
+
+
+@pytest.fixture(scope="module")
+def hf_standin(cap, tmp_path_factory):
+    """The stand-in LLaMA as a Hugging Face folder in two safetensors shards."""
+    meta = cap["ckpt_dir"]
+    sd = load_shard(os.path.join(meta, "consolidated.00.pth"))
+    args = open_checkpoint(meta).args
+    args = type(args)(**dict(vars(args), vocab_size=sd["tok_embeddings.weight"].shape[0], max_seq_len=2048))
+    hf = str(tmp_path_factory.mktemp("hf") / "hf")
+    write_hf_checkpoint(hf, args, dict(sd), dtype=torch.float32, max_shard_bytes=60_000)
+    shutil.copy(cap["tokenizer"], os.path.join(hf, "tokenizer.model"))
+    return hf
+
+
+@pytest.mark.parametrize("fmt", ["meta", "hugging face"])
+def test_each_command_opens_its_llama_once(cap, hf_standin, tmp_path, monkeypatch, process_group, fmt):
+    ckpt_dir = cap["ckpt_dir"] if fmt == "meta" else hf_standin
+    opens = Opens(monkeypatch)
+    once = ({"open_checkpoint": 1, "read_params": 1, "list_shards": 1, "load_shard": 1} if fmt == "meta" else
+            {"open_checkpoint": 1, "read_config": 1, "weight_files": 1})
+    run = tmp_path / "run"
+    common = ["--ckpt_dir", ckpt_dir, "--tokenizer_path", cap["tokenizer"]]
+    proc = run_cli(captioning_training.main, *common, "--clip_model", cap["clip"], "--train_images", cap["images"],
+                   "--train_annotations", cap["few"], "--out_dir", run, "--num_workers", 0, "--epochs", 1,
+                   "--batch_size", 4)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert opens.take() == once
+    proc = run_cli(captioning_inference.main, *common, "--checkpoint", run, "--images", cap["val_images"],
+                   "--annotations", cap["val_ann"], "--evaluate", False, "--out", tmp_path / "r.json",
+                   "--num_workers", 0, "--max_gen_len", 6)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(json.load(open(tmp_path / "r.json"))) == 3
+    assert opens.take() == once
+    proc = run_cli(example.main, *common, "--max_seq_len", 32, "--max_gen_len", 4, "--prompts", '["a red"]')
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert opens.take() == once
