@@ -28,7 +28,7 @@ from .llama.generation import beam_search, generate
 from .llama.model import Transformer
 from .projection import Projection
 from .llama.tokenizer import Tokenizer
-from .vision import EncoderSpec, ImageEncoder
+from .vision import EncoderSpec, ImageEncoder, same_encoder
 
 IGNORE = -100
 PROJECTION_FILE = "projection.safetensors"
@@ -238,9 +238,9 @@ def check_window(prefix_len: int, text_len: int, llama: LlamaCheckpoint, flag: s
 def check_encoder(cfg: CaptionerConfig, encoder: ImageEncoder, where: str) -> CaptionerConfig:
     """The encoder must be the one the captioner was trained with; fills in a legacy patch count."""
     got = encoder.spec
-    if got.identity != cfg.encoder.identity:
-        raise UserError(f"{where} was trained with CLIP {cfg.encoder.clip_model} ({cfg.encoder.identity[:23]}) "
-                        f"but {got.clip_model} is another model ({got.identity[:23]}): use the CLIP model it was trained with")
+    if not same_encoder(cfg.encoder.identity, got.identity):
+        raise UserError(f"{where} was trained with CLIP {cfg.encoder.clip_model} ({cfg.encoder.identity}) "
+                        f"but {got.clip_model} is another model ({got.identity}): use the CLIP model it was trained with")
     shape = tuple(encoder.feature_shape)
     if shape[-1] != cfg.feature_shape[-1] or (cfg.feature_shape[0] not in (0, shape[0])):
         raise UserError(f"{where} was trained on CLIP features of shape {cfg.feature_shape} ({cfg.encoder.clip_model}) "

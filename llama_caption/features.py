@@ -30,7 +30,7 @@ from .config import Config, command, setting
 from .data import ImageFiles, collate, drop_missing, load_split, report_bad_images
 from .errors import UserError
 from .fileio import check_output_dir, write_json, write_safetensors
-from .vision import FEATURE_KINDS, EncoderSpec, ImageEncoder, check_encoder_flags, load_encoder
+from .vision import FEATURE_KINDS, EncoderSpec, ImageEncoder, check_encoder_flags, load_encoder, same_encoder
 
 META = "meta.json"
 SETTINGS = "settings.json"
@@ -60,7 +60,9 @@ class FeatureCache:
         """Refuse a cache made by another CLIP model, feature kind or layer."""
         want = spec.cache_meta()
         for key in ("clip_identity", "feature", "clip_layer"):
-            if str(self.meta.get(key)) != str(want[key]):
+            same = same_encoder(str(self.meta.get(key)), want[key]) if key == "clip_identity" else \
+                str(self.meta.get(key)) == str(want[key])
+            if not same:
                 raise UserError(
                     f"{flag} {self.path} was made with {key}={self.meta.get(key)!r} "
                     f"(clip_model {self.meta.get('clip_model')!r}) but this run uses {want[key]!r} "
@@ -141,7 +143,8 @@ def claim(out: str, settings: dict, is_main: bool) -> None:
     if os.path.isfile(path):
         with open(path) as f:
             before = json.load(f)
-        diff = [k for k in settings if before.get(k) != settings[k]]
+        diff = [k for k in settings if before.get(k) != settings[k]
+                and not (k == "clip_identity" and same_encoder(str(before.get(k)), settings[k]))]
         if diff:
             k = diff[0]
             raise UserError(f"--out {out} holds features made with other settings ({k}: {before.get(k)!r} -> "

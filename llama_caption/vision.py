@@ -8,16 +8,20 @@ Two kinds of features:
           by default, without the CLS token (LLaVA);                          (B, grid*grid, width)
 
 `EncoderSpec` is what identifies an encoder's features (the model, the SHA-256 of its weights
-file, the feature kind and layer); feature caches and captioner checkpoints record it and are
-refused when it differs. Every encoder preprocesses with its model's own transform (resolution,
-mean/std, resize mode).
+file, for open_clip the SHA-256 of its model config, the feature kind and layer); feature caches
+and captioner checkpoints record it and are refused when it differs (`same_encoder` is the
+comparison, which accepts the identities recorded before the config was part of them). Loading an
+encoder checks that its files still give the identity its spec records. Every encoder
+preprocesses with its model's own transform (resolution, mean/std, resize mode).
 """
 
+import hashlib
+import json
 import os
 import warnings
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -27,6 +31,10 @@ from .fileio import sha256_file
 
 FEATURE_KINDS = ("pooled", "patch")
 OPEN_CLIP = "open_clip:"
+# open_clip identities end with the SHA-256 of the model config: open_clip:ARCH+WEIGHTS+config-sha256:HEX.
+CONFIG_PART = "+config-sha256:"
+OPEN_CLIP_CONFIG_KEYS = ("embed_dim", "vision_cfg", "text_cfg")  # what open_clip requires of a model config
+LOCAL_DIR_CONFIG = "open_clip_config.json"  # a local-dir: folder's config (model_cfg and preprocess_cfg)
 
 
 def import_clip():
@@ -38,12 +46,115 @@ def import_clip():
     return clip
 
 
+_file_hashes: Dict[tuple, str] = {}
+
+
+def file_sha256(path: str) -> str:
+    """sha256_file, remembered for this process while the file is unchanged (same inode, size and
+    modification time): a command that names its encoder and then loads it reads the weights once."""
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _file_hashes:
+        _file_hashes[key] = sha256_file(path)
+    return _file_hashes[key]
+
+
 def clip_identity(name_or_path: str) -> str:
     """The name of a released model, or the SHA-256 of a local file (so a rebuilt file with the
     same name is told apart)."""
     if os.path.isfile(name_or_path):
-        return "sha256:" + sha256_file(name_or_path)
+        return "sha256:" + file_sha256(name_or_path)
     return name_or_path
+
+
+def same_encoder(recorded: str, current: str) -> bool:
+    """Whether an identity recorded in a feature cache or checkpoint names the encoder whose
+    identity is `current`. open_clip identities recorded before the model config was part of
+    them (`open_clip:ARCH+WEIGHTS`, no config part) are accepted when all the rest is the same."""
+    if recorded == current:
+        return True
+    base, sep, _ = current.partition(CONFIG_PART)
+    return bool(sep) and current.startswith(OPEN_CLIP) and CONFIG_PART not in recorded and recorded == base
+
+
+def read_config_json(path: str, flag: str) -> dict:
+    """A JSON object from a model config file, or a one-line error naming the file."""
+    try:
+        with open(path, "rb") as f:
+            value = json.loads(f.read().decode("utf-8"))
+    except OSError as e:
+        raise UserError(f"{flag}: cannot read {path} ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{flag}: {path} is not UTF-8 text: name an open_clip model config JSON file") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{flag}: {path} is not valid JSON (line {e.lineno} column {e.colno}: {e.msg}): "
+                        f"fix the model config") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{flag}: {path} holds a JSON {type(value).__name__}, not an object: "
+                        f"an open_clip model config is an object with {', '.join(OPEN_CLIP_CONFIG_KEYS)}")
+    return value
+
+
+def check_model_config(cfg: dict, path: str, flag: str) -> None:
+    """What open_clip needs of a model config (it skips a config without them, then reports the
+    model as not found in its built-ins)."""
+    missing = [k for k in OPEN_CLIP_CONFIG_KEYS if k not in cfg]
+    if missing:
+        raise UserError(f"{flag}: {path} is not an open_clip model config: it has no {' and no '.join(missing)} "
+                        f"(a model config has {', '.join(OPEN_CLIP_CONFIG_KEYS)})")
+    embed_dim = cfg["embed_dim"]
+    if isinstance(embed_dim, bool) or not isinstance(embed_dim, int) or embed_dim < 1:
+        raise UserError(f"{flag}: {path}: embed_dim must be a positive whole number, got {embed_dim!r}")
+    for key in ("vision_cfg", "text_cfg"):
+        if not isinstance(cfg[key], dict):
+            raise UserError(f"{flag}: {path}: {key} must be a JSON object, got {json.dumps(cfg[key])[:60]}")
+
+
+def open_clip_model_config(arch: str) -> Tuple[str, Optional[dict]]:
+    """ARCH as open_clip registers it, and the configuration open_clip builds it from: a config
+    JSON file's content (read and checked here), a local-dir: folder's whole open_clip_config.json
+    (its preprocess_cfg changes the features too), or a built-in model's registered config.
+    hf-hub: names: (name, None), their config being on the hub."""
+    flag = f"--clip_model {OPEN_CLIP}{arch}"
+    if arch.endswith(".json"):
+        if not os.path.isfile(arch):
+            raise UserError(f"{flag}: no such model config file")
+        cfg = read_config_json(arch, flag)
+        check_model_config(cfg, arch, flag)
+        # Known by its file name, as open_clip.add_model_config registers it.
+        return os.path.splitext(os.path.basename(arch))[0], cfg
+    if arch.startswith("local-dir:"):
+        path = os.path.join(arch[len("local-dir:"):], LOCAL_DIR_CONFIG)
+        if not os.path.isfile(path):
+            raise UserError(f"{flag}: {path} not found: a local-dir: folder holds {LOCAL_DIR_CONFIG} and the weights")
+        cfg = read_config_json(path, flag)
+        if not isinstance(cfg.get("model_cfg"), dict):
+            raise UserError(f"{flag}: {path} has no model_cfg object (open_clip reads the model config from it)")
+        check_model_config(cfg["model_cfg"], path, flag)
+        return arch, cfg
+    if arch.startswith("hf-hub:"):
+        return arch, None
+    import open_clip
+
+    if arch not in open_clip.list_models():
+        raise UserError(f"{flag}: open_clip has no model {arch!r} (see open_clip.list_models(), "
+                        f"or name a model config JSON file)")
+    return arch, open_clip.get_model_config(arch)
+
+
+def canonical_sha256(value) -> str:
+    """The SHA-256 of a JSON value written canonically (sorted keys, no spaces, ASCII): the same
+    config gives the same hash however its file is laid out."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def open_clip_identity(name: str, cfg: Optional[dict], pretrained: Optional[str]) -> str:
+    """open_clip:NAME+WEIGHTS+config-sha256:HEX (no config part for hf-hub: names)."""
+    identity = f"{OPEN_CLIP}{name}+{clip_identity(pretrained) if pretrained else 'none'}"
+    if cfg is not None:
+        identity += CONFIG_PART + canonical_sha256(cfg)
+    return identity
 
 
 @dataclass(frozen=True)
@@ -61,10 +172,8 @@ class EncoderSpec:
     def of(cls, clip_model: str, feature_kind: str = "pooled", clip_layer: int = -2,
            pretrained: Optional[str] = None) -> "EncoderSpec":
         if clip_model.startswith(OPEN_CLIP):
-            arch = clip_model[len(OPEN_CLIP):]
-            if arch.endswith(".json"):  # a config file is known by its name, as open_clip registers it
-                arch = os.path.splitext(os.path.basename(arch))[0]
-            identity = f"{OPEN_CLIP}{arch}+{clip_identity(pretrained) if pretrained else 'none'}"
+            name, cfg = open_clip_model_config(clip_model[len(OPEN_CLIP):])
+            identity = open_clip_identity(name, cfg, pretrained)
         else:
             identity = clip_identity(clip_model)
         return cls(clip_model, identity, feature_kind, clip_layer if feature_kind == "patch" else None, pretrained)
@@ -88,6 +197,19 @@ def check_encoder_flags(clip_model: str, clip_pretrained: Optional[str]) -> None
     if not clip_pretrained and not arch.startswith(("hf-hub:", "local-dir:")):
         raise UserError(f"--clip_model {clip_model} needs --clip_pretrained: a weights file "
                         f"(open_clip_pytorch_model.bin or .safetensors) or a pretrained tag")
+    if arch.endswith(".json") or arch.startswith("local-dir:"):
+        open_clip_model_config(arch)  # a config file is checked with the flags, before any work starts
+
+
+def check_identity(spec: EncoderSpec, current: str) -> None:
+    """The encoder's files, as they are now, must give the identity its spec records (a checkpoint
+    names its encoder's files by path: a file rewritten since would give other features). A
+    checkpoint of the first format recorded no identity (its identity is the model's name): nothing
+    to check."""
+    if spec.identity != spec.clip_model and not same_encoder(spec.identity, current):
+        files = spec.clip_model + (f" with weights {spec.pretrained}" if spec.pretrained else "")
+        raise UserError(f"image encoder {files} has changed: its files now give identity {current}, not the "
+                        f"recorded {spec.identity}: restore the config and weights it was made with")
 
 
 class ImageEncoder(nn.Module):
@@ -142,6 +264,8 @@ class ClipEncoder(ImageEncoder):
 
     def __init__(self, spec: EncoderSpec, device="cpu"):
         super().__init__()
+        if os.path.isfile(spec.clip_model):  # else load_clip's error, or a released model's name
+            check_identity(spec, clip_identity(spec.clip_model))
         model, self.preprocess = load_clip(spec.clip_model, device)
         self.visual = model.visual  # the text tower is not needed
         del model
@@ -178,20 +302,21 @@ class ClipEncoder(ImageEncoder):
         return x.permute(1, 0, 2)[:, 1:].float()
 
 
-def register_open_clip_config(arch: str) -> str:
-    """ARCH as open_clip knows it: a registered name, or a model config JSON file (registered
-    here under its file name, as open_clip.add_model_config does)."""
+def register_open_clip_config(arch: str) -> Tuple[str, Optional[dict]]:
+    """ARCH as open_clip knows it (a registered name, or a model config JSON file, registered here
+    under its file name) and the config open_clip will build it from (`open_clip_model_config`)."""
     import open_clip
 
+    name, cfg = open_clip_model_config(arch)
     if arch.endswith(".json"):
-        if not os.path.isfile(arch):
-            raise UserError(f"--clip_model {OPEN_CLIP}{arch}: no such model config file")
-        open_clip.add_model_config(arch)
-        return os.path.splitext(os.path.basename(arch))[0]
-    if arch.startswith(("hf-hub:", "local-dir:")) or arch in open_clip.list_models():
-        return arch
-    raise UserError(f"--clip_model {OPEN_CLIP}{arch}: open_clip has no model {arch!r} (see open_clip.list_models(), "
-                    f"or name a model config JSON file)")
+        try:
+            open_clip.add_model_config(arch)  # which reads every config file registered so far again
+        except (OSError, ValueError) as e:  # json.JSONDecodeError is a ValueError
+            raise UserError(f"--clip_model {OPEN_CLIP}{arch}: open_clip could not register it "
+                            f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
+        if open_clip.get_model_config(name) != cfg:  # rewritten since it was read above
+            raise UserError(f"--clip_model {OPEN_CLIP}{arch}: the file changed while it was being read: run again")
+    return name, cfg
 
 
 def open_clip_weights(arch: str, pretrained: Optional[str]) -> Optional[str]:
@@ -235,8 +360,9 @@ class OpenClipEncoder(ImageEncoder):
     def load(spec: EncoderSpec, device):
         import open_clip
 
-        arch = register_open_clip_config(spec.clip_model[len(OPEN_CLIP):])
+        arch, cfg = register_open_clip_config(spec.clip_model[len(OPEN_CLIP):])
         weights = open_clip_weights(arch, spec.pretrained)
+        check_identity(spec, open_clip_identity(arch, cfg, spec.pretrained))
         try:
             model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=weights, device=device)
         except Exception as e:  # a download that failed offline, a file of another architecture

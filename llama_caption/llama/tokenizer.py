@@ -86,24 +86,86 @@ class SentencePieceTokenizer(Tokenizer):
         return self.sp.decode(list(ids))
 
 
+# Bytes a tiktoken file may hold: printable ASCII and whitespace (base64, digits, spaces, newlines).
+TEXT_BYTES = bytes(range(0x20, 0x7F)) + b"\t\n\r\x0b\x0c"
+SNIFF_BYTES = 1 << 16
+TIKTOKEN_LINE = "a Llama 3 tokenizer.model holds one `BASE64TOKEN RANK` pair per line"
+
+
+def is_text(data: bytes) -> bool:
+    return not data.translate(None, TEXT_BYTES)
+
+
 def read_tiktoken_ranks(path: str) -> Optional[Dict[bytes, int]]:
     """The `base64 rank` lines of a tiktoken BPE file, or None when the file is not one.
+
+    Which file is meant to be a tiktoken file: one that is plain ASCII text (its first 64 KiB, an
+    empty file included). A sentencepiece model is a binary protobuf: its piece scores (floats),
+    types and lengths (varints) put NUL, control and high bytes in its very first piece, so a real
+    sentencepiece file is never taken for text, and a text file is never handed to sentencepiece,
+    whose "not a sentencepiece model" would mislead. A text file is then read in full, and any line
+    that is not `BASE64TOKEN RANK` is a one-line error naming the file and the line; the ranks must
+    be 0..N-1, each token and each rank once, and every single byte a token (tiktoken panics on
+    a byte it has no token for).
 
     Read here rather than with tiktoken's `load_tiktoken_bpe`, which caches by the path's name
     and would return stale ranks for a file rewritten in place.
     """
-    ranks: Dict[bytes, int] = {}
     try:
         with open(path, "rb") as f:
-            for line in f:
-                if not line.strip():
-                    continue
-                token, rank = line.split()
-                ranks[base64.b64decode(token, validate=True)] = int(rank)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    if not ranks or sorted(ranks.values()) != list(range(len(ranks))):
-        return None
+            if not is_text(f.read(SNIFF_BYTES)):
+                return None
+            f.seek(0)
+            data = f.read()
+    except OSError as e:
+        raise UserError(f"tokenizer {path} cannot be read ({e.strerror or e})") from None
+
+    def bad(lineno: int, what: str) -> UserError:
+        return UserError(f"tokenizer {path} line {lineno}: {what} ({TIKTOKEN_LINE})")
+
+    ranks: Dict[bytes, int] = {}
+    token_line: Dict[bytes, int] = {}
+    rank_line: Dict[int, int] = {}
+    for lineno, line in enumerate(data.split(b"\n"), 1):
+        fields = line.split()
+        if not fields:
+            continue
+        if not is_text(line):  # past the first 64 KiB
+            raise bad(lineno, "bytes that are not ASCII text")
+        if len(fields) != 2:
+            what = "a token without its rank" if len(fields) == 1 else f"{len(fields)} columns, not 2"
+            raise bad(lineno, f"{what}: {line.strip().decode('ascii')[:60]!r}")
+        token, rank_text = fields
+        try:
+            token_bytes = base64.b64decode(token, validate=True)
+        except ValueError:  # binascii.Error
+            raise bad(lineno, f"{token.decode('ascii')[:60]!r} is not base64") from None
+        if not token_bytes:
+            raise bad(lineno, f"{token.decode('ascii')!r} is an empty token")
+        if not rank_text.isdigit():  # int() would take "+1", "1_000", ...
+            raise bad(lineno, f"rank {rank_text.decode('ascii')[:30]!r} is not a whole number >= 0")
+        rank = int(rank_text)
+        if token_bytes in token_line:
+            raise bad(lineno, f"token {token.decode('ascii')[:60]!r} ({token_bytes!r:.40}) already appears on line "
+                              f"{token_line[token_bytes]}")
+        if rank in rank_line:
+            raise bad(lineno, f"rank {rank} already appears on line {rank_line[rank]}")
+        ranks[token_bytes], token_line[token_bytes], rank_line[rank] = rank, lineno, lineno
+    if not ranks:
+        raise UserError(f"tokenizer {path} is empty: no `BASE64TOKEN RANK` line (a Llama 3 tokenizer.model "
+                        f"is a tiktoken file; Llama 1/2's a binary sentencepiece model)")
+    n = len(ranks)
+    # n distinct ranks are 0..n-1 unless one is n or more: name the first such line.
+    out_of_range = next(((rank, line) for rank, line in rank_line.items() if rank >= n), None)
+    if out_of_range:
+        missing = next(r for r in range(n) if r not in rank_line)
+        raise bad(out_of_range[1], f"rank {out_of_range[0]} is out of range: the {n} ranks must be 0..{n - 1} "
+                                   f"(rank {missing} is missing)")
+    missing_bytes = [b for b in range(256) if bytes([b]) not in ranks]
+    if missing_bytes:
+        raise UserError(f"tokenizer {path}: no token for the single byte {missing_bytes[0]:#04x}"
+                        f"{f' (nor {len(missing_bytes) - 1} other bytes)' if len(missing_bytes) > 1 else ''}: "
+                        f"a tiktoken BPE file ranks all 256 bytes")
     return ranks
 
 
