@@ -42,10 +42,13 @@ def usage() -> str:
 def run(name: str, argv: List[str]) -> None:
     """Run command `name` with the flags in `argv` (fire parses them)."""
     import fire
+    from torch.distributed.elastic.multiprocessing.errors import record
 
     module, attr, _ = COMMANDS[name]
     entry = getattr(importlib.import_module(module), attr)
-    fire.Fire(entry, command=list(argv), name=name)
+    # Under torchrun, any exception a rank raises goes into the launcher's error file, so its
+    # report ends in the real cause (bad input is already one line there: errors.py).
+    record(lambda: fire.Fire(entry, command=list(argv), name=name))()
 
 
 def main(argv: Optional[List[str]] = None) -> None:

@@ -44,6 +44,34 @@ def usable_caption(c) -> bool:
     return isinstance(c, str) and bool(c.strip())
 
 
+def check_coco_invariants(data: dict, path: str, flag: str) -> None:
+    """What COCO's own format promises and pycocotools' index assumes (it keeps the last of two
+    entries with one id, silently): image ids and file names unique, annotation ids unique, every
+    annotation naming a known image by a whole-number id. Broken, captions would reach images
+    that are not theirs."""
+    first = {}
+    for im in data["images"]:
+        for key in ("id", "file_name"):
+            seen = first.setdefault(key, {})
+            if im[key] in seen:
+                raise UserError(f"{path}: two images have {key} {im[key]!r}: check {flag}")
+            seen[im[key]] = True
+    ids = set()
+    for a in data["annotations"]:
+        if not isinstance(a, dict):
+            raise UserError(f"{path}: an annotation is not a JSON object: check {flag}")
+        image_id = a.get("image_id")
+        if not isinstance(image_id, int) or isinstance(image_id, bool) or image_id not in first.get("id", {}):
+            raise UserError(f"{path}: an annotation names image_id {image_id!r}, which is not an image of the file: "
+                            f"check {flag}")
+        if "id" in a:
+            if not isinstance(a["id"], (int, str)) or isinstance(a["id"], bool):
+                raise UserError(f"{path}: annotation id {a['id']!r} is not a whole number: check {flag}")
+            if a["id"] in ids:
+                raise UserError(f"{path}: two annotations have id {a['id']!r}: check {flag}")
+            ids.add(a["id"])
+
+
 def read_coco_captions(path: str, flag: str = "--annotations", log=None) -> Dict[int, tuple]:
     """A COCO captions file as {image_id: (file_name, [captions])}, through pycocotools' index.
 
@@ -63,19 +91,20 @@ def read_coco_captions(path: str, flag: str = "--annotations", log=None) -> Dict
             raise UserError(f"{path}: image id {im['id']!r} is not a whole number, as COCO's are: check {flag}")
         if not isinstance(im.get("file_name"), str):
             raise UserError(f"{path}: image {im['id']} has no file_name")
-    known = {im["id"] for im in data["images"]}
-    anns = [a for a in data["annotations"] if isinstance(a, dict) and a.get("image_id") in known
-            and usable_caption(a.get("caption"))]
+    check_coco_invariants(data, path, flag)
+    anns = [a for a in data["annotations"] if usable_caption(a.get("caption"))]
     skipped = len(data["annotations"]) - len(anns)
     coco = COCO()
-    coco.dataset = dict(data, annotations=[dict(a, id=a.get("id", k)) for k, a in enumerate(anns)])
+    # Annotations without an id get ones of their own, after every stated id.
+    free = max([a["id"] for a in anns if isinstance(a.get("id"), int)] + [0]) + 1
+    coco.dataset = dict(data, annotations=[a if "id" in a else dict(a, id=free + k) for k, a in enumerate(anns)])
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             coco.createIndex()
     except (KeyError, TypeError) as e:
         raise UserError(f"{path}: malformed COCO annotations ({type(e).__name__}: {e})") from None
     if skipped and log:
-        log(f"warning: {path}: {skipped} caption(s) skipped (empty, not text, or of an unknown image)")
+        log(f"warning: {path}: {skipped} caption(s) skipped (empty or not text)")
     return {img_id: (coco.imgs[img_id]["file_name"], [a["caption"] for a in coco.imgToAnns.get(img_id, [])])
             for img_id in sorted(coco.imgs)}
 

@@ -56,7 +56,7 @@ class InferenceConfig(LlamaSettings):
     dtype: str = setting("auto", "frozen LLaMA precision: auto (fp16 on CUDA, fp32 on CPU), fp32, fp16, bf16.")
     seed: int = setting(1, "random seed for sampling, the same on every rank.")
     save_every_s: float = setting(30.0, "seconds between rewrites of the results file while working.")
-    control_shuffle: bool = setting(False, "a control experiment: caption each image from the CLIP features of the next image in its batch.")
+    control_shuffle: bool = setting(False, "a control experiment: caption each image from the CLIP features of the next image of the selection (by image id; never its own).")
     decoder: str = setting("auto", "greedy/top-p decoder: auto (static on a CPU, where it is faster; eager on CUDA); eager; static (fixed-shape KV cache, batches padded to 1, 2, 4 ... 64 or --batch_size); compile (static through torch.compile); cuda_graph (static captured as CUDA graphs, CUDA only: not yet measured on a GPU by this project). Same captions in fp32; beam search is always eager.")
     pack_weights: bool = setting(True, "on a CPU, decode with a copy of LLaMA's weights packed for oneDNN (faster; one extra copy in memory). No effect on CUDA.")
 
@@ -134,11 +134,28 @@ def select_records(cfg: InferenceConfig, log) -> List[ImageRecord]:
     return records
 
 
+def control_donors(records: List[ImageRecord]) -> Dict[int, str]:
+    """--control_shuffle: image id -> the file it is captioned from, that of the next image of the
+    selection (by id, the last from the first), so no image is captioned from its own features
+    whatever the batching or data parallelism."""
+    if len(records) < 2:
+        raise UserError("--control_shuffle needs at least 2 images: each is captioned from another image's features")
+    donor = {r.image_id: records[(i + 1) % len(records)].path for i, r in enumerate(records)}
+    same = next((r for r in records if os.path.abspath(donor[r.image_id]) == os.path.abspath(r.path)), None)
+    if same is not None:
+        raise UserError(f"--control_shuffle: image {same.image_id} and the next one are both {same.path}; "
+                        f"the control needs distinct image files")
+    return donor
+
+
 def caption_batches(cfg: InferenceConfig, env, captioner, encoder, todo: List[ImageRecord], done: Dict,
-                    files: Optional[ResultsFiles], records: List[ImageRecord]) -> list:
+                    files: Optional[ResultsFiles], records: List[ImageRecord], donor: Optional[Dict[int, str]]) -> list:
     """Caption `todo`, dealt out over data-parallel groups; rank 0 collects into `done` and the
-    partial log. Returns the unreadable images (rank 0)."""
+    partial log. `donor`: the control's image id -> file. Returns the unreadable images (rank 0)."""
     mine = todo[env.dp_rank::env.dp_size]
+    own_path = {r.image_id: r.path for r in mine}
+    if donor:  # the control: each image is read from another image's file
+        mine = [ImageRecord(r.image_id, donor[r.image_id], r.captions) for r in mine]
     n_batches = math.ceil(math.ceil(len(todo) / env.dp_size) / cfg.batch_size) if todo else 0
     loader = torch.utils.data.DataLoader(ImageFiles(mine, encoder.preprocess), batch_size=cfg.batch_size,
                                          num_workers=cfg.num_workers, collate_fn=collate)
@@ -152,13 +169,11 @@ def caption_batches(cfg: InferenceConfig, env, captioner, encoder, todo: List[Im
             local = []
             if batch["image_id"]:
                 feats = encoder(batch["pixels"])
-                if cfg.control_shuffle:  # each image gets the features of the next one in its batch
-                    feats = feats.roll(1, dims=0)
                 caps = captioner.generate(feats, cfg.max_gen_len, cfg.temperature, cfg.top_p, generator=gen,
                                           num_beams=cfg.num_beams, length_penalty=cfg.length_penalty)
-                for image_id, path, cap in zip(batch["image_id"], batch["path"], caps):
+                for image_id, cap in zip(batch["image_id"], caps):
                     local.append({"image_id": int(image_id), "caption": cap} if cfg.annotated
-                                 else {"image_id": int(image_id), "caption": cap, "file_name": path})
+                                 else {"image_id": int(image_id), "caption": cap, "file_name": own_path[int(image_id)]})
             gathered = [None] * env.dp_size
             dist.all_gather_object(gathered, (local, batch["bad"]), group=env.dp_group)
             if not env.is_main:
@@ -196,6 +211,7 @@ def run(cfg: InferenceConfig) -> Optional[Dict]:
     files.check_paths()  # before anything is loaded or captioned
     with distributed.session(cfg.mp_size(), cfg.device, cfg.seed) as env:
         records = select_records(cfg, env.log)
+        donor = control_donors(records) if cfg.control_shuffle else None
         dtype = resolve_dtype(cfg.dtype, env.device)
         cfg.resolve_decoder(env.device)
         captioner, encoder, _ = load_captioner(cfg.checkpoint, cfg.open(), cfg.tokenizer_path, env.device, dtype,
@@ -214,7 +230,8 @@ def run(cfg: InferenceConfig) -> Optional[Dict]:
                 f"{len(todo)} to go; {mode}, MP {env.mp_size} x DP {env.dp_size}")
         if env.is_main:
             files.start(made_by, fresh=cfg.overwrite)
-        bad = caption_batches(cfg, env, captioner, encoder, todo, done, files if env.is_main else None, records)
+        bad = caption_batches(cfg, env, captioner, encoder, todo, done, files if env.is_main else None, records,
+                              donor)
         if not env.is_main:
             return None
         results = ordered(done, records, cfg.annotated)

@@ -107,26 +107,27 @@ def load_trainer_state(ckpt: str) -> Tuple[dict, dict, Dict[str, torch.Tensor]]:
 
 
 def holds_run(out_dir: str) -> Optional[str]:
-    """What in `out_dir` shows that a run was started there (None: nothing)."""
+    """What in `out_dir` shows that a run reached a checkpoint there (None: nothing)."""
     name = latest_name(out_dir)
     if name:
         return f"a run at {name}"
-    for f in ("config.json", "metrics.jsonl"):
-        if os.path.isfile(os.path.join(out_dir, f)):
-            return f"a run's {f}"
     if os.path.isdir(checkpoints_dir(out_dir)) and any(d.startswith("step-") for d in os.listdir(checkpoints_dir(out_dir))):
         return "checkpoints"
     return None
 
 
-def check_fresh(out_dir: str) -> None:
-    """A new run may not start in a folder that holds one: its files would be overwritten."""
+def check_fresh(out_dir: str, log=print) -> None:
+    """A new run may not start in a folder that holds one: its files would be overwritten. A start
+    that failed before its first checkpoint (config.json, perhaps metrics.jsonl, nothing to
+    resume) is started over."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UserError(f"--out_dir {out_dir} is a file: name a folder for the run")
     found = os.path.isdir(out_dir) and holds_run(out_dir)
     if found:
         raise UserError(f"--out_dir {out_dir} already holds {found}: add --resume to continue it, "
                         f"or pick a new --out_dir (nothing was changed)")
+    if any(os.path.isfile(os.path.join(out_dir, f)) for f in ("config.json", "metrics.jsonl")):
+        log(f"--out_dir {out_dir} holds a run that stopped before its first checkpoint: it is started over")
 
 
 def load_captioner(checkpoint: str, llama: LlamaCheckpoint, tokenizer_path: Optional[str], device,
@@ -162,7 +163,9 @@ def load_captioner(checkpoint: str, llama: LlamaCheckpoint, tokenizer_path: Opti
     except RuntimeError as e:
         raise UserError(f"{ckpt}: projection weights do not fit the stored config ({str(e).splitlines()[0]})") from None
     projection.to(device).eval()
-    if pack_weights and model.pack_weights():
+    if pack_weights and decoder == "compile":  # torch.compile cannot trace the oneDNN-packed layers
+        log("--decoder compile: LLaMA's weights are not packed for oneDNN (the compiled step uses the plain ones)")
+    elif pack_weights and model.pack_weights():
         log("CPU decoding: LLaMA's weights packed for oneDNN (--pack_weights False to save the extra copy)")
     return Captioner(model, tokenizer, projection, cfg.style, make_decoder(model, decoder, batch_size)), encoder, cfg
 
@@ -174,10 +177,10 @@ class MetricsLog:
         self.path = os.path.join(out_dir, "metrics.jsonl")
         self.png = os.path.join(out_dir, "loss_curve.png")
         self.enabled = enabled
-        if enabled and resume_step is not None and os.path.isfile(self.path):
-            # Lines the interrupted run wrote after its checkpoint are about to be redone.
+        if enabled and os.path.isfile(self.path):
+            # Lines the interrupted run wrote after its checkpoint (all, for a new run) are about to be redone.
             with open(self.path) as f:
-                kept = [l for l in f if l.strip() and json.loads(l).get("step", 0) <= resume_step]
+                kept = [l for l in f if l.strip() and resume_step is not None and json.loads(l).get("step", 0) <= resume_step]
             write_text(self.path, "".join(kept))
 
     def write(self, **row):

@@ -36,7 +36,7 @@ from .llama.generation import generate
 from .projection import PROJECTIONS
 from .runtime import DTYPE_NAMES, resolve_dtype
 from .scst import BASELINES, CiderD, advantages, sample_captions, sample_keys, sequence_logprobs
-from .vision import FEATURE_KINDS, EncoderSpec, ImageEncoder, check_encoder_flags, load_encoder
+from .vision import FEATURE_KINDS, EncoderSpec, ImageEncoder, check_encoder_flags, load_encoder, same_encoder
 
 
 @dataclass
@@ -105,6 +105,9 @@ class TrainConfig(LlamaSettings):
         self.one_of("dtype", DTYPE_NAMES)
         self.one_of("objective", ("xe", "scst"))
         self.one_of("scst_baseline", BASELINES)
+        self.at_least(1, "scst_samples")
+        if self.projection == "transformer" and self.mapper_width % 64:
+            raise UserError(f"--mapper_width {self.mapper_width} must be a multiple of 64: the mapper's heads are 64 wide")
         if self.objective == "scst":
             if not self.init_from:
                 raise UserError("--objective scst needs --init_from RUN_DIR: a projection trained with cross-entropy first")
@@ -217,7 +220,7 @@ def load_dataset(cfg: TrainConfig, split: str, cache, transform, env) -> Caption
     return CaptionDataset(records, None if cache else transform, cache, mode, cfg.seed)
 
 
-def build(cfg: TrainConfig, env) -> Job:
+def build(cfg: TrainConfig, env, resuming: bool = False) -> Job:
     """Encoder (when a split has no feature cache), the frozen LLaMA, the projection, the data,
     the optimizer and its schedule."""
     micro = cfg.micro_batch(env.dp_size)
@@ -234,7 +237,7 @@ def build(cfg: TrainConfig, env) -> Job:
     dtype = resolve_dtype(cfg.dtype, env.device, training=True)
     llama, tokenizer = load_llama(cfg.open(), cfg.tokenizer_path, window, device=env.device, dtype=dtype)
     projection = spec.new_projection()
-    if cfg.init_from:
+    if cfg.init_from and not resuming:  # a resumed run's weights come from its own checkpoint
         projection.load_state_dict(initial_weights(cfg, spec), strict=True)
     projection = projection.to(env.device)
     transform = encoder.preprocess if encoder else None
@@ -262,17 +265,23 @@ def initial_weights(cfg: TrainConfig, spec: CaptionerConfig) -> dict:
     feature shape, projection kind and sizes, LLaMA)."""
     ckpt = runs.find_checkpoint(cfg.init_from, "--init_from")
     weights, saved, flags = runs.load_projection(ckpt, "--init_from")
+    old_llama = flags.get("ckpt_dir")
+    # The LLaMA first: another one changes sizes derived from it (the MLP's hidden width).
+    if saved.llama_dim != spec.llama_dim or (old_llama and os.path.isdir(old_llama)
+                                             and open_checkpoint(old_llama).architecture() != cfg.open().architecture()):
+        raise UserError(f"--init_from {ckpt} was trained with the LLaMA in {old_llama}, not the one in --ckpt_dir "
+                        f"{cfg.ckpt_dir} (widths {saved.llama_dim} and {spec.llama_dim}): train on the same LLaMA")
     mine, theirs = spec.to_dict(), saved.to_dict()
     mine["encoder"].pop("clip_model"), theirs["encoder"].pop("clip_model")  # the same file may have moved
-    diff = [k for k in mine if mine[k] != theirs[k]]
+    if same_encoder(theirs["encoder"]["identity"], mine["encoder"]["identity"]):  # an identity of the older form
+        theirs["encoder"]["identity"] = mine["encoder"]["identity"]
+    unused = {"linear": ("proj_hidden", "mapper_width", "mapper_layers"), "mlp": ("mapper_width", "mapper_layers"),
+              "transformer": ("proj_hidden",)}.get(spec.projection, ())
+    diff = [k for k in mine if mine[k] != theirs.get(k) and not (k in unused and mine["projection"] == theirs["projection"])]
     if diff:
         k = diff[0]
-        raise UserError(f"--init_from {ckpt} is another captioner: its {k} is {theirs[k]!r}, this run's {mine[k]!r} "
+        raise UserError(f"--init_from {ckpt} is another captioner: its {k} is {theirs.get(k)!r}, this run's {mine[k]!r} "
                         f"(pass the flags it was trained with)")
-    old_llama = flags.get("ckpt_dir")
-    if old_llama and os.path.isdir(old_llama) and open_checkpoint(old_llama).architecture() != cfg.open().architecture():
-        raise UserError(f"--init_from {ckpt} was trained with the LLaMA in {old_llama}, not the one in --ckpt_dir "
-                        f"{cfg.ckpt_dir}")
     return weights
 
 
@@ -433,7 +442,8 @@ def train_epoch(cfg: TrainConfig, env, job: Job, epoch: int, progress: Progress,
             if step % cfg.save_every == 0:
                 save(cfg, env, job, step, epoch)
             if cfg.stop_after_steps and step >= cfg.stop_after_steps:
-                save(cfg, env, job, step, epoch if step % job.steps_per_epoch else epoch + 1)
+                if step % job.steps_per_epoch:  # at an epoch's end, `train` validates and saves first
+                    save(cfg, env, job, step, epoch)
                 return True
     return False
 
@@ -504,10 +514,10 @@ def finish(cfg: TrainConfig, env, job: Job, progress: Progress, metrics: runs.Me
 def train(cfg: TrainConfig) -> dict:
     check_output_dir(cfg.out_dir, "--out_dir")
     if not cfg.resume:
-        runs.check_fresh(cfg.out_dir)  # before any rank writes anything
+        runs.check_fresh(cfg.out_dir, lambda m: print(m, file=sys.stderr))  # before any rank writes anything
     with distributed.session(cfg.mp_size(), cfg.device, cfg.seed) as env:
         resume = resume_point(cfg) if cfg.resume else None
-        job = build(cfg, env)
+        job = build(cfg, env, resuming=resume is not None)
         progress = Progress(restore(job, resume, env) if resume else 0)
         metrics = runs.MetricsLog(cfg.out_dir, env.is_main, progress.step if resume else None)
         if env.is_main:
@@ -518,19 +528,25 @@ def train(cfg: TrainConfig) -> dict:
                 f"projection {cfg.projection} ({n_train:,} trainable parameters), prefix {job.spec.prefix_len}; "
                 f"{len(job.train_set)} training samples, {job.steps_per_epoch} steps/epoch, global batch {cfg.batch_size}")
         for epoch in range(progress.step // job.steps_per_epoch, cfg.epochs):
-            if train_epoch(cfg, env, job, epoch, progress, metrics):
+            stopped = train_epoch(cfg, env, job, epoch, progress, metrics)
+            if not stopped or progress.step % job.steps_per_epoch == 0:
+                end_epoch(cfg, env, job, epoch, progress, metrics)
+            if stopped:  # a resumed run then logs what an uninterrupted one does
                 env.log(f"stopped after step {progress.step} (--stop_after_steps); continue with --resume")
                 return {"step": progress.step, "loss": progress.last_loss, "stopped": True}
-            if job.val_set is not None:
-                val_loss = evaluate_loss(job, env, cfg.num_workers)
-                row = {"val_loss": val_loss}
-                if cfg.objective == "scst":
-                    row["val_cider"] = evaluate_cider(job, env, cfg)
-                env.log(f"epoch {epoch + 1}: " + ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in row.items()))
-                metrics.write(step=progress.step, epoch=epoch + 1, **row)
-            save(cfg, env, job, progress.step, epoch + 1)
-            metrics.plot()
         return finish(cfg, env, job, progress, metrics)
+
+
+def end_epoch(cfg: TrainConfig, env, job: Job, epoch: int, progress: Progress, metrics: runs.MetricsLog) -> None:
+    """Validation (loss; for SCST also CIDEr-D) logged, a checkpoint, the curve."""
+    if job.val_set is not None:
+        row = {"val_loss": evaluate_loss(job, env, cfg.num_workers)}
+        if cfg.objective == "scst":
+            row["val_cider"] = evaluate_cider(job, env, cfg)
+        env.log(f"epoch {epoch + 1}: " + ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in row.items()))
+        metrics.write(step=progress.step, epoch=epoch + 1, **row)
+    save(cfg, env, job, progress.step, epoch + 1)
+    metrics.plot()
 
 
 main = command(TrainConfig, train, "Train the projection from frozen CLIP features to frozen LLaMA prefix embeddings.")

@@ -60,8 +60,24 @@ def broken(tmp_path, assets, what):
         other = train_tokenizer(caption_lines(seed=3), 90, str(tmp_path / "t90.model"))
         assert other.n_words != assets["vocab"]
         return d, other.path, "has 90 words but the checkpoint"
+    params_edits = {
+        "params_string": ({"dim": "64"}, "params.json: dim is '64': it should be a whole number of at least 1"),
+        "params_zero_heads": ({"n_heads": 0}, "params.json: n_heads is 0: it should be a whole number of at least 1"),
+        "params_zero_eps": ({"norm_eps": 0}, "params.json: norm_eps is 0: it should be a positive number"),
+        "params_rope_scaling": ({"use_scaled_rope": True, "rope_scaling": {"factor": 8.0}},
+                                "params.json: rope_scaling of type llama3 lacks low_freq_factor"),
+        "params_kv_heads": ({"n_kv_heads": 3}, "the 4 heads are not a multiple of the 3 key/value heads"),
+    }
+    if what in params_edits:
+        params = json.load(open(f"{d}/params.json"))
+        params.update(params_edits[what][0])
+        json.dump(params, open(f"{d}/params.json", "w"))
+        return d, tok, params_edits[what][1]
     sd = {k: v.clone() for k, v in load_shard(shard).items()}
-    if what == "missing_key":
+    if what == "int8":
+        sd["layers.0.attention.wq.weight"] = sd["layers.0.attention.wq.weight"].to(torch.int8)
+        msg = "layers.0.attention.wq.weight is int8: only fp32, fp16 and bf16 weights are read"
+    elif what == "missing_key":
         del sd["layers.1.ffn_norm.weight"]
         msg = "missing keys ['layers.1.ffn_norm.weight']"
     elif what == "unexpected_key":
@@ -79,7 +95,8 @@ def broken(tmp_path, assets, what):
 
 
 CASES = ["no_dir", "no_params", "bad_params", "no_shards", "two_shards", "tokenizer_vocab",
-         "missing_key", "unexpected_key", "wrong_shape", "truncated"]
+         "missing_key", "unexpected_key", "wrong_shape", "truncated", "params_string", "params_zero_heads",
+         "params_zero_eps", "params_rope_scaling", "params_kv_heads", "int8"]
 
 
 @pytest.mark.parametrize("what", CASES)
@@ -127,6 +144,33 @@ def test_reshard_refuses_a_size_that_does_not_divide_the_heads(assets, tmp_path)
     proc = run_python("-m", "llama_caption.reshard", "--ckpt_dir", assets["tiny"], "--mp", 3, "--out", tmp_path / "x")
     assert proc.returncode == 2 and "--mp 3 must divide n_heads 4" in proc.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_reshard_refuses_shards_of_two_models_and_leaves_no_output(assets, tmp_path):
+    reshard(assets["tiny_gqa"], 2, str(tmp_path / "gqa2"), quiet=True)
+    mixed = copy_ckpt(assets["tiny"], tmp_path / "mixed")
+    reshard(assets["tiny"], 2, str(tmp_path / "tiny2"), quiet=True)
+    shutil.copy(tmp_path / "tiny2" / "consolidated.00.pth", f"{mixed}/consolidated.00.pth")
+    shutil.copy(tmp_path / "gqa2" / "consolidated.01.pth", f"{mixed}/consolidated.01.pth")
+    with pytest.raises(UserError, match="consolidated.01.pth: layers.0.attention.wk.weight has shape"):
+        reshard(mixed, 1, str(tmp_path / "out"), quiet=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_reshard_of_tied_embeddings_writes_the_output_layer(assets, tmp_path, process_group):
+    """A Meta checkpoint without output.weight (the embedding is the output layer), split on the
+    width: resharded to 2 it gets output.weight, as Meta's code needs, and loads to the same logits."""
+    tied = copy_ckpt(assets["tiny"], tmp_path / "tied")
+    sd = {k: v.clone() for k, v in load_shard(f"{tied}/consolidated.00.pth").items() if k != "output.weight"}
+    torch.save(sd, f"{tied}/consolidated.00.pth")
+    reshard(tied, 2, str(tmp_path / "mp2"), quiet=True)
+    halves = [load_shard(f"{tmp_path}/mp2/consolidated.0{r}.pth") for r in (0, 1)]
+    assert torch.equal(torch.cat([h["output.weight"] for h in halves], 0), sd["tok_embeddings.weight"])
+    a, tok = load_llama(tied, assets["tokenizer"])
+    b, _ = load_llama(str(tmp_path / "mp2"), assets["tokenizer"])  # two shards merged by one rank
+    tokens = torch.randint(3, tok.n_words, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(a(tokens), b(tokens))
 
 
 @pytest.fixture(scope="module")

@@ -301,10 +301,96 @@ def broken_hf(formats, tmp_path, what):
     if what == "neither":
         (tmp_path / "empty").mkdir()
         return tmp_path / "empty", "holds neither params.json"
+    return broken_hf_fields(formats, tmp_path, what) or broken_hf_tensors(formats, tmp_path, what)
+
+
+def broken_hf_fields(formats, tmp_path, what):
+    """config.json fields of the wrong type or range."""
+    edits = {
+        "quantized": (lambda c: c.update(quantization_config={"quant_method": "bitsandbytes", "load_in_8bit": True}),
+                      "the weights are quantized (bitsandbytes"),
+        "string_number": (lambda c: c.update(hidden_size="64"), "hidden_size is '64': it should be a whole number"),
+        "zero_heads": (lambda c: c.update(num_attention_heads=0), "num_attention_heads is 0: it should be a whole number of at least 1"),
+        "zero_eps": (lambda c: c.update(rms_norm_eps=0), "rms_norm_eps is 0: it should be a positive number"),
+        "rope_scaling_string": (lambda c: c.update(rope_scaling="llama3"), "rope_scaling is 'llama3': it should be a JSON object"),
+        "rope_factor_negative": (lambda c: c.update(rope_scaling=dict(c["rope_parameters"], factor=-8)),
+                                 "rope_scaling.factor is -8: it should be a positive number"),
+        "eos_empty": (lambda c: c.update(eos_token_id=[]), "eos_token_id is []: it should be a token id or a non-empty list"),
+        "bos_beyond": (lambda c: c.update(bos_token_id=10 ** 6), "bos_token_id 1000000 is beyond the vocabulary"),
+        "heads_not_dividing": (lambda c: c.update(num_attention_heads=3, num_key_value_heads=3, head_dim=None),
+                               "the width 64 is not a multiple of the 3 heads"),
+    }
+    if what in edits:
+        edit, msg = edits[what]
+        return hf_copy(formats, tmp_path, edit), msg
+    return None
+
+
+def edit_tensors(folder, edit):
+    """Rewrite the safetensors shard(s) of a folder through `edit(name, tensors)`."""
+    from safetensors.torch import load_file, save_file
+
+    for path in sorted(folder.glob("*.safetensors")):
+        tensors = load_file(str(path))
+        edit(path, tensors)
+        save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def broken_hf_tensors(formats, tmp_path, what):
+    """Weights that are not what config.json describes, or that we cannot use as they are."""
+    folder = hf_copy(formats, tmp_path)
+    q = "model.layers.0.self_attn.q_proj.weight"
+
+    def int8_with_scales(path, t):
+        if q in t:
+            t[q] = t[q].to(torch.int8)
+            t[q.replace("weight", "SCB")] = torch.ones(t[q].shape[0])
+
+    def bool_tensor(path, t):
+        if q in t:
+            t[q] = t[q] > 0
+
+    def extra(path, t):
+        if q in t:
+            t["model.layers.0.self_attn.q_proj.bias"] = torch.zeros(t[q].shape[0], dtype=t[q].dtype)
+
+    def narrow(path, t):
+        if q in t:
+            t[q] = t[q][:, :32].contiguous()
+
+    edits = {"int8": (int8_with_scales, "q_proj.SCB, which a LlamaForCausalLM of config.json does not have"),
+             "bool": (bool_tensor, "q_proj.weight is BOOL: only F32, F16 and BF16 weights are read"),
+             "extra_tensor": (extra, "q_proj.bias, which a LlamaForCausalLM of config.json does not have"),
+             "wrong_shape": (narrow, "q_proj.weight has shape (64, 32), config.json implies (64, 64)")}
+    if what in edits:
+        edit, msg = edits[what]
+        edit_tensors(folder, edit)
+        return folder, msg
+    index = json.load(open(folder / "model.safetensors.index.json"))
+    if what == "index_wrong_shard":
+        files = sorted(set(index["weight_map"].values()))
+        index["weight_map"][q] = next(f for f in files if f != index["weight_map"][q])
+        json.dump(index, open(folder / "model.safetensors.index.json", "w"))
+        return folder, f"puts {q} in"
+    if what == "truncated_single":
+        from safetensors.torch import load_file, save_file
+
+        merged = {}
+        for name in sorted(set(index["weight_map"].values())):
+            merged.update(load_file(str(folder / name)))
+            os.remove(folder / name)
+        os.remove(folder / "model.safetensors.index.json")
+        save_file(merged, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        data = (folder / "model.safetensors").read_bytes()
+        (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+        return folder, "model.safetensors as safetensors"
     raise AssertionError(what)
 
 
-HF_ERRORS = ["architecture", "rope_scaling", "bias", "missing_shard", "no_tokenizer", "bad_tokenizer", "neither"]
+HF_ERRORS = ["architecture", "rope_scaling", "bias", "missing_shard", "no_tokenizer", "bad_tokenizer", "neither",
+             "quantized", "string_number", "zero_heads", "zero_eps", "rope_scaling_string", "rope_factor_negative",
+             "eos_empty", "bos_beyond", "heads_not_dividing", "int8", "bool", "extra_tensor", "wrong_shape",
+             "index_wrong_shard", "truncated_single"]
 
 
 @pytest.mark.parametrize("what", HF_ERRORS)

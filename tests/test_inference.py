@@ -272,3 +272,24 @@ def test_static_decoder_gives_the_eager_captions(cap, trained, tmp_path):
     proc = run_cli(captioning_inference.main, *infer_args(cap, trained, tmp_path / "b.json", "--decoder", "static",
                                                           "--num_beams", 3))
     assert proc.returncode == 2 and "beam search (--num_beams > 1) runs eagerly" in proc.stderr
+
+
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_the_shuffled_control_never_captions_an_image_from_its_own_features(cap, trained, tmp_path, batch_size):
+    """Each image is captioned from the next image's features (by id, the last from the first):
+    greedy, its caption is the one the next image gets normally, whatever the batching."""
+    plain = run_cli(captioning_inference.main, *infer_args(cap, trained, tmp_path / "plain.json"))
+    assert plain.returncode == 0, plain.stderr
+    control = run_cli(captioning_inference.main, *infer_args(cap, trained, tmp_path / "control.json",
+                                                             "--control_shuffle", True, "--batch_size", batch_size))
+    assert control.returncode == 0, control.stderr
+    normal = {r["file_name"]: r["caption"] for r in json.load(open(tmp_path / "plain.json"))}
+    shuffled = {r["file_name"]: r["caption"] for r in json.load(open(tmp_path / "control.json"))}
+    files = sorted(normal)  # own files get ids in path order
+    assert len(files) == 3 and set(shuffled) == set(files) and len(set(normal.values())) > 1
+    for i, f in enumerate(files):
+        assert shuffled[f] == normal[files[(i + 1) % len(files)]]
+    one = run_cli(captioning_inference.main, *infer_args(cap, trained, tmp_path / "one.json", "--control_shuffle", True,
+                                                         "--num_images", 1))
+    assert one.returncode == 2 and "--control_shuffle needs at least 2 images" in one.stderr
+    assert not list(tmp_path.glob("one*"))  # refused before anything was written

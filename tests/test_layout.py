@@ -163,3 +163,19 @@ def test_each_command_opens_its_llama_once(cap, hf_standin, tmp_path, monkeypatc
     proc = run_cli(example.main, *common, "--max_seq_len", 32, "--max_gen_len", 4, "--prompts", '["a red"]')
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert opens.take() == once
+
+
+def test_any_exception_of_a_rank_reaches_torchruns_error_file(tmp_path, monkeypatch):
+    """torchrun names a rank's error file in TORCHELASTIC_ERROR_FILE; a crash that is not bad
+    input is written there too, so the launcher's report ends in its cause, not <N/A>."""
+    from llama_caption import evaluation
+
+    def crash(cfg):
+        raise RuntimeError("the scorer fell over")
+
+    error_file = tmp_path / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+    monkeypatch.setattr(evaluation, "main", evaluation.command(evaluation.EvaluationConfig, crash, "Crash."))
+    with pytest.raises(RuntimeError, match="the scorer fell over"):
+        cli.run("evaluate", ["--annotations", "a.json", "--results", "r.json"])
+    assert "RuntimeError: the scorer fell over" in json.load(open(error_file))["message"]["message"]

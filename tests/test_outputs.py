@@ -168,6 +168,20 @@ def test_annotations_with_empty_or_odd_captions(cap, process_group, tmp_path):
     json.dump(dict(data, images=[dict(data["images"][0], id="abc")] + data["images"][1:]), open(bad, "w"))
     with pytest.raises(UserError, match="image id 'abc' is not a whole number"):
         evaluate(EvaluationConfig(annotations=str(bad), results=str(res)))
+    # Files that break COCO's invariants would give images captions that are not theirs: refused.
+    broken = {
+        "two images have id": dict(data, images=data["images"] + [dict(data["images"][0], file_name="x.png")]),
+        "two images have file_name": dict(data, images=data["images"] + [dict(data["images"][0], id=999)]),
+        "two annotations have id": dict(data, annotations=data["annotations"] + [dict(data["annotations"][0])]),
+        "names image_id 999, which is not an image": dict(data, annotations=data["annotations"] + [
+            {"id": 10 ** 6, "image_id": 999, "caption": "a caption of no image"}]),
+        "names image_id '1', which is not an image": dict(data, annotations=data["annotations"] + [
+            {"id": 10 ** 6, "image_id": "1", "caption": "an id as text"}]),
+    }
+    for message, content in broken.items():
+        json.dump(content, open(bad, "w"))
+        with pytest.raises(UserError, match=message):
+            evaluate(EvaluationConfig(annotations=str(bad), results=str(res)))
     # Training on captions that are all empty stops with a message.
     train_data = json.load(open(cap["ann"]))
     json.dump(dict(train_data, annotations=[dict(a, caption=" ") for a in train_data["annotations"]]), open(bad, "w"))

@@ -2,6 +2,7 @@
 direction of one policy-gradient step (tiny models)."""
 
 import random
+import shutil
 
 import pytest
 import torch
@@ -175,7 +176,8 @@ def test_scst_two_data_parallel_ranks_equal_one_process_and_resume_equals_uninte
     assert all(torch.equal(c[k], a[k]) for k in a)
 
 
-@pytest.mark.parametrize("what", ["no_init", "one_sample", "other_projection", "other_prefix", "other_llama"])
+@pytest.mark.parametrize("what", ["no_init", "one_sample", "other_projection", "other_prefix", "other_llama",
+                                  "no_samples", "wider_llama"])
 def test_scst_bad_flags_are_one_line_errors_and_write_nothing(cap, trained, assets, tmp_path, what):
     import captioning_training
     from conftest import run_cli
@@ -195,6 +197,19 @@ def test_scst_bad_flags_are_one_line_errors_and_write_nothing(cap, trained, asse
     elif what == "other_prefix":
         args += ["--prefix_len", 4]
         msg = "is another captioner: its prefix_len is 10, this run's 4"
+    elif what == "no_samples":  # the greedy baseline needs no second sample, but one at least
+        args += ["--scst_samples", 0, "--scst_baseline", "greedy"]
+        msg = "--scst_samples must be at least 1, got 0"
+    elif what == "wider_llama":  # named as the LLaMA, not as the projection sizes derived from its width
+        from llama_caption.llama.model import ModelArgs
+        from llama_caption.llama.tokenizer import load_tokenizer
+        from llama_caption.tools.testing import random_state_dict, write_meta_checkpoint
+
+        params = dict(dim=128, n_layers=1, n_heads=2, multiple_of=32, norm_eps=1e-5, vocab_size=-1)
+        vocab = load_tokenizer(cap["tokenizer"]).n_words
+        write_meta_checkpoint(str(tmp_path / "wide"), params, random_state_dict(ModelArgs.from_params(params, vocab_size=vocab)))
+        args[args.index("--ckpt_dir") + 1] = str(tmp_path / "wide")
+        msg = f"was trained with the LLaMA in {cap['ckpt_dir']}, not the one in --ckpt_dir {tmp_path / 'wide'} (widths 64 and 128)"
     else:  # the same width, another vocabulary
         args[args.index("--ckpt_dir") + 1], args[args.index("--tokenizer_path") + 1] = assets["tiny"], assets["tokenizer"]
         msg = f"was trained with the LLaMA in {cap['ckpt_dir']}, not the one in --ckpt_dir {assets['tiny']}"
@@ -202,3 +217,14 @@ def test_scst_bad_flags_are_one_line_errors_and_write_nothing(cap, trained, asse
     assert proc.returncode == 2 and msg in proc.stderr, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
     assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()
+
+
+def test_a_resumed_scst_run_needs_not_its_init_from_folder(cap, trained, tmp_path):
+    """--resume takes the weights from the run's own checkpoint: the --init_from folder may be gone."""
+    init = tmp_path / "init"
+    shutil.copytree(trained, init)
+    out = tmp_path / "scst"
+    assert scst_run(cap, str(init), out, "--stop_after_steps", 1).returncode == 0
+    shutil.rmtree(init)
+    proc = scst_run(cap, str(init), out, "--resume")
+    assert proc.returncode == 0 and "resumed from" in proc.stderr, proc.stderr[-2000:]

@@ -1,5 +1,6 @@
 import pytest
 import json
+import math
 import os
 import re
 
@@ -176,6 +177,26 @@ def test_resumed_run_equals_uninterrupted_run(cap, tmp_path):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def logged_rows(run_dir):
+    """metrics.jsonl without its timings."""
+    rows = [json.loads(l) for l in open(run_dir / "metrics.jsonl")]
+    return [{k: v for k, v in r.items() if k != "samples_per_s"} for r in rows]
+
+
+@pytest.mark.parametrize("where", ["epoch end", "mid-epoch"])
+def test_a_resumed_run_logs_every_row_the_uninterrupted_run_logs(cap, tmp_path, where):
+    args = ["--epochs", 2, "--batch_size", 2, "--lr", 1e-3, "--log_every", 1, "--val_images", cap["val_images"],
+            "--val_annotations", cap["val_ann"], "--captions", "one", "--save_every", 100]
+    run_train(cap, tmp_path / "full", *args)
+    full = logged_rows(tmp_path / "full")
+    per_epoch = max(r["step"] for r in full if r["epoch"] == 1)
+    assert per_epoch > 1 and [r for r in full if "val_loss" in r][0]["step"] == per_epoch
+    stop = per_epoch if where == "epoch end" else per_epoch - 1
+    run_train(cap, tmp_path / "cut", *args, "--stop_after_steps", stop)
+    run_train(cap, tmp_path / "cut", *args, "--resume")
+    assert logged_rows(tmp_path / "cut") == full
+
+
 def extract(cap, out, *extra, images=None, ann=None):
     return run_cli(features.main, "--clip_model", cap["clip"], "--images", images or cap["images"],
                    "--annotations", ann or cap["ann"], "--out", out, "--num_workers", 0, "--batch_size", 2, *extra)
@@ -273,3 +294,9 @@ def test_nan_loss_stops_with_a_message(cap, tmp_path):
                      "--batch_size", 2, "--epochs", 1, check=False)
     assert proc.returncode != 0
     assert "non-finite loss at step 1" in proc.stderr and "NaN/inf for 2 steps in a row" in proc.stderr
+    # The failed start reached no checkpoint: the same folder takes a new run (its old log dropped).
+    assert (tmp_path / "run" / "config.json").exists() and not (tmp_path / "run" / "checkpoints").exists()
+    again = run_train(cap, tmp_path / "run", "--batch_size", 2, "--epochs", 1, "--log_every", 1)
+    assert "stopped before its first checkpoint: it is started over" in again.stderr
+    rows = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == list(range(1, len(rows) + 1)) and all(math.isfinite(r["loss"]) for r in rows)

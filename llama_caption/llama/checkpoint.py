@@ -26,6 +26,7 @@ from ..errors import UserError
 from . import huggingface
 from .meta import list_shards, meta_context_length, read_params
 from .model import ModelArgs, Transformer, skip_weight_init
+from .params import check_architecture
 from .sources import HFSafetensors, MetaShards, WeightSource, check_state_dict
 from .tokenizer import Tokenizer, load_tokenizer, resolve_tokenizer_path
 
@@ -100,14 +101,16 @@ def open_checkpoint(ckpt_dir: str) -> LlamaCheckpoint:
         params = read_params(ckpt_dir)
         path = os.path.join(ckpt_dir, "params.json")
         args = ModelArgs.from_params(params)
+        check_architecture(args, path)
         return LlamaCheckpoint(ckpt_dir, META, params, args, list_shards(ckpt_dir), meta_context_length(params, path))
     if os.path.isfile(os.path.join(ckpt_dir, "config.json")):
         path = os.path.join(ckpt_dir, "config.json")
         config = huggingface.read_config(ckpt_dir)
         args = huggingface.model_args(config, path)
+        check_architecture(args, path)
         files = huggingface.weight_files(ckpt_dir)
         tied = bool(config.get("tie_word_embeddings", False)) and "lm_head.weight" not in files
-        context = config.get("max_position_embeddings", ModelArgs.max_seq_len)
+        context = config.get("max_position_embeddings") or ModelArgs.max_seq_len
         return LlamaCheckpoint(ckpt_dir, HUGGING_FACE, config, args, sorted(set(files.values())), context, tied,
                                "config.json", files)
     raise UserError(f"{ckpt_dir} holds neither params.json (Meta's layout, with consolidated.XX.pth) nor config.json "

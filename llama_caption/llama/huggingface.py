@@ -16,6 +16,8 @@ import torch
 
 from ..errors import UserError
 from .model import LLAMA3_SCALING, ModelArgs
+from .params import (BOOL, LIST, OBJECT, POSITIVE, POSITIVE_INT, TOKEN_IDS, check_fields, check_rope_scaling,
+                     check_token_ids)
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -63,18 +65,29 @@ def rope_settings(config: dict, path: str) -> Tuple[float, Optional[dict]]:
     theta = config.get("rope_theta", params.get("rope_theta", 10000.0))
     if not scaling:
         return float(theta), None
+    if not POSITIVE[0](theta):
+        raise UserError(f"{path}: rope_theta is {theta!r}: it should be {POSITIVE[1]}")
     kind = scaling.get("rope_type", scaling.get("type"))
     if kind == "default":
         return float(theta), None
     if kind != "llama3":
         raise UserError(f"{path}: rope_scaling of type {kind!r} is not supported (only llama3 and none)")
-    missing = [k for k in LLAMA3_SCALING if k not in scaling]
-    if missing:
-        raise UserError(f"{path}: rope_scaling of type llama3 lacks {', '.join(missing)}")
-    return float(theta), {k: float(scaling[k]) for k in LLAMA3_SCALING}
+    return float(theta), check_rope_scaling(scaling, LLAMA3_SCALING, path)
+
+
+# What config.json says that we use.
+HF_FIELDS = {
+    "hidden_size": (POSITIVE_INT, True), "num_hidden_layers": (POSITIVE_INT, True),
+    "num_attention_heads": (POSITIVE_INT, True), "intermediate_size": (POSITIVE_INT, True),
+    "vocab_size": (POSITIVE_INT, True), "num_key_value_heads": (POSITIVE_INT, False), "head_dim": (POSITIVE_INT, False),
+    "rms_norm_eps": (POSITIVE, False), "rope_theta": (POSITIVE, False), "max_position_embeddings": (POSITIVE_INT, False),
+    "tie_word_embeddings": (BOOL, False), "bos_token_id": (TOKEN_IDS, False), "eos_token_id": (TOKEN_IDS, False),
+    "rope_scaling": (OBJECT, False), "rope_parameters": (OBJECT, False), "architectures": (LIST, False),
+}
 
 
 def check_supported(config: dict, path: str) -> None:
+    check_fields(config, {"architectures": HF_FIELDS["architectures"]}, path)
     archs = config.get("architectures") or []
     if config.get("model_type") != "llama" or (archs and "LlamaForCausalLM" not in archs):
         what = archs[0] if archs else config.get("model_type")
@@ -84,9 +97,12 @@ def check_supported(config: dict, path: str) -> None:
             raise UserError(f"{path}: {key} is true: LLaMA has no biases, this model is not supported")
     if config.get("hidden_act", "silu") != "silu":
         raise UserError(f"{path}: hidden_act {config['hidden_act']!r} is not LLaMA's silu")
-    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
-        if not isinstance(config.get(key), int) or config[key] < 1:
-            raise UserError(f"{path}: {key} is missing or not a positive whole number")
+    if config.get("quantization_config") is not None:  # e.g. bitsandbytes int8 weights with their SCB scales
+        method = config["quantization_config"].get("quant_method", "?") if isinstance(config["quantization_config"], dict) else "?"
+        raise UserError(f"{path}: the weights are quantized ({method}, quantization_config): only fp32, fp16 and bf16 "
+                        f"safetensors are read; use the unquantized checkpoint")
+    check_fields(config, HF_FIELDS, path)
+    check_token_ids(config, ("bos_token_id", "eos_token_id"), config["vocab_size"], path)
 
 
 def model_args(config: dict, path: str) -> ModelArgs:
@@ -94,7 +110,7 @@ def model_args(config: dict, path: str) -> ModelArgs:
     check_supported(config, path)
     theta, scaling = rope_settings(config, path)
     dim, heads = config["hidden_size"], config["num_attention_heads"]
-    if dim % heads or config.get("head_dim", dim // heads) != dim // heads:
+    if config.get("head_dim") is not None and config["head_dim"] * heads != dim:
         raise UserError(f"{path}: head_dim {config.get('head_dim')} is not hidden_size / num_attention_heads: not supported")
     return ModelArgs(
         dim=dim, n_layers=config["num_hidden_layers"], n_heads=heads,
@@ -124,8 +140,11 @@ def weight_files(folder: str) -> Dict[str, str]:
                         f"download the safetensors weights (pytorch_model.bin files are not read)")
     from safetensors import safe_open
 
-    with safe_open(single, "pt") as f:
-        return {name: single for name in f.keys()}
+    try:
+        with safe_open(single, "pt") as f:
+            return {name: single for name in f.keys()}
+    except Exception as e:  # safetensors raises its own error type on a truncated or corrupt file
+        raise UserError(f"cannot read {single} as safetensors ({str(e).splitlines()[0][:200]}): download it again") from None
 
 
 def unpermute_rows(w: torch.Tensor, heads: int) -> torch.Tensor:

@@ -10,9 +10,18 @@ from typing import Dict, List, Tuple
 import torch
 
 from ..errors import UserError
-from .model import ModelArgs, shard_dim
+from .model import LLAMA3_SCALING, ModelArgs, shard_dim
+from .params import BOOL, POSITIVE, POSITIVE_INT, VOCAB, check_fields, check_rope_scaling
 
 IGNORED_KEYS = ("rope.freqs",)  # a buffer Meta saved by accident in v1; it is recomputed
+
+# What params.json says that we use (Llama 1, 2, 3.x; our converted folders add rope_scaling).
+META_FIELDS = {
+    "dim": (POSITIVE_INT, True), "n_layers": (POSITIVE_INT, True), "n_heads": (POSITIVE_INT, True),
+    "n_kv_heads": (POSITIVE_INT, False), "vocab_size": (VOCAB, False), "multiple_of": (POSITIVE_INT, False),
+    "ffn_dim_multiplier": (POSITIVE, False), "norm_eps": (POSITIVE, False), "rope_theta": (POSITIVE, False),
+    "use_scaled_rope": (BOOL, False), "max_seq_len": (POSITIVE_INT, False),
+}
 
 
 def read_params(ckpt_dir: str) -> dict:
@@ -29,6 +38,9 @@ def read_params(ckpt_dir: str) -> dict:
         raise UserError(f"{path} is not valid JSON ({e})") from None
     if not isinstance(params, dict) or not all(k in params for k in ("dim", "n_layers", "n_heads")):
         raise UserError(f"{path} lacks dim, n_layers or n_heads: is it LLaMA's params.json?")
+    check_fields(params, META_FIELDS, path)
+    if params.get("rope_scaling") is not None:
+        params = dict(params, rope_scaling=check_rope_scaling(params["rope_scaling"], LLAMA3_SCALING, path))
     return params
 
 

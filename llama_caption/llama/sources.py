@@ -51,11 +51,18 @@ def check_state_dict(sd: Dict[str, torch.Tensor], args: ModelArgs, mp: int, path
             parts.append(f"unexpected keys {unexpected[:4]}{' ...' if len(unexpected) > 4 else ''}")
         raise UserError(f"{path} does not match {described_by}: {'; '.join(parts)}")
     for k, shape in expected.items():
+        if sd[k].dtype not in FLOAT_DTYPES:
+            raise UserError(f"{path}: {k} is {str(sd[k].dtype).replace('torch.', '')}: only fp32, fp16 and bf16 weights "
+                            f"are read (a quantized checkpoint?)")
         if tuple(sd[k].shape) != shape:
             raise UserError(
                 f"{path}: {k} has shape {tuple(sd[k].shape)}, {described_by} with model-parallel size {mp} "
                 f"implies {shape}: wrong params.json, or a shard of another model"
             )
+
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SAFETENSORS_FLOATS = ("F32", "F16", "BF16")
 
 
 class WeightSource:
@@ -161,6 +168,36 @@ class HFSafetensors(WeightSource):
         self.handles = {}
         index = os.path.join(folder, INDEX_FILE)
         self.where = index if os.path.isfile(index) else os.path.join(folder, SINGLE_FILE)
+        self.check_headers()
+
+    def check_headers(self) -> None:
+        """Every tensor of the files, from their headers (nothing is read): where the index says,
+        one we read (no quantization scales or extras), of a float dtype, of the shape
+        config.json implies. Before anything is loaded or written."""
+        expected = {hf_name(n): s for n, s in param_shapes(self.args).items() if not (self.tied and n == "output.weight")}
+        seen = set()
+        for path in sorted(set(self.files.values())):
+            handle = self.handle(path)
+            for name in handle.keys():
+                if name.endswith("rotary_emb.inv_freq"):  # a buffer older conversions saved; recomputed
+                    continue
+                if name not in expected:
+                    raise UserError(f"{path} holds {name}, which a LlamaForCausalLM of config.json does not have "
+                                    f"(quantization scales, or another model's weights): not read")
+                if self.files.get(name) != path:
+                    raise UserError(f"{self.where} puts {name} in {os.path.basename(str(self.files.get(name)))} but it is in "
+                                    f"{os.path.basename(path)}: the index does not match the files")
+                view = handle.get_slice(name)
+                if view.get_dtype() not in SAFETENSORS_FLOATS:
+                    raise UserError(f"{path}: {name} is {view.get_dtype()}: only F32, F16 and BF16 weights are read "
+                                    f"(a quantized checkpoint?)")
+                if tuple(view.get_shape()) != tuple(expected[name]):
+                    raise UserError(f"{path}: {name} has shape {tuple(view.get_shape())}, config.json implies "
+                                    f"{tuple(expected[name])}: wrong config.json, or a tensor of another model")
+                seen.add(name)
+        for name, path in self.files.items():
+            if name in expected and name not in seen:
+                raise UserError(f"{self.where} puts {name} in {os.path.basename(path)}, which does not hold it")
 
     def handle(self, path: str):
         from safetensors import safe_open
