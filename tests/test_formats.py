@@ -6,6 +6,7 @@ own forward and `generate`), tiktoken's own file loader, and the `tokenizers` li
 
 import base64
 import json
+import re
 import os
 import shutil
 
@@ -470,3 +471,12 @@ def test_meta_use_scaled_rope_is_metas_fixed_scaling():
     plain = rope_frequencies(ModelArgs.from_params(params))
     assert not torch.allclose(plain, theirs)
     torch.testing.assert_close(plain, 1.0 / 500000.0 ** (torch.arange(0, 128, 2).float() / 128))
+
+
+def test_convert_checks_the_weights_before_writing(formats, tmp_path):
+    """A tensor of the wrong shape or dtype is refused from the headers: no --out is left behind."""
+    for what in ("wrong_shape", "int8"):
+        folder, msg = broken_hf_tensors(formats, tmp_path / what, what)
+        with pytest.raises(UserError, match=re.escape(msg)):
+            convert(str(folder), str(tmp_path / what / "meta"), 2, quiet=True)
+        assert not (tmp_path / what / "meta").exists()

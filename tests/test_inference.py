@@ -293,3 +293,15 @@ def test_the_shuffled_control_never_captions_an_image_from_its_own_features(cap,
                                                          "--num_images", 1))
     assert one.returncode == 2 and "--control_shuffle needs at least 2 images" in one.stderr
     assert not list(tmp_path.glob("one*"))  # refused before anything was written
+
+
+@pytest.mark.slow
+def test_compiled_decoder_runs_with_the_default_packed_weights(cap, trained, tmp_path):
+    """--decoder compile on a CPU with --pack_weights left on (torch.compile cannot trace the
+    packed layers): the compiled step runs on the plain weights and gives the eager captions."""
+    eager = run_cli(captioning_inference.main, *infer_args(cap, trained, tmp_path / "eager.json", "--decoder", "eager"))
+    assert eager.returncode == 0, eager.stderr
+    compiled = run_cli(captioning_inference.main, *infer_args(cap, trained, tmp_path / "compiled.json", "--decoder", "compile"))
+    assert compiled.returncode == 0, compiled.stderr[-3000:]
+    assert "--decoder compile: LLaMA's weights are not packed" in compiled.stderr
+    assert json.load(open(tmp_path / "compiled.json")) == json.load(open(tmp_path / "eager.json"))
