@@ -35,6 +35,7 @@ from ..data import CaptionDataset, collate, drop_missing, load_coco
 from ..errors import UserError
 from ..features import FeatureCache
 from ..fileio import check_output_file, write_json
+from ..runtime import DTYPE_NAMES, DTYPES
 from ..llama.generation import generate
 from ..llama.model import ModelArgs, Transformer
 from .testing import demo_layout, greedy_no_cache, random_model
@@ -453,7 +454,7 @@ class BenchConfig(Config):
 
     def check(self) -> None:
         self.one_of("config", CONFIGS)
-        self.one_of("dtype", ("auto", "fp32", "fp16", "bf16"))
+        self.one_of("dtype", DTYPE_NAMES)
         from ..llama.static_decode import MODES
 
         for mode in self.decoders:
@@ -505,8 +506,7 @@ def bench(cfg: BenchConfig) -> dict:
     with distributed.session(mp_size=1, device=cfg.device) as env:
         dev = env.device
         name = c["dtype"] if cfg.dtype == "auto" else cfg.dtype
-        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name] \
-            if dev.type == "cuda" else torch.float32
+        dtype = DTYPES[name] if dev.type == "cuda" else torch.float32
         args = ModelArgs(dim=c["dim"], n_layers=c["n_layers"], n_heads=c["n_heads"], vocab_size=c["vocab"],
                          max_seq_len=c["prefix"] + 1 + c["gen_len"] + 8)
         model = random_model(args, dev, dtype)
