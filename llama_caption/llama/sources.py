@@ -135,6 +135,8 @@ class MetaShards(WeightSource):
         have = shard_dim(name, self.stored_split) if len(parts) > 1 else None
         want = _target_dim(name, mp, split)
         if have == want and (want is None or len(parts) == mp):
+            if want is None and len(parts) > 1 and len(parts) != mp:
+                return parts[0].clone()  # a replicated weight kept alone keeps no merged shard mapped
             return parts[0] if want is None else parts[rank]  # as stored: mapped, nothing copied
         if have != want or have is None:
             whole = parts[0] if have is None else torch.cat(parts, dim=have)
