@@ -7,6 +7,7 @@ so a flag is written in one place. Values are type-checked and range-checked in 
 """
 
 import dataclasses
+import difflib
 import inspect
 import typing
 from dataclasses import MISSING, field, fields
@@ -41,6 +42,8 @@ def _coerce(name: str, value: Any, annotation) -> Any:
         raise UserError(f"{flag} must be True or False, got {value!r}")
     if kind is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if abs(value) >= 2 ** 63:  # beyond what torch, numpy and the seeds take
+                raise UserError(f"{flag} {value} is too large: at most {2 ** 63 - 1}")
             return value
         raise UserError(f"{flag} must be a whole number, got {value!r}")
     if kind is float:
@@ -118,10 +121,17 @@ def command(cls, run: Callable, summary: str, varargs: Optional[str] = None) -> 
         if f.name == varargs:  # further words are more of it; every later field needs its flag
             params.append(inspect.Parameter("more_" + varargs, inspect.Parameter.VAR_POSITIONAL))
             how = inspect.Parameter.KEYWORD_ONLY
+    # Flags it does not know come into a catch-all, so that a misspelt one is refused before any
+    # work (fire would otherwise run the command first and complain about the leftover after).
     signature = inspect.Signature(params)
+    known = [p.name for p in params if p.kind is not inspect.Parameter.VAR_POSITIONAL]
 
     @exit_on_user_error
     def main(*args, **kwargs):
+        unknown = [k for k in kwargs if k not in known]
+        if unknown:
+            near = difflib.get_close_matches(unknown[0], known, n=1)
+            raise UserError(f"unknown flag --{unknown[0]}" + (f": did you mean --{near[0]}?" if near else "") + " (see --help)")
         try:
             values = dict(signature.bind(*args, **kwargs).arguments)
         except TypeError as e:
@@ -133,6 +143,6 @@ def command(cls, run: Callable, summary: str, varargs: Optional[str] = None) -> 
                 values[varargs] = (list(first) if isinstance(first, (list, tuple)) else [first]) + list(extra)
         run(cls(**values))  # nothing returned: fire would print it
 
-    main.__signature__ = signature
+    main.__signature__ = signature.replace(parameters=params + [inspect.Parameter("flags", inspect.Parameter.VAR_KEYWORD)])
     main.__doc__ = summary.strip() + "\n\n" + help_text(cls)
     return main

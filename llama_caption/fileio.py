@@ -76,6 +76,8 @@ def _nearest_existing(path: str) -> str:
 
 def check_output_file(path: str, flag: str) -> None:
     """`path` can be written as a file: not a folder, and its folder exists or can be made."""
+    if not str(path).strip():
+        raise UserError(f"{flag} is empty: name the file to write")
     if os.path.isdir(path):
         raise UserError(f"{flag} {path} is a folder: name a file, e.g. {os.path.join(path, 'results.json')}")
     check_output_dir(os.path.dirname(os.path.abspath(path)), flag)
@@ -83,6 +85,8 @@ def check_output_file(path: str, flag: str) -> None:
 
 def check_output_dir(path: str, flag: str) -> None:
     """`path` is a folder we may write in, or one that can be made."""
+    if not str(path).strip():
+        raise UserError(f"{flag} is empty: name the folder to write")
     base = _nearest_existing(path)
     if not os.path.isdir(base):
         raise UserError(f"{flag} {path}: {base} is a file, not a folder: pick another path")

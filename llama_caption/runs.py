@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from .captioner import (PROJECTION_FILE, Captioner, CaptionerConfig, check_encoder, check_window, load_projection,
                         save_projection)
-from .llama.checkpoint import LlamaCheckpoint, load_llama
+from .llama.checkpoint import LlamaCheckpoint, load_llama, open_checkpoint
 from .llama.static_decode import make_decoder
 from .errors import UserError
 from .fileio import atomic_path, write_text
@@ -130,6 +130,17 @@ def check_fresh(out_dir: str, log=print) -> None:
         log(f"--out_dir {out_dir} holds a run that stopped before its first checkpoint: it is started over")
 
 
+def check_same_llama(where: str, recorded_dir: Optional[str], llama: LlamaCheckpoint) -> None:
+    """The LLaMA a projection was trained with (its folder, as its flags recorded it) against
+    `llama`: when that folder still exists, another architecture (width, layers, heads,
+    vocabulary) is refused. Two LLaMAs of the same shape are not told apart."""
+    if not recorded_dir or not os.path.isdir(recorded_dir) or os.path.abspath(recorded_dir) == os.path.abspath(llama.folder):
+        return
+    if open_checkpoint(recorded_dir).architecture() != llama.architecture():
+        raise UserError(f"{where} was trained with the LLaMA in {recorded_dir}, not the one in --ckpt_dir {llama.folder}: "
+                        f"use the LLaMA it was trained with")
+
+
 def load_captioner(checkpoint: str, llama: LlamaCheckpoint, tokenizer_path: Optional[str], device,
                    dtype=torch.float32, max_gen_len: int = 30, clip_model: Optional[str] = None,
                    clip_pretrained: Optional[str] = None, decoder: str = "eager", batch_size: int = 32,
@@ -142,7 +153,7 @@ def load_captioner(checkpoint: str, llama: LlamaCheckpoint, tokenizer_path: Opti
     weights for oneDNN first (CPU). Returns (captioner, encoder, CaptionerConfig).
     """
     ckpt = find_checkpoint(checkpoint)
-    weights, cfg, _ = load_projection(ckpt)
+    weights, cfg, flags = load_projection(ckpt)
     window = check_window(cfg.prefix_len, max_gen_len, llama, "--max_gen_len")  # before anything is loaded
     spec = cfg.encoder
     if clip_model or clip_pretrained:  # the same encoder's files, moved: the identity must still match
@@ -156,6 +167,7 @@ def load_captioner(checkpoint: str, llama: LlamaCheckpoint, tokenizer_path: Opti
     if cfg.llama_dim != llama.args.dim:
         raise UserError(f"--checkpoint {ckpt} projects to LLaMA width {cfg.llama_dim} but {llama.folder} has width "
                         f"{llama.args.dim}: use the LLaMA it was trained with")
+    check_same_llama(f"--checkpoint {ckpt}", flags.get("ckpt_dir"), llama)
     model, tokenizer = load_llama(llama, tokenizer_path, window, device=device, dtype=dtype)
     projection = cfg.new_projection()
     try:

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from . import distributed, runs
 from .captioner import Captioner, CaptionerConfig, CaptionStyle, check_window
 from .config import command, setting
-from .llama.checkpoint import LlamaSettings, load_llama, open_checkpoint
+from .llama.checkpoint import LlamaSettings, load_llama
 from .data import CAPTION_MODES, CaptionDataset, StepBatches, collate, drop_missing, load_split, report_bad_images
 from .errors import UserError
 from .features import FeatureCache
@@ -267,10 +267,10 @@ def initial_weights(cfg: TrainConfig, spec: CaptionerConfig) -> dict:
     weights, saved, flags = runs.load_projection(ckpt, "--init_from")
     old_llama = flags.get("ckpt_dir")
     # The LLaMA first: another one changes sizes derived from it (the MLP's hidden width).
-    if saved.llama_dim != spec.llama_dim or (old_llama and os.path.isdir(old_llama)
-                                             and open_checkpoint(old_llama).architecture() != cfg.open().architecture()):
+    if saved.llama_dim != spec.llama_dim:
         raise UserError(f"--init_from {ckpt} was trained with the LLaMA in {old_llama}, not the one in --ckpt_dir "
                         f"{cfg.ckpt_dir} (widths {saved.llama_dim} and {spec.llama_dim}): train on the same LLaMA")
+    runs.check_same_llama(f"--init_from {ckpt}", old_llama, cfg.open())
     mine, theirs = spec.to_dict(), saved.to_dict()
     mine["encoder"].pop("clip_model"), theirs["encoder"].pop("clip_model")  # the same file may have moved
     if same_encoder(theirs["encoder"]["identity"], mine["encoder"]["identity"]):  # an identity of the older form

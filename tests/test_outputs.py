@@ -257,3 +257,47 @@ def test_command_flags_and_help_come_from_the_config_fields():
     many = command(InferenceConfig, got.append, "Caption.", varargs="images")
     many("a", "b", "x.jpg", "y.jpg", "z/")
     assert got[1].images == ["x.jpg", "y.jpg", "z/"] and got[1].split == "test"
+
+
+def test_flags_are_refused_before_any_work(cap, trained, tmp_path):
+    """A misspelt flag, an empty output path or a number no seed takes: one line, exit 2, and
+    nothing written (fire alone would run the command and complain about the flag after)."""
+    import captioning_inference
+    import captioning_training
+
+    train_flags = ["--ckpt_dir", cap["ckpt_dir"], "--tokenizer_path", cap["tokenizer"], "--clip_model", cap["clip"],
+                   "--train_images", cap["images"], "--train_annotations", cap["few"], "--num_workers", 0,
+                   "--epochs", 1, "--batch_size", 2]
+    cases = [
+        (captioning_training.main, train_flags + ["--out_dir", tmp_path / "a", "--learning_rate", 1],
+         "unknown flag --learning_rate (see --help)"),
+        (captioning_training.main, train_flags + ["--out_dir", tmp_path / "b", "--epoch", 2],
+         "unknown flag --epoch: did you mean --epochs?"),
+        (captioning_training.main, train_flags + ["--out_dir", ""], "--out_dir is empty"),
+        (captioning_training.main, train_flags + ["--out_dir", tmp_path / "c", "--seed", 10 ** 23], "--seed 1"),
+        (captioning_inference.main, ["--ckpt_dir", cap["ckpt_dir"], "--checkpoint", trained, "--images",
+                                     cap["val_images"], "--out", tmp_path / "d.json", "--beams", 3],
+         "unknown flag --beams"),
+        (captioning_inference.main, ["--ckpt_dir", cap["ckpt_dir"], "--checkpoint", trained, "--images",
+                                     cap["val_images"], "--out", ""], "--out is empty"),
+    ]
+    before = sorted(os.listdir(os.getcwd()))
+    for main, args, message in cases:
+        proc = run_cli(main, *args)
+        assert proc.returncode == 2 and message in proc.stderr, (message, proc.stderr[-500:])
+        assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert os.listdir(tmp_path) == [] and sorted(os.listdir(os.getcwd())) == before
+
+
+def test_captioning_refuses_a_llama_of_another_architecture(cap, trained, tmp_path):
+    """The run's LLaMA folder is recorded: a LLaMA of the same width but other layers is refused."""
+    import captioning_inference
+    from llama_caption.llama.model import ModelArgs
+    from llama_caption.tools.testing import random_state_dict, write_meta_checkpoint
+
+    deeper = {"dim": 64, "n_layers": 3, "n_heads": 4, "multiple_of": 32, "norm_eps": 1e-5}
+    write_meta_checkpoint(str(tmp_path / "deeper"), deeper, random_state_dict(ModelArgs.from_params(deeper, vocab_size=96)))
+    proc = run_cli(captioning_inference.main, "--ckpt_dir", tmp_path / "deeper", "--tokenizer_path", cap["tokenizer"],
+                   "--checkpoint", trained, "--images", cap["val_images"], "--out", tmp_path / "r.json")
+    assert proc.returncode == 2 and f"was trained with the LLaMA in {cap['ckpt_dir']}, not the one in --ckpt_dir" in proc.stderr
+    assert not list(tmp_path.glob("r.*"))
