@@ -26,6 +26,7 @@ def test_converted_weights_give_the_same_logits_in_transformers(tiny):
         torch.testing.assert_close(hf(tokens).logits.float(), model(tokens), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_ours_seed_and_transformers_produce_the_same_captions(tiny):
     model, c = tiny
     res = decode_bench(model, c, torch.device("cpu"), lambda m: None)
@@ -57,6 +58,7 @@ def test_load_benchmark_reports_each_format_and_rank(tmp_path):
     assert "hugging face" in proc.stdout and "meta" in proc.stdout
 
 
+@pytest.mark.slow
 def test_static_decoder_rows_report_the_eager_captions(tiny):
     from llama_caption.tools.bench import decode_prefixes, static_decoder_bench
     from llama_caption.llama.generation import generate

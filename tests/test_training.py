@@ -128,6 +128,7 @@ def final_weights(out_dir):
     return load_file(f"{out_dir}/checkpoints/{latest}/projection.safetensors")
 
 
+@pytest.mark.slow
 def test_training_memorises_a_few_images_and_greedy_reproduces_them(cap, tmp_path):
     out = tmp_path / "run"
     proc = run_train(cap, out, "--epochs", 60, "--batch_size", 4, "--lr", 3e-3, "--warmup_steps", 5,
@@ -157,6 +158,7 @@ def test_two_data_parallel_ranks_equal_one_process(cap, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_resumed_run_equals_uninterrupted_run(cap, tmp_path):
     args = ["--epochs", 3, "--batch_size", 4, "--lr", 1e-3, "--grad_accum", 2, "--save_every", 100]
     run_train(cap, tmp_path / "full", *args)
@@ -184,6 +186,7 @@ def logged_rows(run_dir):
 
 
 @pytest.mark.parametrize("where", ["epoch end", "mid-epoch"])
+@pytest.mark.slow
 def test_a_resumed_run_logs_every_row_the_uninterrupted_run_logs(cap, tmp_path, where):
     args = ["--epochs", 2, "--batch_size", 2, "--lr", 1e-3, "--log_every", 1, "--val_images", cap["val_images"],
             "--val_annotations", cap["val_ann"], "--captions", "one", "--save_every", 100]
@@ -284,6 +287,7 @@ def test_malformed_annotations_name_the_file(cap, tmp_path):
     assert proc.returncode == 2 and "has no file_name" in proc.stderr
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_a_message(cap, tmp_path):
     assert extract(cap, tmp_path / "feats").returncode == 0
     for part in (tmp_path / "feats").glob("part-*.safetensors"):

@@ -136,6 +136,7 @@ def test_bad_encoder_flags_are_one_line_errors(oc, cap, tmp_path):
 
 
 @pytest.mark.parametrize("which, kind", [("vit", "pooled"), ("timm", "patch")])
+@pytest.mark.slow
 def test_training_and_inference_with_an_open_clip_encoder(oc, cap, process_group, tmp_path, which, kind):
     cfg, weights = oc[which]
     run = tmp_path / "run"
