@@ -215,6 +215,9 @@ def test_unfinished_feature_cache_of_other_settings_is_refused(cap, process_grou
     (InferenceConfig, dict(top_p=1.5), "--top_p must be in (0, 1]"),
     (InferenceConfig, dict(top_p=0), "--top_p must be in (0, 1]"),
     (FeaturesConfig, dict(batch_size=0), "--batch_size must be at least 1"),
+    (TrainConfig, dict(projection="transformer", mapper_width=100), "--mapper_width 100 must be a multiple of 64"),
+    (TrainConfig, dict(scst_samples=-1), "--scst_samples must be at least 1"),
+    (TrainConfig, dict(model_parallel=-2), "--model_parallel must be at least 0"),
 ])
 def test_bad_flags_are_refused_by_the_config(cls, flags, message):
     base = {"ckpt_dir": "c", "tokenizer_path": "t", "clip_model": "m", "train_images": "i", "out_dir": "o",

@@ -228,3 +228,9 @@ def test_a_resumed_scst_run_needs_not_its_init_from_folder(cap, trained, tmp_pat
     shutil.rmtree(init)
     proc = scst_run(cap, str(init), out, "--resume")
     assert proc.returncode == 0 and "resumed from" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_init_from_an_mlp_run_ignores_the_mapper_flags(cap, trained, tmp_path):
+    """The mapper's sizes do not apply to an MLP projection: another --mapper_width is no difference."""
+    proc = scst_run(cap, trained, tmp_path / "scst", "--mapper_width", 128, "--stop_after_steps", 1)
+    assert proc.returncode == 0, proc.stderr[-2000:]
