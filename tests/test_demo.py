@@ -131,3 +131,16 @@ def test_demo_on_another_coco_format_dataset_with_an_open_clip_encoder(tmp_path,
     build_llama_standin(paths, SCALES["small"], logged.append, paths["train_images"], paths["train_ann"])
     assert logged == [f"stand-in LLaMA: reusing {paths['ckpt_dir']}"]
     assert new_run_folder(paths["runs"]).endswith("002")
+
+
+def test_a_dataset_too_small_for_the_demo_is_refused_before_the_stand_ins(cap, tmp_path):
+    from llama_caption.errors import UserError
+    from llama_caption.tools.demo.build import DemoConfig, run_demo
+
+    with pytest.raises(UserError, match="6 captioned training image.*batches of 32 captions.*SCST on 16 images"):
+        run_demo(DemoConfig(scale="small", root=str(tmp_path / "r"), images=cap["images"], annotations=cap["ann"],
+                            val_images=cap["val_images"], val_annotations=cap["val_ann"]), log=lambda m: None)
+    with pytest.raises(UserError, match="0 validation image"):
+        run_demo(DemoConfig(scale="small", root=str(tmp_path / "r"), images=cap["images"], annotations=cap["ann"],
+                            val_images=cap["images"], val_annotations=cap["val_ann"], scst_epochs=0), log=lambda m: None)
+    assert not list((tmp_path / "r").rglob("standins/*"))  # nothing was built

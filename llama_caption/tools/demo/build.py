@@ -299,9 +299,27 @@ def prepare_data(cfg: DemoConfig, s: dict, log) -> Dict[str, str]:
     else:
         split = held_out_split(cfg.images, cfg.annotations, paths["data"], log)
         paths.update(train_ann=split["train"], val_ann=split["val"])
+    check_split_sizes(cfg, s, paths)
     log(f"dataset: {cfg.images} ({paths['train_ann']}), validation {paths['val_images']} ({paths['val_ann']}); "
         f"stand-ins and runs under {paths['root']}")
     return paths
+
+
+def check_split_sizes(cfg: DemoConfig, s: dict, paths: Dict[str, str]) -> None:
+    """Before minutes of stand-in building: enough captions for one training batch (and images
+    for one SCST batch), and two validation images for the shuffled control."""
+    val = [r for r in load_coco(paths["val_images"], paths["val_ann"]) if os.path.isfile(r.path)]
+    if len(val) < 2:
+        raise UserError(f"{paths['val_ann']}: {len(val)} validation image(s) found under {paths['val_images']}: the demo "
+                        f"needs at least 2 (the control captions each from another's features)")
+    train = captioned_records(paths["train_images"], paths["train_ann"])
+    n_caps = sum(len(r.captions) for r in train)
+    scst = (s["scst_epochs"] if cfg.scst_epochs is None else cfg.scst_epochs) > 0
+    need_images = s["scst_batch"] if scst else 1
+    if n_caps < s["batch_size"] or len(train) < need_images:
+        raise UserError(f"{paths['train_ann']}: {len(train)} captioned training image(s) with {n_caps} caption(s); the "
+                        f"{cfg.scale} demo trains on batches of {s['batch_size']} captions" +
+                        (f" and SCST on {need_images} images" if scst else "") + ": give a larger --images set")
 
 
 def caption(paths, checkpoint: str, name: str, folder: str, log, extra=()) -> dict:

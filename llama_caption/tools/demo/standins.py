@@ -19,7 +19,8 @@ from ...vision import import_clip
 
 
 def pretrain_llama(groups: List[List[str]], tokenizer: Tokenizer, params: dict, steps: int = 300,
-                   batch_size: int = 64, lr: float = 3e-3, seed: int = 0, log=None) -> Dict[str, torch.Tensor]:
+                   batch_size: int = 64, lr: float = 3e-3, seed: int = 0, log=None,
+                   length_groups: int = 1) -> Dict[str, torch.Tensor]:
     """Train a small LLaMA (model-parallel size 1 must be initialised) as a language model;
     return its full state dict in Meta's layout.
 
@@ -28,6 +29,9 @@ def pretrain_llama(groups: List[List[str]], tokenizer: Tokenizer, params: dict, 
     language, the model so learns to carry what an earlier part of its context says into what
     it writes next, the in-context skill that lets a large LLaMA read an image prefix; a tiny
     model trained on single captions never learns to look back and ignores the prefix.
+
+    length_groups > 1: the sequences of that many batches are drawn at once and sorted by length
+    before they are cut into batches (taken in random order), so that a batch pads little.
     """
     args = ModelArgs.from_params(params, vocab_size=tokenizer.n_words, max_seq_len=128)
     g = torch.Generator().manual_seed(seed)
@@ -42,9 +46,16 @@ def pretrain_llama(groups: List[List[str]], tokenizer: Tokenizer, params: dict, 
             seqs.append((grp[i] + grp[j])[: args.max_seq_len])
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    queue: List[List[int]] = []
     for step in range(steps):
-        idx = torch.randint(0, len(seqs), (batch_size,), generator=g).tolist()
-        batch = [seqs[i] for i in idx]
+        if not queue:
+            idx = torch.randint(0, len(seqs), (batch_size * length_groups,), generator=g).tolist()
+            if length_groups > 1:  # sorted by length, cut into batches, taken in random order
+                idx.sort(key=lambda i: len(seqs[i]))
+                queue = [idx[k * batch_size:(k + 1) * batch_size] for k in torch.randperm(length_groups, generator=g).tolist()]
+            else:
+                queue = [idx]
+        batch = [seqs[i] for i in queue.pop()]
         L = max(len(s) for s in batch)
         x = torch.zeros(batch_size, L - 1, dtype=torch.long)
         y = torch.full((batch_size, L - 1), -100, dtype=torch.long)
@@ -63,11 +74,11 @@ def pretrain_llama(groups: List[List[str]], tokenizer: Tokenizer, params: dict, 
 
 
 def build_llama(out_dir: str, groups: List[List[str]], params: dict, vocab_size: int = 256, steps: int = 300,
-                seed: int = 0, log=None) -> Dict[str, str]:
+                seed: int = 0, log=None, length_groups: int = 1) -> Dict[str, str]:
     """Tokenizer + pretrained stand-in LLaMA in Meta's layout: out_dir/tokenizer.model and
     out_dir/llama/{params.json, consolidated.00.pth}. `groups`: the captions of each image."""
     tok = train_tokenizer([t for grp in groups for t in grp], vocab_size, os.path.join(out_dir, "tokenizer.model"))
-    sd = pretrain_llama(groups, tok, params, steps=steps, seed=seed, log=log)
+    sd = pretrain_llama(groups, tok, params, steps=steps, seed=seed, log=log, length_groups=length_groups)
     write_meta_checkpoint(os.path.join(out_dir, "llama"), dict(params, vocab_size=-1), sd)
     return {"tokenizer": tok.path, "ckpt_dir": os.path.join(out_dir, "llama")}
 
