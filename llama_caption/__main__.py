@@ -46,6 +46,8 @@ def run(name: str, argv: List[str]) -> None:
 
     module, attr, _ = COMMANDS[name]
     entry = getattr(importlib.import_module(module), attr)
+    if any(a in ("-h", "--help") for a in argv):  # fire's own help (the entry takes unknown flags to refuse them)
+        argv = [a for a in argv if a not in ("-h", "--help")] + ["--", "--help"]
     # Under torchrun, any exception a rank raises goes into the launcher's error file, so its
     # report ends in the real cause (bad input is already one line there: errors.py).
     record(lambda: fire.Fire(entry, command=list(argv), name=name))()

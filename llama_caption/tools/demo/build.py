@@ -28,6 +28,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional
@@ -48,14 +49,15 @@ from .standins import build_llama, text_embeddings, train_clip
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 SCALES = {
-    # train/val images, CLIP steps, LLaMA steps, cross-entropy epochs, SCST epochs
-    "full": dict(train=2000, val=200, image_size=32, clip_steps=1200, llama_steps=600, epochs=3, batch_size=64,
-                 lr=2e-3, scst_epochs=2, scst_batch=32, scst_lr=1e-3),
-    "small": dict(train=300, val=50, image_size=32, clip_steps=250, llama_steps=150, epochs=2, batch_size=32,
-                  lr=2e-3, scst_epochs=1, scst_batch=16, scst_lr=1e-3),
+    # train/val images, CLIP steps and learning rate, LLaMA steps, cross-entropy epochs, SCST
+    # epochs and sampling temperature
+    "full": dict(train=2000, val=200, image_size=32, clip_steps=800, clip_lr=2e-3, llama_steps=600, epochs=2,
+                 batch_size=64, lr=4e-3, scst_epochs=2, scst_batch=32, scst_lr=1e-3, scst_temperature=0.5),
+    "small": dict(train=300, val=50, image_size=32, clip_steps=250, clip_lr=1e-3, llama_steps=150, epochs=2,
+                  batch_size=32, lr=2e-3, scst_epochs=1, scst_batch=16, scst_lr=1e-3, scst_temperature=0.5),
 }
 # The transformer mapper's size for the demo, and its cross-entropy learning rate (it trains
-# better at half the MLP's).
+# better at a lower one than the MLP's).
 PROJECTION_FLAGS = {"transformer": ["--mapper_width", 128, "--mapper_layers", 2]}
 XE_LR = {"transformer": 1e-3}
 LLAMA_PARAMS = dict(dim=128, n_layers=4, n_heads=4, multiple_of=64, norm_eps=1e-5)
@@ -149,8 +151,9 @@ def build_clip_standin(paths: Dict[str, str], s: dict, log, images: str, annotat
     log(f"training the stand-in CLIP on {len(recs)} images ({s['clip_steps']} steps)...")
     pixels = preprocess_all([r.path for r in recs], s["image_size"])
     cs = CLIP_SETTINGS
-    model = train_clip(pixels, [r.captions for r in recs], steps=s["clip_steps"], batch_size=cs["batch_size"],
-                       width=cs["width"], layers=cs["layers"], patch=cs["patch"], embed_dim=cs["embed_dim"], log=log)
+    model = train_clip(pixels, [r.captions for r in recs], steps=s["clip_steps"], lr=s["clip_lr"],
+                       batch_size=cs["batch_size"], width=cs["width"], layers=cs["layers"], patch=cs["patch"],
+                       embed_dim=cs["embed_dim"], log=log)
     build_tiny_clip(paths["clip"], model=model)
     log(f"  CLIP stand-in saved as {paths['clip']} ({time.time() - t0:.0f} s)")
     if os.path.isdir(paths["features"]):  # the caches of the CLIP it replaces
@@ -167,12 +170,19 @@ def build_clip_standin(paths: Dict[str, str], s: dict, log, images: str, annotat
     write_json(stamp, settings)
 
 
-def build_llama_standin(paths: Dict[str, str], s: dict, log, images: str, annotations: str) -> None:
-    """Pretrain and save the stand-in LLaMA unless the cached one matches the settings."""
+def llama_standin_stamp(paths: Dict[str, str], s: dict, images: str, annotations: str) -> tuple:
+    """The stand-in LLaMA's stamp file, the settings it must hold, and whether the cached
+    LLaMA matches them."""
     settings = {"scale": s, "llama": LLAMA_PARAMS, "images": os.path.abspath(images),
                 "annotations": os.path.abspath(annotations)}
     stamp = os.path.join(paths["standins"], "llama_settings.json")
-    if stamp_ok(stamp, settings) and os.path.isfile(os.path.join(paths["ckpt_dir"], "params.json")):
+    return stamp, settings, stamp_ok(stamp, settings) and os.path.isfile(os.path.join(paths["ckpt_dir"], "params.json"))
+
+
+def build_llama_standin(paths: Dict[str, str], s: dict, log, images: str, annotations: str) -> None:
+    """Pretrain and save the stand-in LLaMA unless the cached one matches the settings."""
+    stamp, settings, cached = llama_standin_stamp(paths, s, images, annotations)
+    if cached:
         log(f"stand-in LLaMA: reusing {paths['ckpt_dir']}")
         return
     recs = captioned_records(images, annotations)
@@ -184,22 +194,101 @@ def build_llama_standin(paths: Dict[str, str], s: dict, log, images: str, annota
     write_json(stamp, settings)
 
 
-def torchrun(*args, log=print, quiet=False) -> str:
-    """Run one of the project's scripts under torchrun (one CPU process), as a user would."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--standalone", *map(str, args)]
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1)),
-               PYTHONWARNINGS="ignore")
-    log("$ torchrun --nproc_per_node 1 " + " ".join(map(str, args)))
+def cpu_plan() -> tuple:
+    """(slots, threads): how many commands the demo runs side by side, and the threads of each.
+
+    The demo's models are so small that a process gains little from a second thread (and on a
+    busy machine an OpenMP team of two can wait on a descheduled thread), while two
+    single-threaded processes use two cores fully; so on two cores or more two commands run at
+    once (the two cross-entropy runs, their captioning, the two feature caches, ...), with the
+    cores shared between them. OMP_NUM_THREADS, when set, is the threads of each."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    slots = 2 if cores >= 2 else 1
+    threads = int(os.environ["OMP_NUM_THREADS"]) if os.environ.get("OMP_NUM_THREADS", "").isdigit() else None
+    return slots, max(1, threads or cores // slots)
+
+
+def last_lines(text: str, n: int = 30) -> str:
+    """The last n lines of captured stderr, progress bars reduced to their final state."""
+    lines = [l.split("\r")[-1] for l in (text or "").splitlines()]
+    return "\n".join([l for l in lines if l.strip()][-n:])
+
+
+def torchrun(*args, log=print, quiet=False, nproc: int = 1, threads: Optional[int] = None,
+             progress: bool = True) -> str:
+    """Run one of the project's scripts under torchrun (nproc CPU processes), as a user would.
+
+    quiet: neither its output nor its progress bars are shown (only its errors); progress False:
+    its output is shown when it ends, its progress bars not at all (another command is running)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone", *map(str, args)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads or cpu_plan()[1]), PYTHONWARNINGS="ignore")
+    log(f"$ torchrun --nproc_per_node {nproc} " + " ".join(map(str, args)))
+    capture = quiet or not progress
     proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE if quiet else None, text=True)
+                          stderr=subprocess.PIPE if capture else None, text=True)
     if proc.stdout and not quiet:
         log(proc.stdout.rstrip())
     if proc.returncode != 0:
         what = " ".join(map(str, args[:2])) if args[0] == "-m" else args[0]
         errors = [l for l in (proc.stderr or "").splitlines() if l.startswith("error: ")]
+        if capture and not errors:
+            log(last_lines(proc.stderr))
         raise UserError(f"{what} failed (exit {proc.returncode})" + (f": {errors[-1][7:]}" if errors else
                                                                      "; see its messages above"))
     return proc.stdout
+
+
+class Jobs:
+    """The demo's steps as named jobs with dependencies, run at most `slots` at a time in the
+    order they were added (a job of width w takes w slots); each job is a function run in a
+    thread of this process, which waits on its command or child process. Records each job's
+    seconds; the first error is raised once the running jobs have ended."""
+
+    def __init__(self, slots: int, log):
+        self.slots, self.log = slots, log
+        self.jobs: Dict[str, tuple] = {}
+        self.seconds: Dict[str, float] = {}
+        self.results: Dict[str, object] = {}
+
+    def add(self, name: str, fn, after=(), width: int = 1) -> None:
+        """A job that starts once the jobs `after` (those added before it) have ended."""
+        self.jobs[name] = (fn, tuple(a for a in after if a in self.jobs), min(width, self.slots))
+
+    def run(self) -> Dict[str, object]:
+        from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+        waiting, running, error = list(self.jobs), {}, None
+        with ThreadPoolExecutor(self.slots) as pool:
+            while waiting or running:
+                busy = sum(self.jobs[n][2] for n in running.values())
+                for name in list(waiting) if error is None else []:
+                    fn, after, width = self.jobs[name]
+                    if all(a in self.results for a in after) and busy + width <= self.slots:
+                        waiting.remove(name)
+                        running[pool.submit(self._timed, name, fn)] = name
+                        busy += width
+                if not running:
+                    break
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for f in done:
+                    name = running.pop(f)
+                    try:
+                        self.results[name] = f.result()
+                    except BaseException as e:  # re-raised once the others have ended
+                        error = error or e
+        if error is not None:
+            raise error
+        return self.results
+
+    def _timed(self, name: str, fn):
+        t0 = time.time()
+        out = fn()
+        self.seconds[name] = time.time() - t0
+        self.log(f"[{name}: {self.seconds[name]:.0f} s]")
+        return out
 
 
 def encoder_flags(cfg, paths: Dict[str, str]) -> List[str]:
@@ -217,13 +306,13 @@ def features_dir(cfg, paths: Dict[str, str]) -> str:
     return paths["features"] + "-" + hashlib.sha256(identity.encode()).hexdigest()[:10]
 
 
-def ensure_features(paths: Dict[str, str], encoder: List[str], folder: str, log=print) -> str:
-    """Feature caches of both splits (the features command, skipped when complete)."""
-    for split in ("train", "val"):
-        torchrun("-m", "llama_caption", "features", *encoder, "--images", paths[f"{split}_images"],
-                 "--annotations", paths[f"{split}_ann"], "--out", os.path.join(folder, split), "--num_workers", 0,
-                 "--batch_size", 256, log=log, quiet=True)
-    return os.path.join(folder, "train")
+def features(paths: Dict[str, str], encoder: List[str], folder: str, split: str, log=print, **run) -> str:
+    """The feature cache of one split (the features command; it only checks a complete one)."""
+    out = os.path.join(folder, split)
+    torchrun("-m", "llama_caption", "features", *encoder, "--images", paths[f"{split}_images"],
+             "--annotations", paths[f"{split}_ann"], "--out", out, "--num_workers", 0,
+             "--batch_size", 256, log=log, quiet=True, **run)
+    return out
 
 
 @dataclass
@@ -322,62 +411,131 @@ def check_split_sizes(cfg: DemoConfig, s: dict, paths: Dict[str, str]) -> None:
                         (f" and SCST on {need_images} images" if scst else "") + ": give a larger --images set")
 
 
-def caption(paths, checkpoint: str, name: str, folder: str, log, extra=()) -> dict:
-    """captioning_inference.py on the validation images; its results and metrics."""
+def caption(paths, checkpoint: str, name: str, folder: str, log, extra=(), **run) -> dict:
+    """The caption command on the validation images; its results and metrics."""
     res = os.path.join(folder, f"{name}.json")
     printed = torchrun("-m", "llama_caption", "caption", "--ckpt_dir", paths["ckpt_dir"], "--tokenizer_path",
                        paths["tokenizer"], "--checkpoint", checkpoint, "--images", paths["val_images"],
                        "--annotations", paths["val_ann"], "--out", res, "--batch_size", 50, "--num_workers", 0,
-                       *extra, log=log)
+                       *extra, log=log, **run)
     with open(res) as f, open(os.path.join(folder, f"{name}.metrics.json")) as m:
         return {"results": json.load(f), "printed": printed, "metrics": json.load(m)["metrics"]}
+
+
+def print_flush(message: str) -> None:
+    print(message, flush=True)
+
+
+def llama_standin_process(paths: Dict[str, str], s: dict, images: str, annotations: str, threads: int) -> None:
+    """build_llama_standin in a child process (while this one trains the stand-in CLIP)."""
+    torch.set_num_threads(threads)
+    with distributed.session(mp_size=1, device="cpu", quiet=True):
+        build_llama_standin(paths, s, print_flush, images, annotations)
+
+
+def in_child_process(fn, *args) -> None:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
+        child.submit(fn, *args).result()
 
 
 def run_demo(cfg: DemoConfig, log=print) -> dict:
     check_output_dir(cfg.root, "--root")
     s = SCALES[cfg.scale]
     t_start = time.time()
-    paths = prepare_data(cfg, s, log)
-    with distributed.session(mp_size=1, device="cpu", quiet=False):  # the stand-in LLaMA is built in this process
-        if not cfg.clip_model:
-            build_clip_standin(paths, s, log, paths["train_images"], paths["train_ann"])
-        build_llama_standin(paths, s, log, paths["train_images"], paths["train_ann"])
+    lock = threading.Lock()
+
+    def say(message: str) -> None:  # jobs run side by side: one message at a time
+        with lock:
+            log(message)
+            sys.stdout.flush()
+
+    paths = prepare_data(cfg, s, say)
+    slots, threads = cpu_plan()
+    alone = dict(progress=slots == 1)  # progress bars only when one command runs at a time
+    jobs = Jobs(slots, say)
     encoder, feats = encoder_flags(cfg, paths), features_dir(cfg, paths)
-    ensure_features(paths, encoder, feats, log)
     run = new_run_folder(paths["runs"])
+    say(f"{slots} command(s) at a time, {threads} thread(s) each; this run: {run}")
+
+    # The stand-ins, the LLaMA in a child process while this one trains the CLIP; the feature
+    # caches as soon as the CLIP is there.
+    def llama_job():
+        if llama_standin_stamp(paths, s, paths["train_images"], paths["train_ann"])[2]:
+            build_llama_standin(paths, s, say, paths["train_images"], paths["train_ann"])  # says it reuses it
+        else:
+            in_child_process(llama_standin_process, paths, s, paths["train_images"], paths["train_ann"], threads)
+
+    def clip_job():
+        torch.set_num_threads(threads)
+        build_clip_standin(paths, s, say, paths["train_images"], paths["train_ann"])
+
+    jobs.add("stand-in LLaMA", llama_job)
+    if not cfg.clip_model:
+        jobs.add("stand-in CLIP", clip_job)
+    for split in ("train", "val"):
+        jobs.add(f"features {split}", lambda split=split: features(paths, encoder, feats, split, say, threads=threads),
+                 after=["stand-in CLIP"])
     common = ["--ckpt_dir", paths["ckpt_dir"], "--tokenizer_path", paths["tokenizer"], *encoder,
               "--train_images", paths["train_images"], "--train_annotations", paths["train_ann"],
               "--features", os.path.join(feats, "train"), "--val_images", paths["val_images"],
               "--val_annotations", paths["val_ann"], "--val_features", os.path.join(feats, "val"), "--prefix_len", 4,
               "--num_workers", 0, "--log_every", 20, "--save_every", 100000]
-    stages, seconds = {}, {}
+    ready = ["stand-in LLaMA", "features train", "features val"]
+
+    # Cross-entropy with each projection side by side, each captioning val when it is done.
     for proj in cfg.projections:
         folder = os.path.join(run, f"xe-{proj}")
-        t0 = time.time()
-        torchrun("-m", "llama_caption", "train", *common, "--out_dir", folder, "--projection", proj, "--epochs", s["epochs"],
-                 "--batch_size", s["batch_size"], "--lr", XE_LR.get(proj, s["lr"]), "--warmup_steps", 50,
-                 *PROJECTION_FLAGS.get(proj, []), log=log)
-        seconds[f"xe-{proj}"] = time.time() - t0
-        stages[f"xe-{proj}"] = caption(paths, folder, "captions", folder, log, ["--gallery", 24])
-    best = max(cfg.projections, key=lambda p: stages[f"xe-{p}"]["metrics"]["CIDEr"])
-    final = os.path.join(run, f"xe-{best}")
+        jobs.add(f"xe-{proj}", lambda proj=proj, folder=folder: torchrun(
+            "-m", "llama_caption", "train", *common, "--out_dir", folder, "--projection", proj, "--epochs", s["epochs"],
+            "--batch_size", s["batch_size"], "--lr", XE_LR.get(proj, s["lr"]), "--warmup_steps", 50,
+            *PROJECTION_FLAGS.get(proj, []), log=say, threads=threads, **alone), after=ready)
+        jobs.add(f"caption xe-{proj}", lambda folder=folder: caption(paths, folder, "captions", folder, say,
+                                                                     ["--gallery", 24], threads=threads, **alone),
+                 after=[f"xe-{proj}"])
+    xe_captions = [f"caption xe-{p}" for p in cfg.projections]
+
+    def best_projection() -> str:
+        return max(cfg.projections, key=lambda p: jobs.results[f"caption xe-{p}"]["metrics"]["CIDEr"])
+
+    # SCST from the better one, alone, data-parallel over the slots; then its captions and the
+    # control side by side.
     scst_epochs = s["scst_epochs"] if cfg.scst_epochs is None else cfg.scst_epochs
-    if scst_epochs:
-        final = os.path.join(run, "scst")
-        t0 = time.time()
-        torchrun("-m", "llama_caption", "train", *common, "--out_dir", final, "--projection", best,
+
+    def final() -> str:
+        return os.path.join(run, "scst" if scst_epochs else f"xe-{best_projection()}")
+
+    def scst_job():
+        best = best_projection()
+        torchrun("-m", "llama_caption", "train", *common, "--out_dir", final(), "--projection", best,
                  *PROJECTION_FLAGS.get(best, []),
                  "--objective", "scst", "--init_from", os.path.join(run, f"xe-{best}"), "--scst_samples", 5,
-                 "--epochs", scst_epochs, "--batch_size", s["scst_batch"], "--lr", s["scst_lr"], "--warmup_steps", 0,
-                 "--max_caption_len", 20, log=log)
-        seconds["scst"] = time.time() - t0
-        stages["scst"] = caption(paths, final, "captions", final, log, ["--gallery", 24])
-    stages["control"] = caption(paths, final, "control", final, log, ["--gallery", 0, "--control_shuffle", "True"])
+                 "--scst_temperature", s["scst_temperature"], "--epochs", scst_epochs, "--batch_size", s["scst_batch"],
+                 "--lr", s["scst_lr"], "--warmup_steps", 0, "--max_caption_len", 20, log=say, nproc=slots,
+                 threads=threads)
+
+    if scst_epochs:
+        jobs.add("scst", scst_job, after=xe_captions, width=slots)
+        jobs.add("caption scst", lambda: caption(paths, final(), "captions", final(), say, ["--gallery", 24],
+                                                 threads=threads, **alone), after=["scst"])
+    jobs.add("caption control", lambda: caption(paths, final(), "control", final(), say,
+                                                ["--gallery", 0, "--control_shuffle", "True"], threads=threads, **alone),
+             after=["scst"] + xe_captions)
+    jobs.run()
+
+    best = best_projection()
+    stages = {f"xe-{p}": jobs.results[f"caption xe-{p}"] for p in cfg.projections}
+    if scst_epochs:
+        stages["scst"] = jobs.results["caption scst"]
+    stages["control"] = jobs.results["caption control"]
     truth = None
     if paths["val_attrs"] and os.path.isfile(paths["val_attrs"]):
         with open(paths["val_attrs"]) as f:
             truth = json.load(f)
-    report = {"best_projection": best, "final": final, "stages": {}, "stage_seconds": seconds}
+    report = {"best_projection": best, "final": final(), "stages": {}, "slots": slots, "threads": threads,
+              "stage_seconds": {k: round(v, 1) for k, v in jobs.seconds.items()}}
     for name, out in stages.items():
         report["stages"][name] = {"metrics": out["metrics"]}
         if truth:
