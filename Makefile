@@ -19,7 +19,7 @@ $(STAMP): requirements.txt setup.py
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
-# The quick tier: tests that start no process (no torchrun, no Java scorer, no demo), about a minute.
+# The quick tier: tests that start no process (no torchrun, no Java scorer, no demo) and train briefly.
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
 
