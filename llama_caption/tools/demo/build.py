@@ -15,6 +15,12 @@
 4. A control run that captions every image from another image's features, and the attribute
    accuracy (shape, colour, background) of each.
 
+On two cores or more, steps that do not depend on each other run side by side, sharing the cores
+(cpu_plan: one thread each on two): the two stand-ins (each in a child process), the two
+feature caches, the two cross-entropy runs and their captioning, the SCST captions and the
+control; SCST itself runs alone, data-parallel on two processes. Each step's seconds are logged
+and kept in the report (stage_seconds). ^C stops every step at once.
+
 With `--images DIR --annotations FILE` the whole demo runs on that COCO-format dataset instead:
 the stand-ins are built from it, and the validation images are `--val_images/--val_annotations`
 or, without them, a held-out tenth of the given images (attribute accuracy is for the synthetic
@@ -138,12 +144,19 @@ def captioned_records(images: str, annotations: str):
     return recs
 
 
-def build_clip_standin(paths: Dict[str, str], s: dict, log, images: str, annotations: str) -> None:
-    """Train and save the stand-in CLIP unless the cached one matches the settings."""
+def clip_standin_stamp(paths: Dict[str, str], s: dict, images: str, annotations: str) -> tuple:
+    """The stand-in CLIP's stamp file, the settings it must hold, and whether the cached CLIP
+    matches them."""
     settings = {"scale": s, "clip": CLIP_SETTINGS, "images": os.path.abspath(images),
                 "annotations": os.path.abspath(annotations)}
     stamp = os.path.join(paths["standins"], "clip_settings.json")
-    if stamp_ok(stamp, settings) and os.path.isfile(paths["clip"]):
+    return stamp, settings, stamp_ok(stamp, settings) and os.path.isfile(paths["clip"])
+
+
+def build_clip_standin(paths: Dict[str, str], s: dict, log, images: str, annotations: str) -> None:
+    """Train and save the stand-in CLIP unless the cached one matches the settings."""
+    stamp, settings, cached = clip_standin_stamp(paths, s, images, annotations)
+    if cached:
         log(f"stand-in CLIP: reusing {paths['clip']}")
         return
     recs = captioned_records(images, annotations)
@@ -223,7 +236,8 @@ def torchrun(*args, log=print, quiet=False, nproc: int = 1, threads: Optional[in
 
     quiet: neither its output nor its progress bars are shown (only its errors); progress False:
     its output is shown when it ends, its progress bars not at all (another command is running)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone", *map(str, args)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone",
+           *map(str, args)]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads or cpu_plan()[1]), PYTHONWARNINGS="ignore")
     log(f"$ torchrun --nproc_per_node {nproc} " + " ".join(map(str, args)))
     capture = quiet or not progress
@@ -426,19 +440,30 @@ def print_flush(message: str) -> None:
     print(message, flush=True)
 
 
-def llama_standin_process(paths: Dict[str, str], s: dict, images: str, annotations: str, threads: int) -> None:
-    """build_llama_standin in a child process (while this one trains the stand-in CLIP)."""
+STANDINS = {"CLIP": (clip_standin_stamp, build_clip_standin), "LLaMA": (llama_standin_stamp, build_llama_standin)}
+
+
+def standin_process(which: str, paths: Dict[str, str], s: dict, images: str, annotations: str, threads: int) -> None:
+    """Build one stand-in (CLIP or LLaMA) in a child process: the two are built side by side."""
+    import contextlib
+
     torch.set_num_threads(threads)
-    with distributed.session(mp_size=1, device="cpu", quiet=True):
-        build_llama_standin(paths, s, print_flush, images, annotations)
+    model_parallel = which == "LLaMA"  # our LLaMA class needs the (size 1) model-parallel group
+    with distributed.session(mp_size=1, device="cpu", quiet=True) if model_parallel else contextlib.nullcontext():
+        STANDINS[which][1](paths, s, print_flush, images, annotations)
 
 
-def in_child_process(fn, *args) -> None:
+def build_standin(which: str, paths: Dict[str, str], s: dict, log, threads: int) -> None:
+    """A stand-in from the cache, or built in a child process (^C stops it at once)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
+    stamp_of, build = STANDINS[which]
+    if stamp_of(paths, s, paths["train_images"], paths["train_ann"])[2]:
+        build(paths, s, log, paths["train_images"], paths["train_ann"])  # says it reuses it
+        return
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
-        child.submit(fn, *args).result()
+        child.submit(standin_process, which, paths, s, paths["train_images"], paths["train_ann"], threads).result()
 
 
 def run_demo(cfg: DemoConfig, log=print) -> dict:
@@ -458,23 +483,13 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     jobs = Jobs(slots, say)
     encoder, feats = encoder_flags(cfg, paths), features_dir(cfg, paths)
     run = new_run_folder(paths["runs"])
-    say(f"{slots} command(s) at a time, {threads} thread(s) each; this run: {run}")
+    say(f"this run: {run}; up to {slots} command(s) at a time, {threads} thread(s) each" +
+        ("; a command's progress bars are shown when it runs alone" if slots > 1 else ""))
 
-    # The stand-ins, the LLaMA in a child process while this one trains the CLIP; the feature
-    # caches as soon as the CLIP is there.
-    def llama_job():
-        if llama_standin_stamp(paths, s, paths["train_images"], paths["train_ann"])[2]:
-            build_llama_standin(paths, s, say, paths["train_images"], paths["train_ann"])  # says it reuses it
-        else:
-            in_child_process(llama_standin_process, paths, s, paths["train_images"], paths["train_ann"], threads)
-
-    def clip_job():
-        torch.set_num_threads(threads)
-        build_clip_standin(paths, s, say, paths["train_images"], paths["train_ann"])
-
-    jobs.add("stand-in LLaMA", llama_job)
+    # The two stand-ins side by side; the feature caches as soon as the CLIP is there.
+    jobs.add("stand-in LLaMA", lambda: build_standin("LLaMA", paths, s, say, threads))
     if not cfg.clip_model:
-        jobs.add("stand-in CLIP", clip_job)
+        jobs.add("stand-in CLIP", lambda: build_standin("CLIP", paths, s, say, threads))
     for split in ("train", "val"):
         jobs.add(f"features {split}", lambda split=split: features(paths, encoder, feats, split, say, threads=threads),
                  after=["stand-in CLIP"])
@@ -521,8 +536,8 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
         jobs.add("caption scst", lambda: caption(paths, final(), "captions", final(), say, ["--gallery", 24],
                                                  threads=threads, **alone), after=["scst"])
     jobs.add("caption control", lambda: caption(paths, final(), "control", final(), say,
-                                                ["--gallery", 0, "--control_shuffle", "True"], threads=threads, **alone),
-             after=["scst"] + xe_captions)
+                                                ["--gallery", 0, "--control_shuffle", "True"],
+                                                threads=threads, **alone), after=["scst"] + xe_captions)
     jobs.run()
 
     best = best_projection()
@@ -535,6 +550,8 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
         with open(paths["val_attrs"]) as f:
             truth = json.load(f)
     report = {"best_projection": best, "final": final(), "stages": {}, "slots": slots, "threads": threads,
+              "serve": {"ckpt_dir": os.path.abspath(paths["ckpt_dir"]), "tokenizer_path": os.path.abspath(paths["tokenizer"]),
+                        "checkpoint": os.path.abspath(final()), "images": os.path.abspath(paths["val_images"])},
               "stage_seconds": {k: round(v, 1) for k, v in jobs.seconds.items()}}
     for name, out in stages.items():
         report["stages"][name] = {"metrics": out["metrics"]}
@@ -552,6 +569,23 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
 
 STAGE_LABELS = {"xe-mlp": "cross-entropy, MLP", "xe-linear": "cross-entropy, linear",
                 "xe-transformer": "cross-entropy, mapper", "scst": "SCST", "control": "shuffled control"}
+
+
+def newest_demo_run(root: str = "demo_runs") -> Dict[str, str]:
+    """The newest finished demo run under `root`: its LLaMA, tokenizer, final checkpoint and
+    validation images (what `make serve` and `bench-serve` use)."""
+    import glob
+
+    reports = [p for p in glob.glob(os.path.join(root, "*", "runs", "*", "demo_report.json"))]
+    for path in sorted(reports, key=os.path.getmtime, reverse=True):
+        try:
+            with open(path, encoding="utf-8") as f:
+                found = json.load(f).get("serve")
+        except (OSError, ValueError):
+            continue
+        if isinstance(found, dict) and all(os.path.exists(found.get(k) or "") for k in ("ckpt_dir", "checkpoint", "images")):
+            return found
+    raise UserError(f"no finished demo run under {root}/ (with its models still there): run `make demo` first")
 
 
 def print_report(report, stages, truth, run: str) -> None:

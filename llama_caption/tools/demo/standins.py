@@ -106,7 +106,8 @@ def train_clip(images: torch.Tensor, captions: List[List[str]], steps: int = 300
     # compact id: encode_text finds it by argmax.
     used = torch.unique(tokens)
     full_embedding = model.token_embedding
-    model.token_embedding = torch.nn.Embedding.from_pretrained(full_embedding.weight.detach()[used].clone(), freeze=False)
+    model.token_embedding = torch.nn.Embedding.from_pretrained(full_embedding.weight.detach()[used].clone(),
+                                                               freeze=False)
     tokens = torch.searchsorted(used, tokens)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
