@@ -19,21 +19,17 @@ from tqdm import tqdm
 
 from . import distributed
 from .config import command, setting
-from .llama.checkpoint import LlamaSettings
 from .llama.generation import check_sampling
-from .llama.static_decode import MODES
 from .data import ImageFiles, ImageRecord, collate, list_image_files, load_split, report_bad_images
 from .errors import UserError
 from .evaluation import format_table, metrics_record, score
 from .results import ResultsFiles, ordered, provenance, result_key, write_gallery
 from .fileio import write_json
-from .runs import find_checkpoint, load_captioner
-from .runtime import DTYPE_NAMES, resolve_dtype
+from .runs import CaptionerSettings, find_checkpoint
 
 
 @dataclass
-class InferenceConfig(LlamaSettings):
-    checkpoint: str = setting(help="a training run folder (its latest checkpoint) or one checkpoint folder.")
+class InferenceConfig(CaptionerSettings):
     images: List[str] = setting(help="--images DIR for a COCO split; or image files and folders of your own (no annotations): --images a.jpg b.png photos/")
     out: str = setting("results.json", "the COCO results file to write; RESULTS.run.json beside it records what made it, and a rerun with the same settings completes it.")
     overwrite: bool = setting(False, "replace the captions of an --out made with other settings (they are otherwise refused, never mixed).")
@@ -48,17 +44,12 @@ class InferenceConfig(LlamaSettings):
     top_p: float = setting(0.95, "nucleus-sampling threshold, in (0, 1].")
     num_beams: int = setting(1, "beam search with this many beams (1: greedy).")
     length_penalty: float = setting(1.0, "beam scores are log-probability / length**length_penalty.")
-    clip_model: Optional[str] = setting(None, "the CLIP file, when it moved since training (it must be the same model).")
-    clip_pretrained: Optional[str] = setting(None, "the open_clip weights file, when it moved since training (the same weights).")
     evaluate: bool = setting(True, "score against the annotations (BLEU, METEOR, ROUGE-L, CIDEr; SPICE when installed).")
     gallery: int = setting(0, "write RESULTS.gallery.html with the first N images.")
     num_workers: int = setting(2, "image-loading processes (0: load in the main process).")
-    dtype: str = setting("auto", "frozen LLaMA precision: auto (fp16 on CUDA, fp32 on CPU), fp32, fp16, bf16.")
     seed: int = setting(1, "random seed for sampling, the same on every rank.")
     save_every_s: float = setting(30.0, "seconds between rewrites of the results file while working.")
     control_shuffle: bool = setting(False, "a control experiment: caption each image from the CLIP features of the next image of the selection (by image id; never its own).")
-    decoder: str = setting("auto", "greedy/top-p decoder: auto (static on a CPU, where it is faster; eager on CUDA); eager; static (fixed-shape KV cache, batches padded to 1, 2, 4 ... 64 or --batch_size); compile (static through torch.compile); cuda_graph (static captured as CUDA graphs, CUDA only: not yet measured on a GPU by this project). Same captions in fp32; beam search is always eager.")
-    pack_weights: bool = setting(True, "on a CPU, decode with a copy of LLaMA's weights packed for oneDNN (faster; one extra copy in memory). No effect on CUDA.")
 
     def check(self) -> None:
         super().check()
@@ -73,19 +64,9 @@ class InferenceConfig(LlamaSettings):
             raise UserError(f"--fraction must be in (0, 1], got {self.fraction}")
         if (self.annotations or self.karpathy_split) and len(self.images) != 1:
             raise UserError("--images must be one folder when --annotations or --karpathy_split is given")
-        self.one_of("dtype", DTYPE_NAMES)
-        self.one_of("decoder", ("auto",) + MODES)
         if self.decoder not in ("auto", "eager") and self.num_beams > 1:
             raise UserError(f"--decoder {self.decoder} is for greedy and sampled captions; beam search (--num_beams > 1) "
                             f"runs eagerly: leave --decoder eager")
-
-    def resolve_decoder(self, device: torch.device) -> None:
-        """`auto`: the static decoder on a CPU (the same captions, faster there: docs/captioning.md),
-        the eager one on CUDA and for beam search."""
-        if self.decoder == "auto":
-            self.decoder = "static" if device.type == "cpu" and self.num_beams == 1 else "eager"
-        if self.decoder == "cuda_graph" and device.type != "cuda":
-            raise UserError("--decoder cuda_graph needs a CUDA device: use static or compile on the CPU")
 
     @property
     def annotated(self) -> bool:
@@ -212,11 +193,8 @@ def run(cfg: InferenceConfig) -> Optional[Dict]:
     with distributed.session(cfg.mp_size(), cfg.device, cfg.seed) as env:
         records = select_records(cfg, env.log)
         donor = control_donors(records) if cfg.control_shuffle else None
-        dtype = resolve_dtype(cfg.dtype, env.device)
-        cfg.resolve_decoder(env.device)
-        captioner, encoder, _ = load_captioner(cfg.checkpoint, cfg.open(), cfg.tokenizer_path, env.device, dtype,
-                                               cfg.max_gen_len, cfg.clip_model, cfg.clip_pretrained, cfg.decoder,
-                                               cfg.batch_size, cfg.pack_weights, env.log)
+        cfg.resolve_decoder(env.device, beams=cfg.num_beams > 1)
+        captioner, encoder, _, dtype = cfg.load(env.device, cfg.max_gen_len, cfg.batch_size, env.log)
         llama = cfg.open()
         made_by = provenance(find_checkpoint(cfg.checkpoint), llama, llama.tokenizer_file(cfg.tokenizer_path),
                              encoder.spec.identity, cfg.decoding(dtype), cfg.selection())

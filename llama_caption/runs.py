@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -24,9 +25,11 @@ from safetensors.torch import load_file, save_file
 
 from .captioner import (PROJECTION_FILE, Captioner, CaptionerConfig, check_encoder, check_window, load_projection,
                         save_projection)
-from .llama.checkpoint import LlamaCheckpoint, load_llama, open_checkpoint
-from .llama.static_decode import make_decoder
+from .config import setting
+from .llama.checkpoint import LlamaCheckpoint, LlamaSettings, load_llama, open_checkpoint
+from .llama.static_decode import MODES, make_decoder
 from .errors import UserError
+from .runtime import DTYPE_NAMES, resolve_dtype
 from .fileio import atomic_path, write_text
 from .vision import EncoderSpec, load_encoder
 
@@ -180,6 +183,42 @@ def load_captioner(checkpoint: str, llama: LlamaCheckpoint, tokenizer_path: Opti
     elif pack_weights and model.pack_weights():
         log("CPU decoding: LLaMA's weights packed for oneDNN (--pack_weights False to save the extra copy)")
     return Captioner(model, tokenizer, projection, cfg.style, make_decoder(model, decoder, batch_size)), encoder, cfg
+
+
+@dataclass(kw_only=True)
+class CaptionerSettings(LlamaSettings):
+    """The flags of every command that captions with a trained run (`caption`, `serve`): the
+    LLaMA (LlamaSettings), the checkpoint, where its CLIP moved to, precision and decoder.
+    `load` builds the captioner from them."""
+
+    checkpoint: str = setting(help="a training run folder (its latest checkpoint) or one checkpoint folder.")
+    clip_model: Optional[str] = setting(None, "the CLIP file, when it moved since training (it must be the same model).")
+    clip_pretrained: Optional[str] = setting(None, "the open_clip weights file, when it moved since training (the same weights).")
+    dtype: str = setting("auto", "frozen LLaMA precision: auto (fp16 on CUDA, fp32 on CPU), fp32, fp16, bf16.")
+    decoder: str = setting("auto", "greedy/top-p decoder: auto (static on a CPU, where it is faster; eager on CUDA); eager; static (fixed-shape KV cache, batches padded to 1, 2, 4 ... 64 or --batch_size); compile (static through torch.compile); cuda_graph (static captured as CUDA graphs, CUDA only: not yet measured on a GPU by this project). Same captions in fp32; beam search is always eager.")
+    pack_weights: bool = setting(True, "on a CPU, decode with a copy of LLaMA's weights packed for oneDNN (faster; one extra copy in memory). No effect on CUDA.")
+
+    def check(self) -> None:
+        super().check()
+        self.one_of("dtype", DTYPE_NAMES)
+        self.one_of("decoder", ("auto",) + MODES)
+
+    def resolve_decoder(self, device: torch.device, beams: bool = False) -> None:
+        """`auto`: the static decoder on a CPU (the same captions, faster there: docs/captioning.md),
+        the eager one on CUDA and for beam search (`beams`)."""
+        if self.decoder == "auto":
+            self.decoder = "static" if device.type == "cpu" and not beams else "eager"
+        if self.decoder == "cuda_graph" and device.type != "cuda":
+            raise UserError("--decoder cuda_graph needs a CUDA device: use static or compile on the CPU")
+
+    def load(self, device: torch.device, max_gen_len: int, batch_size: int, log=print):
+        """(captioner, encoder, CaptionerConfig, dtype): the trained captioner on `device`, with the
+        LLaMA opened once (`open()`) and the decoder resolved first."""
+        dtype = resolve_dtype(self.dtype, device)
+        captioner, encoder, cfg = load_captioner(self.checkpoint, self.open(), self.tokenizer_path, device, dtype,
+                                                 max_gen_len, self.clip_model, self.clip_pretrained, self.decoder,
+                                                 batch_size, self.pack_weights, log)
+        return captioner, encoder, cfg, dtype
 
 
 class MetricsLog:
