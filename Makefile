@@ -5,14 +5,14 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast demo bench clean
+.PHONY: install test test-fast demo serve bench bench-serve clean
 
 install: $(STAMP)
 
 $(STAMP): requirements.txt setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -r requirements.txt
-	$(PY) -m pip install -q --no-build-isolation -e ".[bench]"
+	$(PY) -m pip install -q --no-compile -r requirements.txt
+	$(PY) -m pip install -q --no-compile --no-build-isolation -e ".[bench]"
 	touch $(STAMP)
 
 # Everything (CI's).
@@ -25,6 +25,13 @@ test-fast: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m llama_caption demo
+
+# The caption server on the newest `make demo` run: http://127.0.0.1:8000 (ARGS="--port 8080" for more flags).
+serve: $(STAMP)
+	$(PY) -m llama_caption.tools.demo.serve $(ARGS)
+
+bench-serve: $(STAMP)
+	$(PY) -m llama_caption bench-serve
 
 bench: $(STAMP)
 	$(PY) -m llama_caption bench

@@ -1,7 +1,7 @@
 from setuptools import find_packages, setup
 
 with open("requirements.txt") as f:
-    requirements = [l.strip() for l in f if l.strip() and not l.startswith("#") and not l.startswith("pytest")]
+    requirements = [l.strip() for l in f if l.strip() and not l.startswith("#") and not l.startswith(("pytest", "playwright"))]
 
 setup(
     name="llama_caption",
@@ -10,5 +10,5 @@ setup(
     packages=find_packages(include=["llama_caption", "llama_caption.*"]),
     python_requires=">=3.10",
     install_requires=requirements,
-    extras_require={"bench": ["transformers>=4.40"], "test": ["pytest"]},
+    extras_require={"bench": ["transformers>=4.40"], "test": ["pytest", "playwright"]},
 )

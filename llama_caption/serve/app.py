@@ -1,0 +1,345 @@
+"""The HTTP side of the caption server: FastAPI routes, request checks, metrics and the page.
+
+    POST /v1/captions   images as multipart files (field `images`) or base64 in JSON (`{"images": [...]}`),
+                        with optional decoding settings; one caption per image, with times
+    GET  /health        200 once the model is loaded, 503 before
+    GET  /v1/model      what captions: the checkpoint, LLaMA and CLIP identities (as results record them)
+    GET  /metrics       Prometheus text format (prometheus_client)
+    GET  /              the page (static/index.html, served from here: no internet needed)
+
+Every error is `{"error": "one sentence"}` with a 4xx or 5xx status. Images are checked (type,
+truncation, Pillow's pixel limit, size) before they enter a batch, so a bad image fails only its
+own request. With an API key every route but /health needs it (`Authorization: Bearer KEY`, or
+`X-API-Key: KEY`; the page takes `?api_key=` and sends the header), compared in constant time.
+"""
+
+import asyncio
+import base64
+import binascii
+import hmac
+import io
+import json
+import os
+import time
+from typing import Callable, List, Optional
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from PIL import Image
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..data import open_rgb
+from ..llama.generation import check_sampling
+from ..errors import UserError
+from .batching import Batcher, Closed, Decoding, Job, QueueFull
+
+STATIC = os.path.join(os.path.dirname(__file__), "static")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, headers: Optional[dict] = None):
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers or {}
+
+
+class Limits(BaseModel):
+    """What one request may ask for (the server's flags)."""
+
+    max_images: int
+    max_upload_bytes: int
+    max_pixels: int
+    max_gen_len: int
+    max_beams: int
+
+
+# The JSON request and the response, for the OpenAPI schema (and the JSON body's parsing).
+class CaptionRequest(BaseModel):
+    images: List[str] = Field(description="base64-encoded image files (JPEG, PNG, ...); a data: URL prefix is accepted")
+    max_gen_len: Optional[int] = Field(None, description="the most tokens per caption (default and limit: the server's --max_gen_len)")
+    temperature: Optional[float] = Field(None, description="0: greedy; above 0: top-p sampling (the request's images alone in a batch)")
+    top_p: Optional[float] = Field(None, description="nucleus-sampling threshold, in (0, 1]")
+    seed: Optional[int] = Field(None, description="sampling seed: the same seed gives the same captions")
+    num_beams: Optional[int] = Field(None, description="beam search with this many beams (1: greedy)")
+    length_penalty: Optional[float] = Field(None, description="beam scores are log-probability / length**length_penalty")
+
+
+class CaptionOut(BaseModel):
+    caption: str
+    decode_s: float = Field(description="seconds to encode and decode the batch this image was in")
+    batch_images: int = Field(description="images in that batch (from every request in it)")
+
+
+class CaptionResponse(BaseModel):
+    captions: List[CaptionOut]
+    queue_s: float = Field(description="seconds waiting for a batch")
+    total_s: float = Field(description="seconds from the request's arrival to its answer")
+
+
+DECODING_FIELDS = ("max_gen_len", "temperature", "top_p", "seed", "num_beams", "length_penalty")
+
+
+class Metrics:
+    """The server's Prometheus metrics, in a registry of its own."""
+
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("llama_caption_requests", "caption requests answered, by HTTP status", ["status"], registry=r)
+        self.images = Counter("llama_caption_images", "images captioned", registry=r)
+        self.batches = Histogram("llama_caption_batch_images", "images per decoded batch",
+                                 buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
+        self.queue = Gauge("llama_caption_queue_images", "images waiting for a batch", registry=r)
+        self.latency = Histogram("llama_caption_request_seconds", "caption request latency, arrival to answer",
+                                 buckets=(.05, .1, .25, .5, 1, 2.5, 5, 10, 25, 60), registry=r)
+
+    def batch(self, n: int) -> None:
+        self.batches.observe(n)
+        self.images.inc(n)
+
+
+def check_decoding(values: dict, limits: Limits) -> Decoding:
+    """A request's decoding settings, defaults filled in; ApiError(400) naming a bad one."""
+    def number(name, kind, default):
+        v = values.get(name)
+        if v is None or v == "":
+            return default
+        if isinstance(v, str):  # multipart form fields are text
+            try:
+                v = json.loads(v)
+            except ValueError:
+                raise ApiError(400, f"{name} must be a number, got {v!r}") from None
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not float(v).is_integer()):
+            raise ApiError(400, f"{name} must be {'a whole number' if kind is int else 'a number'}, got {v!r}")
+        return kind(v)
+
+    unknown = sorted(set(values) - set(DECODING_FIELDS) - {"images"})
+    if unknown:
+        raise ApiError(400, f"unknown field {unknown[0]!r}: the settings are {', '.join(DECODING_FIELDS)}")
+    d = Decoding(max_gen_len=number("max_gen_len", int, limits.max_gen_len),
+                 temperature=number("temperature", float, 0.0), top_p=number("top_p", float, 0.95),
+                 seed=number("seed", int, 1), num_beams=number("num_beams", int, 1),
+                 length_penalty=number("length_penalty", float, 1.0))
+    if not 1 <= d.max_gen_len <= limits.max_gen_len:
+        raise ApiError(400, f"max_gen_len must be between 1 and {limits.max_gen_len} (the server's --max_gen_len), got {d.max_gen_len}")
+    if not 1 <= d.num_beams <= limits.max_beams:
+        raise ApiError(400, f"num_beams must be between 1 and {limits.max_beams} (the server's --max_beams), got {d.num_beams}")
+    if not 0 <= d.seed < 2 ** 63:
+        raise ApiError(400, f"seed must be between 0 and {2 ** 63 - 1}, got {d.seed}")
+    if d.num_beams > 1 and d.temperature > 0:
+        raise ApiError(400, "num_beams > 1 is beam search, which does not sample: leave temperature at 0")
+    if not 0 < d.length_penalty <= 10:
+        raise ApiError(400, f"length_penalty must be in (0, 10], got {d.length_penalty}")
+    try:
+        check_sampling(d.temperature, d.top_p)
+    except UserError as e:
+        raise ApiError(400, str(e).replace("--", "")) from None
+    return d
+
+
+def decode_image(data: bytes, name: str, limits: Limits, preprocess) -> torch.Tensor:
+    """An uploaded file's pixels as the captioner's encoder takes them; ApiError for a bad one."""
+    if not data:
+        raise ApiError(400, f"image {name} is empty")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+        if w * h > limits.max_pixels:
+            raise ApiError(413, f"image {name} is {w}x{h} = {w * h} pixels, over the server's --max_pixels {limits.max_pixels}")
+        return preprocess(open_rgb(io.BytesIO(data)))
+    except Image.DecompressionBombError as e:
+        raise ApiError(413, f"image {name} is a decompression bomb ({e})") from None
+    except (OSError, ValueError, SyntaxError, Image.UnidentifiedImageError) as e:
+        kind = "not an image Pillow can read" if isinstance(e, Image.UnidentifiedImageError) else f"unreadable ({e})"
+        raise ApiError(400, f"image {name} is {kind}".rstrip(".")) from None
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes `limit` bytes."""
+    declared = request.headers.get("content-length")
+    too_big = ApiError(413, f"the upload is over the server's --max_upload_mb {limit / 2 ** 20:g} MB")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def parse_request(request: Request, limits: Limits):
+    """(list of (name, bytes), settings dict) from a multipart or JSON request."""
+    body = await read_body(request, limits.max_upload_bytes)
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind == "multipart/form-data":
+        from starlette.datastructures import UploadFile
+
+        async def replay():  # the form parser reads the body we already hold
+            yield body
+
+        from starlette.formparsers import MultiPartParser
+
+        try:
+            form = await MultiPartParser(request.headers, replay(), max_files=limits.max_images + 1,
+                                         max_fields=len(DECODING_FIELDS) + 1).parse()
+        except Exception as e:  # python-multipart and Starlette raise several kinds for a malformed body
+            raise ApiError(400, f"malformed multipart body ({getattr(e, 'message', None) or e})") from None
+        files, settings = [], {}
+        for key, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                if key != "images":
+                    raise ApiError(400, f"upload files as the field 'images', not {key!r}")
+                files.append((value.filename or f"#{len(files) + 1}", await value.read()))
+            elif key == "images":
+                raise ApiError(400, "the field 'images' must hold files")
+            else:
+                settings[key] = value
+        return files, settings
+    if kind == "application/json":
+        try:
+            data = json.loads(body)
+        except ValueError as e:
+            raise ApiError(400, f"malformed JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise ApiError(400, 'the JSON body must be an object: {"images": ["<base64>", ...], ...}')
+        images = data.pop("images", None)
+        if not isinstance(images, list) or not all(isinstance(x, str) for x in images):
+            raise ApiError(400, 'the JSON body needs "images": a list of base64 strings')
+        files = []
+        for i, text in enumerate(images):
+            if text.startswith("data:") and "," in text:
+                text = text.split(",", 1)[1]
+            try:
+                files.append((f"#{i + 1}", base64.b64decode(text, validate=True)))
+            except (binascii.Error, ValueError):
+                raise ApiError(400, f"image #{i + 1} is not valid base64") from None
+        return files, data
+    if kind == "application/x-www-form-urlencoded":  # a form with no file fields: only settings
+        from urllib.parse import parse_qsl
+
+        settings = dict(parse_qsl(body.decode("utf-8", "replace")))
+        if "images" in settings:
+            raise ApiError(400, "the field 'images' must hold files: send multipart/form-data")
+        return [], settings
+    raise ApiError(415, "send multipart/form-data (files in the field 'images') or application/json (base64 images)")
+
+
+def create_app(batcher: Batcher, limits: Limits, preprocess: Callable, model_info: Callable[[], dict],
+               ready: Callable[[], bool], metrics: Metrics, api_key: Optional[str] = None) -> FastAPI:
+    """The FastAPI app. `preprocess`, `model_info` and `ready` are read when called: the model
+    loads while the server already answers /health with 503."""
+    app = FastAPI(title="llama_caption", version="1",
+                  description="Captions from a frozen CLIP and a frozen LLaMA joined by a trained prefix projection. "
+                              "/docs fetches Swagger UI from a CDN (it needs the internet); /openapi.json does not.",
+                  redoc_url=None)
+
+    def error(status: int, message: str, headers: Optional[dict] = None) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, e: ApiError):
+        return error(e.status, e.message, e.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException):
+        return error(e.status_code, str(e.detail), getattr(e, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, e: RequestValidationError):
+        first = e.errors()[0] if e.errors() else {}
+        where = ".".join(str(x) for x in first.get("loc", ()))
+        return error(400, f"{where}: {first.get('msg', 'invalid request')}")
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next):
+        if api_key and request.url.path != "/health":
+            given = request.headers.get("x-api-key") or ""
+            bearer = request.headers.get("authorization", "")
+            if bearer.lower().startswith("bearer "):
+                given = bearer[7:].strip()
+            if request.url.path in ("/", "/favicon.ico") and not given:
+                given = request.query_params.get("api_key", "")
+            if not hmac.compare_digest(given.encode(), api_key.encode()):
+                return error(401, "a valid API key is needed: send 'Authorization: Bearer KEY' (the server's --api_key)")
+        return await call_next(request)
+
+    @app.get("/health", summary="200 once the model is loaded (503 while it loads)")
+    async def health():
+        if not ready():
+            return error(503, "the model is still loading", {"Retry-After": "5"})
+        return {"status": "ok", "queue_images": batcher.depth()}
+
+    @app.get("/v1/model", summary="what captions: checkpoint, LLaMA, CLIP and default decoding, as results files record them")
+    async def model():
+        if not ready():
+            return error(503, "the model is still loading", {"Retry-After": "5"})
+        return dict(model_info(), limits=limits.model_dump())
+
+    @app.get("/metrics", summary="Prometheus metrics (text format)")
+    async def prometheus():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return FileResponse(os.path.join(STATIC, "index.html"), media_type="text/html")
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon():
+        return FileResponse(os.path.join(STATIC, "favicon.svg"), media_type="image/svg+xml")
+
+    body_schema = {
+        "requestBody": {"required": True, "content": {
+            "multipart/form-data": {"schema": {"type": "object", "required": ["images"], "properties": dict(
+                {"images": {"type": "array", "items": {"type": "string", "format": "binary"}}},
+                **{k: v for k, v in CaptionRequest.model_json_schema()["properties"].items() if k != "images"})}},
+            "application/json": {"schema": CaptionRequest.model_json_schema()},
+        }}}
+
+    @app.post("/v1/captions", response_model=CaptionResponse, openapi_extra=body_schema,
+              summary="caption one or more images (multipart files or base64 JSON)",
+              responses={400: {"description": "bad image or setting: {\"error\": ...}"},
+                         413: {"description": "upload, image or pixel count too large"},
+                         503: {"description": "queue full or shutting down (Retry-After)"}})
+    async def captions(request: Request):
+        arrived = time.monotonic()
+        status = 500
+        try:
+            if not ready():
+                raise ApiError(503, "the model is still loading", {"Retry-After": "5"})
+            files, settings = await parse_request(request, limits)
+            if not files:
+                raise ApiError(400, "no images: send at least one file in the field 'images'")
+            if len(files) > limits.max_images:
+                raise ApiError(400, f"{len(files)} images in one request, over the server's --max_images {limits.max_images}")
+            decoding = check_decoding(settings, limits)
+            pixels = await run_in_threadpool(
+                lambda: torch.stack([decode_image(data, name, limits, preprocess()) for name, data in files]))
+            try:
+                future = batcher.submit(Job(pixels, decoding))
+            except QueueFull:
+                raise ApiError(503, f"the queue is full ({batcher.max_queue} images, the server's --max_queue): retry shortly",
+                               {"Retry-After": "1"}) from None
+            except Closed:
+                raise ApiError(503, "the server is shutting down", {"Retry-After": "5"}) from None
+            try:
+                out = await asyncio.wrap_future(future)
+            except Exception as e:
+                raise ApiError(500, f"captioning failed: {type(e).__name__}: {e}") from None
+            status = 200
+            return {"captions": [{"caption": c, "decode_s": round(out["decode_s"], 4),
+                                  "batch_images": out["batch_images"]} for c in out["captions"]],
+                    "queue_s": round(out["queue_s"], 4), "total_s": round(time.monotonic() - arrived, 4)}
+        except ApiError as e:
+            status = e.status
+            raise
+        finally:
+            metrics.requests.labels(str(status)).inc()
+            metrics.latency.observe(time.monotonic() - arrived)
+
+    return app

@@ -1,0 +1,229 @@
+"""Dynamic batching: the images of concurrent requests are captioned together.
+
+Requests enter a queue (`Batcher.submit`); the decoding loop (`Batcher.next_batch`) takes the
+oldest request and every queued one that can share its batch (the same decoding settings), up to
+`max_batch` images, waiting at most `max_wait_s` after the oldest one arrived for the batch to
+fill. A request whose settings cannot share goes to a batch of its own: greedy and beam requests
+share when their settings are equal; a sampled request is always alone, so that its seed alone
+decides its captions. The loop is the only thread that runs the model; under model parallelism
+every rank runs each batch (`BatchRunner`: rank 0 broadcasts it first).
+"""
+
+import itertools
+import threading
+import time
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional
+
+import torch
+
+
+class QueueFull(Exception):
+    """More images are waiting than --max_queue allows."""
+
+
+class Closed(Exception):
+    """The server is shutting down and takes no new requests."""
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """A request's decoding settings (already range-checked)."""
+
+    max_gen_len: int
+    temperature: float = 0.0
+    top_p: float = 0.95
+    seed: int = 1
+    num_beams: int = 1
+    length_penalty: float = 1.0
+
+    def share_key(self, unique: int):
+        """Requests with equal keys are decoded in one batch."""
+        if self.temperature > 0:
+            return ("sampled", unique)  # its own generator, seeded by its seed
+        if self.num_beams > 1:
+            return ("beam", self.max_gen_len, self.num_beams, self.length_penalty)
+        return ("greedy", self.max_gen_len)
+
+
+_ids = itertools.count()
+
+
+@dataclass
+class Job:
+    """One request: its preprocessed images, settings, and the future its captions go to."""
+
+    pixels: torch.Tensor  # (n, 3, H, W)
+    decoding: Decoding
+    future: Future = field(default_factory=Future)
+    enqueued: float = field(default_factory=time.monotonic)
+    id: int = field(default_factory=lambda: next(_ids))
+
+    @property
+    def n(self) -> int:
+        return int(self.pixels.shape[0])
+
+    @property
+    def key(self):
+        return self.decoding.share_key(self.id)
+
+
+class Batcher:
+    def __init__(self, max_batch: int, max_wait_s: float, max_queue: int, on_depth: Optional[Callable] = None):
+        self.max_batch, self.max_wait_s, self.max_queue = max_batch, max_wait_s, max_queue
+        self.queue: List[Job] = []
+        self.cond = threading.Condition()
+        self.closed = False
+        self.on_depth = on_depth or (lambda images: None)
+
+    def depth(self) -> int:
+        """Images waiting."""
+        return sum(j.n for j in self.queue)
+
+    def submit(self, job: Job) -> Future:
+        with self.cond:
+            if self.closed:
+                raise Closed()
+            if self.depth() + job.n > self.max_queue:
+                raise QueueFull()
+            self.queue.append(job)
+            self.on_depth(self.depth())
+            self.cond.notify_all()
+        return job.future
+
+    def close(self) -> None:
+        """Take no new requests; those queued are still captioned."""
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+
+    def _compatible(self, key) -> List[Job]:
+        """The queued jobs that share `key`, oldest first, as many as fit in one batch."""
+        out, n = [], 0
+        for j in self.queue:
+            if j.key == key and n + j.n <= self.max_batch:
+                out.append(j)
+                n += j.n
+        return out
+
+    def next_batch(self, timeout: float) -> Optional[List[Job]]:
+        """The next batch, or None when nothing arrived within `timeout` seconds."""
+        with self.cond:
+            if not self.queue and not self.cond.wait_for(lambda: self.queue, timeout):
+                return None
+            first = self.queue[0]
+            deadline = first.enqueued + self.max_wait_s
+            while True:
+                jobs = self._compatible(first.key)
+                full = sum(j.n for j in jobs) >= self.max_batch or first.key[0] == "sampled"
+                left = deadline - time.monotonic()
+                if full or left <= 0 or self.closed:
+                    break
+                self.cond.wait(left)
+            taken = {j.id for j in jobs}
+            self.queue = [j for j in self.queue if j.id not in taken]
+            self.on_depth(self.depth())
+            return jobs
+
+
+class BatchRunner:
+    """Captions batches on every rank of a model-parallel group.
+
+    Rank 0 calls `run(pixels, decoding)`; the other ranks sit in `follow()`, which receives each
+    batch (or a keep-alive, or the stop) by broadcast and runs it too. Every rank does the same
+    collectives in the same order, which model parallelism needs.
+    """
+
+    KEEPALIVE_S = 60.0  # idle ranks wait in a collective, which would time out after gloo's 30 min
+
+    def __init__(self, captioner, encoder, device, world: int):
+        self.captioner, self.encoder, self.device, self.world = captioner, encoder, device, world
+
+    def _broadcast(self, message):
+        import torch.distributed as dist
+
+        box = [message]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    @torch.no_grad()
+    def _caption(self, pixels: torch.Tensor, d: Decoding) -> List[str]:
+        gen = None
+        if d.temperature > 0:
+            gen = torch.Generator(device=self.device).manual_seed(d.seed)
+        feats = self.encoder(pixels.to(self.device))
+        return self.captioner.generate(feats, d.max_gen_len, d.temperature, d.top_p, generator=gen,
+                                       num_beams=d.num_beams, length_penalty=d.length_penalty)
+
+    def run(self, pixels: torch.Tensor, d: Decoding) -> List[str]:
+        if self.world > 1:
+            self._broadcast(("batch", pixels, d))
+        return self._caption(pixels, d)
+
+    def keepalive(self) -> None:
+        if self.world > 1:
+            self._broadcast(("keepalive",))
+
+    def stop(self) -> None:
+        if self.world > 1:
+            self._broadcast(("stop",))
+
+    def follow(self) -> None:
+        """The other ranks: run what rank 0 broadcasts until it says stop."""
+        while True:
+            message = self._broadcast(None)
+            if message[0] == "stop":
+                return
+            if message[0] == "batch":
+                try:
+                    self._caption(message[1], message[2])
+                except Exception:  # rank 0 meets the same error and answers the request with it
+                    pass
+
+
+def settle(future: Future, result=None, error: Optional[BaseException] = None) -> None:
+    """Answer a request's future, unless its client went away and it was cancelled meanwhile."""
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except InvalidStateError:
+        pass
+
+
+def serve_batches(batcher: Batcher, runner: BatchRunner, finished: Callable[[], bool], metrics=None,
+                  log=print) -> None:
+    """The decoding loop (rank 0, main thread): until `finished()` and the queue is empty."""
+    idle_since = time.monotonic()
+    while True:
+        jobs = batcher.next_batch(timeout=0.1)
+        if not jobs:
+            if finished() and not batcher.queue:
+                return
+            if time.monotonic() - idle_since > runner.KEEPALIVE_S:
+                runner.keepalive()
+                idle_since = time.monotonic()
+            continue
+        live = [j for j in jobs if not j.future.cancelled()]
+        if not live:
+            continue
+        pixels = torch.cat([j.pixels for j in live])
+        start = time.monotonic()
+        try:
+            captions = runner.run(pixels, live[0].decoding)
+        except Exception as e:  # answer the batch's requests with it; go on serving
+            log(f"error: a batch of {len(pixels)} image(s) failed: {type(e).__name__}: {e}")
+            for j in live:
+                settle(j.future, error=e)
+            continue
+        seconds = time.monotonic() - start
+        if metrics is not None:
+            metrics.batch(len(pixels))
+        offset = 0
+        for j in live:
+            settle(j.future, {"captions": captions[offset:offset + j.n], "decode_s": seconds,
+                              "batch_images": len(pixels), "queue_s": start - j.enqueued})
+            offset += j.n
+        idle_since = time.monotonic()

@@ -1,0 +1,195 @@
+"""`python -m llama_caption serve`: a trained captioner behind HTTP, with dynamic batching.
+
+    python -m llama_caption serve --ckpt_dir llama/7B --checkpoint runs/coco      # http://127.0.0.1:8000
+    torchrun --nproc_per_node 2 -m llama_caption serve --ckpt_dir llama/13B --checkpoint runs/coco13
+
+The LLaMA, checkpoint, encoder, precision and decoder flags are captioning's own
+(runs.CaptionerSettings). Rank 0 binds the port and runs uvicorn in a thread; its main thread
+loads the model (/health says 503 until then), then runs the decoding loop (batching.py), which
+broadcasts every batch to the other ranks of the model-parallel group; they open no port.
+SIGTERM or ^C: no new requests, those in flight are answered, then every rank exits 0.
+"""
+
+import os
+import signal
+import socket
+import threading
+from dataclasses import dataclass
+from typing import Optional
+
+from .. import distributed
+from ..config import command, setting
+from ..errors import UserError
+from ..runs import CaptionerSettings, find_checkpoint
+
+API_KEY_ENV = "LLAMA_CAPTION_API_KEY"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass
+class ServeConfig(CaptionerSettings):
+    host: str = setting("127.0.0.1", "the address to listen on; anything but loopback needs --api_key.")
+    port: int = setting(8000, "the port (0: any free one; the URL is printed).")
+    api_key: Optional[str] = setting(None, f"a key every route but /health requires (Authorization: Bearer KEY); default: ${API_KEY_ENV}. Needed to bind beyond loopback.")
+    max_batch: int = setting(32, "the most images decoded together (from any number of requests).")
+    max_wait_ms: float = setting(10.0, "how long the oldest waiting request may wait for its batch to fill, in milliseconds.")
+    max_queue: int = setting(256, "the most images waiting; beyond it requests get 503 with Retry-After.")
+    max_images: Optional[int] = setting(None, "the most images in one request, at most --max_batch (default: 16, or --max_batch when smaller).")
+    max_upload_mb: float = setting(20.0, "the largest request body, in MB.")
+    max_pixels: int = setting(89_478_485, "the most pixels an image may have (Pillow's decompression-bomb limit by default).")
+    max_gen_len: int = setting(30, "the most tokens per caption, and the default of a request (with the image prefix, at most the LLaMA's context).")
+    max_beams: int = setting(4, "the most beams a request may ask for (num_beams).")
+    url_file: Optional[str] = setting(None, "write the server's URL to this file once it listens (for scripts; with --port 0).")
+    log_level: str = setting("warning", "uvicorn's log level: critical, error, warning, info, debug.")
+
+    def check(self) -> None:
+        super().check()
+        self.at_least(0, "port", "max_wait_ms")
+        self.at_least(1, "max_batch", "max_queue", "max_images", "max_pixels", "max_gen_len", "max_beams")
+        if self.max_images is None:
+            self.max_images = min(16, self.max_batch, self.max_queue)
+        if self.port > 65535:
+            raise UserError(f"--port must be at most 65535, got {self.port}")
+        if self.max_images > self.max_batch:
+            raise UserError(f"--max_images {self.max_images} must be at most --max_batch {self.max_batch} (one request's images are decoded in one batch)")
+        if self.max_images > self.max_queue:
+            raise UserError(f"--max_images {self.max_images} must be at most --max_queue {self.max_queue}")
+        if not self.max_upload_mb > 0:
+            raise UserError(f"--max_upload_mb must be above 0, got {self.max_upload_mb}")
+        self.one_of("log_level", ("critical", "error", "warning", "info", "debug"))
+        if self.api_key is None:
+            self.api_key = os.environ.get(API_KEY_ENV) or None
+        if self.api_key is not None and len(self.api_key) < 8:
+            raise UserError("--api_key must be at least 8 characters")
+        if self.host not in LOOPBACK and not self.api_key:
+            raise UserError(f"--host {self.host} is reachable from other machines: give --api_key (or set ${API_KEY_ENV}), "
+                            f"or keep the default --host 127.0.0.1")
+
+
+def bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise UserError(f"cannot listen on {host}:{port} ({e.strerror}): choose another --port or --host") from None
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+class Service:
+    """The server's parts, in one process: the app (routes), the batcher, and after `load` the
+    model and the decoding loop (`serve`). `run` puts them behind uvicorn; tests use them directly."""
+
+    def __init__(self, cfg: ServeConfig):
+        from .app import Limits, Metrics, create_app
+        from .batching import Batcher
+
+        self.cfg = cfg
+        self.ready, self.preprocess, self.info, self.runner = False, None, {}, None
+        self.limits = Limits(max_images=cfg.max_images, max_upload_bytes=int(cfg.max_upload_mb * 2 ** 20),
+                             max_pixels=cfg.max_pixels, max_gen_len=cfg.max_gen_len, max_beams=cfg.max_beams)
+        self.metrics = Metrics()
+        self.batcher = Batcher(cfg.max_batch, cfg.max_wait_ms / 1000, cfg.max_queue, on_depth=self.metrics.queue.set)
+        self.app = create_app(self.batcher, self.limits, lambda: self.preprocess, lambda: self.info,
+                              lambda: self.ready, self.metrics, cfg.api_key)
+
+    def load(self, env) -> None:
+        """The captioner on every rank; on rank 0 also what /v1/model says, and a warm-up batch."""
+        import torch
+
+        from ..results import provenance
+        from .batching import BatchRunner, Decoding
+
+        cfg = self.cfg
+        cfg.resolve_decoder(env.device)
+        captioner, encoder, _, dtype = cfg.load(env.device, cfg.max_gen_len, cfg.max_batch, env.log)
+        self.runner = BatchRunner(captioner, encoder, env.device, env.mp_size)
+        if not env.is_main:
+            return
+        llama, ckpt = cfg.open(), find_checkpoint(cfg.checkpoint)
+        defaults = {"max_gen_len": cfg.max_gen_len, "num_beams": 1, "temperature": 0.0, "control_shuffle": False,
+                    "dtype": str(dtype).replace("torch.", "")}
+        if cfg.decoder != "eager":
+            defaults["decoder"] = cfg.decoder
+        made_by = provenance(ckpt, llama, llama.tokenizer_file(cfg.tokenizer_path), encoder.spec.identity, defaults, {})
+        made_by.pop("selection")
+        self.info = dict(made_by, checkpoint_dir=os.path.abspath(ckpt), llama_dir=os.path.abspath(llama.folder),
+                         model_parallel=env.mp_size, device=str(env.device), max_batch=cfg.max_batch,
+                         max_wait_ms=cfg.max_wait_ms)
+        self.preprocess = encoder.preprocess
+        with torch.no_grad():  # the decoder's first shape, before the first user waits for it
+            self.runner.run(torch.zeros(1, *encoder_input_shape(encoder)), Decoding(max_gen_len=cfg.max_gen_len))
+        self.ready = True
+
+    def serve(self, finished, log=print) -> None:
+        """Rank 0's decoding loop, until `finished()` and nothing is queued; then the other ranks stop."""
+        from .batching import serve_batches
+
+        try:
+            serve_batches(self.batcher, self.runner, finished, self.metrics, log)
+        finally:
+            self.runner.stop()
+
+
+def run(cfg: ServeConfig) -> None:
+    import uvicorn
+
+    with distributed.session(cfg.mp_size(), cfg.device, quiet=True) as env:
+        if env.dp_size > 1:
+            raise UserError(f"serve runs one copy of the LLaMA: launch torchrun with --nproc_per_node {env.mp_size} "
+                            f"(the model-parallel size), not {env.world_size}; run one server per copy for more")
+        service = Service(cfg)
+        server = thread = None
+        if env.is_main:  # the port first: /health answers while the model loads
+            sock = bind(cfg.host, cfg.port)
+            host, port = sock.getsockname()[:2]
+            url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+            server = uvicorn.Server(uvicorn.Config(service.app, log_level=cfg.log_level, timeout_graceful_shutdown=None,
+                                                   access_log=cfg.log_level in ("info", "debug")))
+            thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="uvicorn", daemon=True)
+            thread.start()
+            env.log(f"listening on {url} (loading the model; /health says 503 until it is ready)")
+
+        stopping = threading.Event()
+
+        def stop(signum, frame):
+            # uvicorn stops accepting connections and waits for the requests it holds, which the
+            # decoding loop goes on answering; the loop ends when uvicorn has and the queue is empty.
+            if stopping.is_set() and signum == signal.SIGINT:
+                raise KeyboardInterrupt  # a second ^C
+            stopping.set()
+            server.should_exit = True
+
+        # Rank 0 ends the others (a broadcast stop) once the requests in flight are answered, so
+        # they let torchrun's SIGTERM and ^C pass.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, stop if env.is_main else signal.SIG_IGN)
+        service.load(env)
+        if not env.is_main:
+            service.runner.follow()
+            return
+        if cfg.url_file:
+            with open(cfg.url_file + ".tmp", "w") as f:
+                f.write(url + "\n")
+            os.replace(cfg.url_file + ".tmp", cfg.url_file)
+        env.log(f"ready: {url} (the page), {url}/v1/captions (the API), {url}/docs (needs the internet)")
+        try:
+            service.serve(lambda: stopping.is_set() and not thread.is_alive(), env.log)
+        finally:
+            server.should_exit = True
+            thread.join(timeout=30)
+        env.log("stopped: every request in flight was answered")
+
+
+def encoder_input_shape(encoder) -> tuple:
+    """(3, H, W) of the encoder's preprocessed images."""
+    from PIL import Image
+
+    return tuple(encoder.preprocess(Image.new("RGB", (32, 32))).shape)
+
+
+main = command(ServeConfig, run, "Serve a trained captioner over HTTP (FastAPI): dynamic batching, a web page, Prometheus metrics.")

@@ -1,0 +1,164 @@
+"""`python -m llama_caption bench-serve`: the caption server against offline captioning, one run.
+
+    python -m llama_caption bench-serve            # the newest `make demo` run, its validation images
+
+1. Offline, in this process: the captioner `caption` would load, timed on the images at batch
+   --max_batch (images/s) and on one image at a time (seconds per caption, the median).
+2. The real `caption` command over the same images writes the captions every server answer is
+   checked against.
+3. `serve` in a child process (--port 0), then `loadtest` at each --concurrency, then SIGTERM
+   (the server must exit 0).
+Prints the load test's table and the three ratios the server is held to; --out keeps them as JSON.
+"""
+
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import List, Optional
+
+from ..config import Config, command, setting
+from ..data import list_image_files, open_rgb
+from ..errors import UserError
+
+
+@dataclass
+class BenchServeConfig(Config):
+    ckpt_dir: Optional[str] = setting(None, "the LLaMA (default: the newest `make demo` run's stand-in).")
+    tokenizer_path: Optional[str] = setting(None, "its tokenizer (default: the demo's, with the demo's LLaMA).")
+    checkpoint: Optional[str] = setting(None, "the trained run (default: the newest demo run's final one).")
+    images: Optional[str] = setting(None, "a folder of images (default: the demo's validation images).")
+    num_images: int = setting(64, "use the first N images of the folder.")
+    concurrency: List[int] = setting((1, 8, 32), "load-test levels: --concurrency 1,8,32.")
+    requests: int = setting(96, "requests per level (one image each).")
+    max_batch: int = setting(32, "the server's --max_batch, and the offline batch size.")
+    max_wait_ms: float = setting(10.0, "the server's --max_wait_ms.")
+    root: str = setting("demo_runs", "where `make demo` keeps its runs (for the defaults).")
+    out: Optional[str] = setting(None, "write the figures as JSON here.")
+
+    def check(self) -> None:
+        self.at_least(1, "num_images", "requests", "max_batch")
+        if any(c < 1 for c in self.concurrency):
+            raise UserError(f"--concurrency must be at least 1, got {self.concurrency}")
+
+
+def offline_figures(cfg: BenchServeConfig, files: List[str], log) -> dict:
+    """Images/s at batch max_batch and seconds per single-image caption, in this process."""
+    import torch
+
+    from .. import distributed
+    from ..runs import CaptionerSettings
+
+    settings = CaptionerSettings(ckpt_dir=cfg.ckpt_dir, tokenizer_path=cfg.tokenizer_path, checkpoint=cfg.checkpoint,
+                                 device="cpu")
+    with distributed.session(settings.mp_size(), "cpu") as env:
+        settings.resolve_decoder(env.device)
+        captioner, encoder, _, _ = settings.load(env.device, 30, cfg.max_batch, log=lambda m: None)
+        pixels = torch.stack([encoder.preprocess(open_rgb(p)) for p in files])
+
+        def caption(batch):
+            with torch.no_grad():
+                return captioner.generate(encoder(batch), 30)
+
+        caption(pixels[: cfg.max_batch])  # warm-up: the decoder's shapes
+        caption(pixels[:1])
+        start = time.perf_counter()
+        for i in range(0, len(files), cfg.max_batch):
+            caption(pixels[i:i + cfg.max_batch])
+        batch_ips = len(files) / (time.perf_counter() - start)
+        singles = []
+        for i in range(min(9, len(files))):
+            t0 = time.perf_counter()
+            caption(pixels[i:i + 1])
+            singles.append(time.perf_counter() - t0)
+    log(f"offline: {batch_ips:.2f} images/s at batch {cfg.max_batch}; one image {statistics.median(singles):.3f} s")
+    return {"batch_images_per_s": batch_ips, "single_s": statistics.median(singles)}
+
+
+def defaults_from_demo(cfg: BenchServeConfig) -> None:
+    from .demo.build import newest_demo_run
+
+    if cfg.ckpt_dir and cfg.checkpoint and cfg.images:
+        return
+    demo = newest_demo_run(cfg.root)
+    cfg.ckpt_dir = cfg.ckpt_dir or demo["ckpt_dir"]
+    if cfg.tokenizer_path is None and cfg.ckpt_dir == demo["ckpt_dir"]:
+        cfg.tokenizer_path = demo["tokenizer_path"]
+    cfg.checkpoint = cfg.checkpoint or demo["checkpoint"]
+    cfg.images = cfg.images or demo["images"]
+
+
+def wait_for_url(path: str, proc: subprocess.Popen, timeout: float = 300) -> str:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if os.path.isfile(path):
+            return open(path).read().strip()
+        if proc.poll() is not None:
+            raise UserError(f"the server exited with status {proc.returncode} before it was ready (its messages are above)")
+        time.sleep(0.2)
+    raise UserError(f"the server was not ready within {timeout:.0f} s")
+
+
+def run(cfg: BenchServeConfig) -> None:
+    from .loadtest import LoadTestConfig, format_table, load_test
+
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    defaults_from_demo(cfg)
+    files = list_image_files([cfg.images])[: cfg.num_images]
+    if not files:
+        raise UserError(f"--images {cfg.images}: no image files there")
+    work = tempfile.mkdtemp(prefix="bench_serve_")
+    try:
+        folder = os.path.join(work, "images")
+        os.makedirs(folder)
+        for p in files:
+            shutil.copy(p, folder)
+        offline = offline_figures(cfg, files, log)
+        llama = ["--ckpt_dir", cfg.ckpt_dir, "--checkpoint", cfg.checkpoint] + (
+            ["--tokenizer_path", cfg.tokenizer_path] if cfg.tokenizer_path else [])
+        expected = os.path.join(work, "offline.json")
+        log("offline captions by `caption` (the reference every server answer is checked against)...")
+        subprocess.run([sys.executable, "-m", "llama_caption", "caption", *llama, "--images", folder, "--out", expected,
+                        "--batch_size", str(cfg.max_batch), "--num_workers", "0"], check=True, stdout=subprocess.DEVNULL)
+        url_file = os.path.join(work, "url")
+        server = subprocess.Popen([sys.executable, "-m", "llama_caption", "serve", *llama, "--port", "0",
+                                   "--url_file", url_file, "--max_batch", str(cfg.max_batch),
+                                   "--max_wait_ms", str(cfg.max_wait_ms), "--max_queue", str(max(256, 2 * max(cfg.concurrency)))])
+        try:
+            url = wait_for_url(url_file, server)
+            rows = load_test(LoadTestConfig(url=url, images=[folder], concurrency=cfg.concurrency,
+                                            requests=cfg.requests, expected=expected), log)
+        finally:
+            server.send_signal(signal.SIGTERM)
+            code = server.wait(timeout=120)
+        print(format_table(rows))
+        by_c = {r["concurrency"]: r for r in rows}
+        figures = {"offline": offline, "load": rows, "server_exit": code}
+        lines = [f"offline (in process): {offline['batch_images_per_s']:.2f} images/s at batch {cfg.max_batch}, "
+                 f"{offline['single_s']:.3f} s for one image"]
+        lo, hi = min(by_c), max(by_c)
+        if lo != hi and by_c[lo]["images_per_s"]:
+            figures["scaling"] = by_c[hi]["images_per_s"] / by_c[lo]["images_per_s"]
+            lines.append(f"images/s at concurrency {hi} / at {lo}: {figures['scaling']:.2f}x (target >= 8)")
+        figures["vs_offline"] = by_c[hi]["images_per_s"] / offline["batch_images_per_s"]
+        lines.append(f"images/s at concurrency {hi} / offline at batch {cfg.max_batch}: {figures['vs_offline']:.0%} (target >= 70%)")
+        figures["p50_vs_single"] = by_c[lo]["p50_s"] / offline["single_s"]
+        lines.append(f"p50 at concurrency {lo} / one offline caption: {figures['p50_vs_single']:.2f}x (target <= 1.2)")
+        lines.append(f"server exit status after SIGTERM: {code}; mismatches against `caption`: "
+                     f"{sum(r['mismatches'] for r in rows)}; errors: {sum(r['errors'] for r in rows)}")
+        print("\n".join(lines))
+        if cfg.out:
+            from ..fileio import write_json
+
+            write_json(cfg.out, figures, indent=1)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+main = command(BenchServeConfig, run, "Benchmark the caption server against offline captioning (load test at several concurrencies).")

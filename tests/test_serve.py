@@ -1,0 +1,574 @@
+"""The caption server: dynamic batching, the API and its errors, metrics, the key, the page, and
+the server as a process (SIGTERM, disconnects, model parallelism, the load test, a real browser).
+
+The in-process tests drive the real app (FastAPI's TestClient) with the real decoding loop in a
+thread; every caption is compared with what `caption` (captioning_inference.py) writes offline.
+"""
+
+import base64
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from PIL import Image
+
+import captioning_inference
+from conftest import REPO, free_port, run_cli
+from llama_caption.errors import UserError
+from llama_caption.serve.batching import Batcher, Decoding, Job, QueueFull
+
+SERVE_FLAGS = dict(max_batch=8, max_images=4, max_wait_ms=300.0, max_queue=32, max_upload_mb=0.25,
+                   max_pixels=64 * 64, max_gen_len=30)
+
+
+def png_bytes(size=(32, 32), colour=(200, 30, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def bomb_png(width=60000, height=60000) -> bytes:
+    """A PNG whose header claims width x height pixels, with almost no data: Pillow's
+    decompression-bomb check refuses it at open()."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b"")
+
+
+@pytest.fixture(scope="module")
+def photos(cap, tmp_path_factory):
+    """Nine drawn images in one folder (the dataset's train and val images)."""
+    folder = tmp_path_factory.mktemp("photos")
+    for src in (cap["images"], cap["val_images"]):
+        for name in sorted(os.listdir(src)):
+            shutil.copy(os.path.join(src, name), folder / name)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def offline(cap, trained, photos, tmp_path_factory):
+    """What `caption` writes for the photos (greedy, max_gen_len 30): file name -> caption, and the run file."""
+    out = tmp_path_factory.mktemp("offline") / "results.json"
+    proc = run_cli(captioning_inference.main, "--ckpt_dir", cap["ckpt_dir"], "--tokenizer_path", cap["tokenizer"],
+                   "--checkpoint", trained, "--images", photos, "--out", out, "--num_workers", 0)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.load(open(out))
+    assert len(rows) == 9
+    run_file = str(out)[:-5] + ".run.json"
+    return {"captions": {os.path.basename(r["file_name"]): r["caption"] for r in rows}, "results": str(out),
+            "run": json.load(open(run_file))}
+
+
+@pytest.fixture(scope="module")
+def service(cap, trained, process_group):
+    """The server's parts in this process: the app behind TestClient, the decoding loop in a thread."""
+    from fastapi.testclient import TestClient
+
+    from llama_caption.serve.server import ServeConfig, Service
+
+    cfg = ServeConfig(ckpt_dir=cap["ckpt_dir"], tokenizer_path=cap["tokenizer"], checkpoint=trained, device="cpu",
+                      **SERVE_FLAGS)
+    svc = Service(cfg)
+    client = TestClient(svc.app)
+    assert client.get("/health").status_code == 503  # not loaded yet
+    assert client.post("/v1/captions", files={"images": ("a.png", png_bytes())}).status_code == 503
+    svc.load(process_group)
+    stop = threading.Event()
+    loop = threading.Thread(target=svc.serve, args=(stop.is_set, print), daemon=True)
+    loop.start()
+    yield svc, client
+    stop.set()
+    loop.join(timeout=30)
+
+
+def post(client, files, **settings):
+    """A multipart request: files is a list of (name, bytes)."""
+    return client.post("/v1/captions", files=[("images", (n, b, "application/octet-stream")) for n, b in files],
+                       data={k: str(v) for k, v in settings.items()})
+
+
+def read(photos, name):
+    return open(os.path.join(photos, name), "rb").read()
+
+
+# ----------------------------------------------------------------------------------------------
+# Dynamic batching, without HTTP.
+
+def job(n=1, **decoding):
+    return Job(torch.zeros(n, 3, 2, 2), Decoding(**dict({"max_gen_len": 30}, **decoding)))
+
+
+def test_batcher_joins_requests_that_share_settings_up_to_max_batch():
+    b = Batcher(max_batch=4, max_wait_s=0.0, max_queue=100)
+    a, other_len, c, d = job(2), job(1, max_gen_len=10), job(1), job(2)
+    for j in (a, other_len, c, d):
+        b.submit(j)
+    first = b.next_batch(timeout=1)
+    assert [j.id for j in first] == [a.id, c.id]  # d would make 5 images; the other length cannot share
+    assert [j.id for j in b.next_batch(timeout=1)] == [other_len.id]
+    assert [j.id for j in b.next_batch(timeout=1)] == [d.id]
+    assert b.next_batch(timeout=0.05) is None
+
+
+def test_batcher_decodes_sampled_requests_alone_and_beams_by_their_settings():
+    b = Batcher(max_batch=8, max_wait_s=0.0, max_queue=100)
+    s1, s2 = job(1, temperature=0.7, seed=3), job(1, temperature=0.7, seed=3)
+    beam_a, beam_b, beam_c = job(1, num_beams=2), job(1, num_beams=2), job(1, num_beams=3)
+    for j in (s1, s2, beam_a, beam_b, beam_c):
+        b.submit(j)
+    assert [j.id for j in b.next_batch(1)] == [s1.id]
+    assert [j.id for j in b.next_batch(1)] == [s2.id]
+    assert [j.id for j in b.next_batch(1)] == [beam_a.id, beam_b.id]
+    assert [j.id for j in b.next_batch(1)] == [beam_c.id]
+
+
+def test_batcher_waits_for_the_batch_to_fill_but_not_past_the_oldest_requests_deadline():
+    b = Batcher(max_batch=4, max_wait_s=0.5, max_queue=100)
+    first = job(1)
+    b.submit(first)
+    late = job(1)
+    threading.Timer(0.1, b.submit, args=(late,)).start()
+    got = b.next_batch(timeout=1)
+    assert [j.id for j in got] == [first.id, late.id]  # the second arrived within the wait
+    b2 = Batcher(max_batch=4, max_wait_s=0.05, max_queue=100)
+    b2.submit(job(1))
+    assert len(b2.next_batch(timeout=1)) == 1  # not full, returned once the wait was over
+
+
+def test_batcher_refuses_beyond_max_queue_and_after_close():
+    from llama_caption.serve.batching import Closed
+
+    b = Batcher(max_batch=4, max_wait_s=0, max_queue=3)
+    b.submit(job(2))
+    with pytest.raises(QueueFull):
+        b.submit(job(2))
+    b.close()
+    with pytest.raises(Closed):
+        b.submit(job(1))
+    assert len(b.next_batch(timeout=1)) == 1  # what was queued is still served
+
+
+# ----------------------------------------------------------------------------------------------
+# The API, in this process.
+
+def test_concurrent_requests_are_batched_and_each_caption_is_what_caption_writes(service, photos, offline):
+    svc, client = service
+    names = sorted(os.listdir(photos))
+    groups = [[n] for n in names[:5]] + [names[5:7], names[7:9]]  # 7 requests, 9 images
+    with ThreadPoolExecutor(len(groups)) as pool:
+        answers = list(pool.map(lambda g: post(client, [(n, read(photos, n)) for n in g]), groups))
+    mixed = False
+    for group, r in zip(groups, answers):
+        assert r.status_code == 200, r.text
+        body = r.json()
+        got = [c["caption"] for c in body["captions"]]
+        assert got == [offline["captions"][n] for n in group]
+        assert all(c["decode_s"] > 0 for c in body["captions"])
+        mixed |= body["captions"][0]["batch_images"] > len(group)
+    assert mixed, "no batch held the images of more than one request"
+
+
+def test_json_base64_request_gives_the_same_captions(service, photos, offline):
+    svc, client = service
+    names = sorted(os.listdir(photos))[:2]
+    images = [base64.b64encode(read(photos, names[0])).decode(),
+              "data:image/png;base64," + base64.b64encode(read(photos, names[1])).decode()]
+    r = client.post("/v1/captions", json={"images": images, "max_gen_len": 30})
+    assert r.status_code == 200, r.text
+    assert [c["caption"] for c in r.json()["captions"]] == [offline["captions"][n] for n in names]
+
+
+def test_shorter_max_gen_len_and_sampling_and_beams(service, photos, offline):
+    svc, client = service
+    name = sorted(os.listdir(photos))[0]
+    short = post(client, [(name, read(photos, name))], max_gen_len=2).json()["captions"][0]["caption"]
+    assert 0 < len(short) < len(offline["captions"][name])
+    assert offline["captions"][name].startswith(short)  # greedy: the first tokens of the same caption
+    sampled = [post(client, [(name, read(photos, name))] * 3, temperature=1.5, top_p=1.0, seed=7).json()
+               for _ in range(2)]
+    assert [c["caption"] for c in sampled[0]["captions"]] == [c["caption"] for c in sampled[1]["captions"]]
+    assert all(c["batch_images"] == 3 for c in sampled[0]["captions"])  # decoded alone
+    beam = post(client, [(name, read(photos, name))], num_beams=2)
+    assert beam.status_code == 200 and beam.json()["captions"][0]["caption"]
+
+
+BAD = [
+    ("not an image", dict(files=[("a.txt", b"hello, not a picture")]), 400, "a.txt"),
+    ("truncated", dict(files=[("cut.png", png_bytes()[:60])]), 400, "cut.png"),
+    ("bomb", dict(files=[("b.png", bomb_png())]), 413, "decompression bomb"),
+    ("over --max_pixels", dict(files=[("big.png", png_bytes((100, 100)))]), 413, "max_pixels"),
+    ("over --max_upload_mb", dict(files=[("huge.png", os.urandom(300_000))]), 413, "max_upload_mb"),
+    ("empty file", dict(files=[("empty.png", b"")]), 400, "empty"),
+    ("no files", dict(files=[], max_gen_len=5), 400, "no images"),
+    ("too many", dict(files=[(f"{i}.png", png_bytes()) for i in range(5)]), 400, "max_images"),
+    ("max_gen_len 0", dict(files=[("a.png", png_bytes())], max_gen_len=0), 400, "max_gen_len"),
+    ("max_gen_len too long", dict(files=[("a.png", png_bytes())], max_gen_len=31), 400, "max_gen_len"),
+    ("max_gen_len not whole", dict(files=[("a.png", png_bytes())], max_gen_len=2.5), 400, "max_gen_len"),
+    ("temperature text", dict(files=[("a.png", png_bytes())], temperature="warm"), 400, "temperature"),
+    ("temperature negative", dict(files=[("a.png", png_bytes())], temperature=-1), 400, "temperature"),
+    ("top_p 0", dict(files=[("a.png", png_bytes())], temperature=1, top_p=0), 400, "top_p"),
+    ("num_beams 9", dict(files=[("a.png", png_bytes())], num_beams=9), 400, "num_beams"),
+    ("beams and sampling", dict(files=[("a.png", png_bytes())], num_beams=2, temperature=1), 400, "beam"),
+    ("seed negative", dict(files=[("a.png", png_bytes())], seed=-1), 400, "seed"),
+    ("unknown setting", dict(files=[("a.png", png_bytes())], temprature=1), 400, "temprature"),
+]
+
+
+def test_bad_requests_get_one_sentence_errors_and_the_batch_goes_on(service, photos, offline):
+    svc, client = service
+    name = sorted(os.listdir(photos))[3]
+
+    def send(case):
+        kwargs = dict(case[1])
+        files = kwargs.pop("files")
+        return post(client, files, **kwargs)
+
+    with ThreadPoolExecutor(8) as pool:
+        good = pool.submit(post, client, [(name, read(photos, name))])
+        bad = list(pool.map(send, BAD))
+    assert good.result().status_code == 200
+    assert good.result().json()["captions"][0]["caption"] == offline["captions"][name]
+    for case, r in zip(BAD, bad):
+        what, _, status, mentions = case
+        assert r.status_code == status, (what, r.status_code, r.text)
+        message = r.json()["error"]
+        assert mentions in message, (what, message)
+        assert "\n" not in message and len(message) < 300, (what, message)
+
+
+def test_malformed_bodies(service):
+    svc, client = service
+    cases = [
+        (dict(content=b"{not json", headers={"content-type": "application/json"}), 400, "malformed JSON"),
+        (dict(json=["a", "list"]), 400, "object"),
+        (dict(json={"images": "abc"}), 400, "list of base64"),
+        (dict(json={"images": ["@@not base64@@"]}), 400, "base64"),
+        (dict(json={"images": []}), 400, "no images"),
+        (dict(content=b"x", headers={"content-type": "text/plain"}), 415, "multipart"),
+        (dict(content=b"--xyz\r\ngarbage", headers={"content-type": "multipart/form-data; boundary=xyz"}), 400, None),
+        (dict(files={"photo": ("a.png", png_bytes())}), 400, "'images'"),
+    ]
+    for kwargs, status, mentions in cases:
+        r = client.post("/v1/captions", **kwargs)
+        assert r.status_code == status, (kwargs, r.text)
+        assert "error" in r.json() and (mentions is None or mentions in r.json()["error"]), r.text
+    r = client.get("/no/such/route")
+    assert r.status_code == 404 and "error" in r.json()
+
+
+def test_full_queue_answers_503_with_retry_after(service):
+    svc, client = service
+    keep = svc.batcher.max_queue
+    svc.batcher.max_queue = 0
+    try:
+        r = post(client, [("a.png", png_bytes())])
+    finally:
+        svc.batcher.max_queue = keep
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert "--max_queue" in r.json()["error"]
+
+
+def test_model_identity_is_what_results_record(service, offline):
+    svc, client = service
+    info = client.get("/v1/model").json()
+    for key in ("checkpoint", "llama", "clip", "decoding"):
+        assert info[key] == offline["run"][key], key
+    assert info["limits"]["max_images"] == SERVE_FLAGS["max_images"]
+
+
+def test_metrics_count_requests_images_and_batches(service, photos):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    svc, client = service
+
+    def samples():
+        text = client.get("/metrics").text
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+    before = samples()
+    name = sorted(os.listdir(photos))[0]
+    assert post(client, [(name, read(photos, name))] * 3).status_code == 200
+    assert post(client, [("x.txt", b"nope")]).status_code == 400
+    after = samples()
+    delta = lambda key: after.get(key, 0) - before.get(key, 0)  # noqa: E731
+    assert delta(("llama_caption_images_total", ())) == 3
+    assert delta(("llama_caption_requests_total", (("status", "200"),))) == 1
+    assert delta(("llama_caption_requests_total", (("status", "400"),))) == 1
+    assert delta(("llama_caption_batch_images_count", ())) == 1
+    assert delta(("llama_caption_batch_images_sum", ())) == 3
+    assert delta(("llama_caption_request_seconds_count", ())) == 2
+    assert ("llama_caption_queue_images", ()) in after
+
+
+def test_api_key_guards_every_route_but_health(service, photos):
+    from fastapi.testclient import TestClient
+
+    from llama_caption.serve.app import create_app
+
+    svc, _ = service
+    key = "k3y-for-the-test"
+    app = create_app(svc.batcher, svc.limits, lambda: svc.preprocess, lambda: svc.info, lambda: svc.ready,
+                     svc.metrics, api_key=key)
+    client = TestClient(app)
+    assert client.get("/health").status_code == 200
+    for path in ("/v1/model", "/metrics", "/", "/openapi.json"):
+        assert client.get(path).status_code == 401, path
+        assert client.get(path, headers={"Authorization": "Bearer wrong-key-000"}).status_code == 401, path
+        assert client.get(path, headers={"Authorization": f"Bearer {key}"}).status_code == 200, path
+    assert client.get("/?api_key=" + key).status_code == 200
+    assert client.get("/v1/model?api_key=" + key).status_code == 401  # only the page takes it in the address
+    name = sorted(os.listdir(photos))[0]
+    files = [("images", (name, read(photos, name)))]
+    assert client.post("/v1/captions", files=files).status_code == 401
+    assert client.post("/v1/captions", files=files, headers={"X-API-Key": key}).status_code == 200
+
+
+def test_page_and_openapi_are_served_locally(service):
+    svc, client = service
+    page = client.get("/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert "http://" not in page.text and "https://" not in page.text  # nothing fetched from elsewhere
+    schema = client.get("/openapi.json").json()
+    body = schema["paths"]["/v1/captions"]["post"]["requestBody"]["content"]
+    assert {"multipart/form-data", "application/json"} <= set(body)
+    assert "CaptionResponse" in json.dumps(schema["components"])
+
+
+def test_serve_flags_are_checked_before_anything_loads(cap, trained, monkeypatch):
+    from llama_caption.serve import server
+
+    base = ["--ckpt_dir", cap["ckpt_dir"], "--checkpoint", trained]
+    monkeypatch.delenv("LLAMA_CAPTION_API_KEY", raising=False)
+    for extra, mentions in ((["--host", "0.0.0.0"], "--api_key"), (["--max_images", 64], "--max_batch"),
+                            (["--port", 70000], "--port"), (["--api_key", "short"], "--api_key"),
+                            (["--max_upload_mb", 0], "--max_upload_mb"), (["--max_batch", 0], "--max_batch"),
+                            (["--max_wait_ms", -1], "--max_wait_ms"), (["--log_level", "loud"], "--log_level")):
+        proc = run_cli(server.main, *base, *extra)
+        assert proc.returncode == 2, (extra, proc.stderr)
+        assert mentions in proc.stderr and proc.stderr.count("\n") == 1, (extra, proc.stderr)
+    monkeypatch.setenv("LLAMA_CAPTION_API_KEY", "from-the-environment")
+    cfg = server.ServeConfig(ckpt_dir=cap["ckpt_dir"], checkpoint=trained, host="0.0.0.0")
+    assert cfg.api_key == "from-the-environment"
+
+
+def test_loadtest_refuses_other_hosts_and_checks_its_inputs(tmp_path):
+    from llama_caption.tools import loadtest
+
+    for url in ("http://example.com:8000", "https://127.0.0.1:8000", "http://10.0.0.1:80"):
+        proc = run_cli(loadtest.main, "--url", url, "--images", tmp_path, "--concurrency", 1)
+        assert proc.returncode == 2 and "loopback" in proc.stderr, proc.stderr
+    proc = run_cli(loadtest.main, "--url", "http://127.0.0.1:1", "--images", tmp_path, "--concurrency", 0)
+    assert proc.returncode == 2 and "--concurrency" in proc.stderr
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"not": "results"}')
+    with pytest.raises(UserError, match="results file"):
+        loadtest.load_expected(str(bad))
+    assert loadtest.percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
+    assert loadtest.percentile([5.0], 99) == 5.0
+
+
+def test_newest_demo_run_is_what_make_serve_uses(tmp_path):
+    from llama_caption.tools.demo.build import newest_demo_run
+
+    with pytest.raises(UserError, match="make demo"):
+        newest_demo_run(str(tmp_path))
+    made = {}
+    for i, run in enumerate(("001", "002")):
+        folder = tmp_path / "full" / "runs" / run
+        (folder / "scst").mkdir(parents=True)
+        serve = {"ckpt_dir": str(tmp_path), "tokenizer_path": str(tmp_path / "t.model"),
+                 "checkpoint": str(folder / "scst"), "images": str(tmp_path)}
+        (folder / "demo_report.json").write_text(json.dumps({"serve": serve}))
+        os.utime(folder / "demo_report.json", (1000 + i, 1000 + i))
+        made[run] = serve
+    assert newest_demo_run(str(tmp_path)) == made["002"]
+    shutil.rmtree(tmp_path / "full" / "runs" / "002" / "scst")  # its models were deleted: the older one
+    assert newest_demo_run(str(tmp_path)) == made["001"]
+
+
+# ----------------------------------------------------------------------------------------------
+# The server as a process.
+
+def start_server(cap, trained, tmp_path, *extra, nproc=1):
+    url_file = tmp_path / f"url-{time.monotonic_ns()}"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    launch = [sys.executable, "-m", "llama_caption"] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
+         "--master_port", str(free_port()), "-m", "llama_caption"]
+    proc = subprocess.Popen([*launch, "serve", "--ckpt_dir", cap["ckpt_dir"], "--tokenizer_path", cap["tokenizer"],
+                             "--checkpoint", trained, "--port", "0", "--url_file", str(url_file), *map(str, extra)],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not url_file.exists():
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            raise AssertionError(f"the server did not start ({proc.returncode}):\n{proc.stderr.read()[-3000:]}")
+        time.sleep(0.2)
+    return proc, url_file.read_text().strip()
+
+
+@pytest.fixture(scope="module")
+def server(cap, trained, tmp_path_factory):
+    proc, url = start_server(cap, trained, tmp_path_factory.mktemp("server"), "--max_wait_ms", 300, "--max_batch", 8,
+                             "--max_images", 4)
+    yield proc, url
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+
+
+def http_post(url, photos, names, timeout=60, **settings):
+    import httpx
+
+    return httpx.post(url + "/v1/captions", files=[("images", (n, read(photos, n))) for n in names],
+                      data={k: str(v) for k, v in settings.items()}, timeout=timeout, trust_env=False)
+
+
+@pytest.mark.slow
+def test_loadtest_command_checks_every_caption_against_offline(server, photos, offline, tmp_path):
+    proc, url = server
+    out = tmp_path / "load.json"
+    run = subprocess.run([sys.executable, "-m", "llama_caption", "loadtest", "--url", url, "--images", photos,
+                          "--concurrency", "1", "4", "--requests", "12", "--expected", offline["results"], "--out", out],
+                         capture_output=True, text=True, cwd=REPO, timeout=300,
+                         env=dict(os.environ, PYTHONPATH=REPO))
+    assert run.returncode == 0, run.stdout + run.stderr
+    rows = json.load(open(out))
+    assert [r["concurrency"] for r in rows] == [1, 4]
+    assert all(r["requests"] == 12 and r["errors"] == 0 and r["mismatches"] == 0 for r in rows)
+    assert "p50 s" in run.stdout and "images/s" in run.stdout
+    wrong = tmp_path / "wrong.json"
+    rows = json.load(open(offline["results"]))
+    rows[0]["caption"] = "a caption the server will not give"
+    wrong.write_text(json.dumps(rows))
+    run = subprocess.run([sys.executable, "-m", "llama_caption", "loadtest", "--url", url, "--images", photos,
+                          "--concurrency", "2", "--requests", "9", "--expected", wrong],
+                         capture_output=True, text=True, cwd=REPO, timeout=300, env=dict(os.environ, PYTHONPATH=REPO))
+    assert run.returncode == 2 and "differ" in run.stderr, run.stdout + run.stderr
+
+
+@pytest.mark.slow
+def test_a_client_that_disconnects_does_not_break_its_batch(server, photos, offline):
+    proc, url = server
+    host, port = url.split("//")[1].split(":")
+    names = sorted(os.listdir(photos))
+    boundary = "b0undary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"images\"; filename=\"{names[0]}\"\r\n"
+            f"Content-Type: image/png\r\n\r\n").encode() + read(photos, names[0]) + f"\r\n--{boundary}--\r\n".encode()
+    head = (f"POST /v1/captions HTTP/1.1\r\nHost: {host}\r\nContent-Type: multipart/form-data; boundary={boundary}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+
+    def leave():
+        s = socket.create_connection((host, int(port)))
+        s.sendall(head + body)
+        s.close()  # gone before the answer
+
+    with ThreadPoolExecutor(4) as pool:
+        gone = [pool.submit(leave) for _ in range(2)]
+        stay = [pool.submit(http_post, url, photos, [n]) for n in names[1:3]]
+        for f in gone:
+            f.result()
+        answers = [f.result() for f in stay]
+    for n, r in zip(names[1:3], answers):
+        assert r.status_code == 200 and r.json()["captions"][0]["caption"] == offline["captions"][n]
+    time.sleep(0.5)
+    again = http_post(url, photos, names[:1])
+    assert again.status_code == 200 and again.json()["captions"][0]["caption"] == offline["captions"][names[0]]
+    assert proc.poll() is None
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="the browser test needs Debian's chromium: apt-get install chromium "
+                                               "(.ci/run installs it on CI)")
+def test_the_page_captions_chosen_photos_in_a_real_browser(server, photos, offline, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    proc, url = server
+    names = sorted(os.listdir(photos))[:3]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run", "--disable-quic"])
+        try:
+            page = browser.new_page()
+            page.goto(url + "/")
+            page.wait_for_function("document.getElementById('model').textContent.includes('checkpoint')")
+            page.fill("#max_gen_len", "30")
+            page.set_input_files("#files", [os.path.join(photos, n) for n in names])
+            page.wait_for_function("document.querySelectorAll('.card .caption').length === 3 && "
+                                   "[...document.querySelectorAll('.card .caption')].every(c => c.textContent !== '\u2026')",
+                                   timeout=60000)
+            cards = page.query_selector_all(".card")
+            shown = {c.query_selector("img").get_attribute("alt"): c.query_selector(".caption").text_content()
+                     for c in cards}
+            times = [c.query_selector(".time").text_content() for c in cards]
+            assert "captioned 3 photo(s)" in page.text_content("#status")
+            page.screenshot(path=str(tmp_path / "page.png"))
+            # A file that is not an image: its card says why.
+            bad = tmp_path / "notes.png"
+            bad.write_bytes(b"not really a png")
+            page.set_input_files("#files", [str(bad)])
+            page.wait_for_function("document.querySelector('.card.error') !== null", timeout=30000)
+            error_text = page.text_content(".card.error .caption")
+        finally:
+            browser.close()
+    assert shown == {n: offline["captions"][n] for n in names}
+    assert all(" s (decode " in t for t in times)
+    assert "notes.png" in error_text and "not an image" in error_text
+
+
+@pytest.mark.slow
+def test_model_parallel_server_answers_like_offline(cap, trained, photos, offline, tmp_path):
+    proc, url = start_server(cap, trained, tmp_path, "--model_parallel", 2, nproc=2)
+    try:
+        names = sorted(os.listdir(photos))
+        with ThreadPoolExecutor(3) as pool:
+            answers = list(pool.map(lambda g: http_post(url, photos, g), [names[:3], names[3:6], names[6:]]))
+        got = [c["caption"] for r in answers for c in r.json()["captions"]]
+        assert got == [offline["captions"][n] for n in names]
+        assert http_post(url, photos, names[:1], temperature=1.0, seed=3).status_code == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    assert "stopped: every request in flight was answered" in err, err[-2000:]
+
+
+@pytest.mark.slow
+def test_sigterm_answers_the_requests_in_flight_then_exits_0(cap, trained, photos, offline, tmp_path):
+    import httpx
+
+    proc, url = start_server(cap, trained, tmp_path, "--max_wait_ms", 3000, "--max_batch", 8)
+    names = sorted(os.listdir(photos))[:6]
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            flying = [pool.submit(http_post, url, photos, [n]) for n in names]
+            deadline = time.time() + 30
+            while httpx.get(url + "/health", trust_env=False).json()["queue_images"] < 6:  # all in, waiting for a batch
+                assert time.time() < deadline and not any(f.done() for f in flying)
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGTERM)
+            answers = [f.result() for f in flying]
+        assert [r.json()["captions"][0]["caption"] for r in answers] == [offline["captions"][n] for n in names]
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(url + "/health", timeout=5, trust_env=False)
