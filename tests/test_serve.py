@@ -138,14 +138,36 @@ def test_batcher_decodes_sampled_requests_alone_and_beams_by_their_settings():
 def test_batcher_waits_for_the_batch_to_fill_but_not_past_the_oldest_requests_deadline():
     b = Batcher(max_batch=4, max_wait_s=0.5, max_queue=100)
     first = job(1)
+    b.arrive()
     b.submit(first)
     late = job(1)
-    threading.Timer(0.1, b.submit, args=(late,)).start()
+    threading.Timer(0.1, b.submit, args=(late,), kwargs={"was_arriving": True}).start()
     got = b.next_batch(timeout=1)
     assert [j.id for j in got] == [first.id, late.id]  # the second arrived within the wait
     b2 = Batcher(max_batch=4, max_wait_s=0.05, max_queue=100)
+    b2.arrive()  # one more is coming, but not within the wait
     b2.submit(job(1))
     assert len(b2.next_batch(timeout=1)) == 1  # not full, returned once the wait was over
+
+
+def test_batcher_waits_only_while_other_requests_are_arriving():
+    b = Batcher(max_batch=4, max_wait_s=5.0, max_queue=100)
+    lone = job(1)
+    b.submit(lone)
+    t0 = time.monotonic()
+    assert [j.id for j in b.next_batch(timeout=1)] == [lone.id]
+    assert time.monotonic() - t0 < 2.5  # nobody else was coming: no 5 s wait
+    first, second = job(1), job(1)
+    b.arrive()  # a request being read
+    b.submit(first)
+    threading.Timer(0.2, b.submit, args=(second,), kwargs={"was_arriving": True}).start()
+    assert [j.id for j in b.next_batch(timeout=1)] == [first.id, second.id]
+    assert b.arriving == 0
+    b.arrive()
+    b.submit(job(1))
+    threading.Timer(0.2, b.arrived).start()  # that request was refused: the batch goes without it
+    t0 = time.monotonic()
+    assert len(b.next_batch(timeout=1)) == 1 and time.monotonic() - t0 < 2.5
 
 
 def test_batcher_refuses_beyond_max_queue_and_after_close():

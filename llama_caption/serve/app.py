@@ -309,6 +309,8 @@ def create_app(batcher: Batcher, limits: Limits, preprocess: Callable, model_inf
     async def captions(request: Request):
         arrived = time.monotonic()
         status = 500
+        batcher.arrive()
+        submitted = False
         try:
             if not ready():
                 raise ApiError(503, "the model is still loading", {"Retry-After": "5"})
@@ -321,7 +323,8 @@ def create_app(batcher: Batcher, limits: Limits, preprocess: Callable, model_inf
             pixels = await run_in_threadpool(
                 lambda: torch.stack([decode_image(data, name, limits, preprocess()) for name, data in files]))
             try:
-                future = batcher.submit(Job(pixels, decoding))
+                submitted = True  # submit ends its arrival, whether it takes it or not
+                future = batcher.submit(Job(pixels, decoding), was_arriving=True)
             except QueueFull:
                 raise ApiError(503, f"the queue is full ({batcher.max_queue} images, the server's --max_queue): retry shortly",
                                {"Retry-After": "1"}) from None
@@ -339,6 +342,8 @@ def create_app(batcher: Batcher, limits: Limits, preprocess: Callable, model_inf
             status = e.status
             raise
         finally:
+            if not submitted:
+                batcher.arrived()
             metrics.requests.labels(str(status)).inc()
             metrics.latency.observe(time.monotonic() - arrived)
 

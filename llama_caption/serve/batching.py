@@ -2,8 +2,9 @@
 
 Requests enter a queue (`Batcher.submit`); the decoding loop (`Batcher.next_batch`) takes the
 oldest request and every queued one that can share its batch (the same decoding settings), up to
-`max_batch` images, waiting at most `max_wait_s` after the oldest one arrived for the batch to
-fill. A request whose settings cannot share goes to a batch of its own: greedy and beam requests
+`max_batch` images. It waits for the batch to fill only while other requests are still being
+read and checked (`arriving`: they are about to join), and at most `max_wait_s` after the oldest
+one arrived: a lone request starts at once, so batching costs a single user nothing. A request whose settings cannot share goes to a batch of its own: greedy and beam requests
 share when their settings are equal; a sampled request is always alone, so that its seed alone
 decides its captions. The loop is the only thread that runs the model; under model parallelism
 every rank runs each batch (`BatchRunner`: rank 0 broadcasts it first).
@@ -75,14 +76,30 @@ class Batcher:
         self.queue: List[Job] = []
         self.cond = threading.Condition()
         self.closed = False
+        self.arriving = 0  # requests being read and checked, not yet submitted
         self.on_depth = on_depth or (lambda images: None)
+
+    def arrive(self) -> None:
+        """A request is being read: the next batch may wait (up to max_wait_s) for it."""
+        with self.cond:
+            self.arriving += 1
+
+    def arrived(self) -> None:
+        """That request was submitted, or refused."""
+        with self.cond:
+            self.arriving -= 1
+            self.cond.notify_all()
 
     def depth(self) -> int:
         """Images waiting."""
         return sum(j.n for j in self.queue)
 
-    def submit(self, job: Job) -> Future:
+    def submit(self, job: Job, was_arriving: bool = False) -> Future:
+        """Queue a request (`was_arriving`: it had called `arrive`, which this ends, refused or not)."""
         with self.cond:
+            if was_arriving:
+                self.arriving -= 1
+                self.cond.notify_all()
             if self.closed:
                 raise Closed()
             if self.depth() + job.n > self.max_queue:
@@ -118,7 +135,7 @@ class Batcher:
                 jobs = self._compatible(first.key)
                 full = sum(j.n for j in jobs) >= self.max_batch or first.key[0] == "sampled"
                 left = deadline - time.monotonic()
-                if full or left <= 0 or self.closed:
+                if full or left <= 0 or self.closed or not self.arriving:
                     break
                 self.cond.wait(left)
             taken = {j.id for j in jobs}
