@@ -19,6 +19,7 @@ import binascii
 import hmac
 import io
 import json
+import math
 import os
 import time
 from typing import Callable, List, Optional
@@ -113,7 +114,8 @@ def check_decoding(values: dict, limits: Limits) -> Decoding:
                 v = json.loads(v)
             except ValueError:
                 raise ApiError(400, f"{name} must be a number, got {v!r}") from None
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not float(v).is_integer()):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or \
+                (kind is int and not float(v).is_integer()):
             raise ApiError(400, f"{name} must be {'a whole number' if kind is int else 'a number'}, got {v!r}")
         return kind(v)
 
@@ -186,8 +188,8 @@ async def parse_request(request: Request, limits: Limits):
         from starlette.formparsers import MultiPartParser
 
         try:
-            form = await MultiPartParser(request.headers, replay(), max_files=limits.max_images + 1,
-                                         max_fields=len(DECODING_FIELDS) + 1).parse()
+            # The body's size is bounded already; the file count is checked against --max_images after.
+            form = await MultiPartParser(request.headers, replay(), max_files=100_000, max_fields=1_000).parse()
         except Exception as e:  # python-multipart and Starlette raise several kinds for a malformed body
             raise ApiError(400, f"malformed multipart body ({getattr(e, 'message', None) or e})") from None
         files, settings = [], {}
