@@ -1,26 +1,34 @@
-# The newcomer's two commands: `make demo` and `make test`. Both build .venv when it is missing.
-# The bench extra (transformers) is installed too: the benchmark's equivalence test uses it.
+# The newcomer's two commands: `make demo` and `make test`. Both build .venv when it is missing:
+# the demo, the server and the benchmarks need requirements.txt and the package; the tests (and
+# `make bench`, whose reference is transformers) add the `test` extra (pytest, playwright,
+# transformers). pip skips byte-compiling (--no-compile): Python compiles what it imports.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: install test test-fast demo serve bench bench-serve clean
+.PHONY: install install-test test test-fast demo serve bench bench-serve clean
 
 install: $(STAMP)
+install-test: $(TEST_STAMP)
 
 $(STAMP): requirements.txt setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --no-compile -r requirements.txt
-	$(PY) -m pip install -q --no-compile --no-build-isolation -e ".[bench]"
+	$(PY) -m pip install -q --no-compile --no-build-isolation --no-deps -e .
 	touch $(STAMP)
 
+$(TEST_STAMP): $(STAMP)
+	$(PY) -m pip install -q --no-compile --no-build-isolation -e ".[test]"
+	touch $(TEST_STAMP)
+
 # Everything (CI's).
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(PY) -m pytest -q tests
 
 # The quick tier: tests that start no process (no torchrun, no Java scorer, no demo) and train briefly.
-test-fast: $(STAMP)
+test-fast: $(TEST_STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
 
 demo: $(STAMP)
@@ -33,7 +41,7 @@ serve: $(STAMP)
 bench-serve: $(STAMP)
 	$(PY) -m llama_caption bench-serve
 
-bench: $(STAMP)
+bench: $(TEST_STAMP)
 	$(PY) -m llama_caption bench
 
 clean:
