@@ -1,6 +1,8 @@
-"""COCO 2014 captions (pycocotools), the Karpathy split, robust image loading, batching.
+"""COCO 2014 captions (pycocotools), nocaps, Karpathy's splits of COCO, Flickr8k and Flickr30k,
+robust image loading, batching.
 
-Records are (image_id, path, captions). Training samples are either every caption of every
+Records are (image_id, path, captions), with the dataset they come from (image ids are only
+unique within one) and, for nocaps, the image's domain. Training samples are either every caption of every
 image (ClipCap's epoch) or one caption per image, drawn afresh each epoch. Batches are cut from
 one seeded permutation per epoch, so N data-parallel ranks together see exactly the batches of
 one process with an N-times larger batch, and a resumed run sees the batches it would have seen.
@@ -28,6 +30,11 @@ class ImageRecord:
     image_id: int
     path: str
     captions: List[str] = field(default_factory=list)
+    dataset: str = "coco"  # coco, nocaps, flickr8k, flickr30k: the space its image id belongs to
+    domain: Optional[str] = None  # nocaps: in-domain, near-domain or out-domain
+
+
+NOCAPS_DOMAINS = ("in-domain", "near-domain", "out-domain")
 
 
 def read_json(path: str, flag: str):
@@ -72,8 +79,22 @@ def check_coco_invariants(data: dict, path: str, flag: str) -> None:
             ids.add(a["id"])
 
 
+def check_domains(images: list, path: str, flag: str) -> bool:
+    """nocaps: every image has a `domain` of NOCAPS_DOMAINS, or none has one (COCO). Returns
+    whether the file is nocaps'."""
+    marked = [im for im in images if "domain" in im]
+    if not marked:
+        return False
+    odd = next((im for im in images if im.get("domain") not in NOCAPS_DOMAINS), None)
+    if odd is not None:
+        raise UserError(f"{path}: image {odd['id']} has domain {odd.get('domain')!r}; a nocaps file gives every image "
+                        f"one of {', '.join(NOCAPS_DOMAINS)}: check {flag}")
+    return True
+
+
 def read_coco_captions(path: str, flag: str = "--annotations", log=None) -> Dict[int, tuple]:
-    """A COCO captions file as {image_id: (file_name, [captions])}, through pycocotools' index.
+    """A COCO captions file as {image_id: (file_name, [captions], domain)}, through pycocotools'
+    index; domain is None but in nocaps' files (nocaps_val_4500_captions.json).
 
     Image ids must be whole numbers (a one-line error otherwise); captions that are empty or not
     text are skipped and counted (a warning through `log`).
@@ -92,6 +113,7 @@ def read_coco_captions(path: str, flag: str = "--annotations", log=None) -> Dict
         if not isinstance(im.get("file_name"), str):
             raise UserError(f"{path}: image {im['id']} has no file_name")
     check_coco_invariants(data, path, flag)
+    check_domains(data["images"], path, flag)
     anns = [a for a in data["annotations"] if usable_caption(a.get("caption"))]
     skipped = len(data["annotations"]) - len(anns)
     coco = COCO()
@@ -105,39 +127,85 @@ def read_coco_captions(path: str, flag: str = "--annotations", log=None) -> Dict
         raise UserError(f"{path}: malformed COCO annotations ({type(e).__name__}: {e})") from None
     if skipped and log:
         log(f"warning: {path}: {skipped} caption(s) skipped (empty or not text)")
-    return {img_id: (coco.imgs[img_id]["file_name"], [a["caption"] for a in coco.imgToAnns.get(img_id, [])])
-            for img_id in sorted(coco.imgs)}
+    return {img_id: (coco.imgs[img_id]["file_name"], [a["caption"] for a in coco.imgToAnns.get(img_id, [])],
+                     coco.imgs[img_id].get("domain")) for img_id in sorted(coco.imgs)}
 
 
 def load_coco(images_dir: str, annotations: str, flag: str = "--annotations", log=None) -> List[ImageRecord]:
-    """Every image of a COCO captions file with its captions (captions_train2014.json and the like)."""
-    return [ImageRecord(i, os.path.join(images_dir, name), caps)
-            for i, (name, caps) in read_coco_captions(annotations, flag, log).items()]
+    """Every image of a COCO captions file with its captions (captions_train2014.json and the like;
+    nocaps' file too, its images named by file_name under images_dir, each with its domain)."""
+    return [ImageRecord(i, os.path.join(images_dir, name), caps, "nocaps" if domain else "coco", domain)
+            for i, (name, caps, domain) in read_coco_captions(annotations, flag, log).items()]
 
 
 KARPATHY_SPLITS = {"train": ("train", "restval"), "val": ("val",), "test": ("test",)}
+KARPATHY_SHAPE = ("Karpathy's files (dataset_coco.json, dataset_flickr8k.json, dataset_flickr30k.json) hold "
+                  "{'images': [{'filename', 'imgid' (COCO: 'cocoid'), 'split', 'sentences': [{'raw'}]}]}")
 
 
-def load_karpathy(split_file: str, images_root: str, split: str) -> List[ImageRecord]:
-    """Karpathy's dataset_coco.json: 'train' is train+restval. Images are looked up as
-    images_root/filepath/filename (images_root holds train2014/ and val2014/), or
-    images_root/filename."""
+def karpathy_dataset(data: dict, path: str) -> str:
+    """coco, flickr8k or flickr30k: the file's own `dataset` field, else its name."""
+    name = data.get("dataset")
+    if not isinstance(name, str):
+        base = os.path.basename(path).lower()
+        name = next((d for d in ("flickr30k", "flickr8k") if d in base), "coco")
+    return name
+
+
+def karpathy_entry(img, path: str, flag: str) -> tuple:
+    """(image id, filename, filepath, split, captions) of one image entry, or a one-line error.
+    The id is `cocoid` where there is one (COCO: what COCO's own files and results use), else `imgid`."""
+    def bad(what: str):
+        return UserError(f"{path}: {what}: not one of Karpathy's files ({KARPATHY_SHAPE}): check {flag}")
+
+    if not isinstance(img, dict):
+        raise bad("an image entry is not a JSON object")
+    key = "cocoid" if "cocoid" in img else "imgid"
+    image_id = img.get(key)
+    if not isinstance(image_id, int) or isinstance(image_id, bool):
+        raise bad(f"an image has {key} {image_id!r}, not a whole number")
+    if not isinstance(img.get("filename"), str) or not img["filename"]:
+        raise bad(f"image {image_id} has no filename")
+    if img.get("split") not in ("train", "restval", "val", "test"):
+        raise bad(f"image {image_id} has split {img.get('split')!r}, not train, restval, val or test")
+    sentences = img.get("sentences", [])
+    if not isinstance(sentences, list) or not all(isinstance(x, dict) for x in sentences):
+        raise bad(f"image {image_id}: sentences is not a list of objects")
+    filepath = img.get("filepath") or ""
+    if not isinstance(filepath, str):
+        raise bad(f"image {image_id}: filepath is not text")
+    caps = [x["raw"] for x in sentences if usable_caption(x.get("raw"))]
+    return image_id, img["filename"], filepath, img["split"], caps
+
+
+def load_karpathy(split_file: str, images_root: str, split: str, flag: str = "--karpathy_split") -> List[ImageRecord]:
+    """One split of Karpathy's dataset_coco.json, dataset_flickr8k.json or dataset_flickr30k.json
+    ('train' is train+restval). An image is images_root/filepath/filename (COCO: images_root
+    holds train2014/ and val2014/), else images_root/filename (Flickr: the folder of the images).
+    Ids are `cocoid` (COCO) or `imgid` (Flickr), and must be unique in the file."""
     if split not in KARPATHY_SPLITS:
         raise UserError(f"--split {split!r} must be one of {list(KARPATHY_SPLITS)}")
-    data = read_json(split_file, "--karpathy_split")
+    data = read_json(split_file, flag)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-        raise UserError(f"{split_file} is not Karpathy's dataset_coco.json (no 'images' list)")
-    records = []
+        raise UserError(f"{split_file} has no 'images' list: not one of Karpathy's files ({KARPATHY_SHAPE}): check {flag}")
+    dataset, records, seen = karpathy_dataset(data, split_file), [], {}
     for img in data["images"]:
-        if img.get("split") not in KARPATHY_SPLITS[split]:
+        image_id, filename, filepath, where, caps = karpathy_entry(img, split_file, flag)
+        for key in (("id", image_id), ("file", (filepath, filename))):
+            if key in seen:
+                raise UserError(f"{split_file}: two images have the {key[0]} {key[1]!r}: captions would reach an image that "
+                                f"is not theirs: check {flag}")
+            seen[key] = True
+        if where not in KARPATHY_SPLITS[split]:
             continue
-        try:
-            nested = os.path.join(images_root, img.get("filepath", ""), img["filename"])
-            flat = os.path.join(images_root, img["filename"])
-            caps = [s["raw"] for s in img.get("sentences", []) if usable_caption(s.get("raw"))]
-            records.append(ImageRecord(int(img["cocoid"]), nested if os.path.exists(nested) or not os.path.exists(flat) else flat, caps))
-        except (KeyError, TypeError, ValueError) as e:
-            raise UserError(f"{split_file}: malformed image entry ({type(e).__name__}: {e})") from None
+        nested = os.path.join(images_root, filepath, filename)
+        flat = os.path.join(images_root, filename)
+        path = nested if os.path.exists(nested) or not os.path.exists(flat) else flat
+        records.append(ImageRecord(image_id, path, caps, dataset))
+    if not records:
+        found = sorted({img["split"] for img in data["images"]})
+        raise UserError(f"{split_file} has no image in split {split!r} (its splits: {', '.join(found) or 'none'}): "
+                        f"pick another --split")
     return records
 
 

@@ -1,7 +1,14 @@
-"""COCO caption metrics with pycocoevalcap: BLEU-1..4, METEOR, ROUGE-L, CIDEr (and SPICE).
+"""Caption metrics with pycocoevalcap: BLEU-1..4, METEOR, ROUGE-L, CIDEr (and SPICE); CLIP-S
+and RefCLIP-S (clipscore.py); nocaps per domain.
 
     python -m llama_caption evaluate --annotations coco/annotations/captions_val2014.json \\
         --results runs/b32-7b/results.json      # writes runs/b32-7b/results.metrics.json
+    python -m llama_caption evaluate --karpathy_split dataset_flickr30k.json --split test \\
+        --results flickr30k_test.json --images flickr30k-images/
+
+The references come from a COCO captions file (nocaps' too, each image with its domain: the
+metrics are then also given per domain, each domain scored as a corpus of its own) or from one
+split of Karpathy's files.
 
 The scorers are called one by one, on the images of the results only: COCOEvalCap.evaluate()
 would fail offline, because SPICE downloads Stanford CoreNLP the first time. SPICE runs when
@@ -14,16 +21,18 @@ import io
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-
-from .config import Config, command, setting
-from .data import read_coco_captions
+from . import clipscore
+from .clipscore import ClipScoreSettings
+from .config import command, setting
+from .data import NOCAPS_DOMAINS, ImageRecord, load_coco, load_karpathy
+from .distributed import pick_device
 from .errors import UserError
 from .fileio import check_output_file, sha256_file, write_json
 
-METRIC_ORDER = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
+METRIC_ORDER = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE", "CLIP-S", "RefCLIP-S")
 
 
 def check_java() -> None:
@@ -38,7 +47,7 @@ def spice_available() -> bool:
     return os.path.exists(os.path.join(g.SPICEDIR, g.SPICELIB, f"{g.JAR}.jar"))
 
 
-def read_results(path: str, known_ids=None) -> List[Dict]:
+def read_results(path: str, known_ids=None, references: str = "the annotations") -> List[Dict]:
     """A COCO results file: a JSON list of {"image_id": int, "caption": str}, one per image."""
     if not os.path.isfile(path):
         raise UserError(f"--results {path} not found")
@@ -47,11 +56,11 @@ def read_results(path: str, known_ids=None) -> List[Dict]:
             results = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"--results {path} is not valid JSON ({e})") from None
-    check_results(results, path, known_ids)
+    check_results(results, path, known_ids, references)
     return results
 
 
-def check_results(results, path: str, known_ids=None) -> None:
+def check_results(results, path: str, known_ids=None, references: str = "the annotations") -> None:
     if not isinstance(results, list) or not all(
             isinstance(r, dict) and isinstance(r.get("image_id"), int) and isinstance(r.get("caption"), str)
             for r in results):
@@ -63,47 +72,86 @@ def check_results(results, path: str, known_ids=None) -> None:
     if known_ids is not None:
         unknown = [i for i in ids if i not in known_ids]
         if unknown:
-            raise UserError(f"{path} has {len(unknown)} image id(s) that the annotations do not know (first: {unknown[0]})")
+            raise UserError(f"{path} has {len(unknown)} image id(s) that the references in {references} do not know "
+                            f"(first: {unknown[0]}): "
+                            f"score it against the file and split it was captioned from")
 
 
-def score(references: Dict[int, List[str]], results: List[Dict], spice: Optional[bool] = None, log=print) -> Dict[str, float]:
-    """Metrics of `results` against the references of the same images (restricted to them)."""
+@dataclass
+class Scores:
+    """The metrics of a results file: over all its images (`metrics`), per nocaps domain
+    (`domains`: name -> (metrics, images)), and per image (`per_image`: image id -> {metric: value};
+    CIDEr, and CLIP-S and RefCLIP-S once computed)."""
+
+    metrics: Dict[str, float]
+    n: int
+    domains: Dict[str, tuple] = field(default_factory=dict)
+    per_image: Dict[int, Dict[str, float]] = field(default_factory=dict)
+
+
+def tokenize(references: Dict[int, List[str]], results: List[Dict]) -> tuple:
+    """(gts, res) as the scorers take them, through the PTB tokenizer (a Java program)."""
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    gts = {r["image_id"]: [{"caption": c} for c in references[r["image_id"]]] for r in results}
+    res = {r["image_id"]: [{"caption": r["caption"]}] for r in results}
+    with contextlib.redirect_stdout(io.StringIO()):
+        tok = PTBTokenizer()
+        gts, res = tok.tokenize(gts), tok.tokenize(res)
+    # An empty generated caption is legal; METEOR's Java process needs some text to compare.
+    return gts, {k: [v[0] if v[0].strip() else "."] for k, v in res.items()}
+
+
+def run_scorers(gts: dict, res: dict, use_spice: bool) -> tuple:
+    """pycocoevalcap's scorers on tokenized captions: (metrics, CIDEr of each image)."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.meteor.meteor import Meteor
     from pycocoevalcap.rouge.rouge import Rouge
-    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
+    scorers = [(Bleu(4), ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4"]), (Meteor(), ["METEOR"]),
+               (Rouge(), ["ROUGE_L"]), (Cider(), ["CIDEr"])]
+    if use_spice:
+        from pycocoevalcap.spice.spice import Spice
+
+        scorers.append((Spice(), ["SPICE"]))
+    metrics, cider = {}, {}
+    with contextlib.redirect_stdout(io.StringIO()):  # the scorers print their progress
+        for scorer, names in scorers:
+            value, each = scorer.compute_score(gts, res)
+            for name, v in zip(names, value if isinstance(value, list) else [value]):
+                metrics[name] = float(v)
+            if names == ["CIDEr"]:  # Cider scores the images in the order of gts
+                cider = {i: float(v) for i, v in zip(gts, each)}
+    return metrics, cider
+
+
+def score_all(references: Dict[int, List[str]], results: List[Dict], spice: Optional[bool] = None, log=print,
+              domains: Optional[Dict[int, str]] = None) -> Scores:
+    """Metrics of `results` against the references of the same images (restricted to them), and,
+    with `domains` (image id -> nocaps domain), of each domain's images alone, as nocaps reports
+    them: each domain scored as a corpus of its own (CIDEr's document frequencies from its images)."""
     if not results:
         raise UserError("there are no captions to evaluate")
     check_java()
-    gts = {r["image_id"]: [{"caption": c} for c in references[r["image_id"]]] for r in results}
-    res = {r["image_id"]: [{"caption": r["caption"]}] for r in results}
-    with contextlib.redirect_stdout(io.StringIO()):  # the scorers print their progress
-        tok = PTBTokenizer()
-        gts, res = tok.tokenize(gts), tok.tokenize(res)
-        # An empty generated caption is legal; METEOR's Java process needs some text to compare.
-        res = {k: [v[0] if v[0].strip() else "."] for k, v in res.items()}
-        scorers = [(Bleu(4), ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4"]), (Meteor(), ["METEOR"]),
-                   (Rouge(), ["ROUGE_L"]), (Cider(), ["CIDEr"])]
-        use_spice = spice_available() if spice is None else spice
-        if use_spice:
-            from pycocoevalcap.spice.spice import Spice
-
-            scorers.append((Spice(), ["SPICE"]))
-        metrics = {}
-        for scorer, names in scorers:
-            value, _ = scorer.compute_score(gts, res)
-            for name, v in zip(names, value if isinstance(value, list) else [value]):
-                metrics[name] = float(v)
+    use_spice = spice_available() if spice is None else spice
+    gts, res = tokenize(references, results)
+    metrics, cider = run_scorers(gts, res, use_spice)
+    scores = Scores(metrics, len(results), per_image={i: {"CIDEr": v} for i, v in cider.items()})
+    for name in NOCAPS_DOMAINS if domains else ():
+        ids = [r["image_id"] for r in results if domains.get(r["image_id"]) == name]
+        if ids:
+            scores.domains[name] = (run_scorers({i: gts[i] for i in ids}, {i: res[i] for i in ids}, use_spice)[0],
+                                    len(ids))
     if not use_spice:
         log("SPICE skipped: Stanford CoreNLP is not installed (python -c 'from pycocoevalcap.spice."
             "get_stanford_models import get_stanford_models as g; g()' fetches it, online)")
-    return metrics
+    return scores
 
 
-def references_from_annotations(path: str, log=print) -> Dict[int, List[str]]:
-    return {i: caps for i, (_, caps) in read_coco_captions(path, "--annotations", log).items()}
+def score(references: Dict[int, List[str]], results: List[Dict], spice: Optional[bool] = None, log=print) -> Dict[str, float]:
+    """Metrics of `results` against the references of the same images (restricted to them)."""
+    return score_all(references, results, spice, log).metrics
 
 
 def metrics_path(results: str) -> str:
@@ -111,45 +159,112 @@ def metrics_path(results: str) -> str:
     return (results[:-5] if results.endswith(".json") else results) + ".metrics.json"
 
 
-def metrics_record(metrics: Dict[str, float], results_path: str, scored: List[Dict], annotations: str) -> dict:
-    """The metrics with what they score: the results file (and its SHA-256), the references, the images."""
-    return {"results": os.path.abspath(results_path), "results_sha256": sha256_file(results_path),
-            "annotations": os.path.abspath(annotations), "images": len(scored), "metrics": metrics}
+def metrics_record(scores: Scores, results_path: str, annotations: str, clipscore: Optional[dict] = None) -> dict:
+    """The metrics with what they score: the results file (and its SHA-256), the references, the
+    images; per nocaps domain; the CLIP-S model; and each image's scores."""
+    record = {"results": os.path.abspath(results_path), "results_sha256": sha256_file(results_path),
+              "annotations": os.path.abspath(annotations), "images": scores.n, "metrics": scores.metrics}
+    if scores.domains:
+        record["domains"] = {name: {"images": n, "metrics": m} for name, (m, n) in scores.domains.items()}
+    if clipscore:
+        record["clipscore"] = clipscore
+    record["per_image"] = [dict(image_id=i, **v) for i, v in sorted(scores.per_image.items())]
+    return record
 
 
-def format_table(metrics: Dict[str, float], n: Optional[int] = None) -> str:
+def format_table(metrics: Dict[str, float], n: Optional[int] = None, domains: Optional[Dict[str, tuple]] = None) -> str:
+    """The metrics x100 in one table; with nocaps `domains` (name -> (metrics, images)), a row
+    overall and one per domain, as the nocaps paper reports them."""
     names = [m for m in METRIC_ORDER if m in metrics]
-    head = " | ".join(f"{m:>7}" for m in names)
-    vals = " | ".join(f"{metrics[m] * 100:7.2f}" for m in names)
-    rule = "-" * len(head)
+    widths = [max(7, len(m)) for m in names]
+    cells = lambda ms: " | ".join(f"{ms[m] * 100:{w}.2f}" if m in ms else f"{'-':>{w}}"  # noqa: E731
+                                  for m, w in zip(names, widths))
+    head = " | ".join(f"{m:>{w}}" for m, w in zip(names, widths))
     title = f"COCO caption metrics (x100){'' if n is None else f' on {n} images'}"
-    return f"{title}\n{head}\n{rule}\n{vals}"
+    if not domains:
+        return f"{title}\n{head}\n{'-' * len(head)}\n{cells(metrics)}"
+    rows = [("overall", metrics, n)] + [(name, m, k) for name, (m, k) in domains.items()]
+    label = lambda name, k: f"{name}{'' if k is None else f' ({k})'}"  # noqa: E731
+    width = max(len(label(name, k)) for name, _, k in rows)
+    head = f"{'':{width}} | {head}"
+    lines = [f"{label(name, k):{width}} | {cells(m)}" for name, m, k in rows]
+    return "\n".join([title.replace("COCO caption", "nocaps caption"), head, "-" * len(head)] + lines)
+
+
+def add_clipscore(scores: Scores, per_image: Dict[int, Dict[str, float]], domains: Optional[Dict[int, str]]) -> None:
+    """CLIP-S and RefCLIP-S into the scores: corpus means overall and per domain, and per image."""
+    scores.metrics.update(clipscore.means(per_image, per_image))
+    for name, (m, _) in scores.domains.items():
+        m.update(clipscore.means(per_image, [i for i in per_image if domains.get(i) == name]))
+    for i, v in per_image.items():
+        scores.per_image.setdefault(i, {}).update(v)
+
+
+def evaluate_records(records: Dict[int, ImageRecord], results: List[Dict], results_path: str, references: str,
+                     out: str, spice: Optional[bool], clip: Optional[ClipScoreSettings], device, num_workers: int = 0,
+                     log=print) -> Scores:
+    """Score `results` against the captions of `records` (image id -> record: references, file, nocaps
+    domain); write the metrics to `out`; then CLIP-S (with `clip`), and write them again. The
+    metrics are on disk before CLIP-S starts: nothing is lost if it cannot run."""
+    scored = [r for r in results if records.get(r["image_id"]) and records[r["image_id"]].captions]
+    if len(scored) < len(results):
+        log(f"warning: {len(results) - len(scored)} result(s) are of images with no reference caption; not scored")
+    domains = {i: rec.domain for i, rec in records.items() if rec.domain}
+    scores = score_all({r["image_id"]: records[r["image_id"]].captions for r in scored}, scored, spice, log, domains)
+    write_json(out, metrics_record(scores, results_path, references), indent=1)
+    log(f"metrics written to {out}")
+    if clip is not None and clip.clipscore:
+        missing = next((records[r["image_id"]].path for r in scored if not os.path.isfile(records[r["image_id"]].path)), None)
+        if missing is not None:
+            log(f"CLIP-S skipped: image {missing} not found: give --images, the folder of the captioned images")
+        else:
+            found = clipscore.compute(clip, scored, records, device, num_workers, log)
+            if found:
+                add_clipscore(scores, found[0], domains)
+                write_json(out, metrics_record(scores, results_path, references, found[1]), indent=1)
+                log(f"CLIP-S and RefCLIP-S ({clip.clipscore_model}) added to {out}")
+    print(format_table(scores.metrics, scores.n, scores.domains))
+    return scores
 
 
 @dataclass
-class EvaluationConfig(Config):
-    annotations: str = setting(help="COCO captions JSON with the references (e.g. captions_val2014.json).")
+class EvaluationConfig(ClipScoreSettings):
     results: str = setting(help='COCO results JSON: [{"image_id": int, "caption": str}, ...].')
+    annotations: Optional[str] = setting(None, "COCO captions JSON with the references (captions_val2014.json; nocaps_val_4500_captions.json: also scored per domain).")
+    karpathy_split: Optional[str] = setting(None, "instead of --annotations: Karpathy's dataset_coco.json, dataset_flickr8k.json or dataset_flickr30k.json, the references of its --split.")
+    split: str = setting("test", "with --karpathy_split: the split the results caption (test, val or train).")
+    images: Optional[str] = setting(None, "the folder of the captioned images, for CLIP-S (as --images of caption).")
     out: Optional[str] = setting(None, "where to write the metrics as JSON (default: RESULTS.metrics.json beside the results).")
     spice: Optional[bool] = setting(None, "force SPICE on or off (default: on when Stanford CoreNLP is installed).")
+    device: str = setting("auto", "where CLIP-S runs: auto (CUDA when available), cpu or cuda.")
+
+    def check(self) -> None:
+        if bool(self.annotations) == bool(self.karpathy_split):
+            raise UserError("give the references as --annotations FILE or as --karpathy_split FILE (with --split), one of the two")
+        self.check_clipscore()
 
 
 def evaluate(cfg: EvaluationConfig) -> Dict[str, float]:
     out = cfg.out or metrics_path(cfg.results)
     check_output_file(out, "--out")
-    refs = references_from_annotations(cfg.annotations)
-    res = read_results(cfg.results, set(refs))
-    scored = [r for r in res if refs[r["image_id"]]]
-    if len(scored) < len(res):
-        print(f"warning: {len(res) - len(scored)} result(s) are of images with no reference caption; not scored")
-    metrics = score(refs, scored, cfg.spice)
-    print(format_table(metrics, len(scored)))
-    write_json(out, metrics_record(metrics, cfg.results, scored, cfg.annotations), indent=1)
-    print(f"wrote {out}")
-    return metrics
+    images = cfg.images or ""
+    if cfg.images and not os.path.isdir(cfg.images):
+        raise UserError(f"--images {cfg.images} is not a folder")
+    if cfg.karpathy_split:
+        records = load_karpathy(cfg.karpathy_split, images, cfg.split)
+    else:
+        records = load_coco(images, cfg.annotations, "--annotations")
+    by_id = {r.image_id: r for r in records}
+    references = cfg.annotations or cfg.karpathy_split
+    res = read_results(cfg.results, set(by_id), references)
+    clip = cfg if cfg.images else None
+    if cfg.clipscore and not cfg.images:
+        print("CLIP-S skipped: give --images, the folder of the captioned images, to compute it")
+    device = pick_device(cfg.device, 0)
+    return evaluate_records(by_id, res, cfg.results, references, out, cfg.spice, clip, device).metrics
 
 
-main = command(EvaluationConfig, evaluate, "Score a COCO results file against COCO caption annotations.")
+main = command(EvaluationConfig, evaluate, "Score a COCO results file against COCO captions, nocaps (per domain) or a Karpathy split; CLIP-S.")
 
 if __name__ == "__main__":
     from .__main__ import alias

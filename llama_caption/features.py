@@ -69,6 +69,15 @@ class FeatureCache:
                     f"(clip_model {spec.clip_model!r}): extract the features again"
                 )
 
+    def check_dataset(self, dataset: str, flag: str = "--features") -> None:
+        """Image ids are only unique within one dataset (Flickr's imgid 0, 1, ... are COCO ids too):
+        refuse a cache of another dataset's images. Caches written before it was recorded are COCO's."""
+        made = self.meta.get("dataset", "coco")
+        if made != dataset:
+            raise UserError(f"{flag} {self.path} holds features of {made} images but this split is {dataset}'s: their "
+                            f"image ids collide: extract the features of this split with the same --annotations or "
+                            f"--karpathy_split")
+
     def __contains__(self, image_id) -> bool:
         return int(image_id) in self.index
 
@@ -108,7 +117,7 @@ class FeaturesConfig(Config):
     out: str = setting(help="the cache folder to create (or to finish, after a crash, with the same flags).")
     clip_pretrained: Optional[str] = setting(None, "with --clip_model open_clip:ARCH: the weights file or a pretrained tag.")
     annotations: Optional[str] = setting(None, "COCO captions JSON (captions_train2014.json, ...); not needed with --karpathy_split.")
-    karpathy_split: Optional[str] = setting(None, "Karpathy's dataset_coco.json; then --split picks train (with restval), val or test.")
+    karpathy_split: Optional[str] = setting(None, "Karpathy's dataset_coco.json, dataset_flickr8k.json or dataset_flickr30k.json; then --split picks train (with restval), val or test.")
     split: str = setting("train", "the Karpathy split to extract.")
     feature_kind: str = setting("pooled", "pooled (one CLIP embedding per image) or patch (patch tokens of --clip_layer).")
     clip_layer: int = setting(-2, "the transformer block whose patch tokens are taken (-2: the penultimate).")
@@ -182,7 +191,8 @@ def extract(cfg: FeaturesConfig) -> None:
         if env.is_main:
             total = len(done_ids(cfg.out))
             write_json(os.path.join(cfg.out, META), dict(spec.cache_meta(), count=total, shape=list(encoder.feature_shape),
-                                                         storage=settings["storage"]), indent=1)
+                                                         storage=settings["storage"],
+                                                         dataset=records[0].dataset if records else "coco"), indent=1)
             print(f"wrote {total} feature vectors to {cfg.out} ({int(counts)} unreadable image(s) skipped)")
 
 

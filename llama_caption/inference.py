@@ -22,20 +22,21 @@ from .config import command, setting
 from .llama.generation import check_sampling
 from .data import ImageFiles, ImageRecord, collate, list_image_files, load_split, report_bad_images
 from .errors import UserError
-from .evaluation import format_table, metrics_record, score
-from .results import ResultsFiles, ordered, provenance, result_key, write_gallery
+from .clipscore import ClipScoreSettings
+from .evaluation import evaluate_records
+from .results import GALLERY_ORDERS, ResultsFiles, ordered, provenance, result_key, write_gallery
 from .fileio import write_json
 from .runs import CaptionerSettings, find_checkpoint
 
 
 @dataclass
-class InferenceConfig(CaptionerSettings):
+class InferenceConfig(CaptionerSettings, ClipScoreSettings):
     images: List[str] = setting(help="--images DIR for a COCO split; or image files and folders of your own (no annotations): --images a.jpg b.png photos/")
     out: str = setting("results.json", "the COCO results file to write; RESULTS.run.json beside it records what made it, and a rerun with the same settings completes it.")
     overwrite: bool = setting(False, "replace the captions of an --out made with other settings (they are otherwise refused, never mixed).")
-    annotations: Optional[str] = setting(None, "COCO captions JSON of the split (captions_val2014.json): enables evaluation.")
-    karpathy_split: Optional[str] = setting(None, "dataset_coco.json; then --images is the folder holding train2014/ and val2014/.")
-    split: str = setting("test", "the Karpathy split to caption: test, val or train.")
+    annotations: Optional[str] = setting(None, "COCO captions JSON of the split (captions_val2014.json; nocaps_val_4500_captions.json, scored overall and per domain, its images by file_name in --images): enables evaluation.")
+    karpathy_split: Optional[str] = setting(None, "Karpathy's dataset_coco.json (then --images holds train2014/ and val2014/), dataset_flickr8k.json or dataset_flickr30k.json (then --images holds the images): the references come from it.")
+    split: str = setting("test", "the Karpathy split to caption: test, val or train (train and restval).")
     num_images: Optional[int] = setting(None, "caption only the first N images (by image id).")
     fraction: Optional[float] = setting(None, "caption only this fraction of the images (the first ones by image id).")
     batch_size: int = setting(32, "images decoded together.")
@@ -45,7 +46,8 @@ class InferenceConfig(CaptionerSettings):
     num_beams: int = setting(1, "beam search with this many beams (1: greedy).")
     length_penalty: float = setting(1.0, "beam scores are log-probability / length**length_penalty.")
     evaluate: bool = setting(True, "score against the annotations (BLEU, METEOR, ROUGE-L, CIDEr; SPICE when installed).")
-    gallery: int = setting(0, "write RESULTS.gallery.html with the first N images.")
+    gallery: int = setting(0, "write RESULTS.gallery.html with N images, their captions, scores and references.")
+    gallery_order: str = setting("first", "which images the gallery shows: first (by image id), worst (the lowest CIDEr first) or worst_clip_s (the lowest CLIP-S first); the worst ones need scores (--evaluate, and --clipscore for CLIP-S).")
     num_workers: int = setting(2, "image-loading processes (0: load in the main process).")
     seed: int = setting(1, "random seed for sampling, the same on every rank.")
     save_every_s: float = setting(30.0, "seconds between rewrites of the results file while working.")
@@ -56,6 +58,13 @@ class InferenceConfig(CaptionerSettings):
         self.at_least(1, "batch_size", "max_gen_len", "num_beams", "num_images")
         self.at_least(0, "num_workers", "gallery", "save_every_s")
         check_sampling(self.temperature, self.top_p)
+        self.one_of("gallery_order", GALLERY_ORDERS)
+        self.check_clipscore()
+        if self.gallery_order != "first" and not (self.annotated and self.evaluate):
+            raise UserError(f"--gallery_order {self.gallery_order} ranks the captions by their scores: it needs "
+                            f"--annotations or --karpathy_split, and --evaluate True")
+        if self.gallery_order == "worst_clip_s" and not self.clipscore:
+            raise UserError("--gallery_order worst_clip_s ranks by CLIP-S: leave --clipscore True")
         if self.num_beams > 1 and self.temperature > 0:
             raise UserError("--num_beams > 1 is beam search, which does not sample: leave --temperature at 0")
         if self.num_images is not None and self.fraction is not None:
@@ -99,10 +108,11 @@ def select_records(cfg: InferenceConfig, log) -> List[ImageRecord]:
     if cfg.annotated:
         records = load_split(cfg.images[0], cfg.annotations, cfg.karpathy_split, cfg.split, "--images",
                              "--annotations", log)
-        missing = [r for r in records if not os.path.isfile(r.path)]
-        if missing:
-            log(f"warning: {len(missing)} annotated image(s) not found, skipped (first: {missing[0].path})")
-        records = [r for r in records if os.path.isfile(r.path)]
+        if not records or records[0].dataset != "nocaps":  # nocaps is scored on all its images, or on the ones asked for
+            missing = [r for r in records if not os.path.isfile(r.path)]
+            if missing:
+                log(f"warning: {len(missing)} annotated image(s) not found, skipped (first: {missing[0].path})")
+            records = [r for r in records if os.path.isfile(r.path)]
     else:
         records = [ImageRecord(i, p, []) for i, p in enumerate(list_image_files(cfg.images))]
     records.sort(key=lambda r: r.image_id)
@@ -110,6 +120,11 @@ def select_records(cfg: InferenceConfig, log) -> List[ImageRecord]:
         records = records[: cfg.num_images]
     if cfg.fraction is not None:
         records = records[: max(1, math.ceil(cfg.fraction * len(records)))]
+    missing = [r for r in records if not os.path.isfile(r.path)]
+    if missing:  # nocaps: its scores compare with others' only on all the images
+        raise UserError(f"{len(missing)} of the {len(records)} nocaps image(s) of {cfg.annotations} are not in --images "
+                        f"{cfg.images[0]} (first: {os.path.basename(missing[0].path)}): download them all (nocaps' "
+                        f"image list gives their URLs), or caption fewer with --num_images")
     if not records:
         raise UserError(f"no images to caption in --images {' '.join(cfg.images)}")
     return records
@@ -174,17 +189,22 @@ def caption_batches(cfg: InferenceConfig, env, captioner, encoder, todo: List[Im
 
 
 def evaluate_results(cfg: InferenceConfig, env, files: ResultsFiles, results: List[Dict],
-                     records: List[ImageRecord]) -> dict:
-    refs = {r.image_id: r.captions for r in records}
-    scored = [r for r in results if refs.get(r["image_id"])]
-    if len(scored) < len(results):
-        env.log(f"warning: {len(results) - len(scored)} captioned image(s) have no reference caption; not scored")
-    metrics = score(refs, scored, log=env.log)
-    print(format_table(metrics, len(scored)))
-    write_json(files.metrics, metrics_record(metrics, files.results, scored, cfg.annotations or cfg.karpathy_split),
-               indent=1)
-    env.log(f"metrics written to {files.metrics}")
-    return metrics
+                     records: List[ImageRecord]):
+    """The metrics of the results (Scores), written beside them; CLIP-S too with --clipscore."""
+    return evaluate_records({r.image_id: r for r in records}, results, files.results,
+                            cfg.annotations or cfg.karpathy_split, files.metrics, None,
+                            cfg if cfg.clipscore else None, env.device, cfg.num_workers, env.log)
+
+
+def gallery(cfg: InferenceConfig, env, files: ResultsFiles, results: List[Dict], records: List[ImageRecord],
+            scores=None) -> None:
+    """RESULTS.gallery.html, with each image's scores once they are known; the worst first when asked."""
+    order, per_image = cfg.gallery_order, scores.per_image if scores else {}
+    if order == "worst_clip_s" and scores and "CLIP-S" not in scores.metrics:
+        env.log("the gallery is in image-id order: CLIP-S was skipped")
+        order = "first"
+    shown = write_gallery(files.gallery, results, {r.image_id: r for r in records}, cfg.gallery, per_image, order)
+    env.log(f"gallery of {shown} image(s): {files.gallery}")
 
 
 def run(cfg: InferenceConfig) -> Optional[Dict]:
@@ -219,11 +239,14 @@ def run(cfg: InferenceConfig) -> Optional[Dict]:
         files.finish(results)
         env.log(f"wrote {len(results)} caption(s) to {cfg.out}; {len(bad)} unreadable image(s) skipped")
         out = {"results": results, "bad": bad}
-        if cfg.gallery > 0:
-            write_gallery(files.gallery, results, {r.image_id: r for r in records}, cfg.gallery)
-            env.log(f"gallery of {min(cfg.gallery, len(results))} image(s): {files.gallery}")
-        if cfg.annotated and cfg.evaluate:
-            out["metrics"] = evaluate_results(cfg, env, files, results, records)
+        scoring = cfg.annotated and cfg.evaluate
+        if cfg.gallery > 0 and cfg.gallery_order == "first":  # there before scoring starts (it needs Java)
+            gallery(cfg, env, files, results, records)
+        if scoring:
+            scores = evaluate_results(cfg, env, files, results, records)
+            out.update(metrics=scores.metrics, scores=scores)
+            if cfg.gallery > 0:  # again, with each image's scores
+                gallery(cfg, env, files, results, records, scores)
         return out
 
 

@@ -3,7 +3,7 @@
     RESULTS.partial.jsonl   each batch's captions as they come (removed once RESULTS is complete)
     RESULTS.run.json        what made them: checkpoint, LLaMA, CLIP, decoding settings, images
     RESULTS.metrics.json    their scores, and which results file and images they score
-    RESULTS.gallery.html    the first N images with their captions
+    RESULTS.gallery.html    N images with their captions, scores and references (the first, or the worst)
 
 A run started again with the same settings captions only the images that are not done; with
 other settings it is refused (another --out, or --overwrite), so a results file never mixes two
@@ -125,17 +125,39 @@ class ResultsFiles:
         os.remove(self.partial)
 
 
-def write_gallery(path: str, results: List[Dict], records: Dict, n: int) -> None:
-    """An HTML page with the first n images (linked relatively), their caption and references."""
+GALLERY_ORDERS = ("first", "worst", "worst_clip_s")
+GALLERY_TITLES = {"first": "the first {n} images by image id", "worst": "the {n} captions with the lowest CIDEr, worst first",
+                  "worst_clip_s": "the {n} captions with the lowest CLIP-S, worst first"}
+
+
+def gallery_rows(results: List[Dict], per_image: Dict[int, Dict[str, float]], order: str, n: int) -> List[Dict]:
+    """The n results a gallery shows: the first ones, or those with the lowest CIDEr (worst) or
+    CLIP-S (worst_clip_s) first, ties by image id."""
+    if order == "first":
+        return results[:n]
+    key = "CIDEr" if order == "worst" else "CLIP-S"
+    ranked = [r for r in results if key in per_image.get(r["image_id"], {})]
+    return sorted(ranked, key=lambda r: (per_image[r["image_id"]][key], r["image_id"]))[:n]
+
+
+def write_gallery(path: str, results: List[Dict], records: Dict, n: int,
+                  per_image: Optional[Dict[int, Dict[str, float]]] = None, order: str = "first") -> int:
+    """An HTML page with n images (linked relatively), their caption, its scores (x100) and the
+    references, in `order` (GALLERY_ORDERS). Returns how many images it shows."""
     folder = os.path.dirname(os.path.abspath(path))
+    per_image = per_image or {}
+    shown = gallery_rows(results, per_image, order, n)
     rows = []
-    for r in results[:n]:
+    for r in shown:
         rec = records[r["image_id"]]
         src = os.path.relpath(os.path.abspath(rec.path), folder)
         refs = "".join(f"<li>{html.escape(c)}</li>" for c in rec.captions)
+        values = per_image.get(r["image_id"], {})
+        scores = " &middot; ".join(f"{k} {values[k] * 100:.1f}" for k in ("CIDEr", "CLIP-S", "RefCLIP-S") if k in values)
         rows.append(
             f'<figure><img src="{html.escape(src)}" alt="image {r["image_id"]}">'
             f'<figcaption><b>{html.escape(r["caption"])}</b>'
+            f'{f"<div class=scores>{scores}</div>" if scores else ""}'
             f'{"<ul>" + refs + "</ul>" if refs else ""}<small>{html.escape(os.path.basename(rec.path))}</small>'
             f"</figcaption></figure>"
         )
@@ -143,11 +165,14 @@ def write_gallery(path: str, results: List[Dict], records: Dict, n: int) -> None
         "<!doctype html><html><head><meta charset='utf-8'><title>llama_caption gallery</title><style>"
         "body{font-family:sans-serif;margin:20px}figure{display:inline-block;width:260px;vertical-align:top;"
         "margin:8px}img{width:256px;height:auto;image-rendering:pixelated;border:1px solid #ccc}"
-        "ul{padding-left:18px;color:#555;font-size:13px}small{color:#999}</style></head><body>"
-        f"<h1>Generated captions ({min(n, len(results))} images)</h1>"
-        "<p>Bold: the generated caption. Below it: the reference captions.</p>" + "\n".join(rows) + "</body></html>\n"
+        "ul{padding-left:18px;color:#555;font-size:13px}small{color:#999}.scores{color:#a33;font-size:13px}"
+        "</style></head><body>"
+        f"<h1>Generated captions: {GALLERY_TITLES[order].format(n=len(shown))}</h1>"
+        "<p>Bold: the generated caption, then its scores (x100). Below it: the reference captions.</p>"
+        + "\n".join(rows) + "</body></html>\n"
     )
     write_text(path, page)
+    return len(shown)
 
 
 def ordered(done: Dict, records: List[ImageRecord], annotated: bool) -> List[Dict]:

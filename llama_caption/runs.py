@@ -222,12 +222,14 @@ class CaptionerSettings(LlamaSettings):
 
 
 class MetricsLog:
-    """metrics.jsonl (one JSON object per line) and the loss-curve PNG, written by rank 0."""
+    """metrics.jsonl (one JSON object per line) and the loss-curve PNG, written by rank 0; each
+    row also goes to the `dashboard` (dashboard.py) when there is one."""
 
-    def __init__(self, out_dir: str, enabled: bool, resume_step: Optional[int]):
+    def __init__(self, out_dir: str, enabled: bool, resume_step: Optional[int], dashboard=None):
         self.path = os.path.join(out_dir, "metrics.jsonl")
         self.png = os.path.join(out_dir, "loss_curve.png")
         self.enabled = enabled
+        self.dashboard = dashboard if enabled else None
         if enabled and os.path.isfile(self.path):
             # Lines the interrupted run wrote after its checkpoint (all, for a new run) are about to be redone.
             with open(self.path) as f:
@@ -238,6 +240,13 @@ class MetricsLog:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
+        if self.dashboard is not None:
+            self.dashboard.write(row)
+
+    def close(self) -> None:
+        if self.dashboard is not None:
+            self.dashboard.close()
+            self.dashboard = None
 
     def plot(self):
         if not self.enabled or not os.path.isfile(self.path):

@@ -30,6 +30,7 @@ from .config import command, setting
 from .llama.checkpoint import LlamaSettings, load_llama
 from .data import CAPTION_MODES, CaptionDataset, StepBatches, collate, drop_missing, load_split, report_bad_images
 from .errors import UserError
+from .dashboard import REPORTERS, check_reporter, open_dashboard
 from .features import FeatureCache
 from .fileio import check_output_dir, write_json
 from .llama.generation import generate
@@ -42,12 +43,12 @@ from .vision import FEATURE_KINDS, EncoderSpec, ImageEncoder, check_encoder_flag
 @dataclass
 class TrainConfig(LlamaSettings):
     clip_model: str = setting(help="CLIP name (ViT-B/32, ViT-B/16, ViT-L/14, ViT-L/14@336px), a local CLIP file, or open_clip:ARCH (an open_clip model name or model config JSON; weights from --clip_pretrained).")
-    train_images: str = setting(help="train2014/ (with --karpathy_split: the folder holding train2014/ and val2014/).")
+    train_images: str = setting(help="train2014/ (with --karpathy_split: the folder holding train2014/ and val2014/, or Flickr's folder of images).")
     out_dir: str = setting(help="the run folder: checkpoints/, metrics.jsonl, loss_curve.png, config.json. A folder that holds a run is only continued, with --resume.")
     train_annotations: Optional[str] = setting(None, "captions_train2014.json (not needed with --karpathy_split).")
     val_images: Optional[str] = setting(None, "val2014/ for the validation loss after each epoch (optional).")
     val_annotations: Optional[str] = setting(None, "captions_val2014.json.")
-    karpathy_split: Optional[str] = setting(None, "dataset_coco.json: train = train+restval, validation = its val split.")
+    karpathy_split: Optional[str] = setting(None, "Karpathy's dataset_coco.json, dataset_flickr8k.json or dataset_flickr30k.json: train = train+restval, validation = its val split (--train_images and --val_images: COCO's folder holding train2014/ and val2014/, or Flickr's folder of images).")
     features: Optional[str] = setting(None, "a training feature cache from python -m llama_caption features (else CLIP runs on the fly).")
     val_features: Optional[str] = setting(None, "a validation feature cache.")
     clip_pretrained: Optional[str] = setting(None, "with --clip_model open_clip:ARCH: the weights file (open_clip_pytorch_model.bin, .safetensors) or a pretrained tag (downloaded only if not cached).")
@@ -84,10 +85,12 @@ class TrainConfig(LlamaSettings):
     seed: int = setting(0, "random seed (data order, initialisation), the same on every rank.")
     resume: bool = setting(False, "continue from out_dir/checkpoints/latest with the same configuration.")
     stop_after_steps: Optional[int] = setting(None, "stop (with a checkpoint) after this many steps, e.g. to split a job across allocations.")
+    report_to: str = setting("none", "a dashboard beside metrics.jsonl: none, tensorboard (RUN/tensorboard; tensorboard --logdir RUN/tensorboard) or wandb (when installed; WANDB_MODE=offline needs no network). It logs what metrics.jsonl logs and --report_captions captions per epoch.")
+    report_captions: int = setting(4, "with --report_to: greedy captions of this many validation images (training images without --val_images) shown per epoch, with their references.")
 
     # Settings that may change between an interrupted run and its resumption.
     RESUMABLE_CHANGES = ("resume", "stop_after_steps", "num_workers", "save_every", "keep_last",
-                         "log_every", "device", "out_dir", "max_bad_steps")
+                         "log_every", "device", "out_dir", "max_bad_steps", "report_to", "report_captions")
 
     def check(self) -> None:
         super().check()
@@ -106,6 +109,9 @@ class TrainConfig(LlamaSettings):
         self.one_of("objective", ("xe", "scst"))
         self.one_of("scst_baseline", BASELINES)
         self.at_least(1, "scst_samples")
+        self.at_least(0, "report_captions")
+        self.one_of("report_to", REPORTERS)
+        check_reporter(self.report_to)
         if self.projection == "transformer" and self.mapper_width % 64:
             raise UserError(f"--mapper_width {self.mapper_width} must be a multiple of 64: the mapper's heads are 64 wide")
         if self.objective == "scst":
@@ -200,6 +206,7 @@ def open_cache(path: Optional[str], spec: EncoderSpec, flag: str) -> Optional[Fe
 def restrict_to_cache(records, cache, flag, log):
     if cache is None:
         return records
+    cache.check_dataset(records[0].dataset, flag)
     kept = [r for r in records if r.image_id in cache]
     if len(kept) < len(records):
         log(f"warning: {len(records) - len(kept)} image(s) have no features in {flag} {cache.path} (unreadable at extraction, or another split); skipped")
@@ -519,22 +526,35 @@ def train(cfg: TrainConfig) -> dict:
         resume = resume_point(cfg) if cfg.resume else None
         job = build(cfg, env, resuming=resume is not None)
         progress = Progress(restore(job, resume, env) if resume else 0)
-        metrics = runs.MetricsLog(cfg.out_dir, env.is_main, progress.step if resume else None)
-        if env.is_main:
-            write_json(os.path.join(cfg.out_dir, "config.json"), cfg.to_dict(), indent=1)
-        n_train = sum(p.numel() for p in job.captioner.projection.parameters())
-        args = job.captioner.llama.args
-        env.log(f"LLaMA dim {args.dim} x {args.n_layers} layers, MP {env.mp_size} x DP {env.dp_size}; "
-                f"projection {cfg.projection} ({n_train:,} trainable parameters), prefix {job.spec.prefix_len}; "
-                f"{len(job.train_set)} training samples, {job.steps_per_epoch} steps/epoch, global batch {cfg.batch_size}")
-        for epoch in range(progress.step // job.steps_per_epoch, cfg.epochs):
-            stopped = train_epoch(cfg, env, job, epoch, progress, metrics)
-            if not stopped or progress.step % job.steps_per_epoch == 0:
-                end_epoch(cfg, env, job, epoch, progress, metrics)
-            if stopped:  # a resumed run then logs what an uninterrupted one does
-                env.log(f"stopped after step {progress.step} (--stop_after_steps); continue with --resume")
-                return {"step": progress.step, "loss": progress.last_loss, "stopped": True}
-        return finish(cfg, env, job, progress, metrics)
+        resume_step = progress.step if resume else None
+        metrics = runs.MetricsLog(cfg.out_dir, env.is_main, resume_step,
+                                  open_dashboard(cfg.report_to, cfg.out_dir, cfg.to_dict(), resume_step, env.is_main))
+        try:
+            return train_epochs(cfg, env, job, progress, metrics)
+        finally:
+            metrics.close()
+
+
+def train_epochs(cfg: TrainConfig, env, job: Job, progress: Progress, metrics: runs.MetricsLog) -> dict:
+    """config.json, then the epochs left (validation and a checkpoint after each), then the report."""
+    if env.is_main:
+        write_json(os.path.join(cfg.out_dir, "config.json"), cfg.to_dict(), indent=1)
+    n_train = sum(p.numel() for p in job.captioner.projection.parameters())
+    args = job.captioner.llama.args
+    env.log(f"LLaMA dim {args.dim} x {args.n_layers} layers, MP {env.mp_size} x DP {env.dp_size}; "
+            f"projection {cfg.projection} ({n_train:,} trainable parameters), prefix {job.spec.prefix_len}; "
+            f"{len(job.train_set)} training samples, {job.steps_per_epoch} steps/epoch, global batch {cfg.batch_size}")
+    if metrics.dashboard is not None:
+        env.log(f"dashboard: {metrics.dashboard.folder}" + (f" (tensorboard --logdir {metrics.dashboard.folder})"
+                                                             if cfg.report_to == "tensorboard" else ""))
+    for epoch in range(progress.step // job.steps_per_epoch, cfg.epochs):
+        stopped = train_epoch(cfg, env, job, epoch, progress, metrics)
+        if not stopped or progress.step % job.steps_per_epoch == 0:
+            end_epoch(cfg, env, job, epoch, progress, metrics)
+        if stopped:  # a resumed run then logs what an uninterrupted one does
+            env.log(f"stopped after step {progress.step} (--stop_after_steps); continue with --resume")
+            return {"step": progress.step, "loss": progress.last_loss, "stopped": True}
+    return finish(cfg, env, job, progress, metrics)
 
 
 def end_epoch(cfg: TrainConfig, env, job: Job, epoch: int, progress: Progress, metrics: runs.MetricsLog) -> None:
@@ -545,8 +565,31 @@ def end_epoch(cfg: TrainConfig, env, job: Job, epoch: int, progress: Progress, m
             row["val_cider"] = evaluate_cider(job, env, cfg)
         env.log(f"epoch {epoch + 1}: " + ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in row.items()))
         metrics.write(step=progress.step, epoch=epoch + 1, **row)
+    if cfg.report_to != "none" and cfg.report_captions > 0:  # every rank decodes: the LLaMA is model-parallel
+        rows = dashboard_captions(job, cfg)
+        if metrics.dashboard is not None:
+            metrics.dashboard.captions(progress.step, rows)
     save(cfg, env, job, progress.step, epoch + 1)
     metrics.plot()
+
+
+@torch.no_grad()
+def dashboard_captions(job: Job, cfg: TrainConfig) -> List[tuple]:
+    """(image id, greedy caption, references) of the first --report_captions images of the
+    validation split (else of the training split), for the dashboard."""
+    data = job.val_set if job.val_set is not None else job.train_set
+    firsts = {}
+    for index, (i, _) in enumerate(data.samples):
+        firsts.setdefault(i, index)
+    batch = collate([data[firsts[i]] for i in sorted(firsts)[:cfg.report_captions]])
+    if not batch["image_id"]:
+        return []
+    job.captioner.projection.eval()
+    with torch.autocast(job.captioner.llama.device.type, dtype=job.dtype, enabled=job.use_amp):
+        captions = job.captioner.generate(job.features_of(batch), cfg.max_caption_len)
+    job.captioner.projection.train()
+    refs = {r.image_id: r.captions for r in data.records}
+    return [(i, c, refs[i]) for i, c in zip(batch["image_id"], captions)]
 
 
 main = command(TrainConfig, train, "Train the projection from frozen CLIP features to frozen LLaMA prefix embeddings.")

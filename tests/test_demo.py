@@ -144,3 +144,23 @@ def test_a_dataset_too_small_for_the_demo_is_refused_before_the_stand_ins(cap, t
         run_demo(DemoConfig(scale="small", root=str(tmp_path / "r"), images=cap["images"], annotations=cap["ann"],
                             val_images=cap["images"], val_annotations=cap["val_ann"], scst_epochs=0), log=lambda m: None)
     assert not list((tmp_path / "r").rglob("standins/*"))  # nothing was built
+
+
+def test_demo_report_prints_clip_s_beside_cider(capsys):
+    """The report's table and closing lines: CLIP-S (by the demo's own CLIP) beside CIDEr, final
+    captions against the shuffled control."""
+    from llama_caption.tools.demo.build import print_report
+
+    metrics = {"xe-mlp": {"CIDEr": 0.8, "CLIP-S": 0.61, "RefCLIP-S": 0.7}, "scst": {"CIDEr": 1.1, "CLIP-S": 0.66},
+               "control": {"CIDEr": 0.2, "CLIP-S": 0.41}}
+    report = {"best_projection": "mlp", "final": "/runs/001/scst", "seconds": 12.0,
+              "stages": {k: {"metrics": m} for k, m in metrics.items()}}
+    stages = {k: {"metrics": m, "results": [{"image_id": 1, "caption": "a red circle"}]} for k, m in metrics.items()}
+    print_report(report, stages, None, "/runs/001")
+    out = capsys.readouterr().out
+    head = next(l for l in out.splitlines() if "CIDEr" in l and "CLIP-S" in l)
+    assert head.split() == ["CIDEr", "CLIP-S", "RefCLIP-S"]
+    scst_row = next(l for l in out.splitlines() if l.startswith("SCST"))
+    assert scst_row.split()[-3:] == ["110.00", "66.00", "-"]
+    assert "CLIP-S (the demo's CLIP): SCST 66.0, shuffled control 41.0 (+25.0)" in out
+    assert "CIDEr: cross-entropy (mlp) 80.0, after SCST 110.0 (+30.0), shuffled control 20.0" in out

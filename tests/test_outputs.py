@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 import example
 from conftest import run_cli, run_python, torchrun
-from llama_caption import features, inference
+from llama_caption import evaluation, features
 from llama_caption.config import command
 from llama_caption.errors import UserError
 from llama_caption.evaluation import EvaluationConfig, evaluate
@@ -85,7 +85,8 @@ def test_inference_rerun_matrix(cap, trained, process_group, tmp_path, capsys):
 def test_two_results_files_in_one_folder_keep_their_own_metrics(cap, trained, process_group, tmp_path, monkeypatch):
     # What is checked is where the scores go, not the scorers (tested against pycocoevalcap elsewhere):
     # a stand-in score, the mean caption length, spares two Java start-ups.
-    monkeypatch.setattr(inference, "score", lambda refs, res, log: {"length": sum(len(r["caption"]) for r in res) / len(res)})
+    monkeypatch.setattr(evaluation, "score_all", lambda refs, res, spice, log, domains: evaluation.Scores(
+        {"length": sum(len(r["caption"]) for r in res) / len(res)}, len(res)))
     a = infer(cap, trained, tmp_path / "greedy.json", evaluate=True)
     b = infer(cap, trained, tmp_path / "short.json", evaluate=True, max_gen_len=2)
     ma, mb = json.load(open(tmp_path / "greedy.metrics.json")), json.load(open(tmp_path / "short.metrics.json"))

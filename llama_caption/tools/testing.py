@@ -195,10 +195,13 @@ def demo_layout(root: str = "demo_runs", scale: str = "full") -> Dict[str, str]:
 TINY_OPEN_CLIP_TEXT = {"context_length": 16, "vocab_size": 1000, "width": 64, "heads": 1, "layers": 1}
 
 
-def build_tiny_open_clip(folder: str, name: str, vision_cfg: dict, seed: int = 0, embed_dim: int = 32) -> tuple:
+def build_tiny_open_clip(folder: str, name: str, vision_cfg: dict, seed: int = 0, embed_dim: int = 32,
+                         text_cfg: Optional[dict] = None) -> tuple:
     """A small open_clip model: its config as FOLDER/NAME.json (what `--clip_model
     open_clip:FOLDER/NAME.json` reads) and random weights as FOLDER/NAME-SEED.bin, a
-    torch.save'd state dict like open_clip's released files. Returns (config path, weights path)."""
+    torch.save'd state dict like open_clip's released files. Returns (config path, weights path).
+    `text_cfg`: the text tower (default TINY_OPEN_CLIP_TEXT, whose small vocabulary suits image
+    features only; CLIP-S tokenizes with CLIP's own vocabulary of 49408)."""
     import json
 
     import open_clip
@@ -207,7 +210,7 @@ def build_tiny_open_clip(folder: str, name: str, vision_cfg: dict, seed: int = 0
     cfg_path = os.path.join(folder, f"{name}.json")
     with atomic_path(cfg_path) as tmp:
         with open(tmp, "w") as f:
-            json.dump({"embed_dim": embed_dim, "vision_cfg": vision_cfg, "text_cfg": TINY_OPEN_CLIP_TEXT}, f)
+            json.dump({"embed_dim": embed_dim, "vision_cfg": vision_cfg, "text_cfg": text_cfg or TINY_OPEN_CLIP_TEXT}, f)
     open_clip.add_model_config(cfg_path)
     torch.manual_seed(seed)
     model = open_clip.create_model(name, pretrained=None)

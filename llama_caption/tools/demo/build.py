@@ -312,6 +312,13 @@ def encoder_flags(cfg, paths: Dict[str, str]) -> List[str]:
     return ["--clip_model", cfg.clip_model] + (["--clip_pretrained", cfg.clip_pretrained] if cfg.clip_pretrained else [])
 
 
+def clipscore_flags(cfg, paths: Dict[str, str]) -> List[str]:
+    """CLIP-S is computed with the encoder the demo trains on (the stand-in CLIP, or the user's):
+    ViT-B/32 is not at hand offline, and the stand-in knows these images."""
+    flags = encoder_flags(cfg, paths)
+    return ["--clipscore_model", flags[1]] + (["--clipscore_pretrained", flags[3]] if len(flags) > 2 else [])
+
+
 def features_dir(cfg, paths: Dict[str, str]) -> str:
     """The stand-in CLIP's caches in features/, another encoder's in features-<its identity's hash>/."""
     if not cfg.clip_model:
@@ -482,6 +489,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     alone = dict(progress=slots == 1)  # progress bars only when one command runs at a time
     jobs = Jobs(slots, say)
     encoder, feats = encoder_flags(cfg, paths), features_dir(cfg, paths)
+    scoring = clipscore_flags(cfg, paths)
     run = new_run_folder(paths["runs"])
     say(f"this run: {run}; up to {slots} command(s) at a time, {threads} thread(s) each" +
         ("; a command's progress bars are shown when it runs alone" if slots > 1 else ""))
@@ -508,7 +516,8 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
             "--batch_size", s["batch_size"], "--lr", XE_LR.get(proj, s["lr"]), "--warmup_steps", 50,
             *PROJECTION_FLAGS.get(proj, []), log=say, threads=threads, **alone), after=ready)
         jobs.add(f"caption xe-{proj}", lambda folder=folder: caption(paths, folder, "captions", folder, say,
-                                                                     ["--gallery", 24], threads=threads, **alone),
+                                                                     ["--gallery", 24, *scoring], threads=threads,
+                                                                     **alone),
                  after=[f"xe-{proj}"])
     xe_captions = [f"caption xe-{p}" for p in cfg.projections]
 
@@ -533,10 +542,10 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
 
     if scst_epochs:
         jobs.add("scst", scst_job, after=xe_captions, width=slots)
-        jobs.add("caption scst", lambda: caption(paths, final(), "captions", final(), say, ["--gallery", 24],
+        jobs.add("caption scst", lambda: caption(paths, final(), "captions", final(), say, ["--gallery", 24, *scoring],
                                                  threads=threads, **alone), after=["scst"])
     jobs.add("caption control", lambda: caption(paths, final(), "control", final(), say,
-                                                ["--gallery", 0, "--control_shuffle", "True"],
+                                                ["--gallery", 0, "--control_shuffle", "True", *scoring],
                                                 threads=threads, **alone), after=["scst"] + xe_captions)
     jobs.run()
 
@@ -567,6 +576,18 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     return report
 
 
+def clip_s_line(report: dict, final: str) -> Optional[str]:
+    """CLIP-S (x100, by the demo's own CLIP) of the final captions beside the shuffled control's,
+    which sees other images: the gap is how much the captions fit their own image."""
+    clip_s = {k: v["metrics"]["CLIP-S"] * 100 for k, v in report["stages"].items() if "CLIP-S" in v["metrics"]}
+    if final not in clip_s:
+        return None
+    line = f"CLIP-S (the demo's CLIP): {STAGE_LABELS.get(final, final)} {clip_s[final]:.1f}"
+    if "control" in clip_s:
+        line += f", shuffled control {clip_s['control']:.1f} ({clip_s[final] - clip_s['control']:+.1f})"
+    return line
+
+
 STAGE_LABELS = {"xe-mlp": "cross-entropy, MLP", "xe-linear": "cross-entropy, linear",
                 "xe-transformer": "cross-entropy, mapper", "scst": "SCST", "control": "shuffled control"}
 
@@ -593,10 +614,11 @@ def print_report(report, stages, truth, run: str) -> None:
     print("llama_caption demo: val images captioned by the trained projections")
     first = next(iter(stages.values()))["metrics"]
     names = [m for m in METRIC_ORDER if m in first]
-    print(f"\n{'':24}" + "".join(f"{m:>9}" for m in names))
+    print(f"\n{'':24}" + "".join(f"{m:>10}" for m in names))
     for k in stages:
         label = STAGE_LABELS.get(k, k) + (f" (from {report['best_projection']})" if k == "scst" else "")
-        print(f"{label:24}" + "".join(f"{report['stages'][k]['metrics'][m] * 100:9.2f}" for m in names))
+        values = report["stages"][k]["metrics"]
+        print(f"{label:24}" + "".join(f"{values[m] * 100:10.2f}" if m in values else f"{'-':>10}" for m in names))
     if truth:
         print("\nattribute accuracy        shape   colour  background  all three")
         for k in stages:
@@ -620,6 +642,9 @@ def print_report(report, stages, truth, run: str) -> None:
     if "scst" in cider:
         line += f", after SCST {cider['scst']:.1f} ({cider['scst'] - xe:+.1f})"
     print(line + f", shuffled control {cider['control']:.1f}; demo took {report['seconds']:.0f} s")
+    clip_line = clip_s_line(report, final)
+    if clip_line:
+        print(clip_line)
     folder = report["final"]
     print(f"gallery: {os.path.join(folder, 'captions.gallery.html')}")
     print(f"curves: {os.path.join(folder, 'loss_curve.png')}")
