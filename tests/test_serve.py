@@ -246,6 +246,8 @@ BAD = [
     ("num_beams 9", dict(files=[("a.png", png_bytes())], num_beams=9), 400, "num_beams"),
     ("beams and sampling", dict(files=[("a.png", png_bytes())], num_beams=2, temperature=1), 400, "beam"),
     ("seed negative", dict(files=[("a.png", png_bytes())], seed=-1), 400, "seed"),
+    ("seed huge", dict(files=[("a.png", png_bytes())], seed=1e300), 400, "seed"),
+    ("temperature huge", dict(files=[("a.png", png_bytes())], temperature=1e300), 400, "temperature"),
     ("unknown setting", dict(files=[("a.png", png_bytes())], temprature=1), 400, "temprature"),
 ]
 
@@ -283,6 +285,9 @@ def test_malformed_bodies(service):
         (dict(content=b'{"images": ["AAAA"], "temperature": NaN}', headers={"content-type": "application/json"}),
          400, "temperature"),
         (dict(json={"images": ["AAAA"], "max_gen_len": True}), 400, "max_gen_len"),
+        (dict(content=b"[" * 100_000 + b"]" * 100_000, headers={"content-type": "application/json"}), 400, "nested"),
+        (dict(content=b'--xyz\r\nContent-Disposition: form-data; name="images"; filename="a.png"\r\n\r\n' + png_bytes(),
+              headers={"content-type": "multipart/form-data; boundary=xyz"}), 400, "closing boundary"),
         (dict(content=b"x", headers={"content-type": "text/plain"}), 415, "multipart"),
         (dict(content=b"--xyz\r\ngarbage", headers={"content-type": "multipart/form-data; boundary=xyz"}), 400, None),
         (dict(files={"photo": ("a.png", png_bytes())}), 400, "'images'"),
@@ -293,6 +298,17 @@ def test_malformed_bodies(service):
         assert "error" in r.json() and (mentions is None or mentions in r.json()["error"]), r.text
     r = client.get("/no/such/route")
     assert r.status_code == 404 and "error" in r.json()
+
+
+def test_base64_as_tools_write_it(service, photos, offline):
+    svc, client = service
+    name = sorted(os.listdir(photos))[2]
+    raw = base64.b64encode(read(photos, name)).decode()
+    wrapped = "\n".join(raw[i:i + 76] for i in range(0, len(raw), 76)) + "\n"  # `base64 FILE`
+    for text in (wrapped, raw.rstrip("="), base64.urlsafe_b64encode(read(photos, name)).decode()):
+        r = client.post("/v1/captions", json={"images": [text]})
+        assert r.status_code == 200, r.text
+        assert r.json()["captions"][0]["caption"] == offline["captions"][name]
 
 
 def test_full_queue_answers_503_with_retry_after(service):
@@ -351,6 +367,9 @@ def test_api_key_guards_every_route_but_health(service, photos):
                      svc.metrics, api_key=key)
     client = TestClient(app)
     assert client.get("/health").status_code == 200
+    assert client.head("/health").status_code == 200
+    refused = client.get("/v1/model")
+    assert refused.headers["www-authenticate"] == "Bearer"
     for path in ("/v1/model", "/metrics", "/", "/openapi.json"):
         assert client.get(path).status_code == 401, path
         assert client.get(path, headers={"Authorization": "Bearer wrong-key-000"}).status_code == 401, path
@@ -359,7 +378,10 @@ def test_api_key_guards_every_route_but_health(service, photos):
     assert client.get("/v1/model?api_key=" + key).status_code == 401  # only the page takes it in the address
     name = sorted(os.listdir(photos))[0]
     files = [("images", (name, read(photos, name)))]
+    count = lambda status: svc.metrics.requests.labels(status)._value.get()  # noqa: E731
+    before = count("401")
     assert client.post("/v1/captions", files=files).status_code == 401
+    assert count("401") == before + 1  # refused requests are counted too
     assert client.post("/v1/captions", files=files, headers={"X-API-Key": key}).status_code == 200
 
 
@@ -382,10 +404,15 @@ def test_serve_flags_are_checked_before_anything_loads(cap, trained, monkeypatch
     for extra, mentions in ((["--host", "0.0.0.0"], "--api_key"), (["--max_images", 64], "--max_batch"),
                             (["--port", 70000], "--port"), (["--api_key", "short"], "--api_key"),
                             (["--max_upload_mb", 0], "--max_upload_mb"), (["--max_batch", 0], "--max_batch"),
-                            (["--max_wait_ms", -1], "--max_wait_ms"), (["--log_level", "loud"], "--log_level")):
+                            (["--max_wait_ms", -1], "--max_wait_ms"), (["--max_wait_ms", 1e300], "--max_wait_ms"),
+                            (["--url_file", "/no/such/folder/url"], "--url_file"),
+                            (["--log_level", "loud"], "--log_level")):
         proc = run_cli(server.main, *base, *extra)
         assert proc.returncode == 2, (extra, proc.stderr)
         assert mentions in proc.stderr and proc.stderr.count("\n") == 1, (extra, proc.stderr)
+    monkeypatch.setenv("LLAMA_CAPTION_API_KEY", "short")
+    proc = run_cli(server.main, *base)
+    assert proc.returncode == 2 and "$LLAMA_CAPTION_API_KEY must be at least 8" in proc.stderr, proc.stderr
     monkeypatch.setenv("LLAMA_CAPTION_API_KEY", "from-the-environment")
     cfg = server.ServeConfig(ckpt_dir=cap["ckpt_dir"], checkpoint=trained, host="0.0.0.0")
     assert cfg.api_key == "from-the-environment"
@@ -400,9 +427,10 @@ def test_loadtest_refuses_other_hosts_and_checks_its_inputs(tmp_path):
     proc = run_cli(loadtest.main, "--url", "http://127.0.0.1:1", "--images", tmp_path, "--concurrency", 0)
     assert proc.returncode == 2 and "--concurrency" in proc.stderr
     bad = tmp_path / "bad.json"
-    bad.write_text('{"not": "results"}')
-    with pytest.raises(UserError, match="results file"):
-        loadtest.load_expected(str(bad))
+    for text in ('{"not": "results"}', '[{"file_name": 1, "caption": "x"}]', '[{"file_name": "a.png"}]'):
+        bad.write_text(text)
+        with pytest.raises(UserError, match="results file"):
+            loadtest.load_expected(str(bad))
     assert loadtest.percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
     assert loadtest.percentile([5.0], 99) == 5.0
 
@@ -411,19 +439,26 @@ def test_newest_demo_run_is_what_make_serve_uses(tmp_path):
     from llama_caption.tools.demo.build import newest_demo_run
 
     with pytest.raises(UserError, match="make demo"):
-        newest_demo_run(str(tmp_path))
-    made = {}
+        newest_demo_run(str(tmp_path / "demo_runs"))
     for i, run in enumerate(("001", "002")):
-        folder = tmp_path / "full" / "runs" / run
+        folder = tmp_path / "demo_runs" / "full" / "runs" / run
         (folder / "scst").mkdir(parents=True)
-        serve = {"ckpt_dir": str(tmp_path), "tokenizer_path": str(tmp_path / "t.model"),
-                 "checkpoint": str(folder / "scst"), "images": str(tmp_path)}
+        # as the demo writes them: relative to the report's folder
+        serve = {"ckpt_dir": "../../standins/llama", "tokenizer_path": "../../standins/tokenizer.model",
+                 "checkpoint": "scst", "images": "../../data/val2014", "clip_model": "../../standins/clip.pt"}
         (folder / "demo_report.json").write_text(json.dumps({"serve": serve}))
         os.utime(folder / "demo_report.json", (1000 + i, 1000 + i))
-        made[run] = serve
-    assert newest_demo_run(str(tmp_path)) == made["002"]
-    shutil.rmtree(tmp_path / "full" / "runs" / "002" / "scst")  # its models were deleted: the older one
-    assert newest_demo_run(str(tmp_path)) == made["001"]
+    (tmp_path / "demo_runs" / "full" / "standins" / "llama").mkdir(parents=True)
+    (tmp_path / "demo_runs" / "full" / "data" / "val2014").mkdir(parents=True)
+    moved = tmp_path / "elsewhere"
+    shutil.move(str(tmp_path / "demo_runs"), str(moved))  # a moved demo folder still serves
+    got = newest_demo_run(str(moved))
+    full = moved / "full"
+    assert got == {"ckpt_dir": str(full / "standins" / "llama"), "tokenizer_path": str(full / "standins" / "tokenizer.model"),
+                   "checkpoint": str(full / "runs" / "002" / "scst"), "images": str(full / "data" / "val2014"),
+                   "clip_model": str(full / "standins" / "clip.pt")}
+    shutil.rmtree(full / "runs" / "002" / "scst")  # its models were deleted: the older one
+    assert newest_demo_run(str(moved))["checkpoint"] == str(full / "runs" / "001" / "scst")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -503,6 +538,22 @@ def test_a_client_that_disconnects_does_not_break_its_batch(server, photos, offl
         s.sendall(head + body)
         s.close()  # gone before the answer
 
+    def leave_mid_upload():
+        s = socket.create_connection((host, int(port)))
+        s.sendall(head + body[:200])
+        time.sleep(0.2)
+        s.close()  # gone before the upload ended
+
+    import httpx
+
+    def status_count(code):
+        text = httpx.get(url + "/metrics", trust_env=False).text
+        line = next((l for l in text.splitlines() if l.startswith(f'llama_caption_requests_total{{status="{code}"}}')), None)
+        return float(line.split()[-1]) if line else 0.0
+
+    errors_before = status_count(500)
+    leave_mid_upload()
+
     with ThreadPoolExecutor(4) as pool:
         gone = [pool.submit(leave) for _ in range(2)]
         stay = [pool.submit(http_post, url, photos, [n]) for n in names[1:3]]
@@ -515,6 +566,7 @@ def test_a_client_that_disconnects_does_not_break_its_batch(server, photos, offl
     again = http_post(url, photos, names[:1])
     assert again.status_code == 200 and again.json()["captions"][0]["caption"] == offline["captions"][names[0]]
     assert proc.poll() is None
+    assert status_count(499) >= 1 and status_count(500) == errors_before  # a client gone, not a server error
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -580,21 +632,34 @@ def test_model_parallel_server_answers_like_offline(cap, trained, photos, offlin
 def test_sigterm_answers_the_requests_in_flight_then_exits_0(cap, trained, photos, offline, tmp_path):
     import httpx
 
-    proc, url = start_server(cap, trained, tmp_path, "--max_wait_ms", 3000, "--max_batch", 8)
-    names = sorted(os.listdir(photos))[:6]
+    proc, url = start_server(cap, trained, tmp_path, "--max_batch", 8)
+    names = sorted(os.listdir(photos))
+    groups = [names[i % 9:i % 9 + 4] or names[:4] for i in range(10)]
     try:
-        with ThreadPoolExecutor(6) as pool:
-            flying = [pool.submit(http_post, url, photos, [n]) for n in names]
+        with ThreadPoolExecutor(len(groups)) as pool:
+            flying = [pool.submit(http_post, url, photos, g) for g in groups]
             deadline = time.time() + 30
-            while httpx.get(url + "/health", trust_env=False).json()["queue_images"] < 6:  # all in, waiting for a batch
-                assert time.time() < deadline and not any(f.done() for f in flying)
-                time.sleep(0.05)
+            while True:  # some requests are in the server, not yet answered
+                held = httpx.get(url + "/health", trust_env=False).json()["requests_in_flight"]
+                if held >= 2:
+                    break
+                assert time.time() < deadline and not all(f.done() for f in flying)
             proc.send_signal(signal.SIGTERM)
-            answers = [f.result() for f in flying]
-        assert [r.json()["captions"][0]["caption"] for r in answers] == [offline["captions"][n] for n in names]
+            outcomes = []
+            for group, f in zip(groups, flying):
+                try:
+                    r = f.result()
+                except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError):
+                    outcomes.append("not taken")  # came after the server stopped listening
+                    continue
+                assert r.status_code == 200, r.text  # a request the server took is answered, never dropped
+                assert [c["caption"] for c in r.json()["captions"]] == [offline["captions"][n] for n in group]
+                outcomes.append("answered")
+        assert outcomes.count("answered") >= held
         assert proc.wait(timeout=60) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
+    assert "stopped: every request in flight was answered" in proc.stderr.read()
     with pytest.raises(httpx.ConnectError):
         httpx.get(url + "/health", timeout=5, trust_env=False)

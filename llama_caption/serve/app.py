@@ -33,6 +33,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..data import open_rgb
 from ..llama.generation import check_sampling
@@ -40,6 +41,7 @@ from ..errors import UserError
 from .batching import Batcher, Closed, Decoding, Job, QueueFull
 
 STATIC = os.path.join(os.path.dirname(__file__), "static")
+CLIENT_GONE = 499  # nginx's status for a client that closed the connection (counted, never seen)
 
 
 class ApiError(Exception):
@@ -95,12 +97,25 @@ class Metrics:
         self.batches = Histogram("llama_caption_batch_images", "images per decoded batch",
                                  buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
         self.queue = Gauge("llama_caption_queue_images", "images waiting for a batch", registry=r)
+        self.in_flight = Gauge("llama_caption_requests_in_flight", "caption requests received and not yet answered", registry=r)
         self.latency = Histogram("llama_caption_request_seconds", "caption request latency, arrival to answer",
                                  buckets=(.05, .1, .25, .5, 1, 2.5, 5, 10, 25, 60), registry=r)
 
     def batch(self, n: int) -> None:
         self.batches.observe(n)
         self.images.inc(n)
+
+
+def shown(value) -> str:
+    """A value as a message quotes it: JSON-spelt, at most 40 characters."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+MAX_TEMPERATURE = 100.0
 
 
 def check_decoding(values: dict, limits: Limits) -> Decoding:
@@ -112,11 +127,11 @@ def check_decoding(values: dict, limits: Limits) -> Decoding:
         if isinstance(v, str):  # multipart form fields are text
             try:
                 v = json.loads(v)
-            except ValueError:
-                raise ApiError(400, f"{name} must be a number, got {v!r}") from None
+            except (ValueError, RecursionError):
+                raise ApiError(400, f"{name} must be a number, got {shown(v)}") from None
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or \
                 (kind is int and not float(v).is_integer()):
-            raise ApiError(400, f"{name} must be {'a whole number' if kind is int else 'a number'}, got {v!r}")
+            raise ApiError(400, f"{name} must be {'a whole number' if kind is int else 'a number'}, got {shown(v)}")
         return kind(v)
 
     unknown = sorted(set(values) - set(DECODING_FIELDS) - {"images"})
@@ -127,15 +142,17 @@ def check_decoding(values: dict, limits: Limits) -> Decoding:
                  seed=number("seed", int, 1), num_beams=number("num_beams", int, 1),
                  length_penalty=number("length_penalty", float, 1.0))
     if not 1 <= d.max_gen_len <= limits.max_gen_len:
-        raise ApiError(400, f"max_gen_len must be between 1 and {limits.max_gen_len} (the server's --max_gen_len), got {d.max_gen_len}")
+        raise ApiError(400, f"max_gen_len must be between 1 and {limits.max_gen_len} (the server's --max_gen_len), got {shown(d.max_gen_len)}")
     if not 1 <= d.num_beams <= limits.max_beams:
-        raise ApiError(400, f"num_beams must be between 1 and {limits.max_beams} (the server's --max_beams), got {d.num_beams}")
+        raise ApiError(400, f"num_beams must be between 1 and {limits.max_beams} (the server's --max_beams), got {shown(d.num_beams)}")
     if not 0 <= d.seed < 2 ** 63:
-        raise ApiError(400, f"seed must be between 0 and {2 ** 63 - 1}, got {d.seed}")
+        raise ApiError(400, f"seed must be between 0 and {2 ** 63 - 1}, got {shown(d.seed)}")
     if d.num_beams > 1 and d.temperature > 0:
         raise ApiError(400, "num_beams > 1 is beam search, which does not sample: leave temperature at 0")
     if not 0 < d.length_penalty <= 10:
-        raise ApiError(400, f"length_penalty must be in (0, 10], got {d.length_penalty}")
+        raise ApiError(400, f"length_penalty must be in (0, 10], got {shown(d.length_penalty)}")
+    if d.temperature > MAX_TEMPERATURE:
+        raise ApiError(400, f"temperature must be at most {MAX_TEMPERATURE:g}, got {shown(d.temperature)}")
     try:
         check_sampling(d.temperature, d.top_p)
     except UserError as e:
@@ -167,11 +184,14 @@ async def read_body(request: Request, limit: int) -> bytes:
     if declared and declared.isdigit() and int(declared) > limit:
         raise too_big
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_big
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_big
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ApiError(CLIENT_GONE, "the client went away before its upload ended") from None
     return b"".join(chunks)
 
 
@@ -181,6 +201,16 @@ async def parse_request(request: Request, limits: Limits):
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind == "multipart/form-data":
         from starlette.datastructures import UploadFile
+
+        boundary = ""
+        for param in request.headers.get("content-type", "").split(";")[1:]:
+            key, _, value = param.strip().partition("=")
+            if key.lower() == "boundary":
+                boundary = value.strip('"')
+        if not boundary:
+            raise ApiError(400, "malformed multipart body (the Content-Type names no boundary)")
+        if not body.rstrip(b"\r\n").endswith(b"--" + boundary.encode("latin-1", "replace") + b"--"):
+            raise ApiError(400, "malformed multipart body (it does not end with its closing boundary: cut short?)")
 
         async def replay():  # the form parser reads the body we already hold
             yield body
@@ -208,6 +238,8 @@ async def parse_request(request: Request, limits: Limits):
             data = json.loads(body)
         except ValueError as e:
             raise ApiError(400, f"malformed JSON ({e})") from None
+        except RecursionError:
+            raise ApiError(400, "malformed JSON (nested too deeply)") from None
         if not isinstance(data, dict):
             raise ApiError(400, 'the JSON body must be an object: {"images": ["<base64>", ...], ...}')
         images = data.pop("images", None)
@@ -217,8 +249,11 @@ async def parse_request(request: Request, limits: Limits):
         for i, text in enumerate(images):
             if text.startswith("data:") and "," in text:
                 text = text.split(",", 1)[1]
+            text = "".join(text.split())  # base64 as `base64` wraps it, in lines
+            text += "=" * (-len(text) % 4)  # and without its padding
             try:
-                files.append((f"#{i + 1}", base64.b64decode(text, validate=True)))
+                urlsafe = "-" in text or "_" in text
+                files.append((f"#{i + 1}", base64.b64decode(text, altchars=b"-_" if urlsafe else None, validate=True)))
             except (binascii.Error, ValueError):
                 raise ApiError(400, f"image #{i + 1} is not valid base64") from None
         return files, data
@@ -268,14 +303,33 @@ def create_app(batcher: Batcher, limits: Limits, preprocess: Callable, model_inf
             if request.url.path in ("/", "/favicon.ico") and not given:
                 given = request.query_params.get("api_key", "")
             if not hmac.compare_digest(given.encode(), api_key.encode()):
-                return error(401, "a valid API key is needed: send 'Authorization: Bearer KEY' (the server's --api_key)")
+                return error(401, "a valid API key is needed: send 'Authorization: Bearer KEY' (the server's --api_key)",
+                             {"WWW-Authenticate": "Bearer"})
         return await call_next(request)
 
-    @app.get("/health", summary="200 once the model is loaded (503 while it loads)")
+    # Outermost: every answer to a caption request is counted, the refused key and the client
+    # that went away included.
+    @app.middleware("http")
+    async def _count(request: Request, call_next):
+        if request.url.path != "/v1/captions":
+            return await call_next(request)
+        arrived = time.monotonic()
+        status = 500
+        metrics.in_flight.inc()
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            metrics.in_flight.dec()
+            metrics.requests.labels(str(status)).inc()
+            metrics.latency.observe(time.monotonic() - arrived)
+
+    @app.api_route("/health", methods=["GET", "HEAD"], summary="200 once the model is loaded (503 while it loads)")
     async def health():
         if not ready():
             return error(503, "the model is still loading", {"Retry-After": "5"})
-        return {"status": "ok", "queue_images": batcher.depth()}
+        return {"status": "ok", "queue_images": batcher.depth(), "requests_in_flight": int(metrics.in_flight._value.get())}
 
     @app.get("/v1/model", summary="what captions: checkpoint, LLaMA, CLIP and default decoding, as results files record them")
     async def model():
@@ -310,7 +364,6 @@ def create_app(batcher: Batcher, limits: Limits, preprocess: Callable, model_inf
                          503: {"description": "queue full or shutting down (Retry-After)"}})
     async def captions(request: Request):
         arrived = time.monotonic()
-        status = 500
         batcher.arrive()
         submitted = False
         try:
@@ -336,17 +389,11 @@ def create_app(batcher: Batcher, limits: Limits, preprocess: Callable, model_inf
                 out = await asyncio.wrap_future(future)
             except Exception as e:
                 raise ApiError(500, f"captioning failed: {type(e).__name__}: {e}") from None
-            status = 200
             return {"captions": [{"caption": c, "decode_s": round(out["decode_s"], 4),
                                   "batch_images": out["batch_images"]} for c in out["captions"]],
                     "queue_s": round(out["queue_s"], 4), "total_s": round(time.monotonic() - arrived, 4)}
-        except ApiError as e:
-            status = e.status
-            raise
         finally:
             if not submitted:
                 batcher.arrived()
-            metrics.requests.labels(str(status)).inc()
-            metrics.latency.observe(time.monotonic() - arrived)
 
     return app

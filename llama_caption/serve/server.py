@@ -13,16 +13,21 @@ SIGTERM or ^C: no new requests, those in flight are answered, then every rank ex
 import os
 import signal
 import socket
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Optional
 
 from .. import distributed
 from ..config import command, setting
-from ..errors import UserError
+from ..errors import UserError, report_user_error
 from ..runs import CaptionerSettings, find_checkpoint
 
 API_KEY_ENV = "LLAMA_CAPTION_API_KEY"
+
+
+class StoppedWhileLoading(Exception):
+    """SIGTERM or ^C before the model was ready (one process): nothing to answer, exit 0."""
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -57,10 +62,17 @@ class ServeConfig(CaptionerSettings):
         if not self.max_upload_mb > 0:
             raise UserError(f"--max_upload_mb must be above 0, got {self.max_upload_mb}")
         self.one_of("log_level", ("critical", "error", "warning", "info", "debug"))
-        if self.api_key is None:
+        from_env = self.api_key is None
+        if from_env:
             self.api_key = os.environ.get(API_KEY_ENV) or None
         if self.api_key is not None and len(self.api_key) < 8:
-            raise UserError("--api_key must be at least 8 characters")
+            raise UserError(f"{'$' + API_KEY_ENV if from_env else '--api_key'} must be at least 8 characters")
+        if self.max_wait_ms > 60_000:
+            raise UserError(f"--max_wait_ms must be at most 60000 (a minute), got {self.max_wait_ms:g}")
+        if self.url_file:
+            folder = os.path.dirname(os.path.abspath(self.url_file))
+            if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+                raise UserError(f"--url_file {self.url_file}: its folder {folder} does not exist or cannot be written")
         if self.host not in LOOPBACK and not self.api_key:
             raise UserError(f"--host {self.host} is reachable from other machines: give --api_key (or set ${API_KEY_ENV}), "
                             f"or keep the default --host 127.0.0.1")
@@ -150,6 +162,9 @@ def run(cfg: ServeConfig) -> None:
         if env.is_main:  # the port first: /health answers while the model loads
             sock = bind(cfg.host, cfg.port)
             host, port = sock.getsockname()[:2]
+            if host in ("0.0.0.0", "::"):  # every interface: this machine reaches it on loopback
+                env.log(f"listening on every interface ({host}), port {port}")
+                host = "127.0.0.1" if host == "0.0.0.0" else "::1"
             url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
             server = uvicorn.Server(uvicorn.Config(service.app, log_level=cfg.log_level, timeout_graceful_shutdown=None,
                                                    access_log=cfg.log_level in ("info", "debug")))
@@ -166,14 +181,25 @@ def run(cfg: ServeConfig) -> None:
                 raise KeyboardInterrupt  # a second ^C
             stopping.set()
             server.should_exit = True
+            if not service.ready and env.world_size == 1:
+                raise StoppedWhileLoading()  # nothing to answer yet (other ranks would wait for a collective)
 
         # Rank 0 ends the others (a broadcast stop) once the requests in flight are answered, so
         # they let torchrun's SIGTERM and ^C pass.
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, stop if env.is_main else signal.SIG_IGN)
-        service.load(env)
+        try:
+            service.load(env)
+        except StoppedWhileLoading:
+            env.log("stopped before the model was ready")
+            return
         if not env.is_main:
             service.runner.follow()
+            return
+        if stopping.is_set():  # during the load, with other ranks: they are told to stop
+            service.runner.stop()
+            thread.join(timeout=30)
+            env.log("stopped before the model was ready")
             return
         if cfg.url_file:
             with open(cfg.url_file + ".tmp", "w") as f:
@@ -182,6 +208,10 @@ def run(cfg: ServeConfig) -> None:
         env.log(f"ready: {url} (the page), {url}/v1/captions (the API), {url}/docs (needs the internet)")
         try:
             service.serve(lambda: stopping.is_set() and not thread.is_alive(), env.log)
+        except KeyboardInterrupt:
+            left = service.batcher.depth()
+            report_user_error(f"stopped by a second ^C: {left} queued image(s) and the batch being decoded were not answered")
+            sys.exit(130)
         finally:
             server.should_exit = True
             thread.join(timeout=30)

@@ -11,7 +11,6 @@
 Prints the load test's table and the three ratios the server is held to; --out keeps them as JSON.
 """
 
-import json
 import os
 import shutil
 import signal
@@ -33,6 +32,7 @@ class BenchServeConfig(Config):
     ckpt_dir: Optional[str] = setting(None, "the LLaMA (default: the newest `make demo` run's stand-in).")
     tokenizer_path: Optional[str] = setting(None, "its tokenizer (default: the demo's, with the demo's LLaMA).")
     checkpoint: Optional[str] = setting(None, "the trained run (default: the newest demo run's final one).")
+    clip_model: Optional[str] = setting(None, "the checkpoint's CLIP file, when it moved (default: the demo's, with the demo's checkpoint).")
     images: Optional[str] = setting(None, "a folder of images (default: the demo's validation images).")
     num_images: int = setting(64, "use the first N images of the folder.")
     concurrency: List[int] = setting((1, 8, 32), "load-test levels: --concurrency 1,8,32.")
@@ -56,7 +56,7 @@ def offline_figures(cfg: BenchServeConfig, files: List[str], log) -> dict:
     from ..runs import CaptionerSettings
 
     settings = CaptionerSettings(ckpt_dir=cfg.ckpt_dir, tokenizer_path=cfg.tokenizer_path, checkpoint=cfg.checkpoint,
-                                 device="cpu")
+                                 clip_model=cfg.clip_model, device="cpu")
     with distributed.session(settings.mp_size(), "cpu") as env:
         settings.resolve_decoder(env.device)
         captioner, encoder, _, _ = settings.load(env.device, 30, cfg.max_batch, log=lambda m: None)
@@ -90,6 +90,8 @@ def defaults_from_demo(cfg: BenchServeConfig) -> None:
     cfg.ckpt_dir = cfg.ckpt_dir or demo["ckpt_dir"]
     if cfg.tokenizer_path is None and cfg.ckpt_dir == demo["ckpt_dir"]:
         cfg.tokenizer_path = demo["tokenizer_path"]
+    if cfg.clip_model is None and cfg.checkpoint is None:
+        cfg.clip_model = demo.get("clip_model")
     cfg.checkpoint = cfg.checkpoint or demo["checkpoint"]
     cfg.images = cfg.images or demo["images"]
 
@@ -121,7 +123,8 @@ def run(cfg: BenchServeConfig) -> None:
             shutil.copy(p, folder)
         offline = offline_figures(cfg, files, log)
         llama = ["--ckpt_dir", cfg.ckpt_dir, "--checkpoint", cfg.checkpoint] + (
-            ["--tokenizer_path", cfg.tokenizer_path] if cfg.tokenizer_path else [])
+            ["--tokenizer_path", cfg.tokenizer_path] if cfg.tokenizer_path else []) + (
+            ["--clip_model", cfg.clip_model] if cfg.clip_model else [])
         expected = os.path.join(work, "offline.json")
         log("offline captions by `caption` (the reference every server answer is checked against)...")
         subprocess.run([sys.executable, "-m", "llama_caption", "caption", *llama, "--images", folder, "--out", expected,
@@ -132,7 +135,7 @@ def run(cfg: BenchServeConfig) -> None:
                                    "--max_wait_ms", str(cfg.max_wait_ms), "--max_queue", str(max(256, 2 * max(cfg.concurrency)))])
         try:
             url = wait_for_url(url_file, server)
-            rows = load_test(LoadTestConfig(url=url, images=[folder], concurrency=cfg.concurrency,
+            rows = load_test(LoadTestConfig(url=url, images=folder, concurrency=cfg.concurrency,
                                             requests=cfg.requests, expected=expected), log)
         finally:
             server.send_signal(signal.SIGTERM)

@@ -28,8 +28,8 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 @dataclass
 class LoadTestConfig(Config):
     url: str = setting(help="the server, on this machine: http://127.0.0.1:PORT (loopback only).")
-    images: List[str] = setting(help="image files or folders; requests go round them in order.")
-    concurrency: List[int] = setting(help="clients sending at once, one level after another: --concurrency 1 8 32.")
+    images: str = setting(help="a folder of images (or one image); requests go round them in order.")
+    concurrency: List[int] = setting((1, 8, 32), "clients sending at once, one level after another: --concurrency 1 8 32.")
     requests: int = setting(64, "requests per concurrency level (one image each).")
     timeout_s: float = setting(300.0, "the most seconds per concurrency level; unanswered requests then count as errors.")
     expected: Optional[str] = setting(None, "a results file of `caption` over the same images (greedy): every caption is checked against it.")
@@ -39,6 +39,8 @@ class LoadTestConfig(Config):
 
     def check(self) -> None:
         self.at_least(1, "requests", "max_gen_len")
+        if not isinstance(self.concurrency, list) or not all(isinstance(c, int) for c in self.concurrency):
+            raise UserError(f"--concurrency takes whole numbers (--images takes one folder), got {self.concurrency}")
         if not self.concurrency or min(self.concurrency) < 1 or max(self.concurrency) > 1024:
             raise UserError(f"--concurrency must be whole numbers from 1 to 1024, got {self.concurrency}")
         if not self.timeout_s > 0:
@@ -67,7 +69,8 @@ def load_expected(path: str) -> Dict[str, str]:
         rows = json.load(open(path, encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise UserError(f"--expected {path}: cannot read it ({e})") from None
-    if not isinstance(rows, list) or not all(isinstance(r, dict) and "file_name" in r and "caption" in r for r in rows):
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and isinstance(r.get("file_name"), str) and isinstance(r.get("caption"), str)
+                                              for r in rows):
         raise UserError(f"--expected {path}: not a results file of `caption --images FILES` (rows with file_name and caption)")
     return {os.path.basename(r["file_name"]): r["caption"] for r in rows}
 
@@ -126,9 +129,9 @@ def format_table(rows: List[dict]) -> str:
 def load_test(cfg: LoadTestConfig, log=print) -> List[dict]:
     import httpx
 
-    paths = list_image_files(cfg.images)
+    paths = list_image_files([cfg.images])
     if not paths:
-        raise UserError(f"--images {' '.join(cfg.images)}: no image files there")
+        raise UserError(f"--images {cfg.images}: no image files there")
     files = [(os.path.basename(p), open(p, "rb").read()) for p in paths]
     expected = load_expected(cfg.expected) if cfg.expected else None
     if expected is not None:
@@ -150,6 +153,9 @@ def load_test(cfg: LoadTestConfig, log=print) -> List[dict]:
                                 f"python -m llama_caption serve") from None
             if health.status_code != 200:
                 raise UserError(f"--url {cfg.url}: /health answered {health.status_code}: {health.text[:120]}")
+            model = await client.get(base + "/v1/model", timeout=10)
+            if model.status_code == 401:
+                raise UserError(f"--url {cfg.url} needs an API key: give --api_key (or set $LLAMA_CAPTION_API_KEY)")
             rows = []
             for c in cfg.concurrency:
                 row = await level(client, base + "/v1/captions", files, c, cfg.requests, cfg.timeout_s, extra, expected)
@@ -172,10 +178,13 @@ def run(cfg: LoadTestConfig) -> None:
     if cfg.out:
         from ..fileio import write_json
 
-        write_json(cfg.out, rows, indent=1)
-    bad = sum(r["errors"] + r["mismatches"] for r in rows)
-    if bad:
-        raise UserError(f"{bad} request(s) failed or differ from --expected (see above)")
+        # Percentiles of no answers are NaN, which JSON cannot hold: null.
+        clean = [{k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()} for r in rows]
+        write_json(cfg.out, clean, indent=1)
+    errors, mismatches = sum(r["errors"] for r in rows), sum(r["mismatches"] for r in rows)
+    if errors or mismatches:
+        raise UserError(f"{errors} request(s) failed" + (f", {mismatches} caption(s) differ from --expected" if cfg.expected else "")
+                        + " (see above)")
 
 
 main = command(LoadTestConfig, run, "Load a caption server on this machine: latency percentiles, images/s, errors; "

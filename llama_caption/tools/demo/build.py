@@ -559,8 +559,10 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
         with open(paths["val_attrs"]) as f:
             truth = json.load(f)
     report = {"best_projection": best, "final": final(), "stages": {}, "slots": slots, "threads": threads,
-              "serve": {"ckpt_dir": os.path.abspath(paths["ckpt_dir"]), "tokenizer_path": os.path.abspath(paths["tokenizer"]),
-                        "checkpoint": os.path.abspath(final()), "images": os.path.abspath(paths["val_images"])},
+              # relative to this report's folder: a copied or moved demo_runs/ still serves
+              "serve": {k: os.path.relpath(v, run) for k, v in dict(
+                  ckpt_dir=paths["ckpt_dir"], tokenizer_path=paths["tokenizer"], checkpoint=final(),
+                  images=paths["val_images"], **({} if cfg.clip_model else {"clip_model": paths["clip"]})).items()},
               "stage_seconds": {k: round(v, 1) for k, v in jobs.seconds.items()}}
     for name, out in stages.items():
         report["stages"][name] = {"metrics": out["metrics"]}
@@ -604,7 +606,10 @@ def newest_demo_run(root: str = "demo_runs") -> Dict[str, str]:
                 found = json.load(f).get("serve")
         except (OSError, ValueError):
             continue
-        if isinstance(found, dict) and all(os.path.exists(found.get(k) or "") for k in ("ckpt_dir", "checkpoint", "images")):
+        if not isinstance(found, dict) or not all(isinstance(v, str) for v in found.values()):
+            continue
+        found = {k: os.path.normpath(os.path.join(os.path.dirname(path), v)) for k, v in found.items()}
+        if all(os.path.exists(found.get(k) or "") for k in ("ckpt_dir", "checkpoint", "images")):
             return found
     raise UserError(f"no finished demo run under {root}/ (with its models still there): run `make demo` first")
 

@@ -22,8 +22,9 @@ def main(argv=None) -> None:
         report_user_error(str(e))
         sys.exit(USER_ERROR_EXIT)
     print(f"serving the demo run {demo['checkpoint']}", file=sys.stderr, flush=True)
+    clip = ["--clip_model", demo["clip_model"]] if demo.get("clip_model") else []
     run("serve", ["--ckpt_dir", demo["ckpt_dir"], "--tokenizer_path", demo["tokenizer_path"],
-                  "--checkpoint", demo["checkpoint"], *argv])
+                  "--checkpoint", demo["checkpoint"], *clip, *argv])
 
 
 if __name__ == "__main__":
