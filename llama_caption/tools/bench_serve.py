@@ -2,8 +2,9 @@
 
     python -m llama_caption bench-serve            # the newest `make demo` run, its validation images
 
-1. Offline, in this process: the captioner `caption` would load, timed on the images at batch
-   --max_batch (images/s) and on one image at a time (seconds per caption, the median).
+1. Offline, in this process, as `caption` works: the images read and preprocessed by a DataLoader
+   (2 workers), encoded and decoded at batch --max_batch (images/s); and one image at a time, from
+   its file to its caption (seconds, the median of 9).
 2. The real `caption` command over the same images writes the captions every server answer is
    checked against.
 3. `serve` in a child process (--port 0), then `loadtest` at each --concurrency, then SIGTERM
@@ -49,33 +50,41 @@ class BenchServeConfig(Config):
 
 
 def offline_figures(cfg: BenchServeConfig, files: List[str], log) -> dict:
-    """Images/s at batch max_batch and seconds per single-image caption, in this process."""
+    """What `caption` does, timed in this process: images read and preprocessed by its DataLoader
+    (2 workers), encoded and decoded at batch max_batch (images/s); and one image at a time, read
+    to caption (seconds, the median of 9)."""
     import torch
 
     from .. import distributed
+    from ..data import ImageFiles, ImageRecord, collate
     from ..runs import CaptionerSettings
 
     settings = CaptionerSettings(ckpt_dir=cfg.ckpt_dir, tokenizer_path=cfg.tokenizer_path, checkpoint=cfg.checkpoint,
                                  clip_model=cfg.clip_model, device="cpu")
+    records = [ImageRecord(i, p, []) for i, p in enumerate(files)]
     with distributed.session(settings.mp_size(), "cpu") as env:
         settings.resolve_decoder(env.device)
         captioner, encoder, _, _ = settings.load(env.device, 30, cfg.max_batch, log=lambda m: None)
-        pixels = torch.stack([encoder.preprocess(open_rgb(p)) for p in files])
 
-        def caption(batch):
+        def caption(pixels):
             with torch.no_grad():
-                return captioner.generate(encoder(batch), 30)
+                return captioner.generate(encoder(pixels), 30)
 
-        caption(pixels[: cfg.max_batch])  # warm-up: the decoder's shapes
-        caption(pixels[:1])
-        start = time.perf_counter()
-        for i in range(0, len(files), cfg.max_batch):
-            caption(pixels[i:i + cfg.max_batch])
-        batch_ips = len(files) / (time.perf_counter() - start)
+        def all_at_batch() -> float:
+            loader = torch.utils.data.DataLoader(ImageFiles(records, encoder.preprocess), batch_size=cfg.max_batch,
+                                                 num_workers=2, collate_fn=collate)
+            start = time.perf_counter()
+            for batch in loader:
+                caption(batch["pixels"])
+            return len(files) / (time.perf_counter() - start)
+
+        all_at_batch()  # warm-up: the decoder's shapes, the workers' imports
+        batch_ips = all_at_batch()
+        caption(encoder.preprocess(open_rgb(files[0]))[None])
         singles = []
-        for i in range(min(9, len(files))):
+        for p in files[:9]:
             t0 = time.perf_counter()
-            caption(pixels[i:i + 1])
+            caption(encoder.preprocess(open_rgb(p))[None])
             singles.append(time.perf_counter() - t0)
     log(f"offline: {batch_ips:.2f} images/s at batch {cfg.max_batch}; one image {statistics.median(singles):.3f} s")
     return {"batch_images_per_s": batch_ips, "single_s": statistics.median(singles)}
