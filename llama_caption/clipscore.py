@@ -50,10 +50,14 @@ class ClipScoreSettings(Config):
         try:
             check_encoder_flags(name, self.clipscore_pretrained)
         except UserError as e:
-            raise UserError(str(e).replace("--clip_model", "--clipscore_model").replace("--clip_pretrained",
-                                                                                          "--clipscore_pretrained")) from None
+            raise UserError(own_flags(str(e))) from None
         if not name.startswith(OPEN_CLIP) and not os.path.isfile(name) and name not in import_clip().available_models():
             raise UserError(f"--clipscore_model {name!r} is neither a file nor one of {import_clip().available_models()}")
+
+
+def own_flags(message: str) -> str:
+    """An encoder's message, with the flags CLIP-S takes its model from."""
+    return message.replace("--clip_model", "--clipscore_model").replace("--clip_pretrained", "--clipscore_pretrained")
 
 
 @dataclass
@@ -79,7 +83,7 @@ def load_clip_model(name: str, device) -> TextImageModel:
         try:
             model, preprocess = load_clip(name, device)
         except UserError as e:
-            raise Unavailable(str(e)) from None
+            raise Unavailable(own_flags(str(e))) from None
     else:
         cache = os.path.expanduser(CLIP_CACHE)
         if not os.path.isfile(os.path.join(cache, os.path.basename(clip.clip._MODELS[name]))):
@@ -96,10 +100,22 @@ def load_open_clip_model(name: str, pretrained: Optional[str], device) -> TextIm
     import open_clip
 
     spec = EncoderSpec.of(name, pretrained=pretrained)
+    offline = pretrained is not None and not os.path.isfile(pretrained)  # a tag: its weights from the hub's cache only
     try:
-        model, preprocess = OpenClipEncoder.load(spec, device)
+        if offline:
+            import huggingface_hub.constants as hub
+
+            was, hub.HF_HUB_OFFLINE = hub.HF_HUB_OFFLINE, True
+        try:
+            model, preprocess = OpenClipEncoder.load(spec, device)
+        finally:
+            if offline:
+                hub.HF_HUB_OFFLINE = was
     except UserError as e:
-        raise Unavailable(str(e)) from None
+        raise Unavailable(own_flags(str(e))) from None
+    except Exception as e:  # not in the cache: the hub's offline error, of several kinds
+        raise Unavailable(f"--clipscore_pretrained {pretrained} of {name} is not in the local cache and nothing is "
+                          f"downloaded here ({type(e).__name__}): fetch it once online, or pass the weights file") from None
     arch = name[len(OPEN_CLIP):]
     registered = os.path.splitext(os.path.basename(arch))[0] if arch.endswith(".json") else arch
     model.requires_grad_(False).eval()

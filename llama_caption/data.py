@@ -152,7 +152,7 @@ def karpathy_dataset(data: dict, path: str) -> str:
     return name
 
 
-def karpathy_entry(img, path: str, flag: str) -> tuple:
+def karpathy_entry(img, path: str, flag: str, id_key: str = "imgid") -> tuple:
     """(image id, filename, filepath, split, captions) of one image entry, or a one-line error.
     The id is `cocoid` where there is one (COCO: what COCO's own files and results use), else `imgid`."""
     def bad(what: str):
@@ -160,17 +160,22 @@ def karpathy_entry(img, path: str, flag: str) -> tuple:
 
     if not isinstance(img, dict):
         raise bad("an image entry is not a JSON object")
-    key = "cocoid" if "cocoid" in img else "imgid"
+    key = id_key  # one id for the whole file: COCO's cocoid and imgid ranges overlap
     image_id = img.get(key)
     if not isinstance(image_id, int) or isinstance(image_id, bool):
         raise bad(f"an image has {key} {image_id!r}, not a whole number")
     if not isinstance(img.get("filename"), str) or not img["filename"]:
         raise bad(f"image {image_id} has no filename")
+    for part in (img["filename"], img.get("filepath") or ""):
+        if isinstance(part, str) and (os.path.isabs(part) or ".." in part.replace("\\", "/").split("/")):
+            raise bad(f"image {image_id} names {part!r}, outside the images folder")
     if img.get("split") not in ("train", "restval", "val", "test"):
         raise bad(f"image {image_id} has split {img.get('split')!r}, not train, restval, val or test")
-    sentences = img.get("sentences", [])
+    sentences = img.get("sentences")
     if not isinstance(sentences, list) or not all(isinstance(x, dict) for x in sentences):
-        raise bad(f"image {image_id}: sentences is not a list of objects")
+        raise bad(f"image {image_id}: sentences is missing or not a list of objects")
+    if not all(isinstance(x.get("raw"), str) for x in sentences):
+        raise bad(f"image {image_id}: a sentence has no raw text")
     filepath = img.get("filepath") or ""
     if not isinstance(filepath, str):
         raise bad(f"image {image_id}: filepath is not text")
@@ -189,8 +194,14 @@ def load_karpathy(split_file: str, images_root: str, split: str, flag: str = "--
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise UserError(f"{split_file} has no 'images' list: not one of Karpathy's files ({KARPATHY_SHAPE}): check {flag}")
     dataset, records, seen = karpathy_dataset(data, split_file), [], {}
+    with_cocoid = [isinstance(img, dict) and "cocoid" in img for img in data["images"]]
+    if any(with_cocoid) and not all(with_cocoid):
+        first = with_cocoid.index(False)
+        raise UserError(f"{split_file}: image #{first + 1} has no cocoid while others do (COCO's imgid and cocoid "
+                        f"overlap, so ids could collide): not one of Karpathy's files ({KARPATHY_SHAPE}): check {flag}")
+    id_key = "cocoid" if any(with_cocoid) else "imgid"
     for img in data["images"]:
-        image_id, filename, filepath, where, caps = karpathy_entry(img, split_file, flag)
+        image_id, filename, filepath, where, caps = karpathy_entry(img, split_file, flag, id_key)
         for key in (("id", image_id), ("file", (filepath, filename))):
             if key in seen:
                 raise UserError(f"{split_file}: two images have the {key[0]} {key[1]!r}: captions would reach an image that "

@@ -180,7 +180,7 @@ def format_table(metrics: Dict[str, float], n: Optional[int] = None, domains: Op
     cells = lambda ms: " | ".join(f"{ms[m] * 100:{w}.2f}" if m in ms else f"{'-':>{w}}"  # noqa: E731
                                   for m, w in zip(names, widths))
     head = " | ".join(f"{m:>{w}}" for m, w in zip(names, widths))
-    title = f"COCO caption metrics (x100){'' if n is None else f' on {n} images'}"
+    title = f"Caption metrics (x100){'' if n is None else f' on {n} images'}"
     if not domains:
         return f"{title}\n{head}\n{'-' * len(head)}\n{cells(metrics)}"
     rows = [("overall", metrics, n)] + [(name, m, k) for name, (m, k) in domains.items()]
@@ -209,6 +209,10 @@ def evaluate_records(records: Dict[int, ImageRecord], results: List[Dict], resul
     scored = [r for r in results if records.get(r["image_id"]) and records[r["image_id"]].captions]
     if len(scored) < len(results):
         log(f"warning: {len(results) - len(scored)} result(s) are of images with no reference caption; not scored")
+    referenced = sum(1 for r in records.values() if r.captions)
+    if len(scored) < referenced:  # published figures are on every image of the split
+        log(f"warning: {len(scored)} of the {referenced} images of {references} are scored: a partial result does "
+            f"not compare with figures on the whole set")
     domains = {i: rec.domain for i, rec in records.items() if rec.domain}
     scores = score_all({r["image_id"]: records[r["image_id"]].captions for r in scored}, scored, spice, log, domains)
     write_json(out, metrics_record(scores, results_path, references), indent=1)

@@ -71,6 +71,9 @@ class InferenceConfig(CaptionerSettings, ClipScoreSettings):
             raise UserError("give --num_images or --fraction, not both")
         if self.fraction is not None and not 0 < self.fraction <= 1:
             raise UserError(f"--fraction must be in (0, 1], got {self.fraction}")
+        if self.annotations and self.karpathy_split:
+            raise UserError("give the references as --annotations FILE or as --karpathy_split FILE (with --split), "
+                            "one of the two")
         if (self.annotations or self.karpathy_split) and len(self.images) != 1:
             raise UserError("--images must be one folder when --annotations or --karpathy_split is given")
         if self.decoder not in ("auto", "eager") and self.num_beams > 1:

@@ -145,7 +145,15 @@ def test_bad_karpathy_files_are_one_line_errors_and_nothing_is_written(cap, trai
              "noid.json": (no_id, "test", "has imgid None"),
              "ok.json": (data, "nosuch", "--split"),
              "nosplit.json": (dict(data, images=[im for im in data["images"] if im["split"] != "test"]), "test",
-                              "no image in split 'test'")}
+                              "no image in split 'test'"),
+             "noraw.json": (dict(data, images=[dict(data["images"][0], sentences=[{"tokens": ["a"]}])] + data["images"][1:]),
+                            "test", "has no raw text"),
+             "nosentences.json": (dict(data, images=[{k: v for k, v in data["images"][0].items() if k != "sentences"}]
+                                       + data["images"][1:]), "test", "sentences is missing"),
+             "outside.json": (dict(data, images=[dict(data["images"][0], filename="/etc/hostname")] + data["images"][1:]),
+                              "test", "outside the images folder"),
+             "mixed.json": (dict(data, images=[dict(im, cocoid=100 + i) for i, im in enumerate(data["images"][:-1])]
+                                 + data["images"][-1:]), "test", "has no cocoid while others do")}
     for name, (content, split, message) in cases.items():
         json.dump(content, open(tmp_path / name, "w"))
         out = tmp_path / name.replace(".json", "") / "res.json"
@@ -155,6 +163,15 @@ def test_bad_karpathy_files_are_one_line_errors_and_nothing_is_written(cap, trai
         errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
         assert len(errors) == 1 and message in errors[0], (name, proc.stderr)
         assert not out.parent.exists() or not os.listdir(out.parent)
+
+
+def test_caption_takes_one_reference_file_not_two(cap, trained, tmp_path):
+    path, images, _ = write_karpathy(cap, tmp_path / "k", "coco")
+    out = tmp_path / "both" / "res.json"
+    proc = run_cli(captioning_inference.main, *caption_args(cap, trained, out, "--images", images, "--karpathy_split", path,
+                                                            "--annotations", cap["val_ann"]))
+    assert proc.returncode == 2 and "one of the two" in proc.stderr, proc.stderr
+    assert not out.parent.exists()
 
 
 def test_a_feature_cache_of_another_dataset_is_refused(cap, tmp_path):
