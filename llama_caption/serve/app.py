@@ -22,6 +22,7 @@ import json
 import math
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, List, Optional
 
 import torch
@@ -31,7 +32,6 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, Field
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
@@ -271,6 +271,9 @@ def create_app(batcher: Batcher, limits: Limits, preprocess: Callable, model_inf
                ready: Callable[[], bool], metrics: Metrics, api_key: Optional[str] = None) -> FastAPI:
     """The FastAPI app. `preprocess`, `model_info` and `ready` are read when called: the model
     loads while the server already answers /health with 503."""
+    # Images are decoded by two threads, not by the event loop's pool of forty: more threads only
+    # fight the decoding loop for the interpreter lock.
+    readers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="read-images")
     app = FastAPI(title="llama_caption", version="1",
                   description="Captions from a frozen CLIP and a frozen LLaMA joined by a trained prefix projection. "
                               "/docs fetches Swagger UI from a CDN (it needs the internet); /openapi.json does not.",
@@ -375,8 +378,8 @@ def create_app(batcher: Batcher, limits: Limits, preprocess: Callable, model_inf
             if len(files) > limits.max_images:
                 raise ApiError(400, f"{len(files)} images in one request, over the server's --max_images {limits.max_images}")
             decoding = check_decoding(settings, limits)
-            pixels = await run_in_threadpool(
-                lambda: torch.stack([decode_image(data, name, limits, preprocess()) for name, data in files]))
+            pixels = await asyncio.get_running_loop().run_in_executor(
+                readers, lambda: torch.stack([decode_image(data, name, limits, preprocess()) for name, data in files]))
             try:
                 submitted = True  # submit ends its arrival, whether it takes it or not
                 future = batcher.submit(Job(pixels, decoding), was_arriving=True)

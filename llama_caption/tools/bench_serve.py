@@ -37,7 +37,7 @@ class BenchServeConfig(Config):
     images: Optional[str] = setting(None, "a folder of images (default: the demo's validation images).")
     num_images: int = setting(64, "use the first N images of the folder.")
     concurrency: List[int] = setting((1, 8, 32), "load-test levels: --concurrency 1,8,32.")
-    requests: int = setting(96, "requests per level (one image each).")
+    requests: int = setting(256, "requests per level (one image each).")
     max_batch: int = setting(32, "the server's --max_batch, and the offline batch size.")
     max_wait_ms: float = setting(10.0, "the server's --max_wait_ms.")
     root: str = setting("demo_runs", "where `make demo` keeps its runs (for the defaults).")
