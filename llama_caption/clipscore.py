@@ -199,7 +199,12 @@ def compute(settings: ClipScoreSettings, results: List[Dict], records: Dict[int,
     except Unavailable as e:
         log(f"CLIP-S skipped: {e}")
         return None
-    per_image = per_image_scores(m, results, records, num_workers=num_workers)
+    try:
+        per_image = per_image_scores(m, results, records, num_workers=num_workers)
+    except (IndexError, RuntimeError, ValueError) as e:  # e.g. a tokenizer whose ids the text tower lacks
+        log(f"CLIP-S skipped: {settings.clipscore_model} failed on the captions ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:160]}); the other metrics are written")
+        return None
     about = {"model": settings.clipscore_model, "identity": m.identity, "prefix": PREFIX, "weight": WEIGHT,
              "images": len(per_image)}
     return per_image, about

@@ -188,7 +188,7 @@ def format_table(metrics: Dict[str, float], n: Optional[int] = None, domains: Op
     width = max(len(label(name, k)) for name, _, k in rows)
     head = f"{'':{width}} | {head}"
     lines = [f"{label(name, k):{width}} | {cells(m)}" for name, m, k in rows]
-    return "\n".join([title.replace("COCO caption", "nocaps caption"), head, "-" * len(head)] + lines)
+    return "\n".join([title.replace("Caption metrics", "nocaps caption metrics"), head, "-" * len(head)] + lines)
 
 
 def add_clipscore(scores: Scores, per_image: Dict[int, Dict[str, float]], domains: Optional[Dict[int, str]]) -> None:
