@@ -195,68 +195,80 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+async def parse_multipart(request: Request, body: bytes):
+    """(files, settings) of a multipart body: files in the field `images`, settings as fields."""
+    from starlette.datastructures import UploadFile
+    from starlette.formparsers import MultiPartParser
+
+    boundary = ""
+    for param in request.headers.get("content-type", "").split(";")[1:]:
+        key, _, value = param.strip().partition("=")
+        if key.lower() == "boundary":
+            boundary = value.strip('"')
+    if not boundary:
+        raise ApiError(400, "malformed multipart body (the Content-Type names no boundary)")
+    if not body.rstrip(b"\r\n").endswith(b"--" + boundary.encode("latin-1", "replace") + b"--"):
+        raise ApiError(400, "malformed multipart body (it does not end with its closing boundary: cut short?)")
+
+    async def replay():  # the form parser reads the body we already hold
+        yield body
+
+    try:
+        # The body's size is bounded already; the file count is checked against --max_images after.
+        form = await MultiPartParser(request.headers, replay(), max_files=100_000, max_fields=1_000).parse()
+    except Exception as e:  # python-multipart and Starlette raise several kinds for a malformed body
+        raise ApiError(400, f"malformed multipart body ({getattr(e, 'message', None) or e})") from None
+    files, settings = [], {}
+    for key, value in form.multi_items():
+        if isinstance(value, UploadFile):
+            if key != "images":
+                raise ApiError(400, f"upload files as the field 'images', not {key!r}")
+            files.append((value.filename or f"#{len(files) + 1}", await value.read()))
+        elif key == "images":
+            raise ApiError(400, "the field 'images' must hold files")
+        else:
+            settings[key] = value
+    return files, settings
+
+
+def decode_base64(text: str, name: str) -> bytes:
+    """An image sent as base64: a data: URL prefix, line breaks, missing padding and the URL-safe
+    alphabet are all taken."""
+    if text.startswith("data:") and "," in text:
+        text = text.split(",", 1)[1]
+    text = "".join(text.split())
+    text += "=" * (-len(text) % 4)
+    try:
+        urlsafe = "-" in text or "_" in text
+        return base64.b64decode(text, altchars=b"-_" if urlsafe else None, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, f"image {name} is not valid base64") from None
+
+
+def parse_json(body: bytes):
+    """(files, settings) of a JSON body: {"images": ["<base64>", ...], settings...}."""
+    try:
+        data = json.loads(body)
+    except ValueError as e:
+        raise ApiError(400, f"malformed JSON ({e})") from None
+    except RecursionError:
+        raise ApiError(400, "malformed JSON (nested too deeply)") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, 'the JSON body must be an object: {"images": ["<base64>", ...], ...}')
+    images = data.pop("images", None)
+    if not isinstance(images, list) or not all(isinstance(x, str) for x in images):
+        raise ApiError(400, 'the JSON body needs "images": a list of base64 strings')
+    return [(f"#{i + 1}", decode_base64(text, f"#{i + 1}")) for i, text in enumerate(images)], data
+
+
 async def parse_request(request: Request, limits: Limits):
     """(list of (name, bytes), settings dict) from a multipart or JSON request."""
     body = await read_body(request, limits.max_upload_bytes)
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind == "multipart/form-data":
-        from starlette.datastructures import UploadFile
-
-        boundary = ""
-        for param in request.headers.get("content-type", "").split(";")[1:]:
-            key, _, value = param.strip().partition("=")
-            if key.lower() == "boundary":
-                boundary = value.strip('"')
-        if not boundary:
-            raise ApiError(400, "malformed multipart body (the Content-Type names no boundary)")
-        if not body.rstrip(b"\r\n").endswith(b"--" + boundary.encode("latin-1", "replace") + b"--"):
-            raise ApiError(400, "malformed multipart body (it does not end with its closing boundary: cut short?)")
-
-        async def replay():  # the form parser reads the body we already hold
-            yield body
-
-        from starlette.formparsers import MultiPartParser
-
-        try:
-            # The body's size is bounded already; the file count is checked against --max_images after.
-            form = await MultiPartParser(request.headers, replay(), max_files=100_000, max_fields=1_000).parse()
-        except Exception as e:  # python-multipart and Starlette raise several kinds for a malformed body
-            raise ApiError(400, f"malformed multipart body ({getattr(e, 'message', None) or e})") from None
-        files, settings = [], {}
-        for key, value in form.multi_items():
-            if isinstance(value, UploadFile):
-                if key != "images":
-                    raise ApiError(400, f"upload files as the field 'images', not {key!r}")
-                files.append((value.filename or f"#{len(files) + 1}", await value.read()))
-            elif key == "images":
-                raise ApiError(400, "the field 'images' must hold files")
-            else:
-                settings[key] = value
-        return files, settings
+        return await parse_multipart(request, body)
     if kind == "application/json":
-        try:
-            data = json.loads(body)
-        except ValueError as e:
-            raise ApiError(400, f"malformed JSON ({e})") from None
-        except RecursionError:
-            raise ApiError(400, "malformed JSON (nested too deeply)") from None
-        if not isinstance(data, dict):
-            raise ApiError(400, 'the JSON body must be an object: {"images": ["<base64>", ...], ...}')
-        images = data.pop("images", None)
-        if not isinstance(images, list) or not all(isinstance(x, str) for x in images):
-            raise ApiError(400, 'the JSON body needs "images": a list of base64 strings')
-        files = []
-        for i, text in enumerate(images):
-            if text.startswith("data:") and "," in text:
-                text = text.split(",", 1)[1]
-            text = "".join(text.split())  # base64 as `base64` wraps it, in lines
-            text += "=" * (-len(text) % 4)  # and without its padding
-            try:
-                urlsafe = "-" in text or "_" in text
-                files.append((f"#{i + 1}", base64.b64decode(text, altchars=b"-_" if urlsafe else None, validate=True)))
-            except (binascii.Error, ValueError):
-                raise ApiError(400, f"image #{i + 1} is not valid base64") from None
-        return files, data
+        return parse_json(body)
     if kind == "application/x-www-form-urlencoded":  # a form with no file fields: only settings
         from urllib.parse import parse_qsl
 
