@@ -24,11 +24,15 @@ from .llama.checkpoint import LlamaCheckpoint
 
 
 def provenance(projection_dir: str, llama: LlamaCheckpoint, tokenizer_file: str, encoder_identity: str,
-               decoding: dict, selection: dict) -> dict:
-    """What makes a results file: compared key by key when a run continues one."""
+               decoding: dict, selection: dict, quantize: str = "none") -> dict:
+    """What makes a results file: compared key by key when a run continues one. A quantized
+    LLaMA (`quantize`) is recorded under "llama" (full precision adds no key: older files match)."""
+    llama_made = dict(llama.provenance(), tokenizer="sha256:" + sha256_file(tokenizer_file))
+    if quantize != "none":
+        llama_made["quantize"] = quantize
     return {
         "checkpoint": "sha256:" + sha256_file(os.path.join(projection_dir, PROJECTION_FILE)),
-        "llama": dict(llama.provenance(), tokenizer="sha256:" + sha256_file(tokenizer_file)),
+        "llama": llama_made,
         "clip": encoder_identity,
         "decoding": decoding,
         "selection": selection,

@@ -27,6 +27,7 @@ from .captioner import (PROJECTION_FILE, Captioner, CaptionerConfig, check_encod
                         save_projection)
 from .config import setting
 from .llama.checkpoint import LlamaCheckpoint, LlamaSettings, load_llama, open_checkpoint
+from .llama.quantize import describe
 from .llama.static_decode import MODES, make_decoder
 from .errors import UserError
 from .runtime import DTYPE_NAMES, resolve_dtype
@@ -147,13 +148,14 @@ def check_same_llama(where: str, recorded_dir: Optional[str], llama: LlamaCheckp
 def load_captioner(checkpoint: str, llama: LlamaCheckpoint, tokenizer_path: Optional[str], device,
                    dtype=torch.float32, max_gen_len: int = 30, clip_model: Optional[str] = None,
                    clip_pretrained: Optional[str] = None, decoder: str = "eager", batch_size: int = 32,
-                   pack_weights: bool = False, log=print):
+                   pack_weights: bool = False, log=print, quantize: str = "none"):
     """A trained captioner from a training checkpoint, the frozen LLaMA (`llama`, opened) and CLIP.
 
     The encoder, projection and prefix come from the checkpoint's CaptionerConfig; `clip_model`
     is the path of the same CLIP file when it moved (its identity must match). `decoder` picks how
     greedy and sampled captions are decoded (static_decode.MODES); `pack_weights` packs the LLaMA's
-    weights for oneDNN first (CPU). Returns (captioner, encoder, CaptionerConfig).
+    weights for oneDNN first (CPU); `quantize` quantizes its block weights (quantize.MODES).
+    Returns (captioner, encoder, CaptionerConfig).
     """
     ckpt = find_checkpoint(checkpoint)
     weights, cfg, flags = load_projection(ckpt)
@@ -171,7 +173,13 @@ def load_captioner(checkpoint: str, llama: LlamaCheckpoint, tokenizer_path: Opti
         raise UserError(f"--checkpoint {ckpt} projects to LLaMA width {cfg.llama_dim} but {llama.folder} has width "
                         f"{llama.args.dim}: use the LLaMA it was trained with")
     check_same_llama(f"--checkpoint {ckpt}", flags.get("ckpt_dir"), llama)
-    model, tokenizer = load_llama(llama, tokenizer_path, window, device=device, dtype=dtype)
+    if quantize != "none" and decoder in ("compile", "cuda_graph"):
+        raise UserError(f"--decoder {decoder} is not measured with --quantize {quantize}: use --decoder static or eager")
+    trained = flags.get("quantize", "none")
+    if trained != quantize:  # allowed: the projection only saw the LLaMA's activations
+        log(f"--checkpoint {ckpt} was trained with the LLaMA at {describe(trained)}; captioning with it at "
+            f"{describe(quantize)}")
+    model, tokenizer = load_llama(llama, tokenizer_path, window, device=device, dtype=dtype, quantize=quantize)
     projection = cfg.new_projection()
     try:
         projection.load_state_dict(weights, strict=True)
@@ -217,7 +225,7 @@ class CaptionerSettings(LlamaSettings):
         dtype = resolve_dtype(self.dtype, device)
         captioner, encoder, cfg = load_captioner(self.checkpoint, self.open(), self.tokenizer_path, device, dtype,
                                                  max_gen_len, self.clip_model, self.clip_pretrained, self.decoder,
-                                                 batch_size, self.pack_weights, log)
+                                                 batch_size, self.pack_weights, log, self.quantize)
         return captioner, encoder, cfg, dtype
 
 

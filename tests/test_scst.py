@@ -234,3 +234,17 @@ def test_init_from_an_mlp_run_ignores_the_mapper_flags(cap, trained, tmp_path):
     """The mapper's sizes do not apply to an MLP projection: another --mapper_width is no difference."""
     proc = scst_run(cap, trained, tmp_path / "scst", "--mapper_width", 128, "--stop_after_steps", 1)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_scst_with_an_int4_llama_samples_and_rewards(cap, trained, tmp_path):
+    """--quantize reaches SCST's sampling and its policy gradient; --init_from a full-precision
+    run is allowed and said."""
+    import json
+
+    out = tmp_path / "scst_int4"
+    proc = scst_run(cap, trained, out, "--epochs", 1, "--quantize", "int4")
+    assert "was trained with the LLaMA at full precision; this run uses int4 weight-only" in proc.stderr + proc.stdout
+    steps = [json.loads(line) for line in open(out / "metrics.jsonl") if '"reward"' in line]
+    assert len(steps) == 3 and all(r["reward"] >= 0 and r["sample_len"] > 0 for r in steps)
+    start, got = weights_of(trained), weights_of(out)
+    assert any(float((got[k] - start[k]).abs().max()) > 0 for k in start)  # the policy gradient arrived

@@ -27,7 +27,9 @@ from . import huggingface
 from .meta import list_shards, meta_context_length, read_params
 from .model import ModelArgs, Transformer, skip_weight_init
 from .params import check_architecture
-from .sources import HFSafetensors, MetaShards, WeightSource, check_state_dict
+from .quantize import MODES as QUANTIZE_MODES
+from .quantize import QuantizedLinear, check_kernels, is_quantized
+from .sources import FLOAT_DTYPES, HFSafetensors, MetaShards, WeightSource, check_state_dict
 from .tokenizer import Tokenizer, load_tokenizer, resolve_tokenizer_path
 
 META, HUGGING_FACE = "meta", "hugging face"
@@ -118,10 +120,11 @@ def open_checkpoint(ckpt_dir: str) -> LlamaCheckpoint:
 
 
 def load_llama(ckpt: Union[LlamaCheckpoint, str], tokenizer_path: Optional[str] = None, max_seq_len: int = 512,
-               device="cpu", dtype=torch.float32) -> Tuple[Transformer, Tokenizer]:
+               device="cpu", dtype=torch.float32, quantize: str = "none") -> Tuple[Transformer, Tokenizer]:
     """This model-parallel rank's frozen LLaMA, on `device` in `dtype`, and the tokenizer
     (`tokenizer_path`, or the one that came with the checkpoint). `ckpt`: the opened checkpoint
-    (a folder is opened here, for scripts).
+    (a folder is opened here, for scripts). `quantize` (quantize.MODES): the blocks' linear
+    layers are quantized one tensor at a time as they are read (the rest stays in `dtype`).
 
     fairscale's model parallelism must be initialised (distributed.setup); any size that
     divides the heads and the vocabulary loads, from either format.
@@ -141,18 +144,36 @@ def load_llama(ckpt: Union[LlamaCheckpoint, str], tokenizer_path: Optional[str] 
     args = replace(args, max_seq_len=max_seq_len)
     # One tensor for the embedding and the output layer when both are cut alike.
     share = source.tied and (mp == 1 or args.embedding_split == "vocab")
-    sd = source.rank_state(mp, rank)
+    with skip_weight_init(), torch.device("meta"):
+        model = Transformer(args)
+    if quantize != "none":
+        check_kernels(quantize, device, dtype)
+    # This rank's slices, one at a time; a block linear is quantized as soon as it is read (only a
+    # placeholder of its shape is kept for the checks), so at most one full-precision slice of
+    # it exists at any time.
+    layers, quantized, sd = dict(model.named_modules()), {}, {}
+    for name in source.names():
+        t = source.slice(name, mp, rank)
+        module = name[:-len(".weight")]
+        if quantize != "none" and is_quantized(name) and module in layers \
+                and t.shape == layers[module].weight.shape and t.dtype in FLOAT_DTYPES:
+            quantized[module] = QuantizedLinear(layers[module], t, quantize, device, dtype)
+            t = torch.empty(t.shape, dtype=t.dtype, device="meta")
+        sd[name] = t
     if source.tied and not share:
         sd["output.weight"] = source.slice("output.weight", mp, rank)
     check_state_dict(sd, args, mp, source.where, share, ckpt.described_by)
-    with skip_weight_init(), torch.device("meta"):
-        model = Transformer(args)
-    weights = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}
+    weights = {k: v.to(device=device, dtype=dtype) for k, v in sd.items() if k[:-len(".weight")] not in quantized}
     del sd
     ckpt.release()
     if share:
         weights["output.weight"] = weights["tok_embeddings.weight"]
-    model.load_state_dict(weights, strict=True, assign=True)
+    missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
+    if unexpected or set(missing) != {m + ".weight" for m in quantized}:  # check_state_dict saw them all
+        raise RuntimeError(f"weights left unloaded: {sorted(set(missing) - {m + '.weight' for m in quantized})[:3]}")
+    for module, layer in quantized.items():  # the meta layers give way to the quantized ones
+        parent, _, child = module.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer)
     if share:  # one tensor, not two Parameters that happen to share storage
         model.output.weight = model.tok_embeddings.weight
     model.requires_grad_(False)
@@ -168,9 +189,11 @@ class LlamaSettings(Config):
     tokenizer_path: Optional[str] = setting(None, "tokenizer.model (sentencepiece or Llama 3's tiktoken) or tokenizer.json; default: the one in --ckpt_dir (or beside it).")
     model_parallel: int = setting(0, "model-parallel size (GPUs per copy of the LLaMA); 0: Meta's shard count, or 1 for a Hugging Face folder. Any size that divides the heads loads, from either format.")
     device: str = setting("auto", "auto (CUDA when available, else CPU), cpu or cuda.")
+    quantize: str = setting("none", "the frozen LLaMA's block weights: none, int8 (torchao, per-row scales) or int4 (bitsandbytes NF4); quantized per rank as they load (docs/quantization.md).")
 
     def check(self) -> None:
         self.at_least(0, "model_parallel")
+        self.one_of("quantize", QUANTIZE_MODES)
 
     def open(self) -> LlamaCheckpoint:
         """The checkpoint in --ckpt_dir (read on the first call, then the same object)."""

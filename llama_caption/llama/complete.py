@@ -55,7 +55,7 @@ def complete(cfg: ExampleConfig) -> None:
     with distributed.session(cfg.mp_size(), cfg.device, cfg.seed) as env:
         t0 = time.time()
         model, tokenizer = load_llama(ckpt, cfg.tokenizer_path, cfg.max_seq_len, device=env.device,
-                                      dtype=resolve_dtype(cfg.dtype, env.device))
+                                      dtype=resolve_dtype(cfg.dtype, env.device), quantize=cfg.quantize)
         if cfg.pack_weights:
             model.pack_weights()
         print(f"Loaded in {time.time() - t0:.2f} seconds")

@@ -131,7 +131,8 @@ class Service:
                     "dtype": str(dtype).replace("torch.", "")}
         if cfg.decoder != "eager":
             defaults["decoder"] = cfg.decoder
-        made_by = provenance(ckpt, llama, llama.tokenizer_file(cfg.tokenizer_path), encoder.spec.identity, defaults, {})
+        made_by = provenance(ckpt, llama, llama.tokenizer_file(cfg.tokenizer_path), encoder.spec.identity, defaults, {},
+                             cfg.quantize)
         made_by.pop("selection")
         self.info = dict(made_by, checkpoint_dir=os.path.abspath(ckpt), llama_dir=os.path.abspath(llama.folder),
                          model_parallel=env.mp_size, device=str(env.device), max_batch=cfg.max_batch,
