@@ -10,26 +10,35 @@ every `--chunk` batches, and `meta.json` (CLIP model and its identity, feature k
 count), written last. Ranks take every world_size-th image. A crashed run started again with
 the same settings skips the images already in its parts; other settings are refused, so a
 cache never mixes two encoders or two splits. No pickle anywhere.
+
+From webdataset shards (`--shards 'cc3m/{00000..00331}.tar'`), the cache holds feature shards
+instead: `NNNNN.tar` for the NNNNN-th input shard, each sample `KEY.npy` (the features) with the
+input's `KEY.txt` and `KEY.json`, then `NNNNN_stats.json`, each written atomically when its
+shard is done; ranks take every world_size-th shard, and a rerun skips the finished ones. meta.json
+lists the shards, their sample counts and the input shards' fingerprint, which training checks.
 """
 
+import functools
 import glob
+import io
 import json
 import os
 import re
 import sys
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors import safe_open
 from tqdm import tqdm
 
-from . import distributed
+from . import distributed, shards
 from .config import Config, command, setting
 from .data import ImageFiles, collate, drop_missing, load_split, report_bad_images
 from .errors import UserError
-from .fileio import check_output_dir, write_json, write_safetensors
+from .fileio import atomic_path, check_output_dir, write_json, write_safetensors
 from .vision import FEATURE_KINDS, EncoderSpec, ImageEncoder, check_encoder_flags, load_encoder, same_encoder
 
 META = "meta.json"
@@ -90,6 +99,18 @@ class FeatureCache:
             self._handles[p] = safe_open(self.parts[p], "pt")
         return self._handles[p].get_slice("features")[row].float()
 
+    def shard_files(self, source_fp: str, flag: str = "--features") -> tuple:
+        """(feature shard paths, sample counts) of a cache made from shards whose fingerprint is
+        `source_fp`; a cache of an images folder, or of other shards, is refused."""
+        listed = self.meta.get("shards")
+        if not listed:
+            raise UserError(f"{flag} {self.path} holds features of an images folder: with --train_shards give the feature "
+                            f"shards extracted from them (python -m llama_caption features --shards ... --out DIR)")
+        if self.meta.get("source_fingerprint") != source_fp:
+            raise UserError(f"{flag} {self.path} was extracted from other shards than --train_shards (or they changed "
+                            f"since): extract the features of these shards again")
+        return [os.path.join(self.path, x["file"]) for x in listed], [x["count"] for x in listed]
+
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_handles"] = {}
@@ -113,8 +134,9 @@ def next_part_number(out: str, rank: int) -> int:
 @dataclass
 class FeaturesConfig(Config):
     clip_model: str = setting(help="a released CLIP name (ViT-B/32, ViT-B/16, ViT-L/14, ViT-L/14@336px), a local CLIP file, or open_clip:ARCH (with --clip_pretrained).")
-    images: str = setting(help="the images folder (with --karpathy_split: the folder holding train2014/ and val2014/).")
     out: str = setting(help="the cache folder to create (or to finish, after a crash, with the same flags).")
+    images: Optional[str] = setting(None, "the images folder (with --karpathy_split: the folder holding train2014/ and val2014/); or --shards.")
+    shards: Optional[List[str]] = setting(None, "webdataset tar shards instead of --images ('cc3m/{00000..00331}.tar'; a list, or joined by '::'): --out gets one feature shard per input shard (docs/shards.md).")
     clip_pretrained: Optional[str] = setting(None, "with --clip_model open_clip:ARCH: the weights file or a pretrained tag.")
     annotations: Optional[str] = setting(None, "COCO captions JSON (captions_train2014.json, ...); not needed with --karpathy_split.")
     karpathy_split: Optional[str] = setting(None, "Karpathy's dataset_coco.json, dataset_flickr8k.json or dataset_flickr30k.json; then --split picks train (with restval), val or test.")
@@ -133,6 +155,10 @@ class FeaturesConfig(Config):
         self.one_of("storage", ("auto", "fp32", "fp16"))
         self.one_of("feature_kind", FEATURE_KINDS)
         check_encoder_flags(self.clip_model, self.clip_pretrained)
+        if bool(self.images) == bool(self.shards):
+            raise UserError("give the images as --images DIR or as --shards PATTERN, one of the two")
+        if self.shards and (self.annotations or self.karpathy_split):
+            raise UserError("--shards carry their own captions: leave out --annotations and --karpathy_split")
 
     @property
     def half(self) -> bool:
@@ -140,6 +166,9 @@ class FeaturesConfig(Config):
 
     def settings(self, spec: EncoderSpec) -> dict:
         """What the cache will hold: encoder, images and split, storage."""
+        if self.shards:
+            urls = shards.expand(self.shards, "--shards")
+            return dict(spec.cache_meta(), shards=shards.fingerprint(urls), storage="fp16" if self.half else "fp32")
         return dict(spec.cache_meta(), images=os.path.abspath(self.images), split=self.split,
                     annotations=os.path.abspath(self.annotations) if self.annotations else None,
                     karpathy_split=os.path.abspath(self.karpathy_split) if self.karpathy_split else None,
@@ -176,6 +205,8 @@ def extract(cfg: FeaturesConfig) -> None:
                 claim(cfg.out, settings, False)
             print(f"{cfg.out} is already complete")
             return
+        if cfg.shards:
+            return extract_shards(cfg, env, encoder, spec, settings)
         records = drop_missing(load_split(cfg.images, cfg.annotations, cfg.karpathy_split, cfg.split, "--images",
                                           "--annotations", env.log), env.log, need_captions=False)
         os.makedirs(cfg.out, exist_ok=True)
@@ -223,6 +254,56 @@ def extract_parts(cfg: FeaturesConfig, env, encoder: ImageEncoder, todo) -> list
             flush()
     flush()
     return bad
+
+
+def extract_shards(cfg: FeaturesConfig, env, encoder: ImageEncoder, spec: EncoderSpec, settings: dict) -> None:
+    """One feature shard per input shard not yet done (this rank: every world_size-th), then
+    meta.json (rank 0) from their stats."""
+    urls = shards.expand(cfg.shards, "--shards")
+    os.makedirs(cfg.out, exist_ok=True)
+    claim(cfg.out, settings, env.is_main)
+    dist.barrier()
+    stats = lambda i: os.path.join(cfg.out, f"{i:05d}_stats.json")  # noqa: E731
+    todo = [i for i in range(len(urls)) if not os.path.isfile(stats(i))]
+    env.log(f"{len(urls)} shard(s): {len(urls) - len(todo)} already extracted in {cfg.out}, {len(todo)} to go")
+    decode = functools.partial(shards.decode_keeping, transform=encoder.preprocess)
+    names = [shards.shard_name(u) for u in urls]
+    stream = shards.ShardStream(urls, names, todo[env.rank::env.world_size], {}, decode, cfg.batch_size)
+    process = lambda good: list(encoder(torch.stack([x["pixels"] for x in good])).cpu())  # noqa: E731
+    bar = tqdm(desc=f"{cfg.feature_kind} image features", unit="img", disable=not env.is_main, dynamic_ncols=True)
+    for s, done, bad, errors in shards.per_shard(shards.chunk_loader(stream, cfg.num_workers), cfg.batch_size, process):
+        write_feature_shard(os.path.join(cfg.out, f"{s:05d}.tar"), done, cfg.half)
+        write_json(stats(s), {"source": urls[s], "count": len(done), "bad": [[x["bad"], x["reason"]] for x in bad],
+                              "errors": errors})
+        bar.update(len(done) + len(bad))
+    bar.close()
+    dist.barrier()
+    if env.is_main:
+        listed = []
+        for i in range(len(urls)):
+            with open(stats(i)) as f:
+                st = json.load(f)
+            listed.append({"file": f"{i:05d}.tar", "source": urls[i], "count": st["count"], "bad": len(st["bad"]),
+                           "errors": len(st["errors"])})
+        bad = sum(x["bad"] for x in listed)
+        write_json(os.path.join(cfg.out, META), dict(spec.cache_meta(), count=sum(x["count"] for x in listed),
+                                                     shape=list(encoder.feature_shape), storage=settings["storage"],
+                                                     dataset="shards", source_fingerprint=settings["shards"],
+                                                     shards=listed), indent=1)
+        print(f"wrote {sum(x['count'] for x in listed)} feature vectors in {len(urls)} shard(s) to {cfg.out} ({bad} "
+              f"unreadable sample(s) skipped, {sum(1 for x in listed if x['errors'])} shard(s) cut short by read errors)")
+
+
+def write_feature_shard(path: str, done: list, half: bool) -> None:
+    """A tar of KEY.npy (features) with the input sample's KEY.txt and KEY.json, atomically."""
+    from webdataset import TarWriter
+
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f, TarWriter(f, encoder=False, mtime=0) as sink:
+            for item, feats in done:
+                buf = io.BytesIO()
+                np.save(buf, feats.to(torch.float16 if half else torch.float32).numpy(), allow_pickle=False)
+                sink.write({"__key__": item["key"], "npy": buf.getvalue(), **item["keep"]})
 
 
 main = command(FeaturesConfig, extract, "Extract CLIP features of every image of a split into the folder OUT.")

@@ -4,8 +4,13 @@
 refuses or continues an existing results file by what made it, captions the images not done yet
 in batches, dealt out over data-parallel groups (rank 0 gathers and alone writes), then writes the
 results, the gallery and the metrics.
+
+With `--shards` (webdataset tar shards) and `--out DIR`, `caption_shards` writes one results file
+per input shard instead (docs/shards.md).
 """
 
+import functools
+import json
 import math
 import os
 import sys
@@ -17,22 +22,24 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from . import distributed
+from . import distributed, shards
 from .config import command, setting
 from .llama.generation import check_sampling
 from .data import ImageFiles, ImageRecord, collate, list_image_files, load_split, report_bad_images
 from .errors import UserError
 from .clipscore import ClipScoreSettings
 from .evaluation import evaluate_records
-from .results import GALLERY_ORDERS, ResultsFiles, ordered, provenance, result_key, write_gallery
-from .fileio import write_json
+from .results import GALLERY_ORDERS, ResultsFiles, first_difference, ordered, provenance, result_key, write_gallery
+from .fileio import atomic_path, check_output_dir, write_json, write_text
 from .runs import CaptionerSettings, find_checkpoint
 
 
 @dataclass
 class InferenceConfig(CaptionerSettings, ClipScoreSettings):
-    images: List[str] = setting(help="--images DIR for a COCO split; or image files and folders of your own (no annotations): --images a.jpg b.png photos/")
-    out: str = setting("results.json", "the COCO results file to write; RESULTS.run.json beside it records what made it, and a rerun with the same settings completes it.")
+    images: Optional[List[str]] = setting(None, "--images DIR for a COCO split; or image files and folders of your own (no annotations): --images a.jpg b.png photos/")
+    out: str = setting("results.json", "the COCO results file to write; RESULTS.run.json beside it records what made it, and a rerun with the same settings completes it. With --shards: the folder of per-shard results.")
+    shards: Optional[List[str]] = setting(None, "webdataset tar shards to caption instead of --images ('cc3m/{00000..00331}.tar'; a list, or joined by '::'): one results file per shard in the folder --out (docs/shards.md).")
+    out_format: str = setting("jsonl", "with --shards: each shard's results as jsonl (one {key, caption} per line) or parquet (columns key, caption).")
     overwrite: bool = setting(False, "replace the captions of an --out made with other settings (they are otherwise refused, never mixed).")
     annotations: Optional[str] = setting(None, "COCO captions JSON of the split (captions_val2014.json; nocaps_val_4500_captions.json, scored overall and per domain, its images by file_name in --images): enables evaluation.")
     karpathy_split: Optional[str] = setting(None, "Karpathy's dataset_coco.json (then --images holds train2014/ and val2014/), dataset_flickr8k.json or dataset_flickr30k.json (then --images holds the images): the references come from it.")
@@ -56,6 +63,7 @@ class InferenceConfig(CaptionerSettings, ClipScoreSettings):
     def check(self) -> None:
         super().check()
         self.at_least(1, "batch_size", "max_gen_len", "num_beams", "num_images")
+        self.check_shards()
         self.at_least(0, "num_workers", "gallery", "save_every_s")
         check_sampling(self.temperature, self.top_p)
         self.one_of("gallery_order", GALLERY_ORDERS)
@@ -79,6 +87,19 @@ class InferenceConfig(CaptionerSettings, ClipScoreSettings):
         if self.decoder not in ("auto", "eager") and self.num_beams > 1:
             raise UserError(f"--decoder {self.decoder} is for greedy and sampled captions; beam search (--num_beams > 1) "
                             f"runs eagerly: leave --decoder eager")
+
+    def check_shards(self) -> None:
+        self.one_of("out_format", ("jsonl", "parquet"))
+        if bool(self.images) == bool(self.shards):
+            raise UserError("give the images to caption as --images or as --shards PATTERN, one of the two")
+        if not self.shards:
+            return
+        if self.out.endswith(".json"):
+            raise UserError(f"--out {self.out}: with --shards, --out names the folder for one results file per shard")
+        used = [f for f in ("annotations", "karpathy_split", "num_images", "fraction") if getattr(self, f) is not None]
+        used += [f for f in ("control_shuffle", "gallery") if getattr(self, f)]
+        if used:
+            raise UserError(f"--{used[0]} is not for --shards: shards are captioned whole, one results file each")
 
     @property
     def annotated(self) -> bool:
@@ -210,7 +231,111 @@ def gallery(cfg: InferenceConfig, env, files: ResultsFiles, results: List[Dict],
     env.log(f"gallery of {shown} image(s): {files.gallery}")
 
 
+def shard_results(out: str, urls: List[str], fmt: str) -> List[str]:
+    """The results file of each shard: OUT/NAME.jsonl (or .parquet) for NAME.tar."""
+    paths = [os.path.join(out, os.path.splitext(shards.shard_name(u))[0] + "." + fmt) for u in urls]
+    if len(set(paths)) < len(paths):
+        twice = next(p for p in paths if paths.count(p) > 1)
+        raise UserError(f"--shards: two shards have the name of {os.path.basename(twice)}; their results would share a "
+                        f"file: caption them into separate --out folders")
+    return paths
+
+
+def write_shard_results(path: str, rows: List[Dict], fmt: str) -> None:
+    """One shard's captions, atomically."""
+    if fmt == "jsonl":
+        write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+        return
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"key": pa.array([r["key"] for r in rows], pa.string()),
+                      "caption": pa.array([r["caption"] for r in rows], pa.string())})
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+
+
+def claim_shard_results(cfg: InferenceConfig, paths: List[str], made_by: dict) -> set:
+    """The shards already captioned in --out by the same settings; other settings are refused
+    (or, with --overwrite, every shard is done again)."""
+    run_file = os.path.join(cfg.out, "run.json")
+    done = {i for i, p in enumerate(paths) if os.path.isfile(p)}
+    if cfg.overwrite:
+        return set()
+    if os.path.isfile(run_file):
+        with open(run_file, encoding="utf-8") as f:
+            diff = first_difference(json.load(f), made_by)
+        if diff and done:
+            raise UserError(f"--out {cfg.out} holds captions made with other settings ({diff}): pick another --out to "
+                            f"keep both, or add --overwrite to replace them shard by shard")
+    elif done:
+        raise UserError(f"--out {cfg.out} holds results files but no run.json says what made them: pick another --out, "
+                        f"or add --overwrite")
+    return done
+
+
+def caption_shards(cfg: InferenceConfig) -> Dict:
+    """Caption --shards: shards not yet done are dealt out over the data-parallel groups, each
+    group's first model-parallel rank writing a shard's results when its last sample is captioned."""
+    urls = shards.expand(cfg.shards, "--shards")
+    check_output_dir(cfg.out, "--out")
+    paths = shard_results(cfg.out, urls, cfg.out_format)
+    with distributed.session(cfg.mp_size(), cfg.device, cfg.seed) as env:
+        cfg.resolve_decoder(env.device, beams=cfg.num_beams > 1)
+        captioner, encoder, _, dtype = cfg.load(env.device, cfg.max_gen_len, cfg.batch_size, env.log)
+        llama = cfg.open()
+        made_by = provenance(find_checkpoint(cfg.checkpoint), llama, llama.tokenizer_file(cfg.tokenizer_path),
+                             encoder.spec.identity, cfg.decoding(dtype), {"out_format": cfg.out_format},
+                             getattr(cfg, "quantize", "none"))
+        done = claim_shard_results(cfg, paths, made_by)
+        dist.barrier()  # every rank has seen what is done before rank 0 writes anything
+        if env.is_main:
+            write_json(os.path.join(cfg.out, "run.json"), made_by, indent=1)
+        todo = [i for i in range(len(urls)) if i not in done]
+        env.log(f"{len(urls)} shard(s): {len(done)} already captioned in {cfg.out}, {len(todo)} to go; "
+                f"MP {env.mp_size} x DP {env.dp_size}")
+        counts = caption_my_shards(cfg, env, captioner, encoder, urls, paths, todo[env.dp_rank::env.dp_size])
+        totals = torch.tensor(counts, dtype=torch.long, device=env.device)
+        dist.all_reduce(totals)
+        shards_done, images, bad, errors = (int(t) // env.mp_size for t in totals)
+        env.log(f"captioned {images} image(s) in {shards_done} shard(s) into {cfg.out}; {bad} unreadable sample(s) "
+                f"skipped, {errors} shard read error(s)")
+        return {"shards": shards_done, "images": images, "bad": bad, "shard_errors": errors}
+
+
+def caption_my_shards(cfg: InferenceConfig, env, captioner, encoder, urls, paths, mine: List[int]) -> List[int]:
+    """This data-parallel group's shards; returns [shards, images, unreadable samples, read errors]."""
+    decode = functools.partial(shards.decode_keeping, transform=encoder.preprocess, keep=())
+    stream = shards.ShardStream(urls, [shards.shard_name(u) for u in urls], mine, {}, decode, cfg.batch_size)
+    gen = torch.Generator(device=env.device).manual_seed(cfg.seed + env.dp_rank) if cfg.temperature > 0 else None
+
+    def process(good):
+        feats = encoder(torch.stack([x["pixels"] for x in good]))
+        return captioner.generate(feats, cfg.max_gen_len, cfg.temperature, cfg.top_p, generator=gen,
+                                  num_beams=cfg.num_beams, length_penalty=cfg.length_penalty)
+
+    counts, start = [0, 0, 0, 0], time.time()
+    writer = env.mp_rank == 0
+    with tqdm(desc="captioning shards", unit="img", disable=not env.is_main, dynamic_ncols=True, file=sys.stderr) as bar:
+        for s, good, bad, errors in shards.per_shard(shards.chunk_loader(stream, cfg.num_workers), cfg.batch_size,
+                                                     process):
+            if writer:
+                write_shard_results(paths[s], [{"key": x["key"], "caption": c} for x, c in good], cfg.out_format)
+            counts = [counts[0] + 1, counts[1] + len(good), counts[2] + len(bad), counts[3] + len(errors)]
+            bar.update(len(good) + len(bad))
+            bar.set_postfix(shards=f"{counts[0]}/{len(mine)}")
+            if writer:
+                rate = counts[1] / max(time.time() - start, 1e-9)
+                print(f"[dp {env.dp_rank}] {os.path.basename(paths[s])}: {len(good)} caption(s), {len(bad)} skipped"
+                      + (f", read error: {errors[0]}" if errors else "")
+                      + f"; {counts[0]}/{len(mine)} shard(s), {counts[1]} image(s), {rate:.1f} images/s",
+                      file=sys.stderr, flush=True)
+    return counts
+
+
 def run(cfg: InferenceConfig) -> Optional[Dict]:
+    if cfg.shards:
+        return caption_shards(cfg)
     files = ResultsFiles(cfg.out)
     files.check_paths()  # before anything is loaded or captioned
     with distributed.session(cfg.mp_size(), cfg.device, cfg.seed) as env:
@@ -220,7 +345,7 @@ def run(cfg: InferenceConfig) -> Optional[Dict]:
         captioner, encoder, _, dtype = cfg.load(env.device, cfg.max_gen_len, cfg.batch_size, env.log)
         llama = cfg.open()
         made_by = provenance(find_checkpoint(cfg.checkpoint), llama, llama.tokenizer_file(cfg.tokenizer_path),
-                             encoder.spec.identity, cfg.decoding(dtype), cfg.selection())
+                             encoder.spec.identity, cfg.decoding(dtype), cfg.selection(), cfg.quantize)
         files.previous(made_by, cfg.overwrite)
         done = {} if cfg.overwrite else files.load_done(cfg.annotated)
         dist.barrier()  # every rank has read the old files before rank 0 changes them

@@ -12,7 +12,9 @@ per epoch, and `finish`.
 """
 
 import dataclasses
+import functools
 import hashlib
+import json
 import math
 import os
 import sys
@@ -24,15 +26,16 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from . import distributed, runs
+from . import distributed, runs, shards
 from .captioner import Captioner, CaptionerConfig, CaptionStyle, check_window
 from .config import command, setting
 from .llama.checkpoint import LlamaSettings, load_llama
+from .llama.quantize import describe
 from .data import CAPTION_MODES, CaptionDataset, StepBatches, collate, drop_missing, load_split, report_bad_images
 from .errors import UserError
 from .dashboard import REPORTERS, check_reporter, open_dashboard
 from .features import FeatureCache
-from .fileio import check_output_dir, write_json
+from .fileio import check_output_dir, write_json, write_text
 from .llama.generation import generate
 from .projection import PROJECTIONS
 from .runtime import DTYPE_NAMES, resolve_dtype
@@ -43,13 +46,17 @@ from .vision import FEATURE_KINDS, EncoderSpec, ImageEncoder, check_encoder_flag
 @dataclass
 class TrainConfig(LlamaSettings):
     clip_model: str = setting(help="CLIP name (ViT-B/32, ViT-B/16, ViT-L/14, ViT-L/14@336px), a local CLIP file, or open_clip:ARCH (an open_clip model name or model config JSON; weights from --clip_pretrained).")
-    train_images: str = setting(help="train2014/ (with --karpathy_split: the folder holding train2014/ and val2014/, or Flickr's folder of images).")
     out_dir: str = setting(help="the run folder: checkpoints/, metrics.jsonl, loss_curve.png, config.json. A folder that holds a run is only continued, with --resume.")
+    train_images: Optional[str] = setting(None, "train2014/ (with --karpathy_split: the folder holding train2014/ and val2014/, or Flickr's folder of images); or --train_shards.")
+    train_shards: Optional[List[str]] = setting(None, "webdataset tar shards instead of --train_images (img2dataset's output): 'cc3m/{00000..00331}.tar', several as a list or joined by '::'; pipe: URLs go to webdataset as they are (docs/shards.md).")
+    caption_field: Optional[str] = setting(None, "with --train_shards: take each caption from this field of the sample's .json (default: its .txt).")
+    samples_per_epoch: Optional[int] = setting(None, "with --train_shards: draw shards at random with replacement (resampled streaming) and call this many samples an epoch (default: each sample once per epoch).")
+    log_samples: bool = setting(False, "with --train_shards: write the samples each step used to out_dir/samples/dp-RANK.tsv (step, epoch, shard/key), to check data order.")
     train_annotations: Optional[str] = setting(None, "captions_train2014.json (not needed with --karpathy_split).")
     val_images: Optional[str] = setting(None, "val2014/ for the validation loss after each epoch (optional).")
     val_annotations: Optional[str] = setting(None, "captions_val2014.json.")
     karpathy_split: Optional[str] = setting(None, "Karpathy's dataset_coco.json, dataset_flickr8k.json or dataset_flickr30k.json: train = train+restval, validation = its val split (--train_images and --val_images: COCO's folder holding train2014/ and val2014/, or Flickr's folder of images).")
-    features: Optional[str] = setting(None, "a training feature cache from python -m llama_caption features (else CLIP runs on the fly).")
+    features: Optional[str] = setting(None, "a training feature cache from python -m llama_caption features (else CLIP runs on the fly); with --train_shards, the feature shards extracted from those shards.")
     val_features: Optional[str] = setting(None, "a validation feature cache.")
     clip_pretrained: Optional[str] = setting(None, "with --clip_model open_clip:ARCH: the weights file (open_clip_pytorch_model.bin, .safetensors) or a pretrained tag (downloaded only if not cached).")
     feature_kind: str = setting("pooled", "pooled (CLIP image embedding, ClipCap) or patch (patch tokens, LLaVA).")
@@ -90,7 +97,8 @@ class TrainConfig(LlamaSettings):
 
     # Settings that may change between an interrupted run and its resumption.
     RESUMABLE_CHANGES = ("resume", "stop_after_steps", "num_workers", "save_every", "keep_last",
-                         "log_every", "device", "out_dir", "max_bad_steps", "report_to", "report_captions")
+                         "log_every", "device", "out_dir", "max_bad_steps", "report_to", "report_captions",
+                         "log_samples")
 
     def check(self) -> None:
         super().check()
@@ -123,6 +131,25 @@ class TrainConfig(LlamaSettings):
                 raise UserError(f"--scst_temperature must be positive, got {self.scst_temperature}")
         if self.val_images and not (self.val_annotations or self.karpathy_split):
             raise UserError("--val_images needs --val_annotations (or --karpathy_split)")
+        self.check_shards()
+
+    def check_shards(self) -> None:
+        if bool(self.train_images) == bool(self.train_shards):
+            raise UserError("give the training images as --train_images DIR or as --train_shards PATTERN, one of the two")
+        self.at_least(1, "samples_per_epoch")
+        if not self.train_shards:
+            for name in ("caption_field", "samples_per_epoch"):
+                if getattr(self, name) is not None:
+                    raise UserError(f"--{name} is for --train_shards")
+            return
+        if self.train_annotations or self.karpathy_split:
+            raise UserError("--train_shards carry their own captions: leave out --train_annotations and --karpathy_split "
+                            "(validate on COCO with --val_images and --val_annotations)")
+        if self.objective == "scst":
+            raise UserError("--objective scst needs each image's reference captions: train it on COCO (--train_images), "
+                            "not --train_shards")
+        if self.captions != "all":
+            raise UserError("--captions one is for COCO's several captions per image; a shard sample has one caption")
 
     def micro_batch(self, dp_size: int) -> int:
         """Samples per rank per micro-batch."""
@@ -175,7 +202,7 @@ class Job:
     captioner: Captioner
     spec: CaptionerConfig
     encoder: Optional[ImageEncoder]
-    train_set: CaptionDataset
+    train_set: "CaptionDataset | shards.ShardTraining"
     val_set: Optional[CaptionDataset]
     micro_batch: int
     steps_per_epoch: int
@@ -227,7 +254,54 @@ def load_dataset(cfg: TrainConfig, split: str, cache, transform, env) -> Caption
     return CaptionDataset(records, None if cache else transform, cache, mode, cfg.seed)
 
 
-def build(cfg: TrainConfig, env, resuming: bool = False) -> Job:
+def gather_all(obj) -> list:
+    """`obj` of every rank, in rank order."""
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def shard_counts(urls: List[str], fp: str, env, path: str) -> List[int]:
+    """Samples per shard: img2dataset's parquet files where they are, else a counting pass shared
+    out over every rank, kept in the run folder (`path`) for a resumed run."""
+    if os.path.isfile(path):
+        with open(path) as f:
+            saved = json.load(f)
+        if saved.get("fingerprint") == fp and len(saved.get("counts", [])) == len(urls):
+            return saved["counts"]
+    if any(shards.parquet_count(u) is None for u in urls):
+        env.log(f"counting the samples of {len(urls)} shard(s) (img2dataset's .parquet files beside them spare this pass)")
+    mine = {i: shards.count_shard(urls[i]) for i in range(env.rank, len(urls), env.world_size)}
+    counts = [0] * len(urls)
+    for part in gather_all(mine):
+        for i, n in part.items():
+            counts[i] = n
+    if env.is_main:
+        write_json(path, {"fingerprint": fp, "counts": counts})
+    return counts
+
+
+def shard_dataset(cfg: TrainConfig, env, cache, transform, micro: int, saved: Optional[dict]) -> shards.ShardTraining:
+    """--train_shards (or the feature shards of --features made from them), split over the
+    data-parallel ranks; a resumed run's position checked against them before anything is read."""
+    urls = shards.expand(cfg.train_shards, "--train_shards")
+    fp, names = shards.fingerprint(urls), [shards.shard_name(u) for u in urls]
+    decode = functools.partial(shards.decode, transform=None if cache else transform, caption_field=cfg.caption_field,
+                               need_caption=True)
+    data = shards.ShardTraining(urls, names, [0] * len(urls), fp, decode, micro, cfg.grad_accum, env.dp_size,
+                                env.dp_rank, cfg.seed, cfg.num_workers, cfg.samples_per_epoch)
+    data.restore(saved)  # refuses a changed shard list before any counting
+    if cache is not None:
+        data.urls, counts = cache.shard_files(fp, "--features")
+    else:
+        counts = None if cfg.samples_per_epoch else shard_counts(urls, fp, env, os.path.join(cfg.out_dir, "shard_counts.json"))
+    data.counts, data.owned = counts, shards.assign(counts, env.dp_size) if counts is not None else None
+    if counts is not None and not sum(counts):
+        raise UserError(f"--train_shards {' '.join(cfg.train_shards)}: the shards hold no sample")
+    return data
+
+
+def build(cfg: TrainConfig, env, resuming: bool = False, saved_shards: Optional[dict] = None) -> Job:
     """Encoder (when a split has no feature cache), the frozen LLaMA, the projection, the data,
     the optimizer and its schedule."""
     micro = cfg.micro_batch(env.dp_size)
@@ -242,15 +316,20 @@ def build(cfg: TrainConfig, env, resuming: bool = False) -> Job:
                                  cfg.mapper_width, cfg.mapper_layers)
     window = check_window(spec.prefix_len, cfg.max_caption_len, cfg.open(), "--max_caption_len")
     dtype = resolve_dtype(cfg.dtype, env.device, training=True)
-    llama, tokenizer = load_llama(cfg.open(), cfg.tokenizer_path, window, device=env.device, dtype=dtype)
+    llama, tokenizer = load_llama(cfg.open(), cfg.tokenizer_path, window, device=env.device, dtype=dtype,
+                                  quantize=cfg.quantize)
     projection = spec.new_projection()
     if cfg.init_from and not resuming:  # a resumed run's weights come from its own checkpoint
-        projection.load_state_dict(initial_weights(cfg, spec), strict=True)
+        projection.load_state_dict(initial_weights(cfg, spec, env.log), strict=True)
     projection = projection.to(env.device)
     transform = encoder.preprocess if encoder else None
-    train_set = load_dataset(cfg, "train", cache, transform, env)
+    if cfg.train_shards:
+        train_set = shard_dataset(cfg, env, cache, transform, micro, saved_shards)
+        steps_per_epoch = train_set.steps_per_epoch
+    else:
+        train_set = load_dataset(cfg, "train", cache, transform, env)
+        steps_per_epoch = StepBatches(len(train_set), micro, cfg.grad_accum, env.dp_size, env.dp_rank, cfg.seed).steps
     val_set = load_dataset(cfg, "val", val_cache, transform, env) if cfg.val_images else None
-    steps_per_epoch = StepBatches(len(train_set), micro, cfg.grad_accum, env.dp_size, env.dp_rank, cfg.seed).steps
     if steps_per_epoch == 0:
         raise UserError(f"the training split has {len(train_set)} samples, fewer than one --batch_size {cfg.batch_size}")
     total = steps_per_epoch * cfg.epochs
@@ -267,7 +346,7 @@ def build(cfg: TrainConfig, env, resuming: bool = False) -> Job:
     return job
 
 
-def initial_weights(cfg: TrainConfig, spec: CaptionerConfig) -> dict:
+def initial_weights(cfg: TrainConfig, spec: CaptionerConfig, log=print) -> dict:
     """The projection of --init_from, refused when it is not the same captioner (encoder,
     feature shape, projection kind and sizes, LLaMA)."""
     ckpt = runs.find_checkpoint(cfg.init_from, "--init_from")
@@ -278,6 +357,9 @@ def initial_weights(cfg: TrainConfig, spec: CaptionerConfig) -> dict:
         raise UserError(f"--init_from {ckpt} was trained with the LLaMA in {old_llama}, not the one in --ckpt_dir "
                         f"{cfg.ckpt_dir} (widths {saved.llama_dim} and {spec.llama_dim}): train on the same LLaMA")
     runs.check_same_llama(f"--init_from {ckpt}", old_llama, cfg.open())
+    if flags.get("quantize", "none") != cfg.quantize:  # allowed: the projection saw only activations
+        log(f"--init_from {ckpt} was trained with the LLaMA at {describe(flags.get('quantize', 'none'))}; this run "
+            f"uses {describe(cfg.quantize)}")
     mine, theirs = spec.to_dict(), saved.to_dict()
     mine["encoder"].pop("clip_model"), theirs["encoder"].pop("clip_model")  # the same file may have moved
     if same_encoder(theirs["encoder"]["identity"], mine["encoder"]["identity"]):  # an identity of the older form
@@ -306,7 +388,8 @@ def restore(job: Job, resume: ResumePoint, env) -> int:
 
 def optimizer_step(job: Job, micro_batches: List[dict], env, max_grad_norm: float):
     """One optimizer step over this rank's micro-batches. Returns (loss per target token, samples
-    in the global step); the loss is None when it was NaN/inf and the step was skipped."""
+    in the global step); the loss is None when it was NaN/inf and the step was skipped, or when no
+    rank had a sample (samples 0)."""
     captioner = job.captioner
     # Tokenize once: the step's target count is needed before any loss is computed.
     ids = [captioner.caption_ids(b["caption"]) if b["image_id"] else [] for b in micro_batches]
@@ -315,6 +398,8 @@ def optimizer_step(job: Job, micro_batches: List[dict], env, max_grad_norm: floa
                           device=env.device)  # NCCL reduces device tensors only
     dist.all_reduce(counts, group=env.dp_group)
     n_targets, n_samples = float(counts[0]), int(counts[1])
+    if n_samples == 0:  # every rank's shards ran out before their counted end (a shard cut short): no update
+        return None, 0
     loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
     for b, batch_ids in zip(micro_batches, ids):
         if not b["image_id"]:
@@ -395,36 +480,75 @@ class Progress:
 
 
 def save(cfg: TrainConfig, env, job: Job, step: int, epochs_done: int) -> None:
+    trainer = {"epoch": epochs_done, "scheduler": job.scheduler.state_dict(), "truncated": job.captioner.truncated}
+    if isinstance(job.train_set, shards.ShardTraining):  # where the epoch stands, over all ranks
+        trainer["shards"] = job.train_set.state(epochs_done, gather_all)
     if env.is_main:
         runs.save_checkpoint(cfg.out_dir, step, job.captioner.projection.state_dict(), job.spec, cfg.to_dict(),
-                             job.optimizer.state_dict(),
-                             {"epoch": epochs_done, "scheduler": job.scheduler.state_dict(),
-                              "truncated": job.captioner.truncated}, cfg.keep_last)
+                             job.optimizer.state_dict(), trainer, cfg.keep_last)
     dist.barrier()
+
+
+def epoch_batches(cfg: TrainConfig, env, job: Job, epoch: int, start_step: int):
+    """This rank's micro-batches of `epoch` from `start_step` on: cut from the epoch's permutation
+    (COCO), or read on from the position of the shards."""
+    if isinstance(job.train_set, shards.ShardTraining):
+        return job.train_set.batches(epoch, start_step)
+    job.train_set.set_epoch(epoch)
+    sampler = StepBatches(len(job.train_set), job.micro_batch, cfg.grad_accum, env.dp_size, env.dp_rank, cfg.seed,
+                          epoch, start_step=start_step)
+    return iter(torch.utils.data.DataLoader(job.train_set, batch_sampler=sampler, num_workers=cfg.num_workers,
+                                            collate_fn=collate))
+
+
+def samples_log(cfg: TrainConfig, env) -> Optional[str]:
+    """--log_samples: this data-parallel rank's file (one writer per model-parallel group)."""
+    if not cfg.log_samples or env.mp_rank != 0:
+        return None
+    return os.path.join(cfg.out_dir, "samples", f"dp-{env.dp_rank:03d}.tsv")
+
+
+def start_samples_log(cfg: TrainConfig, env, resume_step: Optional[int]) -> None:
+    """Drop the lines of steps after the checkpoint a run resumes from (all, for a new run): those
+    steps are redone."""
+    path = samples_log(cfg, env)
+    if path is None:
+        return
+    kept = []
+    if resume_step is not None and os.path.isfile(path):
+        with open(path) as f:
+            kept = [l for l in f if l.strip() and int(l.split("\t", 1)[0]) <= resume_step]
+    write_text(path, "".join(kept))
+
+
+def log_samples(cfg: TrainConfig, env, step: int, epoch: int, micro_batches: List[dict]) -> None:
+    path = samples_log(cfg, env)
+    if path:
+        with open(path, "a") as f:
+            f.writelines(f"{step}\t{epoch}\t{i}\n" for b in micro_batches for i in b["image_id"])
 
 
 def train_epoch(cfg: TrainConfig, env, job: Job, epoch: int, progress: Progress, metrics: runs.MetricsLog) -> bool:
     """The remaining steps of one epoch; returns True when --stop_after_steps ended the run."""
-    job.train_set.set_epoch(epoch)
-    sampler = StepBatches(len(job.train_set), job.micro_batch, cfg.grad_accum, env.dp_size, env.dp_rank, cfg.seed,
-                          epoch, start_step=progress.step - epoch * job.steps_per_epoch)
-    loader = torch.utils.data.DataLoader(job.train_set, batch_sampler=sampler, num_workers=cfg.num_workers,
-                                         collate_fn=collate)
-    it = iter(loader)
+    start_step = progress.step - epoch * job.steps_per_epoch
+    it = epoch_batches(cfg, env, job, epoch, start_step)
     job.captioner.projection.train()
     t_last, samples_since = time.time(), 0
-    with tqdm(total=job.steps_per_epoch, initial=sampler.start_step, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+    with tqdm(total=job.steps_per_epoch, initial=start_step, desc=f"epoch {epoch + 1}/{cfg.epochs}",
               disable=not env.is_main, dynamic_ncols=True, file=sys.stderr) as bar:
-        for _ in range(sampler.start_step, job.steps_per_epoch):
+        for _ in range(start_step, job.steps_per_epoch):
             micro_batches = [next(it) for _ in range(cfg.grad_accum)]
             for b in micro_batches:
                 progress.bad_images += b["bad"]
+            log_samples(cfg, env, progress.step + 1, epoch + 1, micro_batches)
             extra = {}
             if cfg.objective == "scst":
                 loss, n_samples, extra = scst_step(job, micro_batches, env, cfg, progress.step)
             else:
                 loss, n_samples = optimizer_step(job, micro_batches, env, cfg.grad_clip)
-            if loss is None:
+            if loss is None and n_samples == 0:  # no sample left on any rank: the step passes, the schedule too
+                job.scheduler.step()
+            elif loss is None:
                 progress.consecutive_bad += 1
                 env.log(f"warning: non-finite loss at step {progress.step + 1}; step skipped")
                 if progress.consecutive_bad >= cfg.max_bad_steps:
@@ -432,13 +556,14 @@ def train_epoch(cfg: TrainConfig, env, job: Job, epoch: int, progress: Progress,
                         f"the loss was NaN/inf for {progress.consecutive_bad} steps in a row: lower --lr, or use "
                         f"--dtype bf16/fp32; the last good checkpoint is under {cfg.out_dir}/checkpoints")
                 continue
-            progress.consecutive_bad = 0
+            else:
+                progress.consecutive_bad = 0
+                progress.last_loss = loss
+                samples_since += n_samples
             progress.step += 1
-            progress.last_loss = loss
-            samples_since += n_samples
             bar.update(1)
             step = progress.step
-            if step % cfg.log_every == 0 or step == job.total_steps:
+            if loss is not None and (step % cfg.log_every == 0 or step == job.total_steps):
                 now = time.time()
                 rate = samples_since / max(now - t_last, 1e-9)
                 lr = job.scheduler.get_last_lr()[0]
@@ -508,14 +633,17 @@ def finish(cfg: TrainConfig, env, job: Job, progress: Progress, metrics: runs.Me
     params = job.captioner.projection.parameters()
     digest = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in params))
     print(f"[rank {env.rank}] projection sha256 {digest.hexdigest()[:16]}", file=sys.stderr, flush=True)
-    bad_total = torch.tensor([len(progress.bad_images), job.captioner.truncated], dtype=torch.long, device=env.device)
+    shard_errors = getattr(job.train_set, "shard_errors", [])
+    bad_total = torch.tensor([len(progress.bad_images), job.captioner.truncated, len(shard_errors)], dtype=torch.long,
+                             device=env.device)
     dist.all_reduce(bad_total, group=env.dp_group)
     report_bad_images(progress.bad_images, env.log)
+    broken = f", {int(bad_total[2])} shard(s) cut short by read errors" if isinstance(job.train_set, shards.ShardTraining) else ""
     env.log(f"done: {progress.step} steps, last loss {progress.last_loss:.4f}; {int(bad_total[0])} unreadable "
-            f"image(s) skipped, {int(bad_total[1])} caption(s) truncated to --max_caption_len {cfg.max_caption_len}; "
-            f"weights in {cfg.out_dir}/checkpoints, curve in {metrics.png}")
+            f"image(s) skipped{broken}, {int(bad_total[1])} caption(s) truncated to --max_caption_len "
+            f"{cfg.max_caption_len}; weights in {cfg.out_dir}/checkpoints, curve in {metrics.png}")
     return {"step": progress.step, "loss": progress.last_loss, "bad_images": int(bad_total[0]),
-            "truncated": int(bad_total[1])}
+            "truncated": int(bad_total[1]), "shard_errors": int(bad_total[2])}
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -524,9 +652,10 @@ def train(cfg: TrainConfig) -> dict:
         runs.check_fresh(cfg.out_dir, lambda m: print(m, file=sys.stderr))  # before any rank writes anything
     with distributed.session(cfg.mp_size(), cfg.device, cfg.seed) as env:
         resume = resume_point(cfg) if cfg.resume else None
-        job = build(cfg, env, resuming=resume is not None)
+        job = build(cfg, env, resuming=resume is not None, saved_shards=resume.trainer.get("shards") if resume else None)
         progress = Progress(restore(job, resume, env) if resume else 0)
         resume_step = progress.step if resume else None
+        start_samples_log(cfg, env, resume_step)
         metrics = runs.MetricsLog(cfg.out_dir, env.is_main, resume_step,
                                   open_dashboard(cfg.report_to, cfg.out_dir, cfg.to_dict(), resume_step, env.is_main))
         try:
@@ -578,6 +707,8 @@ def dashboard_captions(job: Job, cfg: TrainConfig) -> List[tuple]:
     """(image id, greedy caption, references) of the first --report_captions images of the
     validation split (else of the training split), for the dashboard."""
     data = job.val_set if job.val_set is not None else job.train_set
+    if not isinstance(data, CaptionDataset):  # shards have no references to show beside the captions
+        return []
     firsts = {}
     for index, (i, _) in enumerate(data.samples):
         firsts.setdefault(i, index)
