@@ -29,7 +29,9 @@ COMMANDS = {
     "bench": ("llama_caption.tools.bench", "main", "decoding and training throughput and memory"),
     "bench-serve": ("llama_caption.tools.bench_serve", "main", "the caption server's load test against offline captioning"),
     "loadtest": ("llama_caption.tools.loadtest", "main", "load a caption server on this machine; check its captions against offline ones"),
-    "bench-load": ("llama_caption.tools.bench_load", "main", "LLaMA checkpoint load time and memory per format and model-parallel size"),
+    "bench-load": ("llama_caption.tools.bench_load", "main", "LLaMA checkpoint load time and memory per format, model-parallel size and --quantize mode"),
+    "bench-shards": ("llama_caption.tools.loader_speed", "main", "images/s of the webdataset shard loader against the folder loader"),
+    "bench-quantize": ("llama_caption.tools.bench_quantize", "main", "decoding speed, weight memory and demo metrics per --quantize mode"),
     "demo": ("llama_caption.tools.demo.build", "main", "the offline demo: stand-in models, real scripts, a table of results"),
 }
 

@@ -10,10 +10,17 @@ Each load runs in fresh processes under torchrun (one per model-parallel rank): 
 then every weight is read once (Meta's shards are memory-mapped, so loading alone would touch
 nothing). Each rank reports its wall time, its peak RSS above what it held before loading (and,
 after loading, how much of it is anonymous memory and how much is file-backed: pages of the
-memory-mapped checkpoint, reclaimable page cache), and its share of the weights; the table
+memory-mapped checkpoint, reclaimable page cache), its share of the weights, and the most
+anonymous memory it held while loading (what loading allocated, mapped pages aside); the table
 prints the slowest rank and the largest figures. Meta's shards are also loaded at each other
 size (`meta (2 shards)` at MP 1: one rank merges them; `meta (1 shard)` at MP 2: each rank cuts
 its half), which is what `--model_parallel` does with a Meta folder.
+
+    python -m llama_caption bench-load --shape 7b --quantize '["none","int8","int4"]'
+
+loads the Llama-2-7B shape (random bf16 weights, a Hugging Face folder written one layer at a
+time, with a 32000-word tiktoken file) once per `--quantize` mode at model-parallel size 1: the
+resident memory of the frozen model in bf16, int8 and int4 (docs/quantization.md).
 """
 
 import base64
@@ -33,26 +40,39 @@ import torch
 from .. import distributed
 from .bench import PeakMemory
 from ..config import Config, command, setting
+from ..errors import UserError
 from ..fileio import check_output_file, write_json
 
 SHAPES = {
     # meta-llama/Llama-3.2-1B: 1.24B parameters, tied embeddings, llama3 rope scaling.
     "1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, intermediate_size=8192, vocab=128256),
     "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=160, vocab=256 + 256),
+    # meta-llama/Llama-2-7b: 6.74B parameters, untied; written as a Hugging Face folder only.
+    "7b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, intermediate_size=11008, vocab=32000, hf_only=True),
 }
 FORMATS = ("hugging face", "meta")
 
 
 @dataclass
 class LoadBenchConfig(Config):
-    shape: str = setting("1b", "the model shape: 1b (Llama-3.2-1B) or tiny.")
-    mp: List[int] = setting((1, 2), "the model-parallel sizes to load at.")
+    shape: str = setting("1b", "the model shape: 1b (Llama-3.2-1B), 7b (Llama-2-7B: a Hugging Face folder, MP 1 only) or tiny.")
+    mp: List[int] = setting((1, 2), "the model-parallel sizes to load at (7b: 1).")
+    quantize: List[str] = setting(("none",), "load once per --quantize mode in this list (none, int8, int4), e.g. '[\"none\",\"int8\",\"int4\"]'.")
     dir: Optional[str] = setting(None, "scratch folder for the random checkpoints (default: a temporary one, removed after).")
     out: Optional[str] = setting(None, "also write the figures as JSON to this file.")
     worker: Optional[str] = setting(None, "(internal) load this checkpoint as one torchrun rank and report.")
 
     def check(self) -> None:
+        from ..llama.quantize import MODES
+
         self.one_of("shape", tuple(SHAPES))
+        if isinstance(self.quantize, str):
+            self.quantize = [self.quantize]
+        for mode in self.quantize:
+            if mode not in MODES:
+                raise UserError(f"--quantize: {mode!r} is not one of {', '.join(MODES)}")
+        if SHAPES[self.shape].get("hf_only"):
+            self.mp = [1]
 
 
 def write_tiktoken_file(path: str, n_base: int) -> None:
@@ -64,15 +84,59 @@ def write_tiktoken_file(path: str, n_base: int) -> None:
             f.write(f"{base64.b64encode(token).decode()} {i}\n")
 
 
-def write_checkpoints(root: str, shape: str, mps: List[int], log) -> dict:
-    from ..llama.convert import meta_params
-    from ..llama.model import ModelArgs, param_shapes
-    from .testing import write_hf_checkpoint, write_meta_checkpoint
+def shape_args(shape: str):
+    from ..llama.model import ModelArgs
 
     s = SHAPES[shape]
-    args = ModelArgs(dim=s["dim"], n_layers=s["n_layers"], n_heads=s["n_heads"], n_kv_heads=s["n_kv_heads"],
+    if shape == "7b":
+        return ModelArgs(dim=s["dim"], n_layers=s["n_layers"], n_heads=s["n_heads"], vocab_size=s["vocab"],
+                         intermediate_size=s["intermediate_size"], max_seq_len=4096)
+    return ModelArgs(dim=s["dim"], n_layers=s["n_layers"], n_heads=s["n_heads"], n_kv_heads=s["n_kv_heads"],
                      vocab_size=s["vocab"], intermediate_size=s["intermediate_size"], rope_theta=500000.0,
                      use_scaled_rope=True, max_seq_len=131072)
+
+
+def write_hf_by_layer(root: str, shape: str, log) -> dict:
+    """A large shape as a Hugging Face folder, one safetensors file per layer, so that at most
+    one layer of random weights is in memory while writing."""
+    from safetensors.torch import save_file
+
+    from ..llama.huggingface import to_hf_layout
+    from ..llama.model import param_shapes
+    from .testing import hf_config
+
+    args = shape_args(shape)
+    shapes = param_shapes(args)
+    groups = [[k for k in shapes if not k.startswith("layers.")]]
+    groups += [[k for k in shapes if k.startswith(f"layers.{i}.")] for i in range(args.n_layers)]
+    folder = os.path.join(root, "hf")
+    os.makedirs(folder, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    weight_map, n_bytes = {}, 0
+    log(f"writing random bf16 weights of the {shape} shape, one file per layer, to {folder}")
+    for i, names in enumerate(groups):
+        sd = {k: (torch.ones(shapes[k]) if k.endswith("norm.weight") else torch.randn(shapes[k], generator=g) * 0.02)
+              .to(torch.bfloat16) for k in names}
+        tensors = {k: v.contiguous() for k, v in to_hf_layout(sd, args).items()}
+        file = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        save_file(tensors, os.path.join(folder, file), metadata={"format": "pt"})
+        weight_map.update({k: file for k in tensors})
+        n_bytes += sum(t.numel() * 2 for t in tensors.values())
+    write_json(os.path.join(folder, "model.safetensors.index.json"), {"metadata": {}, "weight_map": weight_map})
+    write_json(os.path.join(folder, "config.json"), hf_config(args, False, args.vocab_size - 256,
+                                                              args.vocab_size - 255, torch.bfloat16))
+    write_tiktoken_file(os.path.join(folder, "tokenizer.model"), args.vocab_size - 256)
+    return {"paths": {"hugging face": {1: folder}}, "weight_bytes": n_bytes}
+
+
+def write_checkpoints(root: str, shape: str, mps: List[int], log) -> dict:
+    from ..llama.convert import meta_params
+    from ..llama.model import param_shapes
+    from .testing import write_hf_checkpoint, write_meta_checkpoint
+
+    if SHAPES[shape].get("hf_only"):
+        return write_hf_by_layer(root, shape, log)
+    args = shape_args(shape)
     g = torch.Generator().manual_seed(0)
     sd = {k: (torch.ones(v) if k.endswith("norm.weight") else torch.randn(v, generator=g) * 0.02).to(torch.bfloat16)
           for k, v in param_shapes(args).items() if k != "output.weight"}
@@ -108,25 +172,54 @@ def rss_parts() -> dict:
     return parts
 
 
-def worker(ckpt_dir: str, out: str) -> None:
+class PeakAnon:
+    """The most anonymous resident memory seen while a `with` block runs (sampled every 5 ms):
+    what loading allocated, without the checkpoint's mapped pages."""
+
+    def __enter__(self):
+        import threading
+
+        self.peak, self._stop = rss_parts()["RssAnon"], threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, rss_parts()["RssAnon"])
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_parts()["RssAnon"])
+
+
+def worker(ckpt_dir: str, out: str, quantize: str = "none") -> None:
     """One torchrun rank: load, read every weight once, report (rank 0 writes all ranks' figures)."""
     import torch.distributed as dist
 
     from ..llama.checkpoint import load_llama
+    from ..llama.quantize import weight_bytes
 
     env = distributed.setup(device="cpu")
+    if quantize != "none":  # the library's own code and kernels in memory before the baseline
+        from ..llama.quantize import check_kernels
+
+        check_kernels(quantize, "cpu", torch.bfloat16)
     before, parts_before = PeakMemory.rss(), rss_parts()
     dist.barrier()
     t0 = time.perf_counter()
-    model, _ = load_llama(ckpt_dir, None, 64, dtype=torch.bfloat16)
+    with PeakAnon() as anon:
+        model, _ = load_llama(ckpt_dir, None, 64, dtype=torch.bfloat16, quantize=quantize)
     load_s = time.perf_counter() - t0
     for p in model.parameters():
-        p.max()  # reads every page of a memory-mapped weight, allocates nothing of its size
+        if type(p.data) is torch.Tensor:  # (quantized weights were read as they were made)
+            p.max()  # reads every page of a memory-mapped weight, allocates nothing of its size
     total_s = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    storages = {p.untyped_storage().data_ptr(): p.numel() * p.element_size() for p in model.parameters()}
     mine = {"load_s": load_s, "load_and_read_s": total_s, "peak_rss_above_start": max(peak, PeakMemory.rss()) - before,
-            "rss_after": PeakMemory.rss() - before, "share_bytes": sum(storages.values())}
+            "rss_after": PeakMemory.rss() - before, "share_bytes": weight_bytes(model),
+            "peak_anon_loading": anon.peak - parts_before["RssAnon"]}
     mine.update({f"{k}_after": v - parts_before[k] for k, v in rss_parts().items()})
     ranks = [None] * env.world_size
     dist.all_gather_object(ranks, mine)
@@ -135,10 +228,11 @@ def worker(ckpt_dir: str, out: str) -> None:
     distributed.teardown()
 
 
-def run_load(ckpt_dir: str, mp: int, scratch: str) -> List[dict]:
+def run_load(ckpt_dir: str, mp: int, scratch: str, quantize: str = "none") -> List[dict]:
     out = os.path.join(scratch, "ranks.json")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(mp), "--master_addr", "127.0.0.1",
-           "--master_port", str(distributed._free_port()), "-m", "llama_caption", "bench-load", "--worker", ckpt_dir, "--out", out]
+           "--master_port", str(distributed._free_port()), "-m", "llama_caption", "bench-load", "--worker", ckpt_dir, "--out", out,
+           "--quantize", quantize]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -149,7 +243,7 @@ def run_load(ckpt_dir: str, mp: int, scratch: str) -> List[dict]:
 
 def bench(cfg: LoadBenchConfig) -> Optional[dict]:
     if cfg.worker:
-        return worker(cfg.worker, cfg.out)
+        return worker(cfg.worker, cfg.out, cfg.quantize[0])
     if cfg.out:
         check_output_file(cfg.out, "--out")
     scratch = cfg.dir or tempfile.mkdtemp(prefix="llama_caption_load_")
@@ -157,29 +251,31 @@ def bench(cfg: LoadBenchConfig) -> Optional[dict]:
     try:
         made = write_checkpoints(scratch, cfg.shape, list(cfg.mp), print)
         gib = 2 ** 30
-        print(f"{'format':<15} {'MP':>2} {'load s':>7} {'+read s':>8} {'peak RSS GiB':>13} {'anon GiB':>9} "
-              f"{'file GiB':>9} {'share GiB':>10}")
+        print(f"{'format':<15} {'MP':>2} {'quantize':>8} {'load s':>7} {'+read s':>8} {'peak RSS GiB':>13} "
+              f"{'anon GiB':>9} {'file GiB':>9} {'share GiB':>10} {'peak anon GiB':>14}")
         rows = []
         # Each format at each size, then Meta's shards loaded at the other sizes (each rank cutting
-        # its slice from the stored shards).
-        runs = [(fmt, mp, mp) for fmt in FORMATS for mp in cfg.mp]
-        runs += [("meta", stored, mp) for stored in cfg.mp for mp in cfg.mp if stored != mp]
-        for fmt, stored, mp in runs:
-            ranks = run_load(made["paths"][fmt][stored], mp, scratch)
-            row = {"format": fmt, "mp": mp, "load_s": max(r["load_s"] for r in ranks),
+        # its slice from the stored shards); each once per --quantize mode.
+        formats = [f for f in FORMATS if f in made["paths"]]
+        runs = [(fmt, mp, mp) for fmt in formats for mp in cfg.mp]
+        runs += [("meta", stored, mp) for stored in cfg.mp for mp in cfg.mp if stored != mp and "meta" in formats]
+        for (fmt, stored, mp), mode in [(r, q) for r in runs for q in cfg.quantize]:
+            ranks = run_load(made["paths"][fmt][stored], mp, scratch, mode)
+            row = {"format": fmt, "mp": mp, "quantize": mode, "load_s": max(r["load_s"] for r in ranks),
                    "load_and_read_s": max(r["load_and_read_s"] for r in ranks),
                    "peak_rss_bytes": max(r["peak_rss_above_start"] for r in ranks),
                    "anon_bytes": max(r["RssAnon_after"] for r in ranks),
                    "file_bytes": max(r["RssFile_after"] for r in ranks),
-                   "share_bytes": max(r["share_bytes"] for r in ranks), "ranks": ranks}
+                   "share_bytes": max(r["share_bytes"] for r in ranks),
+                   "peak_anon_bytes": max(r["peak_anon_loading"] for r in ranks), "ranks": ranks}
             label = fmt
             if fmt == "meta":
                 row["stored_mp"] = stored
                 label = f"meta ({stored} shard{'s' if stored > 1 else ''})"
             rows.append(row)
-            print(f"{label:<15} {mp:>2} {row['load_s']:7.2f} {row['load_and_read_s']:8.2f} "
+            print(f"{label:<15} {mp:>2} {mode:>8} {row['load_s']:7.2f} {row['load_and_read_s']:8.2f} "
                   f"{row['peak_rss_bytes'] / gib:13.2f} {row['anon_bytes'] / gib:9.2f} {row['file_bytes'] / gib:9.2f} "
-                  f"{row['share_bytes'] / gib:10.2f}")
+                  f"{row['share_bytes'] / gib:10.2f} {row['peak_anon_bytes'] / gib:14.2f}")
         res = {"shape": cfg.shape, "weight_bytes": made["weight_bytes"], "loads": rows}
         if cfg.out:
             write_json(cfg.out, res, indent=1)
@@ -189,4 +285,4 @@ def bench(cfg: LoadBenchConfig) -> Optional[dict]:
             shutil.rmtree(scratch, ignore_errors=True)
 
 
-main = command(LoadBenchConfig, bench, "Time the loading of a random Llama-3.2-1B-shaped checkpoint in each format and MP size.")
+main = command(LoadBenchConfig, bench, "Time the loading of a random Llama-3.2-1B-shaped (or 7B) checkpoint in each format, MP size and --quantize mode.")

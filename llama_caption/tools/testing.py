@@ -102,15 +102,19 @@ def write_hf_checkpoint(folder: str, args: ModelArgs, state_dict: Dict[str, torc
             save_file({n: tensors[n] for n in names}, os.path.join(folder, file), metadata={"format": "pt"})
             weight_map.update({n: file for n in names})
         write_json(os.path.join(folder, "model.safetensors.index.json"), {"metadata": {}, "weight_map": weight_map})
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": args.dim,
-              "num_hidden_layers": args.n_layers, "num_attention_heads": args.n_heads,
-              "num_key_value_heads": args.kv_heads, "intermediate_size": args.hidden_dim,
-              "vocab_size": args.vocab_size, "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta,
-              "rope_scaling": dict(args.scaling, rope_type="llama3") if args.scaling else None,
-              "max_position_embeddings": args.max_seq_len, "tie_word_embeddings": tied, "hidden_act": "silu",
-              "attention_bias": False, "mlp_bias": False, "bos_token_id": bos_id, "eos_token_id": eos_id,
-              "torch_dtype": str(dtype).replace("torch.", "")}
-    write_json(os.path.join(folder, "config.json"), config)
+    write_json(os.path.join(folder, "config.json"), hf_config(args, tied, bos_id, eos_id, dtype))
+
+
+def hf_config(args: ModelArgs, tied: bool, bos_id: int, eos_id: int, dtype) -> dict:
+    """config.json of a Hugging Face `LlamaForCausalLM` folder of this architecture."""
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": args.dim,
+            "num_hidden_layers": args.n_layers, "num_attention_heads": args.n_heads,
+            "num_key_value_heads": args.kv_heads, "intermediate_size": args.hidden_dim,
+            "vocab_size": args.vocab_size, "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta,
+            "rope_scaling": dict(args.scaling, rope_type="llama3") if args.scaling else None,
+            "max_position_embeddings": args.max_seq_len, "tie_word_embeddings": tied, "hidden_act": "silu",
+            "attention_bias": False, "mlp_bias": False, "bos_token_id": bos_id, "eos_token_id": eos_id,
+            "torch_dtype": str(dtype).replace("torch.", "")}
 
 
 def build_tiny_clip(path: str, embed_dim: int = 64, width: int = 64, layers: int = 2, patch: int = 8,

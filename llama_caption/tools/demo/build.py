@@ -562,7 +562,8 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
               # relative to this report's folder: a copied or moved demo_runs/ still serves
               "serve": {k: os.path.relpath(v, run) for k, v in dict(
                   ckpt_dir=paths["ckpt_dir"], tokenizer_path=paths["tokenizer"], checkpoint=final(),
-                  images=paths["val_images"], **({} if cfg.clip_model else {"clip_model": paths["clip"]})).items()},
+                  images=paths["val_images"], annotations=paths["val_ann"],
+                  **({} if cfg.clip_model else {"clip_model": paths["clip"]})).items()},
               "stage_seconds": {k: round(v, 1) for k, v in jobs.seconds.items()}}
     for name, out in stages.items():
         report["stages"][name] = {"metrics": out["metrics"]}

@@ -1,0 +1,165 @@
+"""What `--quantize` costs and saves: decoding speed and weight memory of a random LLaMA per
+mode, and the caption metrics of the newest `make demo` run's projection per mode.
+
+    python -m llama_caption bench-quantize                  # CPU: the bench's cpu shape, the demo's CIDEr
+    python -m llama_caption bench-quantize --config 7b      # a GPU: tokens/s and % of bandwidth
+
+Decoding: the same random model (`make bench`'s shape) is made once per mode; full precision is
+timed as captioning runs it on a CPU (fp32, oneDNN-packed weights), the quantized modes through
+their libraries' kernels; greedy captions of the same prefixes at batch 1 and 32, each caption
+`gen_len` tokens, and the share of captions equal to full precision's. On CUDA the model is fp16
+(bf16 with --dtype) and the table adds the weight bytes read per second at batch 1 against the
+card's bandwidth. The 7B shape's resident memory per mode is `bench-load --shape 7b` (it loads a
+written checkpoint, as a run does).
+
+Metrics: `caption` on the demo's validation images, once per mode, from the same trained
+projection (skipped with --demo '' or when there is no finished demo run).
+"""
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from typing import List
+
+import torch
+
+from .. import distributed
+from ..config import Config, command, setting
+from ..errors import UserError
+from ..fileio import check_output_file, write_json
+from ..llama.model import ModelArgs
+from ..llama.quantize import MODES, quantize_model, weight_bytes
+from ..runtime import DTYPE_NAMES, DTYPES
+from .bench import CONFIGS, card_peaks, decode_prefixes, machine, time_ours
+from .testing import random_model
+
+
+@dataclass
+class QuantBenchConfig(Config):
+    config: str = setting("cpu", "model shape: cpu (dim 512, 8 layers, 32000 words), 7b (for a GPU) or tiny.")
+    modes: List[str] = setting(MODES, "the --quantize modes to compare (none is the reference).")
+    batches: List[int] = setting((1, 32), "decoding batch sizes.")
+    device: str = setting("auto", "auto, cpu or cuda.")
+    dtype: str = setting("auto", "the model's dtype on CUDA: auto (fp16), fp16 or bf16; fp32 on a CPU.")
+    demo: str = setting("demo_runs", "the demo runs folder whose newest finished run is captioned per mode ('' to skip).")
+    out: str = setting("bench_quantize.json", "JSON file for the figures ('' for none).")
+
+    def check(self) -> None:
+        self.one_of("config", CONFIGS)
+        self.one_of("dtype", DTYPE_NAMES)
+        if isinstance(self.modes, str):
+            self.modes = [self.modes]
+        for mode in self.modes:
+            if mode not in MODES:
+                raise UserError(f"--modes: {mode!r} is not one of {', '.join(MODES)}")
+        if "none" not in self.modes:
+            self.modes = ["none"] + list(self.modes)
+        if isinstance(self.batches, int):
+            self.batches = [self.batches]
+        if not self.batches or min(self.batches) < 1:
+            raise UserError(f"--batches {self.batches}: give positive batch sizes")
+
+
+def decode_table(cfg: QuantBenchConfig, c: dict, dev, dtype, log) -> dict:
+    args = ModelArgs(dim=c["dim"], n_layers=c["n_layers"], n_heads=c["n_heads"], vocab_size=c["vocab"],
+                     max_seq_len=c["prefix"] + 1 + c["gen_len"] + 8)
+    n, L = c["images"], c["gen_len"]
+    peak = card_peaks(dev) if dev.type == "cuda" else None
+    rows, reference = {}, None
+    for mode in cfg.modes:
+        model = random_model(args, dev, dtype)
+        if mode == "none":
+            packed = model.pack_weights()
+        else:
+            quantize_model(model, mode)
+            packed = False
+        size = weight_bytes(model)
+        prefix = decode_prefixes(model, c, dev)
+        row = {"weight_bytes": size, "packed": packed, "batches": {}}
+        for b in cfg.batches:
+            with torch.no_grad():
+                toks, dt, extra = time_ours(model, prefix, b, L, dev)
+            r = {"captions_s": n / dt, "tokens_s": n * L / dt}
+            if reference is None:
+                reference = toks
+            r["same_captions"] = sum(x == y for x, y in zip(toks, reference)) / n
+            if peak and b == 1:
+                r["weight_gb_s"] = r["tokens_s"] * size / 1e9
+                r["bandwidth_share"] = r["weight_gb_s"] / peak[1]
+            row["batches"][b] = r
+            label = "none (packed fp32)" if packed else mode
+            log(f"  {label:>18} batch {b:3d}: {r['captions_s']:8.2f} captions/s {r['tokens_s']:9.1f} tokens/s  "
+                f"weights {size / 2**20:8.1f} MiB  captions equal to none's: {r['same_captions']:.0%}"
+                + (f"  {r['weight_gb_s']:.0f} GB/s ({r['bandwidth_share']:.0%} of {peak[1]:.0f})" if "weight_gb_s" in r else ""))
+        rows[mode] = row
+        del model
+    base = rows["none"]["batches"]
+    for mode in cfg.modes[1:]:
+        rows[mode]["speed_vs_none"] = {b: rows[mode]["batches"][b]["captions_s"] / base[b]["captions_s"] for b in cfg.batches}
+        rows[mode]["memory_vs_none"] = rows[mode]["weight_bytes"] / rows["none"]["weight_bytes"]
+        log(f"  {mode}: " + ", ".join(f"batch {b} {v:.2f}x none's captions/s" for b, v in rows[mode]["speed_vs_none"].items())
+            + f"; weights {rows[mode]['memory_vs_none']:.2f}x")
+    return rows
+
+
+def demo_metrics(cfg: QuantBenchConfig, log) -> dict:
+    """`caption` on the newest demo run's validation images once per mode: its metrics."""
+    from .demo.build import newest_demo_run
+
+    demo = newest_demo_run(cfg.demo)
+    annotations = demo.get("annotations") or os.path.join(os.path.dirname(demo["images"]), "annotations",
+                                                          "captions_val2014.json")
+    if not os.path.isfile(annotations):
+        raise UserError(f"the demo run {demo['checkpoint']} has no validation annotations at {annotations}: rerun `make demo`")
+    out, scratch = {}, tempfile.mkdtemp(prefix="llama_caption_quant_")
+    try:
+        for mode in cfg.modes:
+            out[mode] = caption_demo(demo, annotations, mode, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    base = out["none"]["captions"]
+    for mode, r in out.items():
+        r["same_captions"] = sum(r["captions"].get(k) == v for k, v in base.items()) / max(1, len(base))
+        r.pop("captions")
+        log(f"  {mode:>5}: CIDEr {r['metrics'].get('CIDEr', float('nan')) * 100:6.1f}  BLEU-4 "
+            f"{r['metrics'].get('Bleu_4', float('nan')) * 100:5.1f}  captions equal to none's: {r['same_captions']:.0%}")
+    return out
+
+
+def caption_demo(demo: dict, annotations: str, mode: str, scratch: str) -> dict:
+    """`caption` on the demo's validation images at `mode`: {metrics, captions by image id}."""
+    from ..inference import InferenceConfig, run
+
+    extra = {"clip_model": demo["clip_model"]} if demo.get("clip_model") else {}
+    icfg = InferenceConfig(ckpt_dir=demo["ckpt_dir"], tokenizer_path=demo["tokenizer_path"],
+                           checkpoint=demo["checkpoint"], images=demo["images"], annotations=annotations,
+                           out=os.path.join(scratch, f"{mode}.json"), device="cpu", num_workers=0, quantize=mode,
+                           clipscore=False, **extra)
+    icfg.check()
+    done = run(icfg)
+    return {"metrics": done.get("metrics", {}), "captions": {r["image_id"]: r["caption"] for r in done["results"]}}
+
+
+def bench(cfg: QuantBenchConfig) -> dict:
+    if cfg.out:
+        check_output_file(cfg.out, "--out")
+    c = CONFIGS[cfg.config]
+    res = {}
+    with distributed.session(mp_size=1, device=cfg.device) as env:
+        dev = env.device
+        dtype = DTYPES["fp16" if cfg.dtype == "auto" else cfg.dtype] if dev.type == "cuda" else torch.float32
+        print(f"{machine(dev)}; torch {torch.__version__}; config {cfg.config} (dim {c['dim']}, {c['n_layers']} layers, "
+              f"{c['vocab']} words), {str(dtype).replace('torch.', '')}; {c['images']} captions of {c['gen_len']} tokens")
+        res = {"machine": machine(dev), "config": cfg.config, "dtype": str(dtype),
+               "decode": decode_table(cfg, c, dev, dtype, print)}
+    if cfg.demo:
+        print(f"the newest demo run under {cfg.demo}/, captioned once per mode:")
+        res["demo"] = demo_metrics(cfg, print)
+    if cfg.out:
+        write_json(cfg.out, res, indent=1)
+        print(f"wrote {cfg.out}")
+    return res
+
+
+main = command(QuantBenchConfig, bench, "Decoding speed, weight memory and caption metrics per --quantize mode.")
