@@ -13,6 +13,12 @@ from contextlib import contextmanager
 from .errors import UserError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_path(path: str):
     """Yield a temporary path next to `path`; on success it replaces `path`."""
@@ -24,6 +30,7 @@ def atomic_path(path: str):
         yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # as open() would make it (mkstemp makes 0600)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

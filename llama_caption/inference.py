@@ -255,23 +255,43 @@ def write_shard_results(path: str, rows: List[Dict], fmt: str) -> None:
         pq.write_table(table, tmp)
 
 
+RESULT_FORMATS = (".jsonl", ".parquet")
+
+
+def held_results(out: str) -> List[str]:
+    """The shard results files in --out, of either format (whatever shards they came from)."""
+    if not os.path.isdir(out):
+        return []
+    return sorted(f for f in os.listdir(out) if f.endswith(RESULT_FORMATS) and not f.startswith("."))
+
+
 def claim_shard_results(cfg: InferenceConfig, paths: List[str], made_by: dict) -> set:
-    """The shards already captioned in --out by the same settings; other settings are refused
-    (or, with --overwrite, every shard is done again)."""
+    """The shards already captioned in --out by the same settings. Results of other settings
+    (another format included) are refused; with --overwrite every shard is done again and the
+    folder's results files are removed first (`clear_shard_results`), so that one folder never
+    holds two settings' captions."""
     run_file = os.path.join(cfg.out, "run.json")
-    done = {i for i, p in enumerate(paths) if os.path.isfile(p)}
+    held = held_results(cfg.out)
     if cfg.overwrite:
         return set()
     if os.path.isfile(run_file):
         with open(run_file, encoding="utf-8") as f:
             diff = first_difference(json.load(f), made_by)
-        if diff and done:
+        if diff and held:
             raise UserError(f"--out {cfg.out} holds captions made with other settings ({diff}): pick another --out to "
-                            f"keep both, or add --overwrite to replace them shard by shard")
-    elif done:
+                            f"keep both, or add --overwrite to replace them (every results file in it is removed)")
+    elif held:
         raise UserError(f"--out {cfg.out} holds results files but no run.json says what made them: pick another --out, "
                         f"or add --overwrite")
-    return done
+    return {i for i, p in enumerate(paths) if os.path.isfile(p)}
+
+
+def clear_shard_results(out: str) -> int:
+    """--overwrite: remove the folder's results files (rank 0, before anything new is written)."""
+    held = held_results(out)
+    for name in held:
+        os.unlink(os.path.join(out, name))
+    return len(held)
 
 
 def caption_shards(cfg: InferenceConfig) -> Dict:
@@ -290,7 +310,12 @@ def caption_shards(cfg: InferenceConfig) -> Dict:
         done = claim_shard_results(cfg, paths, made_by)
         dist.barrier()  # every rank has seen what is done before rank 0 writes anything
         if env.is_main:
+            if cfg.overwrite:
+                removed = clear_shard_results(cfg.out)
+                if removed:
+                    env.log(f"--overwrite: removed the {removed} results file(s) in {cfg.out}")
             write_json(os.path.join(cfg.out, "run.json"), made_by, indent=1)
+        dist.barrier()  # nothing is written before the old results are gone
         todo = [i for i in range(len(urls)) if i not in done]
         env.log(f"{len(urls)} shard(s): {len(done)} already captioned in {cfg.out}, {len(todo)} to go; "
                 f"MP {env.mp_size} x DP {env.dp_size}")
@@ -299,7 +324,8 @@ def caption_shards(cfg: InferenceConfig) -> Dict:
         dist.all_reduce(totals)
         shards_done, images, bad, errors = (int(t) // env.mp_size for t in totals)
         env.log(f"captioned {images} image(s) in {shards_done} shard(s) into {cfg.out}; {bad} unreadable sample(s) "
-                f"skipped, {errors} shard read error(s)")
+                f"skipped" + (f"; {errors} shard(s) could not be read to their end and have no results file "
+                              f"(rerun to retry them)" if errors else ""))
         return {"shards": shards_done, "images": images, "bad": bad, "shard_errors": errors}
 
 
@@ -319,15 +345,16 @@ def caption_my_shards(cfg: InferenceConfig, env, captioner, encoder, urls, paths
     with tqdm(desc="captioning shards", unit="img", disable=not env.is_main, dynamic_ncols=True, file=sys.stderr) as bar:
         for s, good, bad, errors in shards.per_shard(shards.chunk_loader(stream, cfg.num_workers), cfg.batch_size,
                                                      process):
-            if writer:
+            # A shard that could not be read to its end gets no results file: a rerun retries it.
+            if writer and not errors:
                 write_shard_results(paths[s], [{"key": x["key"], "caption": c} for x, c in good], cfg.out_format)
-            counts = [counts[0] + 1, counts[1] + len(good), counts[2] + len(bad), counts[3] + len(errors)]
+            counts = [counts[0] + 1, counts[1] + len(good), counts[2] + len(bad), counts[3] + bool(errors)]
             bar.update(len(good) + len(bad))
             bar.set_postfix(shards=f"{counts[0]}/{len(mine)}")
             if writer:
                 rate = counts[1] / max(time.time() - start, 1e-9)
                 print(f"[dp {env.dp_rank}] {os.path.basename(paths[s])}: {len(good)} caption(s), {len(bad)} skipped"
-                      + (f", read error: {errors[0]}" if errors else "")
+                      + (f", read error: {errors[0]} (no results file: a rerun retries this shard)" if errors else "")
                       + f"; {counts[0]}/{len(mine)} shard(s), {counts[1]} image(s), {rate:.1f} images/s",
                       file=sys.stderr, flush=True)
     return counts

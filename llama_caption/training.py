@@ -19,6 +19,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -533,7 +534,7 @@ def train_epoch(cfg: TrainConfig, env, job: Job, epoch: int, progress: Progress,
     start_step = progress.step - epoch * job.steps_per_epoch
     it = epoch_batches(cfg, env, job, epoch, start_step)
     job.captioner.projection.train()
-    t_last, samples_since = time.time(), 0
+    t_last, samples_since, used = time.time(), 0, 0
     with tqdm(total=job.steps_per_epoch, initial=start_step, desc=f"epoch {epoch + 1}/{cfg.epochs}",
               disable=not env.is_main, dynamic_ncols=True, file=sys.stderr) as bar:
         for _ in range(start_step, job.steps_per_epoch):
@@ -546,8 +547,11 @@ def train_epoch(cfg: TrainConfig, env, job: Job, epoch: int, progress: Progress,
                 loss, n_samples, extra = scst_step(job, micro_batches, env, cfg, progress.step)
             else:
                 loss, n_samples = optimizer_step(job, micro_batches, env, cfg.grad_clip)
+            used += n_samples
             if loss is None and n_samples == 0:  # no sample left on any rank: the step passes, the schedule too
-                job.scheduler.step()
+                with warnings.catch_warnings():  # (torch warns of a schedule step with no optimizer step)
+                    warnings.simplefilter("ignore", UserWarning)
+                    job.scheduler.step()
             elif loss is None:
                 progress.consecutive_bad += 1
                 env.log(f"warning: non-finite loss at step {progress.step + 1}; step skipped")
@@ -577,6 +581,11 @@ def train_epoch(cfg: TrainConfig, env, job: Job, epoch: int, progress: Progress,
                 if step % job.steps_per_epoch:  # at an epoch's end, `train` validates and saves first
                     save(cfg, env, job, step, epoch)
                 return True
+    if used == 0 and start_step < job.steps_per_epoch:
+        what = (f"the json field --caption_field {cfg.caption_field!r}" if getattr(cfg, "caption_field", None)
+                else "a caption")
+        raise UserError(f"epoch {epoch + 1} used no sample: every one was skipped ({progress.bad_images} unreadable; "
+                        f"each needs an image and {what}): check the data and the flags")
     return False
 
 

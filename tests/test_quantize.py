@@ -122,6 +122,7 @@ def test_a_mode_without_a_kernel_is_one_line_and_bad_modes_are_refused(cap, trai
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_captions_record_the_quantization_and_a_rerun_in_another_mode_is_refused(cap, trained, tmp_path):
     def caption(mode, *extra):
         return run_cli(captioning_inference.main, "--ckpt_dir", cap["ckpt_dir"], "--tokenizer_path", cap["tokenizer"],
@@ -138,6 +139,7 @@ def test_captions_record_the_quantization_and_a_rerun_in_another_mode_is_refused
     assert (tmp_path / "r.json").read_text() == before
 
 
+@pytest.mark.slow
 def test_training_with_an_int4_llama_lowers_the_loss_and_records_it(cap, tmp_path):
     out = tmp_path / "run"
     proc = run_cli(captioning_training.main, "--ckpt_dir", cap["ckpt_dir"], "--tokenizer_path", cap["tokenizer"],
@@ -190,6 +192,7 @@ def test_example_completes_with_int8_weights_as_with_full_ones(cap, process_grou
     assert outs["int8"] == outs["none"] and outs["none"].count("=" * 34) == 2
 
 
+@pytest.mark.slow
 def test_the_servers_model_identity_records_the_quantization(cap, trained, process_group):
     from llama_caption.serve.server import ServeConfig, Service
 

@@ -236,6 +236,7 @@ def test_init_from_an_mlp_run_ignores_the_mapper_flags(cap, trained, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_scst_with_an_int4_llama_samples_and_rewards(cap, trained, tmp_path):
     """--quantize reaches SCST's sampling and its policy gradient; --init_from a full-precision
     run is allowed and said."""

@@ -270,6 +270,9 @@ def test_flags_that_do_not_fit_shards_are_refused(cap, tmp_path):
     proc = run_cli(inference.main, "--ckpt_dir", cap["ckpt_dir"], "--tokenizer_path", cap["tokenizer"], "--checkpoint",
                    tmp_path, "--shards", pat, "--out", tmp_path / "x.json")
     assert proc.returncode == 2 and "--out names the folder" in proc.stderr
+    # A caption field no sample has: the epoch uses nothing, which is an error, not a finished run.
+    proc = run_cli(captioning_training.main, *shard_train_args(cap, tmp_path / "nope", pat, "--caption_field", "nope"))
+    assert proc.returncode == 2 and "epoch 1 used no sample" in proc.stderr and "--caption_field 'nope'" in proc.stderr
 
 
 def test_feature_shards_hold_the_encoders_features_and_train(cap, tmp_path):
@@ -361,6 +364,44 @@ def test_captioning_shards_gives_the_folders_captions_and_a_rerun_redoes_only_mi
     assert pq_run.returncode == 0, pq_run.stderr[-3000:]
     table = pa.concat_tables([pq.read_table(tmp_path / "pq" / f"{i:05d}.parquet") for i in range(n)])
     assert dict(zip(table.column("key").to_pylist(), table.column("caption").to_pylist())) == got
+    assert (os.stat(tmp_path / "pq" / "00000.parquet").st_mode & 0o777) == 0o666 & ~current_umask()
+    # Another format into the same folder is other settings too; --overwrite on some of the shards
+    # clears every results file, so no later run takes the old ones for done.
+    fmt = run_cli(inference.main, *caption_args(cap, trained, "--shards", pat, "--out", tmp_path / "out",
+                                                "--out_format", "parquet"))
+    assert fmt.returncode == 2 and "made with other settings" in fmt.stderr
+    assert not list((tmp_path / "out").glob("*.parquet"))
+    some = run_cli(inference.main, *caption_args(cap, trained, "--shards", str(tmp_path / "shards" / "00000.tar"),
+                                                 "--out", tmp_path / "out", "--max_gen_len", 5, "--overwrite", True))
+    assert some.returncode == 0, some.stderr[-3000:]
+    assert sorted(os.listdir(tmp_path / "out")) == ["00000.jsonl", "run.json"]
+    rest = run_cli(inference.main, *caption_args(cap, trained, "--shards", pat, "--out", tmp_path / "out",
+                                                 "--max_gen_len", 5))
+    assert rest.returncode == 0 and f"{n} shard(s): 1 already captioned in" in rest.stderr
+
+
+def current_umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@pytest.mark.slow
+def test_a_shard_that_cannot_be_read_to_its_end_gets_no_results_file(cap, trained, tmp_path):
+    """A truncated tar's readable samples are captioned but no results file is written (one
+    read error counted): a rerun, after the shard is mended, captions all of it."""
+    by_key = coco_shards(cap, tmp_path / "shards")
+    whole = (tmp_path / "shards" / "00000.tar").read_bytes()
+    (tmp_path / "shards" / "00000.tar").write_bytes(whole[:len(whole) * 2 // 3])
+    args = caption_args(cap, trained, "--shards", str(tmp_path / "shards" / "00000.tar"), "--out", tmp_path / "out")
+    cut = run_cli(inference.main, *args)
+    assert cut.returncode == 0, cut.stderr[-3000:]
+    assert "1 shard(s) could not be read to their end" in cut.stderr and not (tmp_path / "out" / "00000.jsonl").exists()
+    (tmp_path / "shards" / "00000.tar").write_bytes(whole)
+    again = run_cli(inference.main, *args)
+    assert again.returncode == 0 and "0 already captioned" in again.stderr
+    keys = [json.loads(l)["key"] for l in open(tmp_path / "out" / "00000.jsonl")]
+    assert keys and set(keys) <= set(by_key) and "could not be read" not in again.stderr
 
 
 # --- several processes ----------------------------------------------------------------------------

@@ -171,6 +171,19 @@ def check_kernels(mode: str, device, dtype: torch.dtype, flag: str = "--quantize
                         f"({LIBRARY[mode]}: {first}): use another --quantize mode or device") from None
 
 
+def check_modes(modes, flag: str = "--quantize") -> list:
+    """A benchmark's list of modes: each known, none twice, at least one."""
+    modes = [modes] if isinstance(modes, str) else list(modes or [])
+    for mode in modes:
+        if mode not in MODES:
+            raise UserError(f"{flag}: {mode!r} is not one of {', '.join(MODES)}")
+    if not modes:
+        raise UserError(f"{flag} is empty: give at least one of {', '.join(MODES)}")
+    if len(set(modes)) < len(modes):
+        raise UserError(f"{flag} {modes} names a mode twice: give each once")
+    return modes
+
+
 def describe(mode: Optional[str]) -> str:
     if not mode or mode == "none":
         return "full precision"

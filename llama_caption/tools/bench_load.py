@@ -40,7 +40,6 @@ import torch
 from .. import distributed
 from .bench import PeakMemory
 from ..config import Config, command, setting
-from ..errors import UserError
 from ..fileio import check_output_file, write_json
 
 SHAPES = {
@@ -63,14 +62,10 @@ class LoadBenchConfig(Config):
     worker: Optional[str] = setting(None, "(internal) load this checkpoint as one torchrun rank and report.")
 
     def check(self) -> None:
-        from ..llama.quantize import MODES
+        from ..llama.quantize import check_modes
 
         self.one_of("shape", tuple(SHAPES))
-        if isinstance(self.quantize, str):
-            self.quantize = [self.quantize]
-        for mode in self.quantize:
-            if mode not in MODES:
-                raise UserError(f"--quantize: {mode!r} is not one of {', '.join(MODES)}")
+        self.quantize = check_modes(self.quantize)
         if SHAPES[self.shape].get("hf_only"):
             self.mp = [1]
 

@@ -29,7 +29,7 @@ from ..config import Config, command, setting
 from ..errors import UserError
 from ..fileio import check_output_file, write_json
 from ..llama.model import ModelArgs
-from ..llama.quantize import MODES, quantize_model, weight_bytes
+from ..llama.quantize import MODES, check_modes, quantize_model, weight_bytes
 from ..runtime import DTYPE_NAMES, DTYPES
 from .bench import CONFIGS, card_peaks, decode_prefixes, machine, time_ours
 from .testing import random_model
@@ -38,8 +38,10 @@ from .testing import random_model
 @dataclass
 class QuantBenchConfig(Config):
     config: str = setting("cpu", "model shape: cpu (dim 512, 8 layers, 32000 words), 7b (for a GPU) or tiny.")
-    modes: List[str] = setting(MODES, "the --quantize modes to compare (none is the reference).")
+    quantize: List[str] = setting(MODES, "the --quantize modes to compare (none, the reference, is always run).")
     batches: List[int] = setting((1, 32), "decoding batch sizes.")
+    images: int = setting(0, "captions decoded per batch size (0: the config's, 32 for cpu); at batch 1 at most 8 are timed.")
+    gen_len: int = setting(0, "tokens per caption (0: the config's, 20).")
     device: str = setting("auto", "auto, cpu or cuda.")
     dtype: str = setting("auto", "the model's dtype on CUDA: auto (fp16), fp16 or bf16; fp32 on a CPU.")
     demo: str = setting("demo_runs", "the demo runs folder whose newest finished run is captioned per mode ('' to skip).")
@@ -48,26 +50,24 @@ class QuantBenchConfig(Config):
     def check(self) -> None:
         self.one_of("config", CONFIGS)
         self.one_of("dtype", DTYPE_NAMES)
-        if isinstance(self.modes, str):
-            self.modes = [self.modes]
-        for mode in self.modes:
-            if mode not in MODES:
-                raise UserError(f"--modes: {mode!r} is not one of {', '.join(MODES)}")
-        if "none" not in self.modes:
-            self.modes = ["none"] + list(self.modes)
+        self.quantize = check_modes(self.quantize)
+        if "none" not in self.quantize:
+            self.quantize = ["none"] + self.quantize
         if isinstance(self.batches, int):
             self.batches = [self.batches]
         if not self.batches or min(self.batches) < 1:
             raise UserError(f"--batches {self.batches}: give positive batch sizes")
+        self.at_least(0, "images", "gen_len")
 
 
 def decode_table(cfg: QuantBenchConfig, c: dict, dev, dtype, log) -> dict:
+    L = cfg.gen_len or c["gen_len"]
+    c = dict(c, images=cfg.images or c["images"], gen_len=L)
     args = ModelArgs(dim=c["dim"], n_layers=c["n_layers"], n_heads=c["n_heads"], vocab_size=c["vocab"],
-                     max_seq_len=c["prefix"] + 1 + c["gen_len"] + 8)
-    n, L = c["images"], c["gen_len"]
+                     max_seq_len=c["prefix"] + 1 + L + 8)
     peak = card_peaks(dev) if dev.type == "cuda" else None
     rows, reference = {}, None
-    for mode in cfg.modes:
+    for mode in cfg.quantize:
         model = random_model(args, dev, dtype)
         if mode == "none":
             packed = model.pack_weights()
@@ -78,10 +78,11 @@ def decode_table(cfg: QuantBenchConfig, c: dict, dev, dtype, log) -> dict:
         prefix = decode_prefixes(model, c, dev)
         row = {"weight_bytes": size, "packed": packed, "batches": {}}
         for b in cfg.batches:
+            n = len(prefix) if b > 1 else min(8, len(prefix))  # one at a time: fewer, or it takes minutes
             with torch.no_grad():
-                toks, dt, extra = time_ours(model, prefix, b, L, dev)
-            r = {"captions_s": n / dt, "tokens_s": n * L / dt}
-            if reference is None:
+                toks, dt, extra = time_ours(model, prefix[:n], b, L, dev)
+            r = {"captions_s": n / dt, "tokens_s": n * L / dt, "captions": n}
+            if reference is None or len(reference) < n:
                 reference = toks
             r["same_captions"] = sum(x == y for x, y in zip(toks, reference)) / n
             if peak and b == 1:
@@ -95,7 +96,7 @@ def decode_table(cfg: QuantBenchConfig, c: dict, dev, dtype, log) -> dict:
         rows[mode] = row
         del model
     base = rows["none"]["batches"]
-    for mode in cfg.modes[1:]:
+    for mode in cfg.quantize[1:]:
         rows[mode]["speed_vs_none"] = {b: rows[mode]["batches"][b]["captions_s"] / base[b]["captions_s"] for b in cfg.batches}
         rows[mode]["memory_vs_none"] = rows[mode]["weight_bytes"] / rows["none"]["weight_bytes"]
         log(f"  {mode}: " + ", ".join(f"batch {b} {v:.2f}x none's captions/s" for b, v in rows[mode]["speed_vs_none"].items())
@@ -114,7 +115,7 @@ def demo_metrics(cfg: QuantBenchConfig, log) -> dict:
         raise UserError(f"the demo run {demo['checkpoint']} has no validation annotations at {annotations}: rerun `make demo`")
     out, scratch = {}, tempfile.mkdtemp(prefix="llama_caption_quant_")
     try:
-        for mode in cfg.modes:
+        for mode in cfg.quantize:
             out[mode] = caption_demo(demo, annotations, mode, scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -150,7 +151,8 @@ def bench(cfg: QuantBenchConfig) -> dict:
         dev = env.device
         dtype = DTYPES["fp16" if cfg.dtype == "auto" else cfg.dtype] if dev.type == "cuda" else torch.float32
         print(f"{machine(dev)}; torch {torch.__version__}; config {cfg.config} (dim {c['dim']}, {c['n_layers']} layers, "
-              f"{c['vocab']} words), {str(dtype).replace('torch.', '')}; {c['images']} captions of {c['gen_len']} tokens")
+              f"{c['vocab']} words), {str(dtype).replace('torch.', '')}; {cfg.images or c['images']} captions of "
+              f"{cfg.gen_len or c['gen_len']} tokens (at batch 1: the first 8)")
         res = {"machine": machine(dev), "config": cfg.config, "dtype": str(dtype),
                "decode": decode_table(cfg, c, dev, dtype, print)}
     if cfg.demo:
