@@ -306,7 +306,7 @@ def caption_shards(cfg: InferenceConfig) -> Dict:
         llama = cfg.open()
         made_by = provenance(find_checkpoint(cfg.checkpoint), llama, llama.tokenizer_file(cfg.tokenizer_path),
                              encoder.spec.identity, cfg.decoding(dtype), {"out_format": cfg.out_format},
-                             getattr(cfg, "quantize", "none"))
+                             cfg.quantize)
         done = claim_shard_results(cfg, paths, made_by)
         dist.barrier()  # every rank has seen what is done before rank 0 writes anything
         if env.is_main:

@@ -582,9 +582,8 @@ def train_epoch(cfg: TrainConfig, env, job: Job, epoch: int, progress: Progress,
                     save(cfg, env, job, step, epoch)
                 return True
     if used == 0 and start_step < job.steps_per_epoch:
-        what = (f"the json field --caption_field {cfg.caption_field!r}" if getattr(cfg, "caption_field", None)
-                else "a caption")
-        raise UserError(f"epoch {epoch + 1} used no sample: every one was skipped ({progress.bad_images} unreadable; "
+        what = f"the json field --caption_field {cfg.caption_field!r}" if cfg.caption_field else "a caption"
+        raise UserError(f"epoch {epoch + 1} used no sample: every one was skipped ({len(progress.bad_images)} here; "
                         f"each needs an image and {what}): check the data and the flags")
     return False
 

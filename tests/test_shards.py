@@ -273,6 +273,7 @@ def test_flags_that_do_not_fit_shards_are_refused(cap, tmp_path):
     # A caption field no sample has: the epoch uses nothing, which is an error, not a finished run.
     proc = run_cli(captioning_training.main, *shard_train_args(cap, tmp_path / "nope", pat, "--caption_field", "nope"))
     assert proc.returncode == 2 and "epoch 1 used no sample" in proc.stderr and "--caption_field 'nope'" in proc.stderr
+    assert re.search(r"every one was skipped \(\d+ here;", proc.stderr)
 
 
 def test_feature_shards_hold_the_encoders_features_and_train(cap, tmp_path):

@@ -171,9 +171,8 @@ def load_llama(ckpt: Union[LlamaCheckpoint, str], tokenizer_path: Optional[str] 
     missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
     if unexpected or set(missing) != {m + ".weight" for m in quantized}:  # check_state_dict saw them all
         raise RuntimeError(f"weights left unloaded: {sorted(set(missing) - {m + '.weight' for m in quantized})[:3]}")
-    for module, layer in quantized.items():  # the meta layers give way to the quantized ones
-        parent, _, child = module.rpartition(".")
-        setattr(model.get_submodule(parent), child, layer)
+    by_layer = {layers[module]: q for module, q in quantized.items()}
+    model.swap_linears(by_layer.get)  # the meta layers give way to the quantized ones
     if share:  # one tensor, not two Parameters that happen to share storage
         model.output.weight = model.tok_embeddings.weight
     model.requires_grad_(False)

@@ -403,7 +403,7 @@ class Transformer(nn.Module):
     def dtype(self):
         return self.norm.weight.dtype
 
-    def _swap_linears(self, make) -> int:
+    def swap_linears(self, make) -> int:
         """Replace each linear layer `m` by `make(m)` (None: keep); returns how many changed."""
         swaps = []
         for parent in self.modules():
@@ -428,12 +428,12 @@ class Transformer(nn.Module):
                       for m in self.modules() if isinstance(m, LINEAR_TYPES)}
         except RuntimeError:  # a oneDNN build without this layout (e.g. some ARM builds): stay plain
             return False
-        self._swap_linears(lambda m: PackedLinear(m, packed[m]) if m in packed else None)
+        self.swap_linears(lambda m: PackedLinear(m, packed[m]) if m in packed else None)
         return True
 
     def unpack_weights(self) -> None:
         """Put the original linear layers back (drops the packed copies)."""
-        self._swap_linears(lambda m: m.original if isinstance(m, PackedLinear) else None)
+        self.swap_linears(lambda m: m.original if isinstance(m, PackedLinear) else None)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token ids (B, T) to input embeddings (B, T, dim)."""

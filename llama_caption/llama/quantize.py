@@ -31,8 +31,6 @@ from torch import nn
 from ..errors import UserError
 
 MODES = ("none", "int8", "int4")
-# What each mode stores per weight (the scales aside), for messages and the bench.
-BITS = {"none": None, "int8": 8, "int4": 4}
 LIBRARY = {"int8": "torchao", "int4": "bitsandbytes"}
 # The block linears of model.py's TransformerBlock, by parameter name ending.
 QUANTIZED_SUFFIXES = tuple(f"{part}.weight" for part in
@@ -197,9 +195,6 @@ def quantize_model(model: nn.Module, mode: str) -> int:
         return 0
     device, dtype = model.norm.weight.device, model.norm.weight.dtype
     check_kernels(mode, device, dtype)
-    names = [n for n, m in model.named_modules() if is_quantized(n + ".weight") and hasattr(m, "weight")]
-    for name in names:
-        parent, _, child = name.rpartition(".")
-        layer = model.get_submodule(name)
-        setattr(model.get_submodule(parent), child, QuantizedLinear(layer, layer.weight.detach(), mode, device, dtype))
-    return len(names)
+    targets = {m for n, m in model.named_modules() if is_quantized(n + ".weight")}
+    return model.swap_linears(lambda m: QuantizedLinear(m, m.weight.detach(), mode, device, dtype)
+                               if m in targets else None)
