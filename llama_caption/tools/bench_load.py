@@ -24,6 +24,7 @@ resident memory of the frozen model in bf16, int8 and int4 (docs/quantization.md
 """
 
 import base64
+import math
 import json
 import os
 import resource
@@ -40,6 +41,7 @@ import torch
 from .. import distributed
 from .bench import PeakMemory
 from ..config import Config, command, setting
+from ..errors import UserError
 from ..fileio import check_output_file, write_json
 
 SHAPES = {
@@ -66,7 +68,12 @@ class LoadBenchConfig(Config):
 
         self.one_of("shape", tuple(SHAPES))
         self.quantize = check_modes(self.quantize)
+        self.mp = [self.mp] if isinstance(self.mp, int) else list(self.mp)
+        if not self.mp or min(self.mp) < 1:
+            raise UserError(f"--mp {self.mp}: give model-parallel sizes of at least 1")
         if SHAPES[self.shape].get("hf_only"):
+            if self.mp not in ([1], [1, 2]):  # (1, 2) is the default, which means "what the shape allows"
+                raise UserError(f"--shape {self.shape} loads at model-parallel size 1 only: leave out --mp or pass '[1]'")
             self.mp = [1]
 
 
@@ -108,7 +115,8 @@ def write_hf_by_layer(root: str, shape: str, log) -> dict:
     os.makedirs(folder, exist_ok=True)
     g = torch.Generator().manual_seed(0)
     weight_map, n_bytes = {}, 0
-    log(f"writing random bf16 weights of the {shape} shape, one file per layer, to {folder}")
+    total = sum(math.prod(s) for s in shapes.values()) * 2
+    log(f"writing random bf16 weights of the {shape} shape ({total / 2**30:.2f} GiB), one file per layer, to {folder}")
     for i, names in enumerate(groups):
         sd = {k: (torch.ones(shapes[k]) if k.endswith("norm.weight") else torch.randn(shapes[k], generator=g) * 0.02)
               .to(torch.bfloat16) for k in names}

@@ -79,9 +79,10 @@ def decode_table(cfg: QuantBenchConfig, c: dict, dev, dtype, log) -> dict:
         row = {"weight_bytes": size, "packed": packed, "batches": {}}
         for b in cfg.batches:
             n = len(prefix) if b > 1 else min(8, len(prefix))  # one at a time: fewer, or it takes minutes
+            batch = min(b, n)  # a batch is at most the captions there are
             with torch.no_grad():
-                toks, dt, extra = time_ours(model, prefix[:n], b, L, dev)
-            r = {"captions_s": n / dt, "tokens_s": n * L / dt, "captions": n}
+                toks, dt, extra = time_ours(model, prefix[:n], batch, L, dev)
+            r = {"captions_s": n / dt, "tokens_s": n * L / dt, "captions": n, "batch": batch}
             if reference is None or len(reference) < n:
                 reference = toks
             r["same_captions"] = sum(x == y for x, y in zip(toks, reference)) / n
@@ -90,7 +91,7 @@ def decode_table(cfg: QuantBenchConfig, c: dict, dev, dtype, log) -> dict:
                 r["bandwidth_share"] = r["weight_gb_s"] / peak[1]
             row["batches"][b] = r
             label = "none (packed fp32)" if packed else mode
-            log(f"  {label:>18} batch {b:3d}: {r['captions_s']:8.2f} captions/s {r['tokens_s']:9.1f} tokens/s  "
+            log(f"  {label:>18} batch {batch:3d}: {r['captions_s']:8.2f} captions/s {r['tokens_s']:9.1f} tokens/s  "
                 f"weights {size / 2**20:8.1f} MiB  captions equal to none's: {r['same_captions']:.0%}"
                 + (f"  {r['weight_gb_s']:.0f} GB/s ({r['bandwidth_share']:.0%} of {peak[1]:.0f})" if "weight_gb_s" in r else ""))
         rows[mode] = row
@@ -99,13 +100,14 @@ def decode_table(cfg: QuantBenchConfig, c: dict, dev, dtype, log) -> dict:
     for mode in cfg.quantize[1:]:
         rows[mode]["speed_vs_none"] = {b: rows[mode]["batches"][b]["captions_s"] / base[b]["captions_s"] for b in cfg.batches}
         rows[mode]["memory_vs_none"] = rows[mode]["weight_bytes"] / rows["none"]["weight_bytes"]
-        log(f"  {mode}: " + ", ".join(f"batch {b} {v:.2f}x none's captions/s" for b, v in rows[mode]["speed_vs_none"].items())
+        log(f"  {mode}: " + ", ".join(f"batch {base[b]['batch']} {v:.2f}x none's captions/s"
+                                      for b, v in rows[mode]["speed_vs_none"].items())
             + f"; weights {rows[mode]['memory_vs_none']:.2f}x")
     return rows
 
 
-def demo_metrics(cfg: QuantBenchConfig, log) -> dict:
-    """`caption` on the newest demo run's validation images once per mode: its metrics."""
+def find_demo(cfg: QuantBenchConfig) -> dict:
+    """The newest finished demo run under --demo, with its validation annotations (before any timing)."""
     from .demo.build import newest_demo_run
 
     demo = newest_demo_run(cfg.demo)
@@ -113,6 +115,12 @@ def demo_metrics(cfg: QuantBenchConfig, log) -> dict:
                                                           "captions_val2014.json")
     if not os.path.isfile(annotations):
         raise UserError(f"the demo run {demo['checkpoint']} has no validation annotations at {annotations}: rerun `make demo`")
+    return dict(demo, annotations=annotations)
+
+
+def demo_metrics(cfg: QuantBenchConfig, demo: dict, log) -> dict:
+    """`caption` on the demo run's validation images once per mode: its metrics."""
+    annotations = demo["annotations"]
     out, scratch = {}, tempfile.mkdtemp(prefix="llama_caption_quant_")
     try:
         for mode in cfg.quantize:
@@ -146,18 +154,19 @@ def bench(cfg: QuantBenchConfig) -> dict:
     if cfg.out:
         check_output_file(cfg.out, "--out")
     c = CONFIGS[cfg.config]
+    demo = find_demo(cfg) if cfg.demo else None
     res = {}
     with distributed.session(mp_size=1, device=cfg.device) as env:
         dev = env.device
         dtype = DTYPES["fp16" if cfg.dtype == "auto" else cfg.dtype] if dev.type == "cuda" else torch.float32
         print(f"{machine(dev)}; torch {torch.__version__}; config {cfg.config} (dim {c['dim']}, {c['n_layers']} layers, "
               f"{c['vocab']} words), {str(dtype).replace('torch.', '')}; {cfg.images or c['images']} captions of "
-              f"{cfg.gen_len or c['gen_len']} tokens (at batch 1: the first 8)")
+              f"{cfg.gen_len or c['gen_len']} tokens (at batch 1: the first {min(8, cfg.images or c['images'])})")
         res = {"machine": machine(dev), "config": cfg.config, "dtype": str(dtype),
                "decode": decode_table(cfg, c, dev, dtype, print)}
     if cfg.demo:
         print(f"the newest demo run under {cfg.demo}/, captioned once per mode:")
-        res["demo"] = demo_metrics(cfg, print)
+        res["demo"] = {"run": demo["checkpoint"], "modes": demo_metrics(cfg, demo, print)}
     if cfg.out:
         write_json(cfg.out, res, indent=1)
         print(f"wrote {cfg.out}")
