@@ -301,7 +301,7 @@ def caption_shards(cfg: InferenceConfig) -> Dict:
     check_output_dir(cfg.out, "--out")
     paths = shard_results(cfg.out, urls, cfg.out_format)
     with distributed.session(cfg.mp_size(), cfg.device, cfg.seed) as env:
-        cfg.resolve_decoder(env.device, beams=cfg.num_beams > 1)
+        cfg.resolve_decoder(env.device, beams=cfg.num_beams > 1, mp_size=env.mp_size)
         captioner, encoder, _, dtype = cfg.load(env.device, cfg.max_gen_len, cfg.batch_size, env.log)
         llama = cfg.open()
         made_by = provenance(find_checkpoint(cfg.checkpoint), llama, llama.tokenizer_file(cfg.tokenizer_path),
@@ -368,7 +368,7 @@ def run(cfg: InferenceConfig) -> Optional[Dict]:
     with distributed.session(cfg.mp_size(), cfg.device, cfg.seed) as env:
         records = select_records(cfg, env.log)
         donor = control_donors(records) if cfg.control_shuffle else None
-        cfg.resolve_decoder(env.device, beams=cfg.num_beams > 1)
+        cfg.resolve_decoder(env.device, beams=cfg.num_beams > 1, mp_size=env.mp_size)
         captioner, encoder, _, dtype = cfg.load(env.device, cfg.max_gen_len, cfg.batch_size, env.log)
         llama = cfg.open()
         made_by = provenance(find_checkpoint(cfg.checkpoint), llama, llama.tokenizer_file(cfg.tokenizer_path),

@@ -74,6 +74,12 @@ def test_static_decoder_rows_report_the_eager_captions(tiny):
     res = static_decoder_bench(model, c, torch.device("cpu"), ["static"], prefix, reference, lambda m: None)
     assert set(res["static"]) == set(c["batches"])
     assert all(r["identical"] == c["images"] and r["captions_s"] > 0 for r in res["static"].values())
+    # Per batch size (bench passes the eager decoder's captions at each): each row is held to its own.
+    first, last = c["batches"][0], c["batches"][-1]
+    per_batch = {b: list(reference) for b in c["batches"]}
+    per_batch[last][0] = per_batch[last][0] + [7]
+    res = static_decoder_bench(model, c, torch.device("cpu"), ["static"], prefix, per_batch, lambda m: None)
+    assert res["static"][first]["identical"] == c["images"] and res["static"][last]["identical"] == c["images"] - 1
     # A mode that cannot run is reported in its row, and the others are kept.
     res = static_decoder_bench(model, c, torch.device("cpu"), ["cuda_graph", "static"], prefix, reference,
                                lambda m: None)

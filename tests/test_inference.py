@@ -305,3 +305,24 @@ def test_compiled_decoder_runs_with_the_default_packed_weights(cap, trained, tmp
     assert compiled.returncode == 0, compiled.stderr[-3000:]
     assert "--decoder compile: LLaMA's weights are not packed" in compiled.stderr
     assert json.load(open(tmp_path / "compiled.json")) == json.load(open(tmp_path / "eager.json"))
+
+
+def test_auto_decoder_is_cuda_graph_on_one_gpu_only():
+    """--decoder auto: static on a CPU; on CUDA the CUDA-graph decoder (the same captions in fp32
+    on an H200, 2.5x eager at 7B: docs/captioning.md), except for beam search, across
+    model-parallel ranks, with --quantize and in the server, where it stays eager."""
+    from llama_caption.runs import CaptionerSettings
+
+    def auto(device, **kw):
+        quantize = kw.pop("quantize", "none")
+        s = CaptionerSettings(ckpt_dir="x", tokenizer_path="x", checkpoint="x", decoder="auto", quantize=quantize)
+        s.resolve_decoder(torch.device(device), **kw)
+        return s.decoder
+
+    assert auto("cpu") == "static" and auto("cpu", beams=True) == "eager"
+    assert auto("cuda") == "cuda_graph"
+    assert auto("cuda", beams=True) == auto("cuda", mp_size=2) == auto("cuda", graphs=False) == "eager"
+    assert auto("cuda", quantize="int8") == auto("cuda", quantize="int4") == "eager"
+    s = CaptionerSettings(ckpt_dir="x", tokenizer_path="x", checkpoint="x", decoder="static")
+    s.resolve_decoder(torch.device("cuda"), mp_size=2)
+    assert s.decoder == "static"  # an explicit choice is kept

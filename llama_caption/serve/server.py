@@ -121,7 +121,7 @@ class Service:
         from .batching import BatchRunner, Decoding
 
         cfg = self.cfg
-        cfg.resolve_decoder(env.device)
+        cfg.resolve_decoder(env.device, mp_size=env.mp_size, graphs=False)
         captioner, encoder, _, dtype = cfg.load(env.device, cfg.max_gen_len, cfg.max_batch, env.log)
         self.runner = BatchRunner(captioner, encoder, env.device, env.mp_size)
         if not env.is_main:
