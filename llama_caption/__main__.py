@@ -23,7 +23,7 @@ COMMANDS = {
               "serve a trained captioner over HTTP: dynamic batching, a web page, Prometheus metrics"),
     "complete": ("llama_caption.llama.complete", "main", "LLaMA text completion, as Meta's example.py"),
     "features": ("llama_caption.features", "main", "extract a split's CLIP features once, into a cache that training reads"),
-    "evaluate": ("llama_caption.evaluation", "main", "score a COCO results file (BLEU, METEOR, ROUGE-L, CIDEr)"),
+    "evaluate": ("llama_caption.evaluation", "main", "score COCO results files (BLEU, METEOR, ROUGE-L, CIDEr; CLIP-S)"),
     "convert": ("llama_caption.llama.convert", "convert_main", "a Hugging Face LLaMA folder to Meta's layout, at any model-parallel size"),
     "reshard": ("llama_caption.llama.convert", "reshard_main", "a Meta LLaMA checkpoint rewritten at another model-parallel size"),
     "bench": ("llama_caption.tools.bench", "main", "decoding and training throughput and memory"),

@@ -5,6 +5,8 @@ and RefCLIP-S (clipscore.py); nocaps per domain.
         --results runs/b32-7b/results.json      # writes runs/b32-7b/results.metrics.json
     python -m llama_caption evaluate --karpathy_split dataset_flickr30k.json --split test \\
         --results flickr30k_test.json --images flickr30k-images/
+    python -m llama_caption evaluate runs/a/captions.json runs/b/captions.json --annotations ...
+                                                # several files, one METEOR process
 
 The references come from a COCO captions file (nocaps' too, each image with its domain: the
 metrics are then also given per domain, each domain scored as a corpus of its own) or from one
@@ -13,7 +15,9 @@ split of Karpathy's files.
 The scorers are called one by one, on the images of the results only: COCOEvalCap.evaluate()
 would fail offline, because SPICE downloads Stanford CoreNLP the first time. SPICE runs when
 its CoreNLP jar is already installed, and is reported as skipped otherwise. The PTB tokenizer
-and METEOR are Java programs.
+and METEOR are Java programs. METEOR's process is started once per Python process and kept: its
+start (loading the paraphrase tables) takes about 10 s of the 12 s that scoring 200 captions
+takes, and a second set of captions then scores in under a second.
 """
 
 import contextlib
@@ -102,14 +106,26 @@ def tokenize(references: Dict[int, List[str]], results: List[Dict]) -> tuple:
     return gts, {k: [v[0] if v[0].strip() else "."] for k, v in res.items()}
 
 
+_METEOR = []  # the one METEOR scorer of this process, once started
+
+
+def meteor():
+    """pycocoevalcap's METEOR scorer, started on first use and kept for the next results (a new
+    one if its Java process has ended)."""
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    if not _METEOR or _METEOR[0].meteor_p.poll() is not None:
+        _METEOR[:] = [Meteor()]
+    return _METEOR[0]
+
+
 def run_scorers(gts: dict, res: dict, use_spice: bool) -> tuple:
     """pycocoevalcap's scorers on tokenized captions: (metrics, CIDEr of each image)."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.meteor.meteor import Meteor
     from pycocoevalcap.rouge.rouge import Rouge
 
-    scorers = [(Bleu(4), ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4"]), (Meteor(), ["METEOR"]),
+    scorers = [(Bleu(4), ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4"]), (meteor(), ["METEOR"]),
                (Rouge(), ["ROUGE_L"]), (Cider(), ["CIDEr"])]
     if use_spice:
         from pycocoevalcap.spice.spice import Spice
@@ -233,24 +249,42 @@ def evaluate_records(records: Dict[int, ImageRecord], results: List[Dict], resul
 
 @dataclass
 class EvaluationConfig(ClipScoreSettings):
-    results: str = setting(help='COCO results JSON: [{"image_id": int, "caption": str}, ...].')
+    results: List[str] = setting(help='COCO results JSON: [{"image_id": int, "caption": str}, ...]; several files (RESULTS RESULTS ...) are scored one after another, sharing one METEOR process.')
     annotations: Optional[str] = setting(None, "COCO captions JSON with the references (captions_val2014.json; nocaps_val_4500_captions.json: also scored per domain).")
     karpathy_split: Optional[str] = setting(None, "instead of --annotations: Karpathy's dataset_coco.json, dataset_flickr8k.json or dataset_flickr30k.json, the references of its --split.")
     split: str = setting("test", "with --karpathy_split: the split the results caption (test, val or train).")
     images: Optional[str] = setting(None, "the folder of the captioned images, for CLIP-S (as --images of caption).")
-    out: Optional[str] = setting(None, "where to write the metrics as JSON (default: RESULTS.metrics.json beside the results).")
+    out: Optional[str] = setting(None, "where to write the metrics as JSON (default: RESULTS.metrics.json beside each results file); one results file only.")
     spice: Optional[bool] = setting(None, "force SPICE on or off (default: on when Stanford CoreNLP is installed).")
     device: str = setting("auto", "where CLIP-S runs: auto (CUDA when available), cpu or cuda.")
+
+    def __post_init__(self):
+        if isinstance(self.results, str):
+            self.results = [self.results]
+        super().__post_init__()
 
     def check(self) -> None:
         if bool(self.annotations) == bool(self.karpathy_split):
             raise UserError("give the references as --annotations FILE or as --karpathy_split FILE (with --split), one of the two")
+        if not self.results:
+            raise UserError("give a results file to score: evaluate RESULTS --annotations FILE")
+        if self.out and len(self.results) > 1:
+            raise UserError(f"--out names one metrics file, and {len(self.results)} results files were given: leave --out "
+                            f"out (each file's metrics go beside it) or score one file")
+        twice = next((r for r in self.results if self.results.count(r) > 1), None)
+        if twice is not None:
+            raise UserError(f"--results {twice} is given twice")
         self.check_clipscore()
 
 
 def evaluate(cfg: EvaluationConfig) -> Dict[str, float]:
-    out = cfg.out or metrics_path(cfg.results)
-    check_output_file(out, "--out")
+    """Every results file and metrics path is checked before anything is scored; the metrics of
+    the last file are returned."""
+    outs = [cfg.out or metrics_path(r) for r in cfg.results]
+    if len(set(outs)) < len(outs):
+        raise UserError(f"two results files would write their metrics to {next(o for o in outs if outs.count(o) > 1)}")
+    for out in outs:
+        check_output_file(out, "--out")
     images = cfg.images or ""
     if cfg.images and not os.path.isdir(cfg.images):
         raise UserError(f"--images {cfg.images} is not a folder")
@@ -260,15 +294,22 @@ def evaluate(cfg: EvaluationConfig) -> Dict[str, float]:
         records = load_coco(images, cfg.annotations, "--annotations")
     by_id = {r.image_id: r for r in records}
     references = cfg.annotations or cfg.karpathy_split
-    res = read_results(cfg.results, set(by_id), references)
+    results = [read_results(r, set(by_id), references) for r in cfg.results]
+    check_java()
+    meteor()  # its Java process loads its tables (about 10 s) while the captions are tokenized and scored
     clip = cfg if cfg.images else None
     if cfg.clipscore and not cfg.images:
         print("CLIP-S skipped: give --images, the folder of the captioned images, to compute it")
     device = pick_device(cfg.device, 0)
-    return evaluate_records(by_id, res, cfg.results, references, out, cfg.spice, clip, device).metrics
+    metrics = {}
+    for path, res, out in zip(cfg.results, results, outs):
+        if len(cfg.results) > 1:
+            print(f"{path}:")
+        metrics = evaluate_records(by_id, res, path, references, out, cfg.spice, clip, device).metrics
+    return metrics
 
 
-main = command(EvaluationConfig, evaluate, "Score a COCO results file against COCO captions, nocaps (per domain) or a Karpathy split; CLIP-S.")
+main = command(EvaluationConfig, evaluate, "Score COCO results files against COCO captions, nocaps (per domain) or a Karpathy split; CLIP-S.", varargs="results")
 
 if __name__ == "__main__":
     from .__main__ import alias

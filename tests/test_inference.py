@@ -94,6 +94,45 @@ def test_results_file_not_in_coco_format_is_refused(cap, tmp_path):
         assert proc.returncode == 2 and msg in proc.stderr, (content, proc.stderr)
 
 
+@pytest.mark.slow
+def test_several_results_files_are_scored_as_each_alone(cap, tmp_path):
+    """evaluate A B scores each file as `evaluate A` and `evaluate B` would, with one METEOR
+    process for both; every file is checked before any is scored."""
+    ann = json.load(open(cap["ann"]))
+    ids = [im["id"] for im in ann["images"]]
+    caps = {i: [a["caption"] for a in ann["annotations"] if a["image_id"] == i] for i in ids}
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    json.dump([{"image_id": i, "caption": caps[i][k % 5]} for k, i in enumerate(ids[:5])], open(a, "w"))
+    json.dump([{"image_id": i, "caption": caps[ids[(k + 1) % 5]][0]} for k, i in enumerate(ids[:5])], open(b, "w"))
+    alone = {}
+    for f in (a, b):
+        proc = run_cli(evaluation.main, "--annotations", cap["ann"], "--results", f, "--out", tmp_path / f"{f.stem}.alone.json")
+        assert proc.returncode == 0, proc.stderr
+        alone[f.stem] = json.load(open(tmp_path / f"{f.stem}.alone.json"))["metrics"]
+    proc = run_cli(evaluation.main, a, b, "--annotations", cap["ann"])
+    assert proc.returncode == 0, proc.stderr
+    for f in ("a", "b"):
+        together = json.load(open(tmp_path / f"{f}.metrics.json"))["metrics"]
+        assert together.keys() == alone[f].keys()
+        for k, v in alone[f].items():
+            assert together[k] == pytest.approx(v, abs=1e-9), (f, k)
+    assert alone["a"]["CIDEr"] > alone["b"]["CIDEr"]  # their own references against another image's
+    # One METEOR process per Python process, replaced when it has ended.
+    first = evaluation.meteor()
+    assert evaluation.meteor() is first
+    first.meteor_p.kill()
+    first.meteor_p.wait()
+    assert evaluation.meteor() is not first and evaluation.meteor().meteor_p.poll() is None
+    # Bad input: refused before anything is written.
+    for p in tmp_path.glob("*.metrics.json"):
+        p.unlink()
+    for args, msg in (((a, tmp_path / "none.json"), "none.json not found"), ((a, a), "is given twice"),
+                      ((a, b, "--out", tmp_path / "m.json"), "--out names one metrics file")):
+        proc = run_cli(evaluation.main, *args, "--annotations", cap["ann"])
+        assert proc.returncode == 2 and msg in proc.stderr, (args, proc.stderr)
+    assert not list(tmp_path.glob("*.metrics.json")) and not (tmp_path / "m.json").exists()
+
+
 def features_of(encoder, paths):
     return encoder(torch.stack([encoder.preprocess(open_rgb(p)) for p in paths]))
 

@@ -8,17 +8,19 @@
    on the training captions, checked zero-shot per attribute; a LLaMA (our model class)
    pretrained on the same captions and written in Meta's format with a sentencepiece tokenizer.
    `--images/--annotations` build them from any COCO-format captions dataset instead.
-3. torchrun -m llama_caption features, train and caption, unchanged,
-   exactly as on COCO: with both stand-ins frozen, a projection learns by cross-entropy (the MLP
-   and the transformer mapper, each in its own folder, on the same data), the better one by
-   validation CIDEr is fine-tuned by SCST (CIDEr-D optimisation), and each captions val.
+3. python -m llama_caption features, train, caption and evaluate, unchanged (SCST under torchrun,
+   data-parallel), exactly as on COCO: with both stand-ins frozen, a projection learns by
+   cross-entropy (the MLP and the transformer mapper, each in its own folder, on the same data),
+   the better one by validation CIDEr is fine-tuned by SCST (CIDEr-D optimisation), and each
+   captions val. Captions of the same phase are scored by one `evaluate` of both files: METEOR's
+   Java start (about 10 s of the 12 s that scoring takes here) is paid once for the two.
 4. A control run that captions every image from another image's features, and the attribute
    accuracy (shape, colour, background) of each.
 
 On two cores or more, steps that do not depend on each other run side by side, sharing the cores
 (cpu_plan: one thread each on two): the two stand-ins (each in a child process), the two
 feature caches, the two cross-entropy runs and their captioning, the SCST captions and the
-control; SCST itself runs alone, data-parallel on two processes. Each step's seconds are logged
+control; scoring and SCST run alone (SCST data-parallel on two processes). Each step's seconds are logged
 and kept in the report (stage_seconds). ^C stops every step at once.
 
 With `--images DIR --annotations FILE` the whole demo runs on that COCO-format dataset instead:
@@ -45,7 +47,7 @@ from ... import distributed
 from ...config import Config, command, setting
 from ...data import load_coco, open_rgb
 from ...errors import UserError
-from ...evaluation import METRIC_ORDER
+from ...evaluation import METRIC_ORDER, metrics_path
 from ...fileio import check_output_dir, write_json
 from ..testing import build_tiny_clip, demo_layout
 from ...vision import EncoderSpec, check_encoder_flags, import_clip
@@ -57,7 +59,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.a
 SCALES = {
     # train/val images, CLIP steps and learning rate, LLaMA steps, cross-entropy epochs, SCST
     # epochs and sampling temperature
-    "full": dict(train=2000, val=200, image_size=32, clip_steps=800, clip_lr=2e-3, llama_steps=600, epochs=2,
+    "full": dict(train=2000, val=200, image_size=32, clip_steps=800, clip_lr=2e-3, llama_steps=500, epochs=2,
                  batch_size=64, lr=4e-3, scst_epochs=2, scst_batch=32, scst_lr=1e-3, scst_temperature=0.5),
     "small": dict(train=300, val=50, image_size=32, clip_steps=250, clip_lr=1e-3, llama_steps=150, epochs=2,
                   batch_size=32, lr=2e-3, scst_epochs=1, scst_batch=16, scst_lr=1e-3, scst_temperature=0.5),
@@ -230,16 +232,22 @@ def last_lines(text: str, n: int = 30) -> str:
     return "\n".join([l for l in lines if l.strip()][-n:])
 
 
-def torchrun(*args, log=print, quiet=False, nproc: int = 1, threads: Optional[int] = None,
-             progress: bool = True) -> str:
-    """Run one of the project's scripts under torchrun (nproc CPU processes), as a user would.
+def launch(*args, log=print, quiet=False, nproc: int = 1, threads: Optional[int] = None,
+           progress: bool = True) -> str:
+    """Run one of the project's commands as a user would: `python -m llama_caption ...` for one
+    process, under torchrun for several (nproc CPU processes; torchrun's own start costs about 5 s
+    on two cores, which one process does not need).
 
     quiet: neither its output nor its progress bars are shown (only its errors); progress False:
     its output is shown when it ends, its progress bars not at all (another command is running)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone",
-           *map(str, args)]
+    if nproc == 1:
+        cmd = [sys.executable, *map(str, args)]
+        log("$ python " + " ".join(map(str, args)))
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone",
+               *map(str, args)]
+        log(f"$ torchrun --nproc_per_node {nproc} " + " ".join(map(str, args)))
     env = dict(os.environ, OMP_NUM_THREADS=str(threads or cpu_plan()[1]), PYTHONWARNINGS="ignore")
-    log(f"$ torchrun --nproc_per_node {nproc} " + " ".join(map(str, args)))
     capture = quiet or not progress
     proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE if capture else None, text=True)
@@ -330,7 +338,7 @@ def features_dir(cfg, paths: Dict[str, str]) -> str:
 def features(paths: Dict[str, str], encoder: List[str], folder: str, split: str, log=print, **run) -> str:
     """The feature cache of one split (the features command; it only checks a complete one)."""
     out = os.path.join(folder, split)
-    torchrun("-m", "llama_caption", "features", *encoder, "--images", paths[f"{split}_images"],
+    launch("-m", "llama_caption", "features", *encoder, "--images", paths[f"{split}_images"],
              "--annotations", paths[f"{split}_ann"], "--out", out, "--num_workers", 0,
              "--batch_size", 256, log=log, quiet=True, **run)
     return out
@@ -432,15 +440,26 @@ def check_split_sizes(cfg: DemoConfig, s: dict, paths: Dict[str, str]) -> None:
                         (f" and SCST on {need_images} images" if scst else "") + ": give a larger --images set")
 
 
-def caption(paths, checkpoint: str, name: str, folder: str, log, extra=(), **run) -> dict:
-    """The caption command on the validation images; its results and metrics."""
+def caption(paths, checkpoint: str, name: str, folder: str, log, extra=(), **run) -> str:
+    """The caption command on the validation images, unscored (`score` scores several results
+    files in one process: METEOR's Java start, most of a scoring, is paid once); the results path."""
     res = os.path.join(folder, f"{name}.json")
-    printed = torchrun("-m", "llama_caption", "caption", "--ckpt_dir", paths["ckpt_dir"], "--tokenizer_path",
-                       paths["tokenizer"], "--checkpoint", checkpoint, "--images", paths["val_images"],
-                       "--annotations", paths["val_ann"], "--out", res, "--batch_size", 50, "--num_workers", 0,
-                       *extra, log=log, **run)
-    with open(res) as f, open(os.path.join(folder, f"{name}.metrics.json")) as m:
-        return {"results": json.load(f), "printed": printed, "metrics": json.load(m)["metrics"]}
+    launch("-m", "llama_caption", "caption", "--ckpt_dir", paths["ckpt_dir"], "--tokenizer_path", paths["tokenizer"],
+           "--checkpoint", checkpoint, "--images", paths["val_images"], "--annotations", paths["val_ann"], "--out", res,
+           "--batch_size", 50, "--num_workers", 0, "--evaluate", False, *extra, log=log, **run)
+    return res
+
+
+def score(paths, results: List[str], scoring: List[str], log, **run) -> Dict[str, dict]:
+    """The evaluate command on results files of the validation images (metrics written beside
+    each); each file's results and metrics."""
+    launch("-m", "llama_caption", "evaluate", *results, "--annotations", paths["val_ann"], "--images",
+           paths["val_images"], *scoring, log=log, **run)
+    out = {}
+    for res in results:
+        with open(res) as f, open(metrics_path(res)) as m:
+            out[res] = {"results": json.load(f), "metrics": json.load(m)["metrics"]}
+    return out
 
 
 def print_flush(message: str) -> None:
@@ -511,18 +530,25 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     # Cross-entropy with each projection side by side, each captioning val when it is done.
     for proj in cfg.projections:
         folder = os.path.join(run, f"xe-{proj}")
-        jobs.add(f"xe-{proj}", lambda proj=proj, folder=folder: torchrun(
+        jobs.add(f"xe-{proj}", lambda proj=proj, folder=folder: launch(
             "-m", "llama_caption", "train", *common, "--out_dir", folder, "--projection", proj, "--epochs", s["epochs"],
             "--batch_size", s["batch_size"], "--lr", XE_LR.get(proj, s["lr"]), "--warmup_steps", 50,
             *PROJECTION_FLAGS.get(proj, []), log=say, threads=threads, **alone), after=ready)
         jobs.add(f"caption xe-{proj}", lambda folder=folder: caption(paths, folder, "captions", folder, say,
-                                                                     ["--gallery", 24, *scoring], threads=threads,
-                                                                     **alone),
+                                                                     ["--gallery", 24], threads=threads, **alone),
                  after=[f"xe-{proj}"])
     xe_captions = [f"caption xe-{p}" for p in cfg.projections]
+    jobs.add("score xe", lambda: score(paths, [jobs.results[c] for c in xe_captions], scoring, say, threads=threads,
+                                       **alone), after=xe_captions)
+
+    def stage(name: str) -> dict:
+        """A stage's results and metrics, from the scoring job that scored its captions."""
+        if name.startswith("xe-"):
+            return jobs.results["score xe"][jobs.results[f"caption {name}"]]
+        return jobs.results["score final"][jobs.results[f"caption {name}"]]
 
     def best_projection() -> str:
-        return max(cfg.projections, key=lambda p: jobs.results[f"caption xe-{p}"]["metrics"]["CIDEr"])
+        return max(cfg.projections, key=lambda p: stage(f"xe-{p}")["metrics"]["CIDEr"])
 
     # SCST from the better one, alone, data-parallel over the slots; then its captions and the
     # control side by side.
@@ -533,27 +559,31 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
 
     def scst_job():
         best = best_projection()
-        torchrun("-m", "llama_caption", "train", *common, "--out_dir", final(), "--projection", best,
+        launch("-m", "llama_caption", "train", *common, "--out_dir", final(), "--projection", best,
                  *PROJECTION_FLAGS.get(best, []),
                  "--objective", "scst", "--init_from", os.path.join(run, f"xe-{best}"), "--scst_samples", 5,
                  "--scst_temperature", s["scst_temperature"], "--epochs", scst_epochs, "--batch_size", s["scst_batch"],
                  "--lr", s["scst_lr"], "--warmup_steps", 0, "--max_caption_len", 20, log=say, nproc=slots,
                  threads=threads)
 
+    final_captions = ["caption control"]
     if scst_epochs:
-        jobs.add("scst", scst_job, after=xe_captions, width=slots)
-        jobs.add("caption scst", lambda: caption(paths, final(), "captions", final(), say, ["--gallery", 24, *scoring],
+        jobs.add("scst", scst_job, after=["score xe"], width=slots)
+        jobs.add("caption scst", lambda: caption(paths, final(), "captions", final(), say, ["--gallery", 24],
                                                  threads=threads, **alone), after=["scst"])
+        final_captions.insert(0, "caption scst")
     jobs.add("caption control", lambda: caption(paths, final(), "control", final(), say,
-                                                ["--gallery", 0, "--control_shuffle", "True", *scoring],
-                                                threads=threads, **alone), after=["scst"] + xe_captions)
+                                                ["--gallery", 0, "--control_shuffle", "True"],
+                                                threads=threads, **alone), after=["scst", "score xe"])
+    jobs.add("score final", lambda: score(paths, [jobs.results[c] for c in final_captions], scoring, say,
+                                          threads=threads, **alone), after=final_captions)
     jobs.run()
 
     best = best_projection()
-    stages = {f"xe-{p}": jobs.results[f"caption xe-{p}"] for p in cfg.projections}
+    stages = {f"xe-{p}": stage(f"xe-{p}") for p in cfg.projections}
     if scst_epochs:
-        stages["scst"] = jobs.results["caption scst"]
-    stages["control"] = jobs.results["caption control"]
+        stages["scst"] = stage("scst")
+    stages["control"] = stage("control")
     truth = None
     if paths["val_attrs"] and os.path.isfile(paths["val_attrs"]):
         with open(paths["val_attrs"]) as f:
