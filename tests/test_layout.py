@@ -179,3 +179,22 @@ def test_any_exception_of_a_rank_reaches_torchruns_error_file(tmp_path, monkeypa
     with pytest.raises(RuntimeError, match="the scorer fell over"):
         cli.run("evaluate", ["--annotations", "a.json", "--results", "r.json"])
     assert "RuntimeError: the scorer fell over" in json.load(open(error_file))["message"]["message"]
+
+
+def test_precompile_writes_the_bytecode_that_imports_skipped(tmp_path, monkeypatch):
+    """Where PYTHONDONTWRITEBYTECODE is set, an import leaves no bytecode behind; the install step
+    (tools/precompile) writes it for the imported modules, once."""
+    import importlib
+    import importlib.util
+
+    from llama_caption.tools.precompile import write_bytecode
+
+    (tmp_path / "freshmod.py").write_text("VALUE = 41 + 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
+    module = importlib.import_module("freshmod")
+    cached = importlib.util.cache_from_source(module.__file__)
+    assert module.VALUE == 42 and not os.path.exists(cached)
+    assert write_bytecode([module, sys]) == 1 and os.path.isfile(cached)  # sys: no source, skipped
+    assert write_bytecode([module]) == 0
+    sys.modules.pop("freshmod")
