@@ -53,6 +53,8 @@ def spice_available() -> bool:
 
 def read_results(path: str, known_ids=None, references: str = "the annotations") -> List[Dict]:
     """A COCO results file: a JSON list of {"image_id": int, "caption": str}, one per image."""
+    if os.path.isdir(path):
+        raise UserError(f"--results {path} is a folder: give a results JSON file")
     if not os.path.isfile(path):
         raise UserError(f"--results {path} not found")
     try:
@@ -271,7 +273,8 @@ class EvaluationConfig(ClipScoreSettings):
         if self.out and len(self.results) > 1:
             raise UserError(f"--out names one metrics file, and {len(self.results)} results files were given: leave --out "
                             f"out (each file's metrics go beside it) or score one file")
-        twice = next((r for r in self.results if self.results.count(r) > 1), None)
+        real = [os.path.realpath(r) for r in self.results]
+        twice = next((r for r, p in zip(self.results, real) if real.count(p) > 1), None)
         if twice is not None:
             raise UserError(f"--results {twice} is given twice")
         self.check_clipscore()
@@ -281,10 +284,14 @@ def evaluate(cfg: EvaluationConfig) -> Dict[str, float]:
     """Every results file and metrics path is checked before anything is scored; the metrics of
     the last file are returned."""
     outs = [cfg.out or metrics_path(r) for r in cfg.results]
-    if len(set(outs)) < len(outs):
-        raise UserError(f"two results files would write their metrics to {next(o for o in outs if outs.count(o) > 1)}")
-    for out in outs:
-        check_output_file(out, "--out")
+    real = [os.path.realpath(o) for o in outs]
+    if len(set(real)) < len(real):
+        raise UserError(f"two results files would write their metrics to {next(o for o, p in zip(outs, real) if real.count(p) > 1)}")
+    inputs = {os.path.realpath(r) for r in cfg.results}
+    for out, path in zip(outs, real):
+        if path in inputs:
+            raise UserError(f"the metrics would overwrite the results file {out}: rename it (metrics go to RESULTS.metrics.json)")
+        check_output_file(out, "--out" if cfg.out else "the metrics file")
     images = cfg.images or ""
     if cfg.images and not os.path.isdir(cfg.images):
         raise UserError(f"--images {cfg.images} is not a folder")
@@ -295,6 +302,9 @@ def evaluate(cfg: EvaluationConfig) -> Dict[str, float]:
     by_id = {r.image_id: r for r in records}
     references = cfg.annotations or cfg.karpathy_split
     results = [read_results(r, set(by_id), references) for r in cfg.results]
+    empty = next((r for r, res in zip(cfg.results, results) if not res), None)
+    if empty is not None:
+        raise UserError(f"--results {empty} holds no captions: there is nothing to evaluate")
     check_java()
     meteor()  # its Java process loads its tables (about 10 s) while the captions are tokenized and scored
     clip = cfg if cfg.images else None

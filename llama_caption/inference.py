@@ -86,7 +86,7 @@ class InferenceConfig(CaptionerSettings, ClipScoreSettings):
             raise UserError("--images must be one folder when --annotations or --karpathy_split is given")
         if self.decoder not in ("auto", "eager") and self.num_beams > 1:
             raise UserError(f"--decoder {self.decoder} is for greedy and sampled captions; beam search (--num_beams > 1) "
-                            f"runs eagerly: leave --decoder eager")
+                            f"runs eagerly: use --decoder auto or eager")
 
     def check_shards(self) -> None:
         self.one_of("out_format", ("jsonl", "parquet"))

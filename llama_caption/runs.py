@@ -203,7 +203,7 @@ class CaptionerSettings(LlamaSettings):
     clip_model: Optional[str] = setting(None, "the CLIP file, when it moved since training (it must be the same model).")
     clip_pretrained: Optional[str] = setting(None, "the open_clip weights file, when it moved since training (the same weights).")
     dtype: str = setting("auto", "frozen LLaMA precision: auto (fp16 on CUDA, fp32 on CPU), fp32, fp16, bf16.")
-    decoder: str = setting("auto", "greedy/top-p decoder: auto (static on a CPU; for caption on one CUDA GPU without --quantize, cuda_graph: 2.5x eager at 7B on an H200; else eager, the server's on CUDA too); eager; static (fixed-shape KV cache, batches padded to 1, 2, 4 ... 64 or --batch_size); compile (static through torch.compile); cuda_graph (static captured as CUDA graphs, CUDA only). Same captions in fp32; beam search is always eager.")
+    decoder: str = setting("auto", "greedy/top-p decoder: auto (on a CPU: static; on CUDA: cuda_graph for caption on one GPU without --quantize, 2.5x eager at 7B on an H200, and eager with model parallelism, --quantize, beam search or in serve); eager; static (fixed-shape KV cache, batches padded to 1, 2, 4 ... 64 or --batch_size); compile (static through torch.compile); cuda_graph (static captured as CUDA graphs, CUDA only). Same captions in fp32; beam search is always eager.")
     pack_weights: bool = setting(True, "on a CPU, decode with a copy of LLaMA's weights packed for oneDNN (faster; one extra copy in memory). No effect on CUDA.")
 
     def check(self) -> None:

@@ -126,11 +126,19 @@ def test_several_results_files_are_scored_as_each_alone(cap, tmp_path):
     # Bad input: refused before anything is written.
     for p in tmp_path.glob("*.metrics.json"):
         p.unlink()
+    (tmp_path / "empty.json").write_text("[]")
+    shutil.copy(b, tmp_path / "a.metrics.json")  # a results file named like a's metrics
+    (tmp_path / "folder.json").mkdir()
     for args, msg in (((a, tmp_path / "none.json"), "none.json not found"), ((a, a), "is given twice"),
-                      ((a, b, "--out", tmp_path / "m.json"), "--out names one metrics file")):
+                      ((a, tmp_path / "." / "a.json"), "is given twice"),
+                      ((a, b, "--out", tmp_path / "m.json"), "--out names one metrics file"),
+                      ((b, tmp_path / "empty.json"), "holds no captions"),
+                      ((b, tmp_path / "folder.json"), "is a folder"),
+                      ((a, tmp_path / "a.metrics.json"), "would overwrite the results file")):
         proc = run_cli(evaluation.main, *args, "--annotations", cap["ann"])
         assert proc.returncode == 2 and msg in proc.stderr, (args, proc.stderr)
-    assert not list(tmp_path.glob("*.metrics.json")) and not (tmp_path / "m.json").exists()
+    assert [p.name for p in tmp_path.glob("*.metrics.json")] == ["a.metrics.json"] and not (tmp_path / "m.json").exists()
+    assert json.load(open(tmp_path / "a.metrics.json")) == json.load(open(b))  # the results file is untouched
 
 
 def features_of(encoder, paths):

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks, in one call on a machine with an NVIDIA GPU (see docs/performance.md):
 # fixed-shape decoders against generate on CUDA; a cross-entropy training and captions in fp16
-# through torchrun/NCCL with every --decoder and --quantize mode on the demo's stand-ins; then
+# through torchrun/NCCL (fp32 over gloo with DEVICE=cpu) with every --decoder and --quantize
+# mode on the demo's stand-ins; then
 # the CUDA-graph decoder, bench-quantize and bench at LLaMA-7B's shape. Each step has its own time limit; logs go to $OUT.
 # Run from the repository root after `make demo`:  OUT=gpu_out llama_caption/tools/gpu/check.sh
 #   DEMO=folder with standins/ data/ features/ (default demo_runs/full, the demo's)
@@ -13,6 +14,7 @@ DEMO=${DEMO:-demo_runs/full}; DEVICE=${DEVICE:-cuda}
 export PYTHONUNBUFFERED=1 PYTHONPATH="${SITE:+$SITE:}$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
 RUN=$(mktemp -d)
+trap 'rm -rf "$RUN"' EXIT  # what matters is copied to $OUT
 DEADLINE=$(( $(date +%s) + ${BUDGET:-560} ))  # every step ends by then (the device call's limit is 600 s)
 step() {  # step NAME SECONDS COMMAND...: run, log to $OUT/NAME.log, say how it ended
   local name=$1 limit=$2; shift 2

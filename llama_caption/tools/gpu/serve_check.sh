@@ -18,10 +18,14 @@ timeout 60 $PY -m llama_caption caption "${L[@]}" --images "$DEMO/data/val2014" 
   --num_workers 0 --evaluate False --decoder eager 2>&1 | tail -1  # keyed by file name, for loadtest --expected
 serve_decoder=cuda_graph; [ "$DEVICE" = cuda ] || serve_decoder=static
 timeout 100 $PY -m llama_caption serve "${L[@]}" --decoder $serve_decoder --port 8123 > "$OUT/serve.log" 2>&1 &
-get() { $PY -c "import sys, urllib.request; sys.stdout.write(urllib.request.urlopen('http://127.0.0.1:8123$1').read().decode()[:600])" 2>/dev/null; }
-for i in $(seq 60); do get /health >/dev/null && break; sleep 1; done
+server=$!
+trap 'kill $server 2>/dev/null; pkill -f "llama_caption serve .*--port 8123" 2>/dev/null' EXIT
+get() { $PY -c "import sys, urllib.request; sys.stdout.write(urllib.request.urlopen('http://127.0.0.1:8123$1').read().decode())" 2>/dev/null; }
+ready=""
+for i in $(seq 60); do get /health >/dev/null && { ready=1; break; }; sleep 1; done
+[ -n "$ready" ] || { echo "the server did not come up in 60 s:"; tail -5 "$OUT/serve.log"; exit 1; }
 echo "server ready after ${i}s"
 timeout 60 $PY -m llama_caption loadtest http://127.0.0.1:8123 "$DEMO/data/val2014" --concurrency 1 8 32 --requests 64 \
   --expected "$OUT/files.json" 2>&1 | grep -v "it/s\]\|Configuration class" | tail -15
-get /v1/model; echo
+get /v1/model | $PY -c "import json, sys; d = json.load(sys.stdin); print('server decoding:', d.get('decoding'))"
 grep -i "decoder\|error\|Traceback" "$OUT/serve.log" | head -5
