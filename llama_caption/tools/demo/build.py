@@ -60,7 +60,7 @@ SCALES = {
     # train/val images, CLIP steps and learning rate, LLaMA steps, cross-entropy epochs, SCST
     # epochs and sampling temperature
     "full": dict(train=2000, val=200, image_size=32, clip_steps=800, clip_lr=2e-3, llama_steps=500, epochs=2,
-                 batch_size=64, lr=4e-3, scst_epochs=2, scst_batch=32, scst_lr=1e-3, scst_temperature=0.5),
+                 batch_size=64, lr=4e-3, scst_epochs=1, scst_batch=16, scst_lr=1e-3, scst_temperature=0.5),
     "small": dict(train=300, val=50, image_size=32, clip_steps=250, clip_lr=1e-3, llama_steps=150, epochs=2,
                   batch_size=32, lr=2e-3, scst_epochs=1, scst_batch=16, scst_lr=1e-3, scst_temperature=0.5),
 }
@@ -355,7 +355,7 @@ class DemoConfig(Config):
     val_images: Optional[str] = setting(None, "with --images: the validation images (default: a held-out tenth of --images).")
     val_annotations: Optional[str] = setting(None, "the captions JSON that goes with --val_images.")
     projections: List[str] = setting(("mlp", "transformer"), "the projections trained by cross-entropy and compared; the best goes on to SCST.")
-    scst_epochs: Optional[int] = setting(None, "SCST epochs after cross-entropy (default: the scale's, 2 full, 1 small; 0: none).")
+    scst_epochs: Optional[int] = setting(None, "SCST epochs after cross-entropy (default: the scale's, 1; 0: none).")
 
     def check(self) -> None:
         self.one_of("scale", SCALES)
