@@ -543,9 +543,8 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
 
     def stage(name: str) -> dict:
         """A stage's results and metrics, from the scoring job that scored its captions."""
-        if name.startswith("xe-"):
-            return jobs.results["score xe"][jobs.results[f"caption {name}"]]
-        return jobs.results["score final"][jobs.results[f"caption {name}"]]
+        scored_by = "score xe" if name.startswith("xe-") else "score final"
+        return jobs.results[scored_by][jobs.results[f"caption {name}"]]
 
     def best_projection() -> str:
         return max(cfg.projections, key=lambda p: stage(f"xe-{p}")["metrics"]["CIDEr"])
