@@ -4,7 +4,7 @@ A training sequence is [prefix embeddings ; BOS w1 .. wn] and the targets are w1
 the prefix, BOS and padding carry the label -100, so the loss counts exactly n+1 positions per
 caption. Generation prefills [prefix ; BOS] and decodes with the KV cache.
 
-`CaptionerConfig` is the typed description of a trained captioner (encoder identity and feature
+`CaptionerSpec` is the typed description of a trained captioner (encoder identity and feature
 kind, projection kind and sizes, prefix length, caption style); `save_projection` writes it beside
 the weights and `load_projection` reads it back. `runs.load_captioner` builds the whole model.
 """
@@ -51,9 +51,10 @@ class CaptionStyle:
 
 
 @dataclass(frozen=True)
-class CaptionerConfig:
-    """What a trained captioner is. feature_shape is (D,) for pooled features, (N, W) for patch
-    tokens; prefix_len is the number of prefix tokens (N for patch features)."""
+class CaptionerSpec:
+    """What a trained captioner is: a description saved with its weights (the *Config classes
+    are sets of flags). feature_shape is (D,) for pooled features, (N, W) for patch tokens;
+    prefix_len is the number of prefix tokens (N for patch features)."""
 
     encoder: EncoderSpec
     feature_shape: Tuple[int, ...]
@@ -68,7 +69,7 @@ class CaptionerConfig:
     @classmethod
     def build(cls, encoder: EncoderSpec, feature_shape, projection: str, prefix_len: int,
               proj_hidden: Optional[int], llama_dim: int, style: CaptionStyle, mapper_width: int = 512,
-              mapper_layers: int = 4) -> "CaptionerConfig":
+              mapper_layers: int = 4) -> "CaptionerSpec":
         """The prefix-length rule: pooled features make `prefix_len` tokens, patch features one
         token per patch (the flag is then unused), except through the transformer mapper, which
         always makes `prefix_len`."""
@@ -91,13 +92,13 @@ class CaptionerConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "CaptionerConfig":
+    def from_dict(cls, d: dict) -> "CaptionerSpec":
         return cls(EncoderSpec(**d["encoder"]), tuple(d["feature_shape"]), d["projection"], int(d["prefix_len"]),
                    int(d["proj_hidden"]), int(d["llama_dim"]), CaptionStyle(**d["style"]),
                    int(d.get("mapper_width", 512)), int(d.get("mapper_layers", 4)))
 
     @classmethod
-    def from_training_config(cls, cfg: dict, weights: Dict[str, torch.Tensor]) -> "CaptionerConfig":
+    def from_training_config(cls, cfg: dict, weights: Dict[str, torch.Tensor]) -> "CaptionerSpec":
         """Checkpoints written before the typed config: the training flags and the weights'
         shapes. Their patch count is not recorded (0 here); `load_captioner` takes the encoder's."""
         kind = cfg.get("feature_kind", cfg.get("feature", "pooled"))
@@ -112,15 +113,15 @@ class CaptionerConfig:
         return cls.build(spec, shape, cfg["projection"], cfg["prefix_len"], hidden, llama_dim, style)
 
 
-def save_projection(path: str, state: Dict[str, torch.Tensor], captioner: CaptionerConfig, flags: dict) -> None:
-    """The trainable weights with what they are (CaptionerConfig) and the flags that trained them."""
+def save_projection(path: str, state: Dict[str, torch.Tensor], captioner: CaptionerSpec, flags: dict) -> None:
+    """The trainable weights with what they are (CaptionerSpec) and the flags that trained them."""
     meta = {"captioner": json.dumps(captioner.to_dict(), sort_keys=True), "config": json.dumps(flags, sort_keys=True)}
     with atomic_path(path) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, tmp, metadata=meta)
 
 
-def load_projection(ckpt: str, flag: str = "--checkpoint") -> Tuple[Dict[str, torch.Tensor], CaptionerConfig, dict]:
-    """The weights, CaptionerConfig and training flags of a checkpoint folder (any version)."""
+def load_projection(ckpt: str, flag: str = "--checkpoint") -> Tuple[Dict[str, torch.Tensor], CaptionerSpec, dict]:
+    """The weights, CaptionerSpec and training flags of a checkpoint folder (any version)."""
     path = os.path.join(ckpt, PROJECTION_FILE)
     if not os.path.isfile(path):
         raise UserError(f"{flag}: {path} is missing")
@@ -135,13 +136,15 @@ def load_projection(ckpt: str, flag: str = "--checkpoint") -> Tuple[Dict[str, to
     try:
         flags = {RENAMED_FLAGS.get(k, k): v for k, v in json.loads(meta["config"]).items()}
         if "captioner" in meta:
-            captioner = CaptionerConfig.from_dict(json.loads(meta["captioner"]))
+            captioner = CaptionerSpec.from_dict(json.loads(meta["captioner"]))
         else:  # written before the typed config
-            captioner = CaptionerConfig.from_training_config(flags, weights)
+            captioner = CaptionerSpec.from_training_config(flags, weights)
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise UserError(f"{path}: the stored configuration is unreadable ({type(e).__name__}: {e})") from None
     return weights, captioner, flags
 
+
+CaptionerConfig = CaptionerSpec  # its name until it was told apart from the flag sets (*Config): old imports
 
 
 class Captioner(nn.Module):
@@ -235,7 +238,7 @@ def check_window(prefix_len: int, text_len: int, llama: LlamaCheckpoint, flag: s
     return window
 
 
-def check_encoder(cfg: CaptionerConfig, encoder: ImageEncoder, where: str) -> CaptionerConfig:
+def check_encoder(cfg: CaptionerSpec, encoder: ImageEncoder, where: str) -> CaptionerSpec:
     """The encoder must be the one the captioner was trained with; fills in a legacy patch count."""
     got = encoder.spec
     if not same_encoder(cfg.encoder.identity, got.identity):
@@ -246,6 +249,6 @@ def check_encoder(cfg: CaptionerConfig, encoder: ImageEncoder, where: str) -> Ca
         raise UserError(f"{where} was trained on CLIP features of shape {cfg.feature_shape} ({cfg.encoder.clip_model}) "
                         f"but {got.clip_model} gives {shape}: use the CLIP model it was trained with")
     if cfg.feature_shape[0] == 0:
-        cfg = CaptionerConfig.build(cfg.encoder, shape, cfg.projection, cfg.prefix_len, cfg.proj_hidden,
+        cfg = CaptionerSpec.build(cfg.encoder, shape, cfg.projection, cfg.prefix_len, cfg.proj_hidden,
                                     cfg.llama_dim, cfg.style)
     return cfg

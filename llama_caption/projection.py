@@ -9,7 +9,7 @@ and the feature tokens (the pooled vector made into `prefix_len` tokens, or the 
 pass through `mapper_layers` pre-norm transformer layers at their own width, and the queries'
 outputs are mapped to LLaMA's width. With patch features it gives `prefix_len` tokens however
 large the grid, so the frozen LLaMA's cost does not grow with the image. The sizes come from a
-`captioner.CaptionerConfig`, which also holds the prefix-length rule.
+`captioner.CaptionerSpec`, which also holds the prefix-length rule.
 """
 
 import torch

@@ -2,7 +2,7 @@
 
     RUN/config.json                                  the flags of the run
     RUN/metrics.jsonl, RUN/loss_curve.png            one JSON object per logged step; the curve
-    RUN/checkpoints/step-0001000/projection.safetensors   weights + CaptionerConfig + flags (metadata)
+    RUN/checkpoints/step-0001000/projection.safetensors   weights + CaptionerSpec + flags (metadata)
                                  trainer.safetensors      optimizer tensors, RNG state
                                  trainer.json             step, epoch, scheduler, param groups
     RUN/checkpoints/latest                           the newest complete checkpoint's name
@@ -23,7 +23,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from safetensors.torch import load_file, save_file
 
-from .captioner import (PROJECTION_FILE, Captioner, CaptionerConfig, check_encoder, check_window, load_projection,
+from .captioner import (PROJECTION_FILE, Captioner, CaptionerSpec, check_encoder, check_window, load_projection,
                         save_projection)
 from .config import setting
 from .llama.checkpoint import LlamaCheckpoint, LlamaSettings, load_llama, open_checkpoint
@@ -47,7 +47,7 @@ def latest_name(out_dir: str) -> Optional[str]:
         return f.read().strip() or None
 
 
-def save_checkpoint(out_dir: str, step: int, projection_state: Dict[str, torch.Tensor], captioner: CaptionerConfig,
+def save_checkpoint(out_dir: str, step: int, projection_state: Dict[str, torch.Tensor], captioner: CaptionerSpec,
                     flags: dict, optimizer_state: dict, trainer: dict, keep_last: int = 3) -> str:
     root = checkpoints_dir(out_dir)
     os.makedirs(root, exist_ok=True)
@@ -151,11 +151,11 @@ def load_captioner(checkpoint: str, llama: LlamaCheckpoint, tokenizer_path: Opti
                    pack_weights: bool = False, log=print, quantize: str = "none"):
     """A trained captioner from a training checkpoint, the frozen LLaMA (`llama`, opened) and CLIP.
 
-    The encoder, projection and prefix come from the checkpoint's CaptionerConfig; `clip_model`
+    The encoder, projection and prefix come from the checkpoint's CaptionerSpec; `clip_model`
     is the path of the same CLIP file when it moved (its identity must match). `decoder` picks how
     greedy and sampled captions are decoded (static_decode.MODES); `pack_weights` packs the LLaMA's
     weights for oneDNN first (CPU); `quantize` quantizes its block weights (quantize.MODES).
-    Returns (captioner, encoder, CaptionerConfig).
+    Returns (captioner, encoder, CaptionerSpec).
     """
     ckpt = find_checkpoint(checkpoint)
     weights, cfg, flags = load_projection(ckpt)
@@ -230,7 +230,7 @@ class CaptionerSettings(LlamaSettings):
             raise UserError("--decoder cuda_graph needs a CUDA device: use static or compile on the CPU")
 
     def load(self, device: torch.device, max_gen_len: int, batch_size: int, log=print):
-        """(captioner, encoder, CaptionerConfig, dtype): the trained captioner on `device`, with the
+        """(captioner, encoder, CaptionerSpec, dtype): the trained captioner on `device`, with the
         LLaMA opened once (`open()`) and the decoder resolved first."""
         dtype = resolve_dtype(self.dtype, device)
         captioner, encoder, cfg = load_captioner(self.checkpoint, self.open(), self.tokenizer_path, device, dtype,

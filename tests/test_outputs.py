@@ -141,10 +141,10 @@ def test_keep_last_never_deletes_the_latest_checkpoint(tmp_path):
     for step in (100, 200):
         (root / f"step-{step:07d}").mkdir(parents=True)
     w = {"net.0.weight": torch.zeros(2, 2)}
-    from llama_caption.captioner import CaptionerConfig, CaptionStyle
+    from llama_caption.captioner import CaptionerSpec, CaptionStyle
     from llama_caption.vision import EncoderSpec
 
-    spec = CaptionerConfig.build(EncoderSpec("m", "m"), (2,), "linear", 1, None, 2, CaptionStyle())
+    spec = CaptionerSpec.build(EncoderSpec("m", "m"), (2,), "linear", 1, None, 2, CaptionStyle())
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
     save_checkpoint(str(tmp_path), 5, w, spec, {}, opt.state_dict(), {"epoch": 0}, keep_last=2)
     assert sorted(os.listdir(root)) == ["latest", "step-0000005", "step-0000200"]

@@ -27,7 +27,7 @@ from PIL import Image
 import captioning_inference
 from conftest import REPO, free_port, run_cli
 from llama_caption.errors import UserError
-from llama_caption.serve.batching import Batcher, Decoding, Job, QueueFull
+from llama_caption.serve.batching import Batcher, Decoding, QueuedRequest, QueueFull
 
 SERVE_FLAGS = dict(max_batch=8, max_images=4, max_wait_ms=300.0, max_queue=32, max_upload_mb=0.25,
                    max_pixels=64 * 64, max_gen_len=30)
@@ -108,7 +108,7 @@ def read(photos, name):
 # Dynamic batching, without HTTP.
 
 def job(n=1, **decoding):
-    return Job(torch.zeros(n, 3, 2, 2), Decoding(**dict({"max_gen_len": 30}, **decoding)))
+    return QueuedRequest(torch.zeros(n, 3, 2, 2), Decoding(**dict({"max_gen_len": 30}, **decoding)))
 
 
 def test_batcher_joins_requests_that_share_settings_up_to_max_batch():

@@ -38,7 +38,7 @@ from starlette.requests import ClientDisconnect
 from ..data import open_rgb
 from ..llama.generation import check_sampling
 from ..errors import UserError
-from .batching import Batcher, Closed, Decoding, Job, QueueFull
+from .batching import Batcher, Closed, Decoding, QueuedRequest, QueueFull
 
 STATIC = os.path.join(os.path.dirname(__file__), "static")
 CLIENT_GONE = 499  # nginx's status for a client that closed the connection (counted, never seen)
@@ -394,7 +394,7 @@ def create_app(batcher: Batcher, limits: Limits, preprocess: Callable, model_inf
                 readers, lambda: torch.stack([decode_image(data, name, limits, preprocess()) for name, data in files]))
             try:
                 submitted = True  # submit ends its arrival, whether it takes it or not
-                future = batcher.submit(Job(pixels, decoding), was_arriving=True)
+                future = batcher.submit(QueuedRequest(pixels, decoding), was_arriving=True)
             except QueueFull:
                 raise ApiError(503, f"the queue is full ({batcher.max_queue} images, the server's --max_queue): retry shortly",
                                {"Retry-After": "1"}) from None

@@ -52,8 +52,9 @@ _ids = itertools.count()
 
 
 @dataclass
-class Job:
-    """One request: its preprocessed images, settings, and the future its captions go to."""
+class QueuedRequest:
+    """One request waiting for its batch: its preprocessed images, settings, and the future its
+    captions go to."""
 
     pixels: torch.Tensor  # (n, 3, H, W)
     decoding: Decoding
@@ -73,7 +74,7 @@ class Job:
 class Batcher:
     def __init__(self, max_batch: int, max_wait_s: float, max_queue: int, on_depth: Optional[Callable] = None):
         self.max_batch, self.max_wait_s, self.max_queue = max_batch, max_wait_s, max_queue
-        self.queue: List[Job] = []
+        self.queue: List[QueuedRequest] = []
         self.cond = threading.Condition()
         self.closed = False
         self.arriving = 0  # requests being read and checked, not yet submitted
@@ -94,7 +95,7 @@ class Batcher:
         """Images waiting."""
         return sum(j.n for j in self.queue)
 
-    def submit(self, job: Job, was_arriving: bool = False) -> Future:
+    def submit(self, job: QueuedRequest, was_arriving: bool = False) -> Future:
         """Queue a request (`was_arriving`: it had called `arrive`, which this ends, refused or not)."""
         with self.cond:
             if was_arriving:
@@ -115,7 +116,7 @@ class Batcher:
             self.closed = True
             self.cond.notify_all()
 
-    def _compatible(self, key) -> List[Job]:
+    def _compatible(self, key) -> List[QueuedRequest]:
         """The queued jobs that share `key`, oldest first, as many as fit in one batch."""
         out, n = [], 0
         for j in self.queue:
@@ -124,7 +125,7 @@ class Batcher:
                 n += j.n
         return out
 
-    def next_batch(self, timeout: float) -> Optional[List[Job]]:
+    def next_batch(self, timeout: float) -> Optional[List[QueuedRequest]]:
         """The next batch, or None when nothing arrived within `timeout` seconds."""
         with self.cond:
             if not self.queue and not self.cond.wait_for(lambda: self.queue, timeout):

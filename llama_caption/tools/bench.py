@@ -28,7 +28,7 @@ from typing import Dict, List, Optional
 import torch
 
 from .. import distributed
-from ..captioner import Captioner, CaptionerConfig, CaptionStyle
+from ..captioner import Captioner, CaptionerSpec, CaptionStyle
 from ..llama.checkpoint import load_llama
 from ..config import Config, command, setting
 from ..data import CaptionDataset, collate, drop_missing, load_coco
@@ -351,7 +351,7 @@ def cache_vs_fly_bench(log, steps: int = 8, batch: int = 32, root: str = "demo_r
     enc = ClipEncoder(EncoderSpec.of(paths["clip"]), "cpu")
     llama, tok = load_llama(paths["ckpt_dir"], paths["tokenizer"], max_seq_len=64)
     recs = drop_missing(load_coco(paths["train_images"], paths["train_ann"]), log=lambda m: None)
-    spec = CaptionerConfig.build(enc.spec, enc.feature_shape, "mlp", 10, None, llama.args.dim, CaptionStyle())
+    spec = CaptionerSpec.build(enc.spec, enc.feature_shape, "mlp", 10, None, llama.args.dim, CaptionStyle())
     out = {}
     for mode in ("on_the_fly", "cache"):
         torch.manual_seed(0)
