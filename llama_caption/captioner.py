@@ -6,13 +6,13 @@ caption. Generation prefills [prefix ; BOS] and decodes with the KV cache.
 
 `CaptionerSpec` is the typed description of a trained captioner (encoder identity and feature
 kind, projection kind and sizes, prefix length, caption style); `save_projection` writes it beside
-the weights and `load_projection` reads it back. `runs.load_captioner` builds the whole model.
+the weights and `load_projection` reads it back. `opening.open_captioner` builds the whole model.
 """
 
 import dataclasses
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -21,14 +21,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .llama.checkpoint import LlamaCheckpoint
 from .errors import UserError
 from .fileio import atomic_path
-from .llama.generation import beam_search, generate
+from .llama.checkpoint import LlamaCheckpoint, open_checkpoint
+from .llama.decoding import Decoding, decode
 from .llama.model import Transformer
-from .projection import Projection
 from .llama.tokenizer import Tokenizer
-from .vision import EncoderSpec, ImageEncoder, same_encoder
+from .projection import Projection
+from .vision import EncoderSpec
 
 IGNORE = -100
 PROJECTION_FILE = "projection.safetensors"
@@ -100,7 +100,7 @@ class CaptionerSpec:
     @classmethod
     def from_training_config(cls, cfg: dict, weights: Dict[str, torch.Tensor]) -> "CaptionerSpec":
         """Checkpoints written before the typed config: the training flags and the weights'
-        shapes. Their patch count is not recorded (0 here); `load_captioner` takes the encoder's."""
+        shapes. Their patch count is not recorded (0 here); `opening.check_encoder` takes the encoder's."""
         kind = cfg.get("feature_kind", cfg.get("feature", "pooled"))
         spec = EncoderSpec(cfg["clip_model"], cfg.get("clip_identity") or cfg["clip_model"], kind,
                            cfg.get("clip_layer", -2) if kind == "patch" else None)
@@ -210,22 +210,20 @@ class Captioner(nn.Module):
         return self.loss(features, self.caption_ids(captions))
 
     @torch.no_grad()
-    def generate(self, features: torch.Tensor, max_gen_len: int = 30, temperature: float = 0.0,
-                 top_p: float = 0.95, generator=None, num_beams: int = 1, length_penalty: float = 1.0) -> List[str]:
-        """Captions for a batch of features: greedy (temperature 0), top-p sampling, or beam search."""
+    def caption(self, features: torch.Tensor, decoding: Decoding, generator=None) -> List[str]:
+        """Captions for a batch of features, decoded as `decoding` says (llama.decoding.decode);
+        `generator`: `decoding.generator(rank, device)` when sampling."""
         prefix = self.projection(features.to(self.llama.device))
         prompts = [[self.tokenizer.bos_id] for _ in range(prefix.shape[0])]
-        max_gen_len = min(max_gen_len, self.llama.args.max_seq_len - self.prefix_len - 1)
-        if num_beams > 1:
-            out = beam_search(self.llama, prompts, prefix=prefix, eos_id=self.tokenizer.eos_id,
-                              max_gen_len=max_gen_len, num_beams=num_beams, length_penalty=length_penalty)
-        elif self.decoder is not None:
-            out = self.decoder.generate(prompts, prefix=prefix, eos_id=self.tokenizer.eos_id, max_gen_len=max_gen_len,
-                                        temperature=temperature, top_p=top_p, generator=generator)
-        else:
-            out = generate(self.llama, prompts, prefix=prefix, eos_id=self.tokenizer.eos_id,
-                           max_gen_len=max_gen_len, temperature=temperature, top_p=top_p, generator=generator)
+        decoding = replace(decoding, max_gen_len=min(decoding.max_gen_len, self.max_caption_tokens))
+        out = decode(self.llama, prompts, decoding, eos_id=self.tokenizer.eos_id, prefix=prefix, decoder=self.decoder,
+                     generator=generator)
         return [self.tokenizer.decode(x).strip() for x in out]
+
+    def generate(self, features: torch.Tensor, max_gen_len: int = 30, generator=None, **settings) -> List[str]:
+        """`caption` with Decoding(max_gen_len, **settings): the short form for scripts and
+        training's greedy captions."""
+        return self.caption(features, Decoding(max_gen_len=max_gen_len, **settings), generator)
 
 
 def check_window(prefix_len: int, text_len: int, llama: LlamaCheckpoint, flag: str) -> int:
@@ -238,17 +236,12 @@ def check_window(prefix_len: int, text_len: int, llama: LlamaCheckpoint, flag: s
     return window
 
 
-def check_encoder(cfg: CaptionerSpec, encoder: ImageEncoder, where: str) -> CaptionerSpec:
-    """The encoder must be the one the captioner was trained with; fills in a legacy patch count."""
-    got = encoder.spec
-    if not same_encoder(cfg.encoder.identity, got.identity):
-        raise UserError(f"{where} was trained with CLIP {cfg.encoder.clip_model} ({cfg.encoder.identity}) "
-                        f"but {got.clip_model} is another model ({got.identity}): use the CLIP model it was trained with")
-    shape = tuple(encoder.feature_shape)
-    if shape[-1] != cfg.feature_shape[-1] or (cfg.feature_shape[0] not in (0, shape[0])):
-        raise UserError(f"{where} was trained on CLIP features of shape {cfg.feature_shape} ({cfg.encoder.clip_model}) "
-                        f"but {got.clip_model} gives {shape}: use the CLIP model it was trained with")
-    if cfg.feature_shape[0] == 0:
-        cfg = CaptionerSpec.build(cfg.encoder, shape, cfg.projection, cfg.prefix_len, cfg.proj_hidden,
-                                    cfg.llama_dim, cfg.style)
-    return cfg
+def check_same_llama(where: str, recorded_dir: Optional[str], llama: LlamaCheckpoint) -> None:
+    """The LLaMA a projection was trained with (its folder, as its flags recorded it) against
+    `llama`: when that folder still exists, another architecture (width, layers, heads,
+    vocabulary) is refused. Two LLaMAs of the same shape are not told apart."""
+    if not recorded_dir or not os.path.isdir(recorded_dir) or os.path.abspath(recorded_dir) == os.path.abspath(llama.folder):
+        return
+    if open_checkpoint(recorded_dir).architecture() != llama.architecture():
+        raise UserError(f"{where} was trained with the LLaMA in {recorded_dir}, not the one in --ckpt_dir {llama.folder}: "
+                        f"use the LLaMA it was trained with")

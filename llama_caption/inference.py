@@ -1,16 +1,14 @@
 """Caption a COCO split or a user's own images; write COCO results (results.py); evaluate.
 
-`run` selects the images, loads the captioner (runs.load_captioner: the decoder is chosen there),
-refuses or continues an existing results file by what made it, captions the images not done yet
-in batches, dealt out over data-parallel groups (rank 0 gathers and alone writes), then writes the
-results, the gallery and the metrics.
+`run` selects the images, opens the captioner (opening.open_captioner: the decoder is chosen
+there), refuses or continues an existing results file by what made it, captions the images not
+done yet in batches, dealt out over data-parallel groups (rank 0 gathers and alone writes), then
+writes the results, the gallery and the metrics.
 
-With `--shards` (webdataset tar shards) and `--out DIR`, `caption_shards` writes one results file
-per input shard instead (docs/shards.md).
+With `--shards` (webdataset tar shards) and `--out DIR`, caption_shards.py writes one results
+file per input shard instead (docs/shards.md).
 """
 
-import functools
-import json
 import math
 import os
 import sys
@@ -22,20 +20,24 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from . import distributed, shards
+from . import distributed
+from .caption_shards import caption_shards
+from .clipscore import ClipScoreSettings
 from .config import command, setting
-from .llama.generation import check_sampling
 from .data import ImageFiles, ImageRecord, collate, list_image_files, load_split, report_bad_images
 from .errors import UserError
-from .clipscore import ClipScoreSettings
 from .evaluation import evaluate_records
-from .results import GALLERY_ORDERS, ResultsFiles, first_difference, ordered, provenance, result_key, write_gallery
-from .fileio import atomic_path, check_output_dir, write_json, write_text
-from .runs import CaptionerSettings, find_checkpoint
+from .fileio import write_json
+from .llama.decoding import Decoding, flags
+from .opening import CaptionerSettings, OpenedCaptioner, open_captioner
+from .results import GALLERY_ORDERS, ResultsFiles, ordered, result_key, write_gallery
+
+# --max_gen_len, --temperature, --top_p, --seed, --num_beams, --length_penalty (llama/decoding.py)
+CaptionFlags = flags("CaptionFlags")
 
 
 @dataclass
-class InferenceConfig(CaptionerSettings, ClipScoreSettings):
+class InferenceConfig(CaptionerSettings, ClipScoreSettings, CaptionFlags):
     images: Optional[List[str]] = setting(None, "--images DIR for a COCO split; or image files and folders of your own (no annotations): --images a.jpg b.png photos/")
     out: str = setting("results.json", "the COCO results file to write; RESULTS.run.json beside it records what made it, and a rerun with the same settings completes it. With --shards: the folder of per-shard results.")
     shards: Optional[List[str]] = setting(None, "webdataset tar shards to caption instead of --images ('cc3m/{00000..00331}.tar'; a list, or joined by '::'): one results file per shard in the folder --out (docs/shards.md).")
@@ -47,25 +49,19 @@ class InferenceConfig(CaptionerSettings, ClipScoreSettings):
     num_images: Optional[int] = setting(None, "caption only the first N images (by image id).")
     fraction: Optional[float] = setting(None, "caption only this fraction of the images (the first ones by image id).")
     batch_size: int = setting(32, "images decoded together.")
-    max_gen_len: int = setting(30, "the most tokens per caption (with the image prefix, at most the LLaMA's context).")
-    temperature: float = setting(0.0, "0 is greedy decoding; above 0, top-p sampling at this temperature.")
-    top_p: float = setting(0.95, "nucleus-sampling threshold, in (0, 1].")
-    num_beams: int = setting(1, "beam search with this many beams (1: greedy).")
-    length_penalty: float = setting(1.0, "beam scores are log-probability / length**length_penalty.")
     evaluate: bool = setting(True, "score against the annotations (BLEU, METEOR, ROUGE-L, CIDEr; SPICE when installed).")
     gallery: int = setting(0, "write RESULTS.gallery.html with N images, their captions, scores and references.")
     gallery_order: str = setting("first", "which images the gallery shows: first (by image id), worst (the lowest CIDEr first) or worst_clip_s (the lowest CLIP-S first); the worst ones need scores (--evaluate, and --clipscore for CLIP-S).")
     num_workers: int = setting(2, "image-loading processes (0: load in the main process).")
-    seed: int = setting(1, "random seed for sampling, the same on every rank.")
     save_every_s: float = setting(30.0, "seconds between rewrites of the results file while working.")
     control_shuffle: bool = setting(False, "a control experiment: caption each image from the CLIP features of the next image of the selection (by image id; never its own).")
 
     def check(self) -> None:
         super().check()
-        self.at_least(1, "batch_size", "max_gen_len", "num_beams", "num_images")
+        self.at_least(1, "batch_size", "num_images")
         self.check_shards()
         self.at_least(0, "num_workers", "gallery", "save_every_s")
-        check_sampling(self.temperature, self.top_p)
+        self.decoding()
         self.one_of("gallery_order", GALLERY_ORDERS)
         self.check_clipscore()
         if self.gallery_order != "first" and not (self.annotated and self.evaluate):
@@ -73,8 +69,6 @@ class InferenceConfig(CaptionerSettings, ClipScoreSettings):
                             f"--annotations or --karpathy_split, and --evaluate True")
         if self.gallery_order == "worst_clip_s" and not self.clipscore:
             raise UserError("--gallery_order worst_clip_s ranks by CLIP-S: leave --clipscore True")
-        if self.num_beams > 1 and self.temperature > 0:
-            raise UserError("--num_beams > 1 is beam search, which does not sample: leave --temperature at 0")
         if self.num_images is not None and self.fraction is not None:
             raise UserError("give --num_images or --fraction, not both")
         if self.fraction is not None and not 0 < self.fraction <= 1:
@@ -105,17 +99,9 @@ class InferenceConfig(CaptionerSettings, ClipScoreSettings):
     def annotated(self) -> bool:
         return bool(self.annotations or self.karpathy_split)
 
-    def decoding(self, dtype: torch.dtype) -> dict:
-        """The settings that decide the captions (recorded beside the results)."""
-        d = {"max_gen_len": self.max_gen_len, "num_beams": self.num_beams, "temperature": self.temperature,
-             "control_shuffle": self.control_shuffle, "dtype": str(dtype).replace("torch.", "")}
-        if self.decoder != "eager":  # fp16 kernels of other shapes may round otherwise
-            d["decoder"] = self.decoder
-        if self.num_beams > 1:
-            d["length_penalty"] = self.length_penalty
-        if self.temperature > 0:
-            d.update(top_p=self.top_p, seed=self.seed)
-        return d
+    def decoding(self) -> Decoding:
+        """The decoding flags, checked (llama/decoding.py)."""
+        return Decoding.from_settings(self)
 
     def selection(self) -> dict:
         """Which images (recorded beside the results)."""
@@ -168,8 +154,9 @@ def control_donors(records: List[ImageRecord]) -> Dict[int, str]:
     return donor
 
 
-def caption_batches(cfg: InferenceConfig, env, captioner, encoder, todo: List[ImageRecord], done: Dict,
-                    files: Optional[ResultsFiles], records: List[ImageRecord], donor: Optional[Dict[int, str]]) -> list:
+def caption_batches(cfg: InferenceConfig, env, opened: OpenedCaptioner, decoding: Decoding, todo: List[ImageRecord],
+                    done: Dict, files: Optional[ResultsFiles], records: List[ImageRecord],
+                    donor: Optional[Dict[int, str]]) -> list:
     """Caption `todo`, dealt out over data-parallel groups; rank 0 collects into `done` and the
     partial log. `donor`: the control's image id -> file. Returns the unreadable images (rank 0)."""
     mine = todo[env.dp_rank::env.dp_size]
@@ -177,10 +164,10 @@ def caption_batches(cfg: InferenceConfig, env, captioner, encoder, todo: List[Im
     if donor:  # the control: each image is read from another image's file
         mine = [ImageRecord(r.image_id, donor[r.image_id], r.captions) for r in mine]
     n_batches = math.ceil(math.ceil(len(todo) / env.dp_size) / cfg.batch_size) if todo else 0
-    loader = torch.utils.data.DataLoader(ImageFiles(mine, encoder.preprocess), batch_size=cfg.batch_size,
+    loader = torch.utils.data.DataLoader(ImageFiles(mine, opened.preprocess), batch_size=cfg.batch_size,
                                          num_workers=cfg.num_workers, collate_fn=collate)
     it = iter(loader)
-    gen = torch.Generator(device=env.device).manual_seed(cfg.seed) if cfg.temperature > 0 else None
+    gen = decoding.generator(env.dp_rank, env.device)
     bad_all, last_save = [], time.time()
     with tqdm(total=len(todo), desc="captioning", unit="img", disable=not env.is_main, dynamic_ncols=True,
               file=sys.stderr) as bar:
@@ -188,9 +175,7 @@ def caption_batches(cfg: InferenceConfig, env, captioner, encoder, todo: List[Im
             batch = next(it, None) or {"image_id": [], "bad": []}
             local = []
             if batch["image_id"]:
-                feats = encoder(batch["pixels"])
-                caps = captioner.generate(feats, cfg.max_gen_len, cfg.temperature, cfg.top_p, generator=gen,
-                                          num_beams=cfg.num_beams, length_penalty=cfg.length_penalty)
+                caps = opened.caption(batch["pixels"], decoding, gen)
                 for image_id, cap in zip(batch["image_id"], caps):
                     local.append({"image_id": int(image_id), "caption": cap} if cfg.annotated
                                  else {"image_id": int(image_id), "caption": cap, "file_name": own_path[int(image_id)]})
@@ -231,135 +216,6 @@ def gallery(cfg: InferenceConfig, env, files: ResultsFiles, results: List[Dict],
     env.log(f"gallery of {shown} image(s): {files.gallery}")
 
 
-def shard_results(out: str, urls: List[str], fmt: str) -> List[str]:
-    """The results file of each shard: OUT/NAME.jsonl (or .parquet) for NAME.tar."""
-    paths = [os.path.join(out, os.path.splitext(shards.shard_name(u))[0] + "." + fmt) for u in urls]
-    if len(set(paths)) < len(paths):
-        twice = next(p for p in paths if paths.count(p) > 1)
-        raise UserError(f"--shards: two shards have the name of {os.path.basename(twice)}; their results would share a "
-                        f"file: caption them into separate --out folders")
-    return paths
-
-
-def write_shard_results(path: str, rows: List[Dict], fmt: str) -> None:
-    """One shard's captions, atomically."""
-    if fmt == "jsonl":
-        write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
-        return
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    table = pa.table({"key": pa.array([r["key"] for r in rows], pa.string()),
-                      "caption": pa.array([r["caption"] for r in rows], pa.string())})
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
-
-
-RESULT_FORMATS = (".jsonl", ".parquet")
-
-
-def held_results(out: str) -> List[str]:
-    """The shard results files in --out, of either format (whatever shards they came from)."""
-    if not os.path.isdir(out):
-        return []
-    return sorted(f for f in os.listdir(out) if f.endswith(RESULT_FORMATS) and not f.startswith("."))
-
-
-def claim_shard_results(cfg: InferenceConfig, paths: List[str], made_by: dict) -> set:
-    """The shards already captioned in --out by the same settings. Results of other settings
-    (another format included) are refused; with --overwrite every shard is done again and the
-    folder's results files are removed first (`clear_shard_results`), so that one folder never
-    holds two settings' captions."""
-    run_file = os.path.join(cfg.out, "run.json")
-    held = held_results(cfg.out)
-    if cfg.overwrite:
-        return set()
-    if os.path.isfile(run_file):
-        with open(run_file, encoding="utf-8") as f:
-            diff = first_difference(json.load(f), made_by)
-        if diff and held:
-            raise UserError(f"--out {cfg.out} holds captions made with other settings ({diff}): pick another --out to "
-                            f"keep both, or add --overwrite to replace them (every results file in it is removed)")
-    elif held:
-        raise UserError(f"--out {cfg.out} holds results files but no run.json says what made them: pick another --out, "
-                        f"or add --overwrite")
-    return {i for i, p in enumerate(paths) if os.path.isfile(p)}
-
-
-def clear_shard_results(out: str) -> int:
-    """--overwrite: remove the folder's results files (rank 0, before anything new is written)."""
-    held = held_results(out)
-    for name in held:
-        os.unlink(os.path.join(out, name))
-    return len(held)
-
-
-def caption_shards(cfg: InferenceConfig) -> Dict:
-    """Caption --shards: shards not yet done are dealt out over the data-parallel groups, each
-    group's first model-parallel rank writing a shard's results when its last sample is captioned."""
-    urls = shards.expand(cfg.shards, "--shards")
-    check_output_dir(cfg.out, "--out")
-    paths = shard_results(cfg.out, urls, cfg.out_format)
-    with distributed.session(cfg.mp_size(), cfg.device, cfg.seed) as env:
-        cfg.resolve_decoder(env.device, beams=cfg.num_beams > 1, mp_size=env.mp_size)
-        captioner, encoder, _, dtype = cfg.load(env.device, cfg.max_gen_len, cfg.batch_size, env.log)
-        llama = cfg.open()
-        made_by = provenance(find_checkpoint(cfg.checkpoint), llama, llama.tokenizer_file(cfg.tokenizer_path),
-                             encoder.spec.identity, cfg.decoding(dtype), {"out_format": cfg.out_format},
-                             cfg.quantize)
-        done = claim_shard_results(cfg, paths, made_by)
-        dist.barrier()  # every rank has seen what is done before rank 0 writes anything
-        if env.is_main:
-            if cfg.overwrite:
-                removed = clear_shard_results(cfg.out)
-                if removed:
-                    env.log(f"--overwrite: removed the {removed} results file(s) in {cfg.out}")
-            write_json(os.path.join(cfg.out, "run.json"), made_by, indent=1)
-        dist.barrier()  # nothing is written before the old results are gone
-        todo = [i for i in range(len(urls)) if i not in done]
-        env.log(f"{len(urls)} shard(s): {len(done)} already captioned in {cfg.out}, {len(todo)} to go; "
-                f"MP {env.mp_size} x DP {env.dp_size}")
-        counts = caption_my_shards(cfg, env, captioner, encoder, urls, paths, todo[env.dp_rank::env.dp_size])
-        totals = torch.tensor(counts, dtype=torch.long, device=env.device)
-        dist.all_reduce(totals)
-        shards_done, images, bad, errors = (int(t) // env.mp_size for t in totals)
-        env.log(f"captioned {images} image(s) in {shards_done} shard(s) into {cfg.out}; {bad} unreadable sample(s) "
-                f"skipped" + (f"; {errors} shard(s) could not be read to their end and have no results file "
-                              f"(rerun to retry them)" if errors else ""))
-        return {"shards": shards_done, "images": images, "bad": bad, "shard_errors": errors}
-
-
-def caption_my_shards(cfg: InferenceConfig, env, captioner, encoder, urls, paths, mine: List[int]) -> List[int]:
-    """This data-parallel group's shards; returns [shards, images, unreadable samples, read errors]."""
-    decode = functools.partial(shards.decode_keeping, transform=encoder.preprocess, keep=())
-    stream = shards.ShardStream(urls, [shards.shard_name(u) for u in urls], mine, {}, decode, cfg.batch_size)
-    gen = torch.Generator(device=env.device).manual_seed(cfg.seed + env.dp_rank) if cfg.temperature > 0 else None
-
-    def process(good):
-        feats = encoder(torch.stack([x["pixels"] for x in good]))
-        return captioner.generate(feats, cfg.max_gen_len, cfg.temperature, cfg.top_p, generator=gen,
-                                  num_beams=cfg.num_beams, length_penalty=cfg.length_penalty)
-
-    counts, start = [0, 0, 0, 0], time.time()
-    writer = env.mp_rank == 0
-    with tqdm(desc="captioning shards", unit="img", disable=not env.is_main, dynamic_ncols=True, file=sys.stderr) as bar:
-        for s, good, bad, errors in shards.per_shard(shards.chunk_loader(stream, cfg.num_workers), cfg.batch_size,
-                                                     process):
-            # A shard that could not be read to its end gets no results file: a rerun retries it.
-            if writer and not errors:
-                write_shard_results(paths[s], [{"key": x["key"], "caption": c} for x, c in good], cfg.out_format)
-            counts = [counts[0] + 1, counts[1] + len(good), counts[2] + len(bad), counts[3] + bool(errors)]
-            bar.update(len(good) + len(bad))
-            bar.set_postfix(shards=f"{counts[0]}/{len(mine)}")
-            if writer:
-                rate = counts[1] / max(time.time() - start, 1e-9)
-                print(f"[dp {env.dp_rank}] {os.path.basename(paths[s])}: {len(good)} caption(s), {len(bad)} skipped"
-                      + (f", read error: {errors[0]} (no results file: a rerun retries this shard)" if errors else "")
-                      + f"; {counts[0]}/{len(mine)} shard(s), {counts[1]} image(s), {rate:.1f} images/s",
-                      file=sys.stderr, flush=True)
-    return counts
-
-
 def run(cfg: InferenceConfig) -> Optional[Dict]:
     if cfg.shards:
         return caption_shards(cfg)
@@ -368,11 +224,9 @@ def run(cfg: InferenceConfig) -> Optional[Dict]:
     with distributed.session(cfg.mp_size(), cfg.device, cfg.seed) as env:
         records = select_records(cfg, env.log)
         donor = control_donors(records) if cfg.control_shuffle else None
-        cfg.resolve_decoder(env.device, beams=cfg.num_beams > 1, mp_size=env.mp_size)
-        captioner, encoder, _, dtype = cfg.load(env.device, cfg.max_gen_len, cfg.batch_size, env.log)
-        llama = cfg.open()
-        made_by = provenance(find_checkpoint(cfg.checkpoint), llama, llama.tokenizer_file(cfg.tokenizer_path),
-                             encoder.spec.identity, cfg.decoding(dtype), cfg.selection(), cfg.quantize)
+        decoding = cfg.decoding()
+        opened = open_captioner(cfg, env, decoding, cfg.batch_size)
+        made_by = opened.provenance(decoding, cfg.selection(), cfg.control_shuffle)
         files.previous(made_by, cfg.overwrite)
         done = {} if cfg.overwrite else files.load_done(cfg.annotated)
         dist.barrier()  # every rank has read the old files before rank 0 changes them
@@ -383,8 +237,7 @@ def run(cfg: InferenceConfig) -> Optional[Dict]:
                 f"{len(todo)} to go; {mode}, MP {env.mp_size} x DP {env.dp_size}")
         if env.is_main:
             files.start(made_by, fresh=cfg.overwrite)
-        bad = caption_batches(cfg, env, captioner, encoder, todo, done, files if env.is_main else None, records,
-                              donor)
+        bad = caption_batches(cfg, env, opened, decoding, todo, done, files if env.is_main else None, records, donor)
         if not env.is_main:
             return None
         results = ordered(done, records, cfg.annotated)

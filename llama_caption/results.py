@@ -23,9 +23,9 @@ from .fileio import check_output_file, sha256_file, write_json, write_text
 from .llama.checkpoint import LlamaCheckpoint
 
 
-def provenance(projection_dir: str, llama: LlamaCheckpoint, tokenizer_file: str, encoder_identity: str,
-               decoding: dict, selection: dict, quantize: str = "none") -> dict:
-    """What makes a results file: compared key by key when a run continues one. A quantized
+def identity(projection_dir: str, llama: LlamaCheckpoint, tokenizer_file: str, encoder_identity: str,
+             quantize: str = "none") -> dict:
+    """What captions, as results files record it: the projection, LLaMA and CLIP. A quantized
     LLaMA (`quantize`) is recorded under "llama" (full precision adds no key: older files match)."""
     llama_made = dict(llama.provenance(), tokenizer="sha256:" + sha256_file(tokenizer_file))
     if quantize != "none":
@@ -34,9 +34,13 @@ def provenance(projection_dir: str, llama: LlamaCheckpoint, tokenizer_file: str,
         "checkpoint": "sha256:" + sha256_file(os.path.join(projection_dir, PROJECTION_FILE)),
         "llama": llama_made,
         "clip": encoder_identity,
-        "decoding": decoding,
-        "selection": selection,
     }
+
+
+def provenance(made_by: dict, decoding: dict, selection: dict) -> dict:
+    """What makes a results file (`identity`, how it decoded, which images): compared key by key
+    when a run continues one."""
+    return dict(made_by, decoding=decoding, selection=selection)
 
 
 def first_difference(old, new, where: str = "") -> Optional[str]:

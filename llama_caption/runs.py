@@ -9,30 +9,23 @@
 
 A checkpoint folder is filled under a temporary name and renamed when complete; `latest` is
 rewritten atomically after that, so a crash at any moment leaves the previous one usable.
-A folder that holds a run is only continued (--resume), never started over. `load_captioner`
-builds a trained captioner (frozen LLaMA and CLIP included) from a run folder or a checkpoint.
+A folder that holds a run is only continued (--resume), never started over. `find_checkpoint`
+finds the checkpoint of a run folder; opening.open_captioner builds a trained captioner from it.
 """
 
 import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from .captioner import (PROJECTION_FILE, Captioner, CaptionerSpec, check_encoder, check_window, load_projection,
-                        save_projection)
-from .config import setting
-from .llama.checkpoint import LlamaCheckpoint, LlamaSettings, load_llama, open_checkpoint
-from .llama.quantize import describe
-from .llama.static_decode import MODES, make_decoder
+from .captioner import PROJECTION_FILE, CaptionerSpec, save_projection
+from .captioner import check_same_llama, load_projection  # noqa: F401 (training.py calls them as runs.X)
 from .errors import UserError
-from .runtime import DTYPE_NAMES, resolve_dtype
 from .fileio import atomic_path, write_text
-from .vision import EncoderSpec, load_encoder
 
 
 def checkpoints_dir(out_dir: str) -> str:
@@ -132,111 +125,6 @@ def check_fresh(out_dir: str, log=print) -> None:
                         f"or pick a new --out_dir (nothing was changed)")
     if any(os.path.isfile(os.path.join(out_dir, f)) for f in ("config.json", "metrics.jsonl")):
         log(f"--out_dir {out_dir} holds a run that stopped before its first checkpoint: it is started over")
-
-
-def check_same_llama(where: str, recorded_dir: Optional[str], llama: LlamaCheckpoint) -> None:
-    """The LLaMA a projection was trained with (its folder, as its flags recorded it) against
-    `llama`: when that folder still exists, another architecture (width, layers, heads,
-    vocabulary) is refused. Two LLaMAs of the same shape are not told apart."""
-    if not recorded_dir or not os.path.isdir(recorded_dir) or os.path.abspath(recorded_dir) == os.path.abspath(llama.folder):
-        return
-    if open_checkpoint(recorded_dir).architecture() != llama.architecture():
-        raise UserError(f"{where} was trained with the LLaMA in {recorded_dir}, not the one in --ckpt_dir {llama.folder}: "
-                        f"use the LLaMA it was trained with")
-
-
-def load_captioner(checkpoint: str, llama: LlamaCheckpoint, tokenizer_path: Optional[str], device,
-                   dtype=torch.float32, max_gen_len: int = 30, clip_model: Optional[str] = None,
-                   clip_pretrained: Optional[str] = None, decoder: str = "eager", batch_size: int = 32,
-                   pack_weights: bool = False, log=print, quantize: str = "none"):
-    """A trained captioner from a training checkpoint, the frozen LLaMA (`llama`, opened) and CLIP.
-
-    The encoder, projection and prefix come from the checkpoint's CaptionerSpec; `clip_model`
-    is the path of the same CLIP file when it moved (its identity must match). `decoder` picks how
-    greedy and sampled captions are decoded (static_decode.MODES); `pack_weights` packs the LLaMA's
-    weights for oneDNN first (CPU); `quantize` quantizes its block weights (quantize.MODES).
-    Returns (captioner, encoder, CaptionerSpec).
-    """
-    ckpt = find_checkpoint(checkpoint)
-    weights, cfg, flags = load_projection(ckpt)
-    window = check_window(cfg.prefix_len, max_gen_len, llama, "--max_gen_len")  # before anything is loaded
-    spec = cfg.encoder
-    if clip_model or clip_pretrained:  # the same encoder's files, moved: the identity must still match
-        spec = EncoderSpec.of(clip_model or spec.clip_model, spec.feature_kind,
-                              -2 if spec.clip_layer is None else spec.clip_layer, clip_pretrained or spec.pretrained)
-    encoder = load_encoder(spec, device)
-    known = cfg.prefix_len
-    cfg = check_encoder(cfg, encoder, f"--checkpoint {ckpt}")
-    if cfg.prefix_len != known:  # a first-format patch checkpoint: its patch count came from the encoder
-        window = check_window(cfg.prefix_len, max_gen_len, llama, "--max_gen_len")
-    if cfg.llama_dim != llama.args.dim:
-        raise UserError(f"--checkpoint {ckpt} projects to LLaMA width {cfg.llama_dim} but {llama.folder} has width "
-                        f"{llama.args.dim}: use the LLaMA it was trained with")
-    check_same_llama(f"--checkpoint {ckpt}", flags.get("ckpt_dir"), llama)
-    if quantize != "none" and decoder in ("compile", "cuda_graph"):
-        raise UserError(f"--decoder {decoder} is not measured with --quantize {quantize}: use --decoder static or eager")
-    trained = flags.get("quantize", "none")
-    if trained != quantize:  # allowed: the projection only saw the LLaMA's activations
-        log(f"--checkpoint {ckpt} was trained with the LLaMA at {describe(trained)}; captioning with it at "
-            f"{describe(quantize)}")
-    model, tokenizer = load_llama(llama, tokenizer_path, window, device=device, dtype=dtype, quantize=quantize)
-    projection = cfg.new_projection()
-    try:
-        projection.load_state_dict(weights, strict=True)
-    except RuntimeError as e:
-        raise UserError(f"{ckpt}: projection weights do not fit the stored config ({str(e).splitlines()[0]})") from None
-    projection.to(device).eval()
-    if pack_weights and decoder == "compile":  # torch.compile cannot trace the oneDNN-packed layers
-        log("--decoder compile: LLaMA's weights are not packed for oneDNN (the compiled step uses the plain ones)")
-    elif pack_weights and model.pack_weights():
-        log("CPU decoding: LLaMA's weights packed for oneDNN (--pack_weights False to save the extra copy)")
-    return Captioner(model, tokenizer, projection, cfg.style, make_decoder(model, decoder, batch_size)), encoder, cfg
-
-
-@dataclass(kw_only=True)
-class CaptionerSettings(LlamaSettings):
-    """The flags of every command that captions with a trained run (`caption`, `serve`): the
-    LLaMA (LlamaSettings), the checkpoint, where its CLIP moved to, precision and decoder.
-    `load` builds the captioner from them."""
-
-    checkpoint: str = setting(help="a training run folder (its latest checkpoint) or one checkpoint folder.")
-    clip_model: Optional[str] = setting(None, "the CLIP file, when it moved since training (it must be the same model).")
-    clip_pretrained: Optional[str] = setting(None, "the open_clip weights file, when it moved since training (the same weights).")
-    dtype: str = setting("auto", "frozen LLaMA precision: auto (fp16 on CUDA, fp32 on CPU), fp32, fp16, bf16.")
-    decoder: str = setting("auto", "greedy/top-p decoder: auto (on a CPU: static; on CUDA: cuda_graph for caption on one GPU without --quantize, 2.5x eager at 7B on an H200, and eager with model parallelism, --quantize, beam search or in serve); eager; static (fixed-shape KV cache, batches padded to 1, 2, 4 ... 64 or --batch_size); compile (static through torch.compile); cuda_graph (static captured as CUDA graphs, CUDA only). Same captions in fp32; beam search is always eager.")
-    pack_weights: bool = setting(True, "on a CPU, decode with a copy of LLaMA's weights packed for oneDNN (faster; one extra copy in memory). No effect on CUDA.")
-
-    def check(self) -> None:
-        super().check()
-        self.one_of("dtype", DTYPE_NAMES)
-        self.one_of("decoder", ("auto",) + MODES)
-
-    def resolve_decoder(self, device: torch.device, beams: bool = False, mp_size: int = 1,
-                        graphs: bool = True) -> None:
-        """`auto`: the static decoder on a CPU and the CUDA-graph one on CUDA (the same captions,
-        faster: docs/captioning.md); the eager one for beam search (`beams`), and on CUDA across
-        model-parallel ranks (`mp_size`: collectives inside a graph, not measured), with --quantize
-        (the graph decoders refuse quantized layers) or where CUDA graphs were not tried on a GPU
-        (`graphs` False: the server, whose web threads run beside the decoding loop)."""
-        if self.decoder == "auto":
-            if beams:
-                self.decoder = "eager"
-            elif device.type != "cuda":
-                self.decoder = "static"
-            else:
-                ok = graphs and mp_size == 1 and self.quantize == "none"
-                self.decoder = "cuda_graph" if ok else "eager"
-        if self.decoder == "cuda_graph" and device.type != "cuda":
-            raise UserError("--decoder cuda_graph needs a CUDA device: use static or compile on the CPU")
-
-    def load(self, device: torch.device, max_gen_len: int, batch_size: int, log=print):
-        """(captioner, encoder, CaptionerSpec, dtype): the trained captioner on `device`, with the
-        LLaMA opened once (`open()`) and the decoder resolved first."""
-        dtype = resolve_dtype(self.dtype, device)
-        captioner, encoder, cfg = load_captioner(self.checkpoint, self.open(), self.tokenizer_path, device, dtype,
-                                                 max_gen_len, self.clip_model, self.clip_pretrained, self.decoder,
-                                                 batch_size, self.pack_weights, log, self.quantize)
-        return captioner, encoder, cfg, dtype
 
 
 class MetricsLog:

@@ -17,9 +17,7 @@ from conftest import REPO, run_cli, torchrun
 from llama_caption import evaluation
 from llama_caption.data import load_coco, open_rgb
 from llama_caption.llama.generation import beam_search, generate, sequence_score
-from llama_caption.llama.checkpoint import open_checkpoint
-from llama_caption.runs import load_captioner
-from llama_caption.tools.testing import build_tiny_clip, score_continuations
+from llama_caption.tools.testing import build_tiny_clip, open_trained, score_continuations
 
 
 def infer_args(cap, trained, out, *extra, images=None):
@@ -147,7 +145,8 @@ def features_of(encoder, paths):
 
 @pytest.fixture(scope="module")
 def model(cap, trained, process_group):
-    captioner, encoder, cfg = load_captioner(trained, open_checkpoint(cap["ckpt_dir"]), cap["tokenizer"], "cpu", max_gen_len=30)
+    opened = open_trained(cap["ckpt_dir"], cap["tokenizer"], trained, process_group, max_gen_len=30)
+    captioner, encoder = opened.captioner, opened.encoder
     recs = load_coco(cap["images"], cap["ann"]) + load_coco(cap["val_images"], cap["val_ann"])
     return captioner, features_of(encoder, [r.path for r in recs])
 
@@ -278,13 +277,13 @@ def test_bad_checkpoints_and_missing_java(cap, trained, tmp_path, monkeypatch):
     assert len(json.load(open(out))) == 3
 
 
-def test_a_checkpoint_of_the_first_format_still_loads(cap, trained, model, tmp_path):
-    """Before the typed CaptionerConfig, projection.safetensors carried only the training flags
+def test_a_checkpoint_of_the_first_format_still_loads(cap, trained, model, tmp_path, process_group):
+    """Before the typed CaptionerSpec (then CaptionerConfig), projection.safetensors carried only the training flags
     (with --feature, since renamed --feature_kind) plus the CLIP identity and LLaMA width."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from llama_caption.captioner import CaptionerConfig
+    from llama_caption.captioner import CaptionerSpec
     from llama_caption.runs import find_checkpoint
 
     with safe_open(os.path.join(find_checkpoint(trained), "projection.safetensors"), "pt") as f:
@@ -295,8 +294,9 @@ def test_a_checkpoint_of_the_first_format_still_loads(cap, trained, model, tmp_p
     old.update(clip_identity=captioner_cfg["encoder"]["identity"], llama_dim=captioner_cfg["llama_dim"])
     (tmp_path / "old").mkdir()
     save_file(weights, str(tmp_path / "old" / "projection.safetensors"), metadata={"config": json.dumps(old)})
-    captioner, _, cfg = load_captioner(str(tmp_path / "old"), open_checkpoint(cap["ckpt_dir"]), cap["tokenizer"], "cpu", max_gen_len=30)
-    assert cfg == CaptionerConfig.from_dict(captioner_cfg)
+    opened = open_trained(cap["ckpt_dir"], cap["tokenizer"], str(tmp_path / "old"), process_group, max_gen_len=30)
+    captioner, cfg = opened.captioner, opened.spec
+    assert cfg == CaptionerSpec.from_dict(captioner_cfg)
     new, feats = model
     assert captioner.generate(feats, max_gen_len=30) == new.generate(feats, max_gen_len=30)
 
@@ -358,7 +358,7 @@ def test_auto_decoder_is_cuda_graph_on_one_gpu_only():
     """--decoder auto: static on a CPU; on CUDA the CUDA-graph decoder (the same captions in fp32
     on an H200, 2.5x eager at 7B: docs/captioning.md), except for beam search, across
     model-parallel ranks, with --quantize and in the server, where it stays eager."""
-    from llama_caption.runs import CaptionerSettings
+    from llama_caption.opening import CaptionerSettings
 
     def auto(device, **kw):
         quantize = kw.pop("quantize", "none")

@@ -17,9 +17,9 @@ import captioning_training
 from conftest import run_cli, torchrun
 from llama_caption.data import load_coco, open_rgb
 from llama_caption.errors import UserError
-from llama_caption.llama.checkpoint import load_llama, open_checkpoint
+from llama_caption.llama.checkpoint import load_llama
 from llama_caption.llama.quantize import QuantizedLinear, check_kernels, weight_bytes
-from llama_caption.runs import load_captioner
+from llama_caption.tools.testing import open_trained
 
 # Relative error ||quantized - full|| / ||full|| of the logits, and the least cosine similarity
 # of the prefix gradients, per mode.
@@ -37,7 +37,7 @@ def relative(a, b):
 @pytest.fixture(scope="module")
 def features(cap, trained, process_group):
     """The nine drawn images' CLIP features and 27 blends of two of them: 36 prefixes."""
-    _, encoder, _ = load_captioner(trained, open_checkpoint(cap["ckpt_dir"]), cap["tokenizer"], "cpu", max_gen_len=20)
+    encoder = open_trained(cap["ckpt_dir"], cap["tokenizer"], trained, process_group, max_gen_len=20).encoder
     recs = load_coco(cap["images"], cap["ann"]) + load_coco(cap["val_images"], cap["val_ann"])
     with torch.no_grad():
         feats = encoder(torch.stack([encoder.preprocess(open_rgb(r.path)) for r in recs]))
@@ -49,8 +49,8 @@ def features(cap, trained, process_group):
 
 @pytest.fixture(scope="module")
 def captioners(cap, trained, process_group):
-    return {mode: load_captioner(trained, open_checkpoint(cap["ckpt_dir"]), cap["tokenizer"], "cpu", max_gen_len=20,
-                                 quantize=mode, log=lambda *a: None)[0]
+    return {mode: open_trained(cap["ckpt_dir"], cap["tokenizer"], trained, process_group, max_gen_len=20,
+                               quantize=mode).captioner
             for mode in ("none", "int8", "int4")}
 
 

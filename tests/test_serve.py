@@ -27,7 +27,8 @@ from PIL import Image
 import captioning_inference
 from conftest import REPO, free_port, run_cli
 from llama_caption.errors import UserError
-from llama_caption.serve.batching import Batcher, Decoding, QueuedRequest, QueueFull
+from llama_caption.llama.decoding import Decoding
+from llama_caption.serve.batching import Batcher, QueuedRequest, QueueFull
 
 SERVE_FLAGS = dict(max_batch=8, max_images=4, max_wait_ms=300.0, max_queue=32, max_upload_mb=0.25,
                    max_pixels=64 * 64, max_gen_len=30)
@@ -225,6 +226,25 @@ def test_shorter_max_gen_len_and_sampling_and_beams(service, photos, offline):
     assert all(c["batch_images"] == 3 for c in sampled[0]["captions"])  # decoded alone
     beam = post(client, [(name, read(photos, name))], num_beams=2)
     assert beam.status_code == 200 and beam.json()["captions"][0]["caption"]
+
+
+def test_a_sampled_request_draws_as_caption_does(service, cap, trained, photos, tmp_path):
+    """One seed rule (Decoding.generator: seed + data-parallel rank): four images sampled in one
+    request get the captions `caption` samples for them in one batch of four, with the same seed."""
+    svc, client = service
+    names = sorted(os.listdir(photos))[:4]
+    (tmp_path / "four").mkdir()
+    for name in names:
+        shutil.copy(os.path.join(photos, name), tmp_path / "four" / name)
+    proc = run_cli(captioning_inference.main, "--ckpt_dir", cap["ckpt_dir"], "--tokenizer_path", cap["tokenizer"],
+                   "--checkpoint", trained, "--images", tmp_path / "four", "--out", tmp_path / "s.json",
+                   "--num_workers", 0, "--batch_size", 4, "--temperature", 1.5, "--top_p", 1.0, "--seed", 7)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    offline = {os.path.basename(r["file_name"]): r["caption"] for r in json.load(open(tmp_path / "s.json"))}
+    r = post(client, [(name, read(photos, name)) for name in names], temperature=1.5, top_p=1.0, seed=7)
+    assert r.status_code == 200, r.text
+    assert [c["caption"] for c in r.json()["captions"]] == [offline[name] for name in names]
+    assert len(set(offline.values())) > 1
 
 
 BAD = [

@@ -13,12 +13,11 @@ import captioning_training
 from conftest import run_cli, run_python, torchrun
 from llama_caption import features
 from llama_caption.captioner import IGNORE, Captioner, CaptionStyle
-from llama_caption.llama.checkpoint import load_llama, open_checkpoint
+from llama_caption.llama.checkpoint import load_llama
 from llama_caption.data import CaptionDataset, StepBatches, collate, load_coco, open_rgb
 from llama_caption.features import FeatureCache
 from llama_caption.projection import Projection
-from llama_caption.runs import load_captioner
-from llama_caption.tools.testing import build_tiny_clip
+from llama_caption.tools.testing import build_tiny_clip, open_trained
 from llama_caption.vision import ClipEncoder, EncoderSpec
 
 def train_args(cap, out_dir, *extra, ann=None):
@@ -129,7 +128,7 @@ def final_weights(out_dir):
 
 
 @pytest.mark.slow
-def test_training_memorises_a_few_images_and_greedy_reproduces_them(cap, tmp_path):
+def test_training_memorises_a_few_images_and_greedy_reproduces_them(cap, tmp_path, process_group):
     out = tmp_path / "run"
     proc = run_train(cap, out, "--epochs", 60, "--batch_size", 4, "--lr", 3e-3, "--warmup_steps", 5,
                      "--projection", "linear", ann=cap["few"])
@@ -137,7 +136,8 @@ def test_training_memorises_a_few_images_and_greedy_reproduces_them(cap, tmp_pat
     assert rows[-1]["loss"] < 0.05 and rows[0]["loss"] > 5 * rows[-1]["loss"]
     assert (out / "loss_curve.png").stat().st_size > 1000
     assert "samples_s=" in proc.stderr  # the tqdm bar reports throughput
-    captioner, encoder, cfg = load_captioner(str(out), open_checkpoint(cap["ckpt_dir"]), cap["tokenizer"], "cpu")
+    opened = open_trained(cap["ckpt_dir"], cap["tokenizer"], str(out), process_group)
+    captioner, encoder = opened.captioner, opened.encoder
     recs = load_coco(cap["images"], cap["few"])
     pixels = torch.stack([encoder.preprocess(open_rgb(r.path)) for r in recs])
     got = captioner.generate(encoder(pixels), max_gen_len=40)

@@ -9,7 +9,7 @@ Each completion is printed, then a line of 34 '='.
 
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import List, Optional
 
 from .. import distributed
@@ -17,7 +17,7 @@ from ..config import command, setting
 from ..errors import UserError
 from ..runtime import DTYPE_NAMES, resolve_dtype
 from .checkpoint import LlamaSettings, load_llama
-from .generation import check_sampling, generate
+from .decoding import Decoding, decode, flags
 
 DEFAULT_PROMPTS = [
     "The three things every good photograph has in common are",
@@ -25,29 +25,29 @@ DEFAULT_PROMPTS = [
 ]
 
 
+# --max_gen_len, --temperature, --top_p, --seed (decoding.py); no beam search here.
+CompleteFlags = flags("CompleteFlags", skip=("num_beams", "length_penalty"), max_gen_len=64, temperature=0.8)
+
+
 @dataclass
-class ExampleConfig(LlamaSettings):
-    temperature: float = setting(0.8, "sampling temperature; 0 means greedy decoding.")
-    top_p: float = setting(0.95, "nucleus-sampling threshold (used when temperature > 0), in (0, 1].")
+class ExampleConfig(LlamaSettings, CompleteFlags):
     max_seq_len: int = setting(512, "the longest prompt plus completion, in tokens (KV-cache size).")
     max_batch_size: int = setting(32, "the most prompts decoded together; more are done in several batches.")
-    max_gen_len: int = setting(64, "the most tokens generated per prompt.")
     prompts: Optional[List[str]] = setting(None, "a list of prompts that replaces the two built-in ones, e.g. '[\"Hello\", \"Hi\"]'.")
     dtype: str = setting("auto", "auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16.")
-    seed: int = setting(1, "the random seed, the same on every rank.")
     pack_weights: bool = setting(True, "on a CPU, decode with a copy of the weights packed for oneDNN (faster; one extra copy in memory). No effect on CUDA.")
 
     def check(self) -> None:
         super().check()
-        self.at_least(1, "max_batch_size", "max_gen_len", "max_seq_len")
+        self.at_least(1, "max_batch_size", "max_seq_len")
         if self.prompts is not None and not self.prompts:
             raise UserError("--prompts is an empty list: give at least one prompt, or leave the flag out for the built-in ones")
-        check_sampling(self.temperature, self.top_p)
+        Decoding.from_settings(self)
         self.one_of("dtype", DTYPE_NAMES)
 
 
 def complete(cfg: ExampleConfig) -> None:
-    prompts = cfg.prompts or DEFAULT_PROMPTS
+    prompts, decoding = cfg.prompts or DEFAULT_PROMPTS, Decoding.from_settings(cfg)
     ckpt = cfg.open()  # a missing folder gets its message before processes are grouped
     if cfg.max_seq_len > ckpt.context:
         raise UserError(f"--max_seq_len {cfg.max_seq_len} is more than the {ckpt.context} positions "
@@ -59,13 +59,14 @@ def complete(cfg: ExampleConfig) -> None:
         if cfg.pack_weights:
             model.pack_weights()
         print(f"Loaded in {time.time() - t0:.2f} seconds")
+        gen = decoding.generator(env.dp_rank, env.device)
         for start in range(0, len(prompts), cfg.max_batch_size):
             ids = [tokenizer.encode(p, bos=True, eos=False) for p in prompts[start:start + cfg.max_batch_size]]
             longest = max(len(t) for t in ids)
             if longest >= cfg.max_seq_len:
                 raise UserError(f"a prompt has {longest} tokens, not less than --max_seq_len {cfg.max_seq_len}")
-            outs = generate(model, ids, eos_id=tokenizer.stop_ids, max_gen_len=min(cfg.max_gen_len, cfg.max_seq_len - longest),
-                            temperature=cfg.temperature, top_p=cfg.top_p)
+            fits = replace(decoding, max_gen_len=min(decoding.max_gen_len, cfg.max_seq_len - longest))
+            outs = decode(model, ids, fits, eos_id=tokenizer.stop_ids, generator=gen)
             for prompt_ids, out in zip(ids, outs):
                 print(tokenizer.decode(prompt_ids[1:] + out))  # without BOS, which Llama 3's decoders spell out
                 print("\n" + "=" * 34 + "\n")

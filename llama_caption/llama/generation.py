@@ -6,7 +6,8 @@ An optional per-sequence embedding prefix (the image) stands before each text pr
 
 The pieces, in the order a decoder uses them: `prefill_inputs` (padded embeddings, padding mask,
 KV cache), `prefill` (the prompt through the model), `decode_step` (one token through it), and
-`pick_next` (greedy or top-p). `generate` and `beam_search` are loops over them.
+`pick_next` (greedy or top-p). `generate` and `beam_search` are loops over them; decoding.decode
+picks one of them (or a fixed-shape decoder) by the Decoding settings, and checks those.
 """
 
 from dataclasses import dataclass, field
@@ -14,16 +15,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ..errors import UserError
 from .model import KVCache, Transformer
-
-
-def check_sampling(temperature: float, top_p: float) -> None:
-    """The flags of `pick_next`, checked before any work: one line naming the bad one."""
-    if temperature < 0:
-        raise UserError(f"--temperature must be 0 (greedy) or positive, got {temperature}")
-    if not 0 < top_p <= 1:
-        raise UserError(f"--top_p must be in (0, 1], got {top_p}")
 
 
 def sample_top_p(probs: torch.Tensor, p: float, generator=None) -> torch.Tensor:

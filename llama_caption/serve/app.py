@@ -19,10 +19,10 @@ import binascii
 import hmac
 import io
 import json
-import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import fields
 from typing import Callable, List, Optional
 
 import torch
@@ -31,14 +31,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, create_model
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from ..data import open_rgb
-from ..llama.generation import check_sampling
 from ..errors import UserError
-from .batching import Batcher, Closed, Decoding, QueuedRequest, QueueFull
+from ..llama.decoding import Decoding
+from .batching import Batcher, Closed, QueuedRequest, QueueFull
 
 STATIC = os.path.join(os.path.dirname(__file__), "static")
 CLIENT_GONE = 499  # nginx's status for a client that closed the connection (counted, never seen)
@@ -60,15 +60,16 @@ class Limits(BaseModel):
     max_beams: int
 
 
-# The JSON request and the response, for the OpenAPI schema (and the JSON body's parsing).
-class CaptionRequest(BaseModel):
-    images: List[str] = Field(description="base64-encoded image files (JPEG, PNG, ...); a data: URL prefix is accepted")
-    max_gen_len: Optional[int] = Field(None, description="the most tokens per caption (default and limit: the server's --max_gen_len)")
-    temperature: Optional[float] = Field(None, description="0: greedy; above 0: top-p sampling (the request's images alone in a batch)")
-    top_p: Optional[float] = Field(None, description="nucleus-sampling threshold, in (0, 1]")
-    seed: Optional[int] = Field(None, description="sampling seed: the same seed gives the same captions")
-    num_beams: Optional[int] = Field(None, description="beam search with this many beams (1: greedy)")
-    length_penalty: Optional[float] = Field(None, description="beam scores are log-probability / length**length_penalty")
+# The JSON request and the response, for the OpenAPI schema (and the JSON body's parsing); the
+# settings are Decoding's fields, with their help and what the server adds to it.
+SERVER_NOTES = {"max_gen_len": " Default and limit: the server's --max_gen_len.",
+                "num_beams": " At most the server's --max_beams.",
+                "temperature": " A sampled request's images are decoded in a batch of their own."}
+CaptionRequest = create_model(
+    "CaptionRequest",
+    images=(List[str], Field(description="base64-encoded image files (JPEG, PNG, ...); a data: URL prefix is accepted")),
+    **{f.name: (Optional[f.type], Field(None, description=f.metadata["help"] + SERVER_NOTES.get(f.name, "")))
+       for f in fields(Decoding)})
 
 
 class CaptionOut(BaseModel):
@@ -81,9 +82,6 @@ class CaptionResponse(BaseModel):
     captions: List[CaptionOut]
     queue_s: float = Field(description="seconds waiting for a batch")
     total_s: float = Field(description="seconds from the request's arrival to its answer")
-
-
-DECODING_FIELDS = ("max_gen_len", "temperature", "top_p", "seed", "num_beams", "length_penalty")
 
 
 class Metrics:
@@ -106,58 +104,18 @@ class Metrics:
         self.images.inc(n)
 
 
-def shown(value) -> str:
-    """A value as a message quotes it: JSON-spelt, at most 40 characters."""
-    try:
-        text = json.dumps(value)
-    except (TypeError, ValueError):
-        text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-MAX_TEMPERATURE = 100.0
-
-
 def check_decoding(values: dict, limits: Limits) -> Decoding:
-    """A request's decoding settings, defaults filled in; ApiError(400) naming a bad one."""
-    def number(name, kind, default):
-        v = values.get(name)
-        if v is None or v == "":
-            return default
-        if isinstance(v, str):  # multipart form fields are text
-            try:
-                v = json.loads(v)
-            except (ValueError, RecursionError):
-                raise ApiError(400, f"{name} must be a number, got {shown(v)}") from None
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or \
-                (kind is int and not float(v).is_integer()):
-            raise ApiError(400, f"{name} must be {'a whole number' if kind is int else 'a number'}, got {shown(v)}")
-        return kind(v)
-
-    unknown = sorted(set(values) - set(DECODING_FIELDS) - {"images"})
+    """A request's decoding settings, defaults filled in, checked as `caption` checks its flags
+    (llama/decoding.py) within the server's limits; ApiError(400) naming a bad one."""
+    unknown = sorted(set(values) - set(Decoding.names()) - {"images"})
     if unknown:
-        raise ApiError(400, f"unknown field {unknown[0]!r}: the settings are {', '.join(DECODING_FIELDS)}")
-    d = Decoding(max_gen_len=number("max_gen_len", int, limits.max_gen_len),
-                 temperature=number("temperature", float, 0.0), top_p=number("top_p", float, 0.95),
-                 seed=number("seed", int, 1), num_beams=number("num_beams", int, 1),
-                 length_penalty=number("length_penalty", float, 1.0))
-    if not 1 <= d.max_gen_len <= limits.max_gen_len:
-        raise ApiError(400, f"max_gen_len must be between 1 and {limits.max_gen_len} (the server's --max_gen_len), got {shown(d.max_gen_len)}")
-    if not 1 <= d.num_beams <= limits.max_beams:
-        raise ApiError(400, f"num_beams must be between 1 and {limits.max_beams} (the server's --max_beams), got {shown(d.num_beams)}")
-    if not 0 <= d.seed < 2 ** 63:
-        raise ApiError(400, f"seed must be between 0 and {2 ** 63 - 1}, got {shown(d.seed)}")
-    if d.num_beams > 1 and d.temperature > 0:
-        raise ApiError(400, "num_beams > 1 is beam search, which does not sample: leave temperature at 0")
-    if not 0 < d.length_penalty <= 10:
-        raise ApiError(400, f"length_penalty must be in (0, 10], got {shown(d.length_penalty)}")
-    if d.temperature > MAX_TEMPERATURE:
-        raise ApiError(400, f"temperature must be at most {MAX_TEMPERATURE:g}, got {shown(d.temperature)}")
+        raise ApiError(400, f"unknown field {unknown[0]!r}: the settings are {', '.join(Decoding.names())}")
+    caps = {"max_gen_len": (limits.max_gen_len, "the server's --max_gen_len"),
+            "num_beams": (limits.max_beams, "the server's --max_beams")}
     try:
-        check_sampling(d.temperature, d.top_p)
+        return Decoding.from_values(values, {"max_gen_len": limits.max_gen_len}, caps)
     except UserError as e:
-        raise ApiError(400, str(e).replace("--", "")) from None
-    return d
+        raise ApiError(400, str(e)) from None
 
 
 def decode_image(data: bytes, name: str, limits: Limits, preprocess) -> torch.Tensor:

@@ -19,6 +19,8 @@ from typing import Callable, List, Optional
 
 import torch
 
+from ..llama.decoding import Decoding
+
 
 class QueueFull(Exception):
     """More images are waiting than --max_queue allows."""
@@ -28,24 +30,13 @@ class Closed(Exception):
     """The server is shutting down and takes no new requests."""
 
 
-@dataclass(frozen=True)
-class Decoding:
-    """A request's decoding settings (already range-checked)."""
-
-    max_gen_len: int
-    temperature: float = 0.0
-    top_p: float = 0.95
-    seed: int = 1
-    num_beams: int = 1
-    length_penalty: float = 1.0
-
-    def share_key(self, unique: int):
-        """Requests with equal keys are decoded in one batch."""
-        if self.temperature > 0:
-            return ("sampled", unique)  # its own generator, seeded by its seed
-        if self.num_beams > 1:
-            return ("beam", self.max_gen_len, self.num_beams, self.length_penalty)
-        return ("greedy", self.max_gen_len)
+def share_key(decoding: Decoding, unique: int):
+    """Requests with equal keys are decoded in one batch: greedy and beam requests whose captions
+    depend on the same settings (what results files record of them); a sampled one alone, with
+    its own generator seeded by its seed."""
+    if decoding.sampling:
+        return ("sampled", unique)
+    return ("beam" if decoding.num_beams > 1 else "greedy",) + tuple(decoding.provenance().items())
 
 
 _ids = itertools.count()
@@ -68,7 +59,7 @@ class QueuedRequest:
 
     @property
     def key(self):
-        return self.decoding.share_key(self.id)
+        return share_key(self.decoding, self.id)
 
 
 class Batcher:
@@ -155,8 +146,8 @@ class BatchRunner:
 
     KEEPALIVE_S = 60.0  # idle ranks wait in a collective, which would time out after gloo's 30 min
 
-    def __init__(self, captioner, encoder, device, world: int):
-        self.captioner, self.encoder, self.device, self.world = captioner, encoder, device, world
+    def __init__(self, opened, world: int):
+        self.opened, self.captioner, self.world = opened, opened.captioner, world  # opening.OpenedCaptioner
 
     def _broadcast(self, message):
         import torch.distributed as dist
@@ -167,12 +158,8 @@ class BatchRunner:
 
     @torch.no_grad()
     def _caption(self, pixels: torch.Tensor, d: Decoding) -> List[str]:
-        gen = None
-        if d.temperature > 0:
-            gen = torch.Generator(device=self.device).manual_seed(d.seed)
-        feats = self.encoder(pixels.to(self.device))
-        return self.captioner.generate(feats, d.max_gen_len, d.temperature, d.top_p, generator=gen,
-                                       num_beams=d.num_beams, length_penalty=d.length_penalty)
+        # One server is one data-parallel rank: rank 0's generator, as `caption` on one process.
+        return self.opened.caption(pixels, d, d.generator(0, self.captioner.llama.device))
 
     def run(self, pixels: torch.Tensor, d: Decoding) -> List[str]:
         if self.world > 1:

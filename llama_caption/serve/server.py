@@ -4,7 +4,7 @@
     torchrun --nproc_per_node 2 -m llama_caption serve --ckpt_dir llama/13B --checkpoint runs/coco13
 
 The LLaMA, checkpoint, encoder, precision and decoder flags are captioning's own
-(runs.CaptionerSettings). Rank 0 binds the port and runs uvicorn in a thread; its main thread
+(opening.CaptionerSettings), and the model is opened as `caption` opens it (opening.open_captioner). Rank 0 binds the port and runs uvicorn in a thread; its main thread
 loads the model (/health says 503 until then), then runs the decoding loop (batching.py), which
 broadcasts every batch to the other ranks of the model-parallel group; they open no port.
 SIGTERM or ^C: no new requests, those in flight are answered, then every rank exits 0.
@@ -21,7 +21,7 @@ from typing import Optional
 from .. import distributed
 from ..config import command, setting
 from ..errors import UserError, report_user_error
-from ..runs import CaptionerSettings, find_checkpoint
+from ..opening import CaptionerSettings
 
 API_KEY_ENV = "LLAMA_CAPTION_API_KEY"
 
@@ -117,29 +117,24 @@ class Service:
         """The captioner on every rank; on rank 0 also what /v1/model says, and a warm-up batch."""
         import torch
 
-        from ..results import provenance
-        from .batching import BatchRunner, Decoding
+        from ..llama.decoding import Decoding
+        from ..opening import open_captioner
+        from .batching import BatchRunner
 
         cfg = self.cfg
-        cfg.resolve_decoder(env.device, mp_size=env.mp_size, graphs=False)
-        captioner, encoder, _, dtype = cfg.load(env.device, cfg.max_gen_len, cfg.max_batch, env.log)
-        self.runner = BatchRunner(captioner, encoder, env.device, env.mp_size)
+        default = Decoding(max_gen_len=cfg.max_gen_len)
+        opened = open_captioner(cfg, env, default, cfg.max_batch, graphs=False)
+        self.runner = BatchRunner(opened, env.mp_size)
         if not env.is_main:
             return
-        llama, ckpt = cfg.open(), find_checkpoint(cfg.checkpoint)
-        defaults = {"max_gen_len": cfg.max_gen_len, "num_beams": 1, "temperature": 0.0, "control_shuffle": False,
-                    "dtype": str(dtype).replace("torch.", "")}
-        if cfg.decoder != "eager":
-            defaults["decoder"] = cfg.decoder
-        made_by = provenance(ckpt, llama, llama.tokenizer_file(cfg.tokenizer_path), encoder.spec.identity, defaults, {},
-                             cfg.quantize)
+        made_by = opened.provenance(default, {})  # what a results file of the default decoding records
         made_by.pop("selection")
-        self.info = dict(made_by, checkpoint_dir=os.path.abspath(ckpt), llama_dir=os.path.abspath(llama.folder),
-                         model_parallel=env.mp_size, device=str(env.device), max_batch=cfg.max_batch,
-                         max_wait_ms=cfg.max_wait_ms)
-        self.preprocess = encoder.preprocess
+        self.info = dict(made_by, checkpoint_dir=os.path.abspath(opened.checkpoint_dir),
+                         llama_dir=os.path.abspath(cfg.open().folder), model_parallel=env.mp_size,
+                         device=str(env.device), max_batch=cfg.max_batch, max_wait_ms=cfg.max_wait_ms)
+        self.preprocess = opened.preprocess
         with torch.no_grad():  # the decoder's first shape, before the first user waits for it
-            self.runner.run(torch.zeros(1, *encoder_input_shape(encoder)), Decoding(max_gen_len=cfg.max_gen_len))
+            self.runner.run(torch.zeros(1, *encoder_input_shape(opened.encoder)), default)
         self.ready = True
 
     def serve(self, finished, log=print) -> None:

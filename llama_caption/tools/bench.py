@@ -36,7 +36,7 @@ from ..errors import UserError
 from ..features import FeatureCache
 from ..fileio import check_output_file, write_json
 from ..runtime import DTYPE_NAMES, DTYPES
-from ..llama.generation import generate
+from ..llama.decoding import Decoding, decode
 from ..llama.model import ModelArgs, Transformer
 from .testing import demo_layout, greedy_no_cache, random_model
 from ..vision import OPEN_CLIP, ClipEncoder, EncoderSpec, OpenClipEncoder
@@ -171,14 +171,13 @@ BOS = 1  # eos_id -1 below: no token ends a caption early, so every decoder make
 def time_ours(model: Transformer, prefix: torch.Tensor, batch: int, gen_len: int, device, decoder=None):
     """Our decoder over all prefixes at `batch` images a call: (tokens, seconds, peak MiB).
     `decoder`: a static_decode.StaticDecoder, else generation.generate."""
+    greedy = Decoding(max_gen_len=gen_len)
+
     def run():
         toks = []
         for s in range(0, len(prefix), batch):
             rows, pre = [[BOS]] * len(prefix[s:s + batch]), prefix[s:s + batch]
-            if decoder is None:
-                toks += generate(model, rows, prefix=pre, eos_id=-1, max_gen_len=gen_len)
-            else:
-                toks += decoder.generate(rows, prefix=pre, eos_id=-1, max_gen_len=gen_len)
+            toks += decode(model, rows, greedy, eos_id=-1, prefix=pre, decoder=decoder)
         return toks
     with PeakMemory(device) as mem:
         toks, dt = timed(run, device)

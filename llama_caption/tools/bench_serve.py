@@ -57,18 +57,20 @@ def offline_figures(cfg: BenchServeConfig, files: List[str], log) -> dict:
 
     from .. import distributed
     from ..data import ImageFiles, ImageRecord, collate
-    from ..runs import CaptionerSettings
+    from ..llama.decoding import Decoding
+    from ..opening import CaptionerSettings, open_captioner
 
     settings = CaptionerSettings(ckpt_dir=cfg.ckpt_dir, tokenizer_path=cfg.tokenizer_path, checkpoint=cfg.checkpoint,
                                  clip_model=cfg.clip_model, device="cpu")
     records = [ImageRecord(i, p, []) for i, p in enumerate(files)]
+    greedy = Decoding(max_gen_len=30)  # the server's default
     with distributed.session(settings.mp_size(), "cpu") as env:
-        settings.resolve_decoder(env.device)
-        captioner, encoder, _, _ = settings.load(env.device, 30, cfg.max_batch, log=lambda m: None)
+        opened = open_captioner(settings, env, greedy, cfg.max_batch)
+        encoder = opened.encoder
 
         def caption(pixels):
             with torch.no_grad():
-                return captioner.generate(encoder(pixels), 30)
+                return opened.caption(pixels, greedy)
 
         def all_at_batch() -> float:
             loader = torch.utils.data.DataLoader(ImageFiles(records, encoder.preprocess), batch_size=cfg.max_batch,

@@ -221,3 +221,14 @@ def build_tiny_open_clip(folder: str, name: str, vision_cfg: dict, seed: int = 0
     weights = os.path.join(folder, f"{name}-{seed}.bin")
     write_torch(weights, model.state_dict())
     return cfg_path, weights
+
+
+def open_trained(ckpt_dir: str, tokenizer_path: Optional[str], checkpoint: str, env, max_gen_len: int = 30, **flags):
+    """A trained captioner opened as `caption` opens it (opening.open_captioner), on the eager
+    decoder with unpacked weights unless `flags` say otherwise: the plain reference of the tests."""
+    from ..llama.decoding import Decoding
+    from ..opening import CaptionerSettings, open_captioner
+
+    settings = CaptionerSettings(**dict(dict(ckpt_dir=ckpt_dir, tokenizer_path=tokenizer_path, checkpoint=checkpoint,
+                                             device=env.device.type, decoder="eager", pack_weights=False), **flags))
+    return open_captioner(settings, env, Decoding(max_gen_len=max_gen_len), batch_size=32)

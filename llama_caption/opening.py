@@ -1,0 +1,184 @@
+"""Opening a trained captioner: the one way `caption` (files and shards), `serve` and the tools do it.
+
+`CaptionerSettings` are the flags of every command that captions with a trained run. From them
+and the distributed environment, `open_captioner` resolves the decoder, reads the checkpoint
+(runs.find_checkpoint, captioner.load_projection), loads the CLIP it was trained with and checks
+it, checks the LLaMA and the context window, then loads the LLaMA and the projection. It returns
+an `OpenedCaptioner`: the captioner, its encoder (and image preprocessing), the decoder, the
+dtype, and what results files and the server's /v1/model record of it.
+"""
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+
+from .captioner import Captioner, CaptionerSpec, check_same_llama, check_window, load_projection
+from .config import setting
+from .errors import UserError
+from .llama.checkpoint import LlamaSettings, load_llama
+from .llama.decoding import Decoding
+from .llama.quantize import describe
+from .llama.static_decode import MODES, make_decoder
+from .projection import Projection
+from .results import identity, provenance
+from .runs import find_checkpoint
+from .runtime import DTYPE_NAMES, resolve_dtype
+from .vision import EncoderSpec, ImageEncoder, load_encoder, same_encoder
+
+
+@dataclass(kw_only=True)
+class CaptionerSettings(LlamaSettings):
+    """The flags of every command that captions with a trained run (`caption`, `serve`): the
+    LLaMA (LlamaSettings), the checkpoint, where its CLIP moved to, precision and decoder."""
+
+    checkpoint: str = setting(help="a training run folder (its latest checkpoint) or one checkpoint folder.")
+    clip_model: Optional[str] = setting(None, "the CLIP file, when it moved since training (it must be the same model).")
+    clip_pretrained: Optional[str] = setting(None, "the open_clip weights file, when it moved since training (the same weights).")
+    dtype: str = setting("auto", "frozen LLaMA precision: auto (fp16 on CUDA, fp32 on CPU), fp32, fp16, bf16.")
+    decoder: str = setting("auto", "greedy/top-p decoder: auto (on a CPU: static; on CUDA: cuda_graph for caption on one GPU without --quantize, 2.5x eager at 7B on an H200, and eager with model parallelism, --quantize, beam search or in serve); eager; static (fixed-shape KV cache, batches padded to 1, 2, 4 ... 64 or --batch_size); compile (static through torch.compile); cuda_graph (static captured as CUDA graphs, CUDA only). Same captions in fp32; beam search is always eager.")
+    pack_weights: bool = setting(True, "on a CPU, decode with a copy of LLaMA's weights packed for oneDNN (faster; one extra copy in memory). No effect on CUDA.")
+
+    def check(self) -> None:
+        super().check()
+        self.one_of("dtype", DTYPE_NAMES)
+        self.one_of("decoder", ("auto",) + MODES)
+        if self.quantize != "none" and self.decoder in ("compile", "cuda_graph"):
+            raise UserError(f"--decoder {self.decoder} is not measured with --quantize {self.quantize}: use --decoder "
+                            f"static or eager")
+
+    def resolve_decoder(self, device: torch.device, beams: bool = False, mp_size: int = 1,
+                        graphs: bool = True) -> None:
+        """`auto`: the static decoder on a CPU and the CUDA-graph one on CUDA (the same captions,
+        faster: docs/captioning.md); the eager one for beam search (`beams`), and on CUDA across
+        model-parallel ranks (`mp_size`: collectives inside a graph, not measured), with --quantize
+        (the graph decoders refuse quantized layers) or where CUDA graphs were not tried on a GPU
+        (`graphs` False: the server, whose web threads run beside the decoding loop)."""
+        if self.decoder == "auto":
+            if beams:
+                self.decoder = "eager"
+            elif device.type != "cuda":
+                self.decoder = "static"
+            else:
+                ok = graphs and mp_size == 1 and self.quantize == "none"
+                self.decoder = "cuda_graph" if ok else "eager"
+        if self.decoder == "cuda_graph" and device.type != "cuda":
+            raise UserError("--decoder cuda_graph needs a CUDA device: use static or compile on the CPU")
+
+
+@dataclass
+class OpenedCaptioner:
+    """A trained captioner as `open_captioner` gives it, with what its callers need."""
+
+    captioner: Captioner
+    encoder: ImageEncoder
+    spec: CaptionerSpec
+    dtype: torch.dtype
+    decoder: str  # the --decoder it decodes greedy and sampled captions with (auto resolved)
+    checkpoint_dir: str
+    made_by: dict  # the projection, LLaMA and CLIP, as results files record them (results.identity)
+
+    @property
+    def preprocess(self):
+        """An image (PIL) to the tensor the encoder takes."""
+        return self.encoder.preprocess
+
+    def caption(self, pixels: torch.Tensor, decoding: Decoding, generator=None) -> List[str]:
+        """Captions of preprocessed images."""
+        return self.captioner.caption(self.encoder(pixels), decoding, generator)
+
+    def decoding_record(self, decoding: Decoding, control_shuffle: bool = False) -> dict:
+        """How captions were made, as results files record it: the settings, the control, the
+        precision, and the decoder unless eager (fp16 kernels of other shapes may round otherwise)."""
+        d = dict(decoding.provenance(), control_shuffle=control_shuffle, dtype=str(self.dtype).replace("torch.", ""))
+        if self.decoder != "eager":
+            d["decoder"] = self.decoder
+        return d
+
+    def provenance(self, decoding: Decoding, selection: dict, control_shuffle: bool = False) -> dict:
+        """What makes a results file of these captions (results.provenance)."""
+        return provenance(self.made_by, self.decoding_record(decoding, control_shuffle), selection)
+
+
+def open_captioner(settings: CaptionerSettings, env, decoding: Decoding, batch_size: int,
+                   graphs: bool = True) -> OpenedCaptioner:
+    """The trained captioner of `settings` on this rank (`env`: distributed.DistEnv), for
+    `decoding` (its max_gen_len sizes the window; beam search keeps the eager decoder) in batches
+    of up to `batch_size`; `graphs` False keeps `--decoder auto` off CUDA graphs (the server).
+    The LLaMA is opened once (`settings.open()`); every check comes before its weights load."""
+    settings.resolve_decoder(env.device, decoding.num_beams > 1, env.mp_size, graphs)
+    dtype = resolve_dtype(settings.dtype, env.device)
+    ckpt = find_checkpoint(settings.checkpoint)
+    weights, spec, flags = load_projection(ckpt)
+    encoder = load_encoder(moved_encoder(spec.encoder, settings), env.device)
+    spec = check_encoder(spec, encoder, f"--checkpoint {ckpt}")
+    window = check_window(spec.prefix_len, decoding.max_gen_len, settings.open(), "--max_gen_len")
+    check_llama(settings, spec, flags, ckpt, env.log)
+    captioner = build_captioner(settings, spec, weights, ckpt, window, dtype, env.device, batch_size, env.log)
+    llama = settings.open()
+    made_by = identity(ckpt, llama, llama.tokenizer_file(settings.tokenizer_path), encoder.spec.identity,
+                       settings.quantize)
+    return OpenedCaptioner(captioner, encoder, spec, dtype, settings.decoder, ckpt, made_by)
+
+
+def moved_encoder(spec: EncoderSpec, settings: CaptionerSettings) -> EncoderSpec:
+    """The encoder a checkpoint was trained with, from the files --clip_model and --clip_pretrained
+    name when it moved (its identity must still match)."""
+    if not (settings.clip_model or settings.clip_pretrained):
+        return spec
+    return EncoderSpec.of(settings.clip_model or spec.clip_model, spec.feature_kind,
+                          -2 if spec.clip_layer is None else spec.clip_layer, settings.clip_pretrained or spec.pretrained)
+
+
+def check_encoder(spec: CaptionerSpec, encoder: ImageEncoder, where: str) -> CaptionerSpec:
+    """The encoder must be the one the captioner was trained with; fills in a legacy patch count
+    (checkpoints of the first format did not record it)."""
+    got = encoder.spec
+    if not same_encoder(spec.encoder.identity, got.identity):
+        raise UserError(f"{where} was trained with CLIP {spec.encoder.clip_model} ({spec.encoder.identity}) "
+                        f"but {got.clip_model} is another model ({got.identity}): use the CLIP model it was trained with")
+    shape = tuple(encoder.feature_shape)
+    if shape[-1] != spec.feature_shape[-1] or (spec.feature_shape[0] not in (0, shape[0])):
+        raise UserError(f"{where} was trained on CLIP features of shape {spec.feature_shape} ({spec.encoder.clip_model}) "
+                        f"but {got.clip_model} gives {shape}: use the CLIP model it was trained with")
+    if spec.feature_shape[0] == 0:
+        spec = CaptionerSpec.build(spec.encoder, shape, spec.projection, spec.prefix_len, spec.proj_hidden,
+                                   spec.llama_dim, spec.style)
+    return spec
+
+
+def check_llama(settings: CaptionerSettings, spec: CaptionerSpec, flags: dict, ckpt: str, log) -> None:
+    """The LLaMA of --ckpt_dir against the one the checkpoint was trained with: its width, its
+    architecture when the recorded folder still exists; another quantization is only said."""
+    llama = settings.open()
+    if spec.llama_dim != llama.args.dim:
+        raise UserError(f"--checkpoint {ckpt} projects to LLaMA width {spec.llama_dim} but {llama.folder} has width "
+                        f"{llama.args.dim}: use the LLaMA it was trained with")
+    check_same_llama(f"--checkpoint {ckpt}", flags.get("ckpt_dir"), llama)
+    trained = flags.get("quantize", "none")
+    if trained != settings.quantize:  # allowed: the projection only saw the LLaMA's activations
+        log(f"--checkpoint {ckpt} was trained with the LLaMA at {describe(trained)}; captioning with it at "
+            f"{describe(settings.quantize)}")
+
+
+def build_captioner(settings: CaptionerSettings, spec: CaptionerSpec, weights: Dict[str, torch.Tensor], ckpt: str,
+                    window: int, dtype: torch.dtype, device, batch_size: int, log) -> Captioner:
+    """The frozen LLaMA (a KV cache of `window` positions), the trained projection and the decoder."""
+    model, tokenizer = load_llama(settings.open(), settings.tokenizer_path, window, device=device, dtype=dtype,
+                                  quantize=settings.quantize)
+    projection = trained_projection(spec, weights, ckpt).to(device).eval()
+    if settings.pack_weights and settings.decoder == "compile":  # torch.compile cannot trace the oneDNN-packed layers
+        log("--decoder compile: LLaMA's weights are not packed for oneDNN (the compiled step uses the plain ones)")
+    elif settings.pack_weights and model.pack_weights():
+        log("CPU decoding: LLaMA's weights packed for oneDNN (--pack_weights False to save the extra copy)")
+    return Captioner(model, tokenizer, projection, spec.style, make_decoder(model, settings.decoder, batch_size))
+
+
+def trained_projection(spec: CaptionerSpec, weights: Dict[str, torch.Tensor], ckpt: str) -> Projection:
+    projection = spec.new_projection()
+    try:
+        projection.load_state_dict(weights, strict=True)
+    except RuntimeError as e:
+        raise UserError(f"{ckpt}: projection weights do not fit the stored config ({str(e).splitlines()[0]})") from None
+    return projection
+
