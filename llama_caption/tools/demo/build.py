@@ -39,7 +39,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -59,16 +59,17 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.a
 SCALES = {
     # train/val images, CLIP steps and learning rate, LLaMA steps, cross-entropy epochs, SCST
     # epochs and sampling temperature
-    "full": dict(train=2000, val=200, image_size=32, clip_steps=800, clip_lr=2e-3, llama_steps=500, epochs=2,
-                 batch_size=64, lr=4e-3, scst_epochs=1, scst_batch=16, scst_lr=1e-3, scst_temperature=0.5),
-    "small": dict(train=300, val=50, image_size=32, clip_steps=250, clip_lr=1e-3, llama_steps=150, epochs=2,
-                  batch_size=32, lr=2e-3, scst_epochs=1, scst_batch=16, scst_lr=1e-3, scst_temperature=0.5),
+    "full": dict(train=2000, val=200, image_size=32, clip_steps=800, clip_lr=2e-3, llama_steps=500, llama_lr=6e-3, epochs=2,
+                 batch_size=64, lr=4e-3, scst_epochs=1, scst_batch=16, scst_lr=1e-4, scst_temperature=0.5),
+    "small": dict(train=300, val=50, image_size=32, clip_steps=250, clip_lr=1e-3, llama_steps=150, llama_lr=6e-3, epochs=2,
+                  batch_size=32, lr=2e-3, scst_epochs=1, scst_batch=16, scst_lr=1e-4, scst_temperature=0.5),
 }
 # The transformer mapper's size for the demo, and its cross-entropy learning rate (it trains
 # better at a lower one than the MLP's).
 PROJECTION_FLAGS = {"transformer": ["--mapper_width", 128, "--mapper_layers", 2]}
 XE_LR = {"transformer": 1e-3}
-LLAMA_PARAMS = dict(dim=128, n_layers=4, n_heads=4, multiple_of=64, norm_eps=1e-5)
+LLAMA_PARAMS = dict(dim=128, n_layers=2, n_heads=4, multiple_of=64, norm_eps=1e-5)
+LLAMA_TEXTS_PER_SEQUENCE = 3
 CLIP_SETTINGS = dict(width=64, layers=2, patch=8, embed_dim=128, batch_size=128)
 
 
@@ -168,7 +169,7 @@ def build_clip_standin(paths: Dict[str, str], s: dict, log, images: str, annotat
     cs = CLIP_SETTINGS
     model = train_clip(pixels, [r.captions for r in recs], steps=s["clip_steps"], lr=s["clip_lr"],
                        batch_size=cs["batch_size"], width=cs["width"], layers=cs["layers"], patch=cs["patch"],
-                       embed_dim=cs["embed_dim"], log=log)
+                       embed_dim=cs["embed_dim"], seed=s["seed"], log=log)
     build_tiny_clip(paths["clip"], model=model)
     log(f"  CLIP stand-in saved as {paths['clip']} ({time.time() - t0:.0f} s)")
     if os.path.isdir(paths["features"]):  # the caches of the CLIP it replaces
@@ -204,7 +205,7 @@ def build_llama_standin(paths: Dict[str, str], s: dict, log, images: str, annota
     t0 = time.time()
     log(f"pretraining the stand-in LLaMA ({s['llama_steps']} steps)...")
     build_llama(paths["standins"], [r.captions for r in recs], LLAMA_PARAMS, vocab_size=256,
-                steps=s["llama_steps"], log=log)
+                steps=s["llama_steps"], lr=s["llama_lr"], per_sequence=LLAMA_TEXTS_PER_SEQUENCE, seed=s["seed"], log=log)
     log(f"  LLaMA stand-in saved in {paths['ckpt_dir']} (Meta's format) ({time.time() - t0:.0f} s)")
     write_json(stamp, settings)
 
@@ -356,6 +357,7 @@ class DemoConfig(Config):
     val_annotations: Optional[str] = setting(None, "the captions JSON that goes with --val_images.")
     projections: List[str] = setting(("mlp", "transformer"), "the projections trained by cross-entropy and compared; the best goes on to SCST.")
     scst_epochs: Optional[int] = setting(None, "SCST epochs after cross-entropy (default: the scale's, 1; 0: none).")
+    seed: int = setting(0, "seed of the stand-ins' training, the projections' initialisation and data order, and SCST's sampling (the synthetic images are the same for every seed).")
 
     def check(self) -> None:
         self.one_of("scale", SCALES)
@@ -370,7 +372,7 @@ class DemoConfig(Config):
         for p in self.projections:
             if p not in ("mlp", "linear", "transformer"):
                 raise UserError(f"--projections: {p!r} is not one of mlp, linear, transformer")
-        self.at_least(0, "scst_epochs")
+        self.at_least(0, "scst_epochs", "seed")
         if self.clip_model:
             check_encoder_flags(self.clip_model, self.clip_pretrained)
         elif self.clip_pretrained:
@@ -403,14 +405,15 @@ def held_out_split(images: str, annotations: str, out: str, log) -> Dict[str, st
 def prepare_data(cfg: DemoConfig, s: dict, log) -> Dict[str, str]:
     """The layout of this demo: the synthetic set (drawn once), or the user's dataset with its own
     stand-ins, feature caches and runs under root/<scale>-<hash of its paths>."""
+    seeded = f"-seed{cfg.seed}" if cfg.seed else ""  # another seed's stand-ins and runs beside seed 0's
     if not cfg.images:
-        paths = demo_layout(cfg.root, cfg.scale)
+        paths = demo_layout(cfg.root, cfg.scale + seeded)
         make_dataset(paths["data"], s["train"], s["val"], seed=0, image_size=s["image_size"])
         log(f"dataset: {s['train']} train and {s['val']} val images in COCO's layout under {paths['data']}")
         return paths
     given = [os.path.abspath(p) if p else None for p in (cfg.images, cfg.annotations, cfg.val_images, cfg.val_annotations)]
     key = hashlib.sha256(json.dumps(given).encode()).hexdigest()[:10]
-    paths = demo_layout(cfg.root, f"{cfg.scale}-{key}")
+    paths = demo_layout(cfg.root, f"{cfg.scale}-{key}{seeded}")
     paths.update(train_images=cfg.images, val_images=cfg.val_images or cfg.images, val_attrs="")
     if cfg.val_images:
         paths.update(train_ann=cfg.annotations, val_ann=cfg.val_annotations)
@@ -492,10 +495,49 @@ def build_standin(which: str, paths: Dict[str, str], s: dict, log, threads: int)
         child.submit(standin_process, which, paths, s, paths["train_images"], paths["train_ann"], threads).result()
 
 
-def run_demo(cfg: DemoConfig, log=print) -> dict:
+@dataclass
+class DemoRun:
+    """What the demo's stages share: its settings, the data layout, this run's folder, the job
+    runner and how each command runs (threads, progress bars)."""
+
+    cfg: DemoConfig
+    s: dict
+    paths: Dict[str, str]
+    folder: str
+    jobs: Jobs
+    say: Callable[[str], None]
+    slots: int
+    threads: int
+    features: str  # the feature caches' folder
+
+    @property
+    def opts(self) -> dict:  # progress bars only when one command runs at a time
+        return dict(threads=self.threads, progress=self.slots == 1)
+
+    @property
+    def scst_epochs(self) -> int:
+        return self.s["scst_epochs"] if self.cfg.scst_epochs is None else self.cfg.scst_epochs
+
+    def common(self) -> List[str]:
+        """The flags every training command gets: the stand-ins, the data and the feature caches."""
+        p = self.paths
+        return ["--ckpt_dir", p["ckpt_dir"], "--tokenizer_path", p["tokenizer"], *encoder_flags(self.cfg, p),
+                "--train_images", p["train_images"], "--train_annotations", p["train_ann"],
+                "--features", os.path.join(self.features, "train"), "--val_images", p["val_images"],
+                "--val_annotations", p["val_ann"], "--val_features", os.path.join(self.features, "val"),
+                "--prefix_len", 4, "--num_workers", 0, "--log_every", 20, "--save_every", 100000, "--seed", self.cfg.seed]
+
+    def best(self) -> str:
+        return self.jobs.results["pick"]
+
+    def final(self) -> str:
+        return os.path.join(self.folder, "scst" if self.scst_epochs else f"xe-{self.best()}")
+
+
+def start_run(cfg: DemoConfig, log) -> DemoRun:
+    """The data (drawn or checked), a new run folder, and the job runner for this machine."""
     check_output_dir(cfg.root, "--root")
-    s = SCALES[cfg.scale]
-    t_start = time.time()
+    s = dict(SCALES[cfg.scale], seed=cfg.seed)  # the stand-ins' stamps hold the seed: one cache per seed
     lock = threading.Lock()
 
     def say(message: str) -> None:  # jobs run side by side: one message at a time
@@ -505,106 +547,138 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
 
     paths = prepare_data(cfg, s, say)
     slots, threads = cpu_plan()
-    alone = dict(progress=slots == 1)  # progress bars only when one command runs at a time
-    jobs = Jobs(slots, say)
-    encoder, feats = encoder_flags(cfg, paths), features_dir(cfg, paths)
-    scoring = clipscore_flags(cfg, paths)
-    run = new_run_folder(paths["runs"])
-    say(f"this run: {run}; up to {slots} command(s) at a time, {threads} thread(s) each" +
+    run = DemoRun(cfg, s, paths, new_run_folder(paths["runs"]), Jobs(slots, say), say, slots, threads,
+                  features_dir(cfg, paths))
+    say(f"this run: {run.folder}; up to {slots} command(s) at a time, {threads} thread(s) each" +
         ("; a command's progress bars are shown when it runs alone" if slots > 1 else ""))
+    return run
 
-    # The two stand-ins side by side; the feature caches as soon as the CLIP is there.
-    jobs.add("stand-in LLaMA", lambda: build_standin("LLaMA", paths, s, say, threads))
-    if not cfg.clip_model:
-        jobs.add("stand-in CLIP", lambda: build_standin("CLIP", paths, s, say, threads))
+
+def add_standins(d: DemoRun) -> None:
+    """The two stand-ins side by side; the feature caches as soon as the CLIP is there."""
+    d.jobs.add("stand-in LLaMA", lambda: build_standin("LLaMA", d.paths, d.s, d.say, d.threads))
+    if not d.cfg.clip_model:
+        d.jobs.add("stand-in CLIP", lambda: build_standin("CLIP", d.paths, d.s, d.say, d.threads))
+    encoder = encoder_flags(d.cfg, d.paths)
     for split in ("train", "val"):
-        jobs.add(f"features {split}", lambda split=split: features(paths, encoder, feats, split, say, threads=threads),
-                 after=["stand-in CLIP"])
-    common = ["--ckpt_dir", paths["ckpt_dir"], "--tokenizer_path", paths["tokenizer"], *encoder,
-              "--train_images", paths["train_images"], "--train_annotations", paths["train_ann"],
-              "--features", os.path.join(feats, "train"), "--val_images", paths["val_images"],
-              "--val_annotations", paths["val_ann"], "--val_features", os.path.join(feats, "val"), "--prefix_len", 4,
-              "--num_workers", 0, "--log_every", 20, "--save_every", 100000]
-    ready = ["stand-in LLaMA", "features train", "features val"]
+        d.jobs.add(f"features {split}", lambda split=split: features(d.paths, encoder, d.features, split, d.say,
+                                                                     threads=d.threads), after=["stand-in CLIP"])
 
-    # Cross-entropy with each projection side by side, each captioning val when it is done.
-    for proj in cfg.projections:
-        folder = os.path.join(run, f"xe-{proj}")
-        jobs.add(f"xe-{proj}", lambda proj=proj, folder=folder: launch(
-            "-m", "llama_caption", "train", *common, "--out_dir", folder, "--projection", proj, "--epochs", s["epochs"],
-            "--batch_size", s["batch_size"], "--lr", XE_LR.get(proj, s["lr"]), "--warmup_steps", 50,
-            *PROJECTION_FLAGS.get(proj, []), log=say, threads=threads, **alone), after=ready)
-        jobs.add(f"caption xe-{proj}", lambda folder=folder: caption(paths, folder, "captions", folder, say,
-                                                                     ["--gallery", 24], threads=threads, **alone),
-                 after=[f"xe-{proj}"])
-    xe_captions = [f"caption xe-{p}" for p in cfg.projections]
-    jobs.add("score xe", lambda: score(paths, [jobs.results[c] for c in xe_captions], scoring, say, threads=threads,
-                                       **alone), after=xe_captions)
 
-    def stage(name: str) -> dict:
-        """A stage's results and metrics, from the scoring job that scored its captions."""
-        scored_by = "score xe" if name.startswith("xe-") else "score final"
-        return jobs.results[scored_by][jobs.results[f"caption {name}"]]
+def add_cross_entropy(d: DemoRun) -> None:
+    """Cross-entropy with each projection side by side, each captioning val when it is done; then
+    the better one by validation CIDEr."""
+    for proj in d.cfg.projections:
+        folder = os.path.join(d.folder, f"xe-{proj}")
+        d.jobs.add(f"xe-{proj}", lambda proj=proj, folder=folder: launch(
+            "-m", "llama_caption", "train", *d.common(), "--out_dir", folder, "--projection", proj,
+            "--epochs", d.s["epochs"], "--batch_size", d.s["batch_size"], "--lr", XE_LR.get(proj, d.s["lr"]),
+            "--warmup_steps", 50, *PROJECTION_FLAGS.get(proj, []), log=d.say, **d.opts),
+                   after=["stand-in LLaMA", "features train", "features val"])
+        d.jobs.add(f"caption xe-{proj}", lambda folder=folder: caption(d.paths, folder, "captions", folder, d.say,
+                                                                       ["--gallery", 24], **d.opts), after=[f"xe-{proj}"])
+    xe = [f"caption xe-{p}" for p in d.cfg.projections]
+    d.jobs.add("pick", lambda: pick_best(d.paths, {p: d.jobs.results[f"caption xe-{p}"] for p in d.cfg.projections}),
+               after=xe)
 
-    def best_projection() -> str:
-        return max(cfg.projections, key=lambda p: stage(f"xe-{p}")["metrics"]["CIDEr"])
 
-    # SCST from the better one, alone, data-parallel over the slots; then its captions and the
-    # control side by side.
-    scst_epochs = s["scst_epochs"] if cfg.scst_epochs is None else cfg.scst_epochs
+def add_scst(d: DemoRun) -> None:
+    """SCST from the better projection, alone, data-parallel over the slots; then its captions."""
+    if not d.scst_epochs:
+        return
+    d.jobs.add("scst", lambda: launch(
+        "-m", "llama_caption", "train", *d.common(), "--out_dir", d.final(), "--projection", d.best(),
+        *PROJECTION_FLAGS.get(d.best(), []), "--objective", "scst",
+        "--init_from", os.path.join(d.folder, f"xe-{d.best()}"), "--scst_samples", 5,
+        "--scst_temperature", d.s["scst_temperature"], "--epochs", d.scst_epochs, "--batch_size", d.s["scst_batch"],
+        "--lr", d.s["scst_lr"], "--warmup_steps", 0, "--max_caption_len", 20, log=d.say, nproc=d.slots,
+        threads=d.threads), after=["pick"], width=d.slots)
+    d.jobs.add("caption scst", lambda: caption(d.paths, d.final(), "captions", d.final(), d.say, ["--gallery", 24],
+                                               **d.opts), after=["scst"])
 
-    def final() -> str:
-        return os.path.join(run, "scst" if scst_epochs else f"xe-{best_projection()}")
 
-    def scst_job():
-        best = best_projection()
-        launch("-m", "llama_caption", "train", *common, "--out_dir", final(), "--projection", best,
-                 *PROJECTION_FLAGS.get(best, []),
-                 "--objective", "scst", "--init_from", os.path.join(run, f"xe-{best}"), "--scst_samples", 5,
-                 "--scst_temperature", s["scst_temperature"], "--epochs", scst_epochs, "--batch_size", s["scst_batch"],
-                 "--lr", s["scst_lr"], "--warmup_steps", 0, "--max_caption_len", 20, log=say, nproc=slots,
-                 threads=threads)
+def add_control_and_scoring(d: DemoRun) -> None:
+    """The shuffled control from the final weights, then one evaluate of every stage's captions
+    (METEOR's Java start, most of a scoring, paid once)."""
+    d.jobs.add("caption control", lambda: caption(d.paths, d.final(), "control", d.final(), d.say,
+                                                  ["--gallery", 0, "--control_shuffle", "True"], **d.opts),
+               after=["scst", "pick"])
+    captions = [f"caption {name}" for name in stage_names(d)]
+    d.jobs.add("score", lambda: score(d.paths, [d.jobs.results[c] for c in captions], clipscore_flags(d.cfg, d.paths),
+                                      d.say, **d.opts), after=captions)
 
-    final_captions = ["caption control"]
-    if scst_epochs:
-        jobs.add("scst", scst_job, after=["score xe"], width=slots)
-        jobs.add("caption scst", lambda: caption(paths, final(), "captions", final(), say, ["--gallery", 24],
-                                                 threads=threads, **alone), after=["scst"])
-        final_captions.insert(0, "caption scst")
-    jobs.add("caption control", lambda: caption(paths, final(), "control", final(), say,
-                                                ["--gallery", 0, "--control_shuffle", "True"],
-                                                threads=threads, **alone), after=["scst", "score xe"])
-    jobs.add("score final", lambda: score(paths, [jobs.results[c] for c in final_captions], scoring, say,
-                                          threads=threads, **alone), after=final_captions)
-    jobs.run()
 
-    best = best_projection()
-    stages = {f"xe-{p}": stage(f"xe-{p}") for p in cfg.projections}
-    if scst_epochs:
-        stages["scst"] = stage("scst")
-    stages["control"] = stage("control")
-    truth = None
-    if paths["val_attrs"] and os.path.isfile(paths["val_attrs"]):
-        with open(paths["val_attrs"]) as f:
-            truth = json.load(f)
-    report = {"best_projection": best, "final": final(), "stages": {}, "slots": slots, "threads": threads,
+def stage_names(d: DemoRun) -> List[str]:
+    return [f"xe-{p}" for p in d.cfg.projections] + (["scst"] if d.scst_epochs else []) + ["control"]
+
+
+def pick_best(paths: Dict[str, str], results: Dict[str, str]) -> str:
+    """The projection whose validation captions have the highest CIDEr (pycocoevalcap's, on
+    lowercased words without punctuation: the final table's PTB tokenizer gives the same words on
+    the synthetic set, and needs a Java start that the final scoring pays once for all)."""
+    from pycocoevalcap.cider.cider import Cider
+
+    refs: Dict[int, List[str]] = {}
+    with open(paths["val_ann"], encoding="utf-8") as f:
+        for a in json.load(f)["annotations"]:
+            refs.setdefault(a["image_id"], []).append(plain_words(a["caption"]))
+
+    def cider(path: str) -> float:
+        with open(path, encoding="utf-8") as f:
+            res = {r["image_id"]: [plain_words(r["caption"])] for r in json.load(f)}
+        return Cider().compute_score({i: refs[i] for i in res}, res)[0]
+
+    return max(results, key=lambda p: cider(results[p]))
+
+
+def plain_words(text: str) -> str:
+    return " ".join(re.findall(r"[a-z0-9'\-]+", text.lower()))
+
+
+def demo_report(d: DemoRun, stages: Dict[str, dict], truth: Optional[dict], seconds: float) -> dict:
+    """What demo_report.json holds: each stage's metrics (and attribute accuracy on the synthetic
+    set), what `make serve` opens, the seconds of each step."""
+    p = d.paths
+    report = {"best_projection": d.best(), "final": d.final(), "stages": {}, "slots": d.slots, "threads": d.threads,
+              "seed": d.cfg.seed, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
               # relative to this report's folder: a copied or moved demo_runs/ still serves
-              "serve": {k: os.path.relpath(v, run) for k, v in dict(
-                  ckpt_dir=paths["ckpt_dir"], tokenizer_path=paths["tokenizer"], checkpoint=final(),
-                  images=paths["val_images"], annotations=paths["val_ann"],
-                  **({} if cfg.clip_model else {"clip_model": paths["clip"]})).items()},
-              "stage_seconds": {k: round(v, 1) for k, v in jobs.seconds.items()}}
+              "serve": {k: os.path.relpath(v, d.folder) for k, v in dict(
+                  ckpt_dir=p["ckpt_dir"], tokenizer_path=p["tokenizer"], checkpoint=d.final(),
+                  images=p["val_images"], annotations=p["val_ann"],
+                  **({} if d.cfg.clip_model else {"clip_model": p["clip"]})).items()},
+              "stage_seconds": {k: round(v, 1) for k, v in d.jobs.seconds.items()}}
     for name, out in stages.items():
         report["stages"][name] = {"metrics": out["metrics"]}
         if truth:
             report["stages"][name]["attributes"] = attribute_accuracy(out["results"], truth)
-    report["seconds"] = time.time() - t_start
-    zs = os.path.join(paths["standins"], "clip_zero_shot.json")
-    if os.path.isfile(zs) and not cfg.clip_model and truth:
+    report["seconds"] = seconds
+    zs = os.path.join(p["standins"], "clip_zero_shot.json")
+    if os.path.isfile(zs) and not d.cfg.clip_model and truth:
         with open(zs) as f:
             report["clip_zero_shot"] = json.load(f)
-    write_json(os.path.join(run, "demo_report.json"), report, indent=1)
-    print_report(report, stages, truth, run)
+    return report
+
+
+def val_attributes(paths: Dict[str, str]) -> Optional[dict]:
+    """The true attributes of the synthetic validation images (None for a user's dataset)."""
+    if not (paths["val_attrs"] and os.path.isfile(paths["val_attrs"])):
+        return None
+    with open(paths["val_attrs"]) as f:
+        return json.load(f)
+
+
+def run_demo(cfg: DemoConfig, log=print) -> dict:
+    t_start = time.time()
+    d = start_run(cfg, log)
+    for add in (add_standins, add_cross_entropy, add_scst, add_control_and_scoring):
+        add(d)
+    d.jobs.run()
+    scored = d.jobs.results["score"]
+    stages = {name: scored[d.jobs.results[f"caption {name}"]] for name in stage_names(d)}
+    truth = val_attributes(d.paths)
+    report = demo_report(d, stages, truth, time.time() - t_start)
+    write_json(os.path.join(d.folder, "demo_report.json"), report, indent=1)
+    print_report(report, stages, truth, d.folder)
     return report
 
 

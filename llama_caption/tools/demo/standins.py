@@ -19,7 +19,8 @@ from ...vision import import_clip
 
 
 def pretrain_llama(groups: List[List[str]], tokenizer: Tokenizer, params: dict, steps: int = 300,
-                   batch_size: int = 64, lr: float = 3e-3, seed: int = 0, log=None) -> Dict[str, torch.Tensor]:
+                   batch_size: int = 64, lr: float = 3e-3, seed: int = 0, per_sequence: int = 2,
+                   log=None) -> Dict[str, torch.Tensor]:
     """Train a small LLaMA (model-parallel size 1 must be initialised) as a language model;
     return its full state dict in Meta's layout.
 
@@ -38,8 +39,7 @@ def pretrain_llama(groups: List[List[str]], tokenizer: Tokenizer, params: dict, 
     seqs = []
     for grp in encoded:
         for i in range(len(grp)):
-            j = (i + 1) % len(grp)
-            seqs.append((grp[i] + grp[j])[: args.max_seq_len])
+            seqs.append(sum((grp[(i + j) % len(grp)] for j in range(per_sequence)), [])[: args.max_seq_len])
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     for step in range(steps):
@@ -63,11 +63,11 @@ def pretrain_llama(groups: List[List[str]], tokenizer: Tokenizer, params: dict, 
 
 
 def build_llama(out_dir: str, groups: List[List[str]], params: dict, vocab_size: int = 256, steps: int = 300,
-                seed: int = 0, log=None) -> Dict[str, str]:
+                seed: int = 0, lr: float = 3e-3, per_sequence: int = 2, log=None) -> Dict[str, str]:
     """Tokenizer + pretrained stand-in LLaMA in Meta's layout: out_dir/tokenizer.model and
     out_dir/llama/{params.json, consolidated.00.pth}. `groups`: the captions of each image."""
     tok = train_tokenizer([t for grp in groups for t in grp], vocab_size, os.path.join(out_dir, "tokenizer.model"))
-    sd = pretrain_llama(groups, tok, params, steps=steps, seed=seed, log=log)
+    sd = pretrain_llama(groups, tok, params, steps=steps, lr=lr, seed=seed, per_sequence=per_sequence, log=log)
     write_meta_checkpoint(os.path.join(out_dir, "llama"), dict(params, vocab_size=-1), sd)
     return {"tokenizer": tok.path, "ckpt_dir": os.path.join(out_dir, "llama")}
 
