@@ -33,6 +33,7 @@ COMMANDS = {
     "bench-shards": ("llama_caption.tools.loader_speed", "main", "images/s of the webdataset shard loader against the folder loader"),
     "bench-quantize": ("llama_caption.tools.bench_quantize", "main", "decoding speed, weight memory and demo metrics per --quantize mode"),
     "demo": ("llama_caption.tools.demo.build", "main", "the offline demo: stand-in models, real scripts, a table of results"),
+    "demo-check": ("llama_caption.tools.demo.check", "main", "the demo under other CPU kernel paths and seeds: its conclusions against their floors"),
 }
 
 

@@ -164,3 +164,70 @@ def test_demo_report_prints_clip_s_beside_cider(capsys):
     assert scst_row.split()[-3:] == ["110.00", "66.00", "-"]
     assert "CLIP-S (the demo's CLIP): SCST 66.0, shuffled control 41.0 (+25.0)" in out
     assert "CIDEr: cross-entropy (mlp) 80.0, after SCST 110.0 (+30.0), shuffled control 20.0" in out
+
+
+def check_report(xe: float, scst, control: float, all_three: float) -> dict:
+    stages = {"xe-mlp": {"metrics": {"CIDEr": xe}}, "control": {"metrics": {"CIDEr": control}}}
+    if scst is not None:
+        stages["scst"] = {"metrics": {"CIDEr": scst}}
+    (stages["scst"] if scst is not None else stages["xe-mlp"])["attributes"] = {"all three": all_three}
+    return {"best_projection": "mlp", "stages": stages}
+
+
+def test_demo_check_measures_each_claim_against_its_floor():
+    from llama_caption.tools.demo.check import conclusions, misses
+
+    row = conclusions(check_report(2.5, 2.65, 0.8, 0.55))
+    assert row["scst_gain"] == pytest.approx(15.0) and row["control_ratio"] == pytest.approx(265 / 80)
+    assert misses(row) == []
+    assert misses(conclusions(check_report(2.5, 2.55, 0.8, 0.55))) == ["scst_gain"]  # +5 CIDEr
+    assert misses(conclusions(check_report(2.5, 2.65, 0.8, 0.49))) == ["all_three"]
+    assert misses(conclusions(check_report(2.5, 2.65, 0.9, 0.55))) == ["control_ratio"]  # 2.9x
+    # A demo without SCST cannot show SCST's gain: that is a miss, not a pass.
+    assert misses(conclusions(check_report(2.5, None, 0.5, 0.6))) == ["scst_gain"]
+
+
+def test_demo_check_runs_each_case_under_its_kernels(tmp_path, monkeypatch, capsys):
+    """Each (kernel path, seed) is one demo process with that path's variables and its own root;
+    the report it wrote is read back and a missed floor fails the check."""
+    import subprocess as sp
+
+    from llama_caption.tools.demo import check
+
+    calls = []
+
+    def fake_demo(cmd, env, **kw):  # stands for the demo process: writes the report a demo writes
+        calls.append((cmd, {k: env.get(k) for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")}))
+        root, seed = cmd[cmd.index("--root") + 1], int(cmd[cmd.index("--seed") + 1])
+        run = os.path.join(root, "small" + (f"-seed{seed}" if seed else ""), "runs", "001")
+        os.makedirs(run, exist_ok=True)
+        report = dict(check_report(2.5, 2.7 if seed == 0 else 2.55, 0.8, 0.6), cpu_capability=env.get("ATEN_CPU_CAPABILITY") or "AVX512")
+        json.dump(report, open(os.path.join(run, "demo_report.json"), "w"))
+        return sp.CompletedProcess(cmd, 0, "demo output\n", None)
+
+    monkeypatch.setattr(check.subprocess, "run", fake_demo)
+    cfg = check.DemoCheckConfig(isas=["native", "avx2"], seeds=[0, 4], root=str(tmp_path), scale="small")
+    with pytest.raises(SystemExit) as exit_:
+        check.run_check(cfg, log=print)
+    assert exit_.value.code == 1
+    assert [c[1] for c in calls] == [{"ATEN_CPU_CAPABILITY": None, "ONEDNN_MAX_CPU_ISA": None}] * 2 + \
+        [{"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}] * 2
+    assert [c[0][c[0].index("--root") + 1] for c in calls] == [str(tmp_path / "native")] * 2 + [str(tmp_path / "avx2")] * 2
+    saved = json.load(open(tmp_path / "check.json"))
+    assert [(c["isa"], c["seed"], round(c["scst_gain"], 1)) for c in saved["cases"]] == \
+        [("native", 0, 20.0), ("native", 4, 5.0), ("avx2", 0, 20.0), ("avx2", 4, 5.0)]
+    out = capsys.readouterr().out
+    assert out.count("MISSED scst_gain") == 2 and "2 of 4 case(s) hold every floor" in out
+    assert "avx2 (avx2)" in out
+
+
+def test_demo_seed_gives_each_seed_its_own_stand_ins(tmp_path):
+    from llama_caption.tools.demo.build import DemoConfig, prepare_data, SCALES
+
+    logged = []
+    zero = prepare_data(DemoConfig(scale="small", root=str(tmp_path)), SCALES["small"], logged.append)
+    two = prepare_data(DemoConfig(scale="small", root=str(tmp_path), seed=2), SCALES["small"], logged.append)
+    assert zero["standins"] == str(tmp_path / "small" / "standins")
+    assert two["standins"] == str(tmp_path / "small-seed2" / "standins")
+    with pytest.raises(Exception, match="--seed"):
+        DemoConfig(seed=-1)
