@@ -231,3 +231,21 @@ def test_demo_seed_gives_each_seed_its_own_stand_ins(tmp_path):
     assert two["standins"] == str(tmp_path / "small-seed2" / "standins")
     with pytest.raises(Exception, match="--seed"):
         DemoConfig(seed=-1)
+
+
+def test_stand_ins_are_rebuilt_only_for_their_own_settings(tmp_path):
+    """A changed SCST or cross-entropy setting keeps the cached stand-ins; their own steps or the
+    seed rebuild them."""
+    from llama_caption.tools.demo.build import SCALES, clip_standin_stamp, llama_standin_stamp
+    from llama_caption.tools.testing import demo_layout
+
+    paths = demo_layout(str(tmp_path))
+    base = dict(SCALES["small"], seed=0)
+    for stamp_of in (clip_standin_stamp, llama_standin_stamp):
+        settings = stamp_of(paths, base, "imgs", "ann.json")[1]
+        assert stamp_of(paths, dict(base, scst_lr=1.0, scst_batch=3, lr=9.0, epochs=7), "imgs", "ann.json")[1] == settings
+        assert stamp_of(paths, dict(base, seed=1), "imgs", "ann.json")[1] != settings
+    assert clip_standin_stamp(paths, dict(base, clip_steps=1), "imgs", "ann.json")[1] != \
+        clip_standin_stamp(paths, base, "imgs", "ann.json")[1]
+    assert llama_standin_stamp(paths, dict(base, llama_lr=1.0), "imgs", "ann.json")[1] != \
+        llama_standin_stamp(paths, base, "imgs", "ann.json")[1]

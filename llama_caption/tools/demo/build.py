@@ -60,9 +60,9 @@ SCALES = {
     # train/val images, CLIP steps and learning rate, LLaMA steps, cross-entropy epochs, SCST
     # epochs and sampling temperature
     "full": dict(train=2000, val=200, image_size=32, clip_steps=800, clip_lr=2e-3, llama_steps=500, llama_lr=6e-3, epochs=2,
-                 batch_size=64, lr=4e-3, scst_epochs=1, scst_batch=16, scst_lr=1e-4, scst_temperature=0.5),
+                 batch_size=64, lr=4e-3, scst_epochs=1, scst_batch=8, scst_lr=2e-4, scst_temperature=0.5),
     "small": dict(train=300, val=50, image_size=32, clip_steps=250, clip_lr=1e-3, llama_steps=150, llama_lr=6e-3, epochs=2,
-                  batch_size=32, lr=2e-3, scst_epochs=1, scst_batch=16, scst_lr=1e-4, scst_temperature=0.5),
+                  batch_size=32, lr=2e-3, scst_epochs=1, scst_batch=16, scst_lr=2e-4, scst_temperature=0.5),
 }
 # The transformer mapper's size for the demo, and its cross-entropy learning rate (it trains
 # better at a lower one than the MLP's).
@@ -147,10 +147,16 @@ def captioned_records(images: str, annotations: str):
     return recs
 
 
+def standin_settings(s: dict, which: str) -> dict:
+    """The scale's settings a stand-in depends on (its own steps and rate, the data's size, the
+    seed): a changed SCST or cross-entropy setting does not rebuild the stand-ins."""
+    return {k: v for k, v in s.items() if k.startswith(which + "_") or k in ("train", "val", "image_size", "seed")}
+
+
 def clip_standin_stamp(paths: Dict[str, str], s: dict, images: str, annotations: str) -> tuple:
     """The stand-in CLIP's stamp file, the settings it must hold, and whether the cached CLIP
     matches them."""
-    settings = {"scale": s, "clip": CLIP_SETTINGS, "images": os.path.abspath(images),
+    settings = {"scale": standin_settings(s, "clip"), "clip": CLIP_SETTINGS, "images": os.path.abspath(images),
                 "annotations": os.path.abspath(annotations)}
     stamp = os.path.join(paths["standins"], "clip_settings.json")
     return stamp, settings, stamp_ok(stamp, settings) and os.path.isfile(paths["clip"])
@@ -189,7 +195,8 @@ def build_clip_standin(paths: Dict[str, str], s: dict, log, images: str, annotat
 def llama_standin_stamp(paths: Dict[str, str], s: dict, images: str, annotations: str) -> tuple:
     """The stand-in LLaMA's stamp file, the settings it must hold, and whether the cached
     LLaMA matches them."""
-    settings = {"scale": s, "llama": LLAMA_PARAMS, "images": os.path.abspath(images),
+    settings = {"scale": standin_settings(s, "llama"), "llama": LLAMA_PARAMS, "texts_per_sequence": LLAMA_TEXTS_PER_SEQUENCE,
+                "images": os.path.abspath(images),
                 "annotations": os.path.abspath(annotations)}
     stamp = os.path.join(paths["standins"], "llama_settings.json")
     return stamp, settings, stamp_ok(stamp, settings) and os.path.isfile(os.path.join(paths["ckpt_dir"], "params.json"))
