@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .config import Config, setting
 from .errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -218,6 +219,27 @@ def load_karpathy(split_file: str, images_root: str, split: str, flag: str = "--
         raise UserError(f"{split_file} has no image in split {split!r} (its splits: {', '.join(found) or 'none'}): "
                         f"pick another --split")
     return records
+
+
+@dataclass(kw_only=True)
+class SplitSettings(Config):
+    """Where a split's references are, COCO's captions JSON or a Karpathy split file and its split:
+    the flags of `features`, `caption` and `evaluate` (a config inherits them; a command whose
+    usual split differs changes its default with config.changed)."""
+
+    annotations: Optional[str] = setting(None, "COCO captions JSON of the split: its references (captions_val2014.json; nocaps_val_4500_captions.json, also scored per domain, its images found by file_name in --images).")
+    karpathy_split: Optional[str] = setting(None, "instead of --annotations: Karpathy's dataset_coco.json (then --images holds train2014/ and val2014/), dataset_flickr8k.json or dataset_flickr30k.json (then --images holds the images); --split picks the split.")
+    split: str = setting("test", "with --karpathy_split: its split, test, val or train (train with restval).")
+
+    def check(self) -> None:
+        super().check()
+        self.check_split()
+
+    def check_split(self, required: bool = False) -> None:
+        """At most one kind of references (with `required`: exactly one)."""
+        if (self.annotations and self.karpathy_split) or (required and not (self.annotations or self.karpathy_split)):
+            raise UserError("give the references as --annotations FILE or as --karpathy_split FILE (with --split), "
+                            "one of the two")
 
 
 def load_split(images: str, annotations: Optional[str], karpathy_split: Optional[str], split: str,

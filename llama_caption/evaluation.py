@@ -31,7 +31,7 @@ from typing import Dict, List, Optional
 from . import clipscore
 from .clipscore import ClipScoreSettings
 from .config import command, setting
-from .data import NOCAPS_DOMAINS, ImageRecord, load_coco, load_karpathy
+from .data import NOCAPS_DOMAINS, ImageRecord, SplitSettings, load_coco, load_karpathy
 from .distributed import pick_device
 from .errors import UserError
 from .fileio import check_output_file, sha256_file, write_json
@@ -250,11 +250,10 @@ def evaluate_records(records: Dict[int, ImageRecord], results: List[Dict], resul
 
 
 @dataclass
-class EvaluationConfig(ClipScoreSettings):
+class EvaluationConfig(ClipScoreSettings, SplitSettings):
+    """The results files, their references (SplitSettings), CLIP-S and where the metrics go."""
+
     results: List[str] = setting(help='COCO results JSON: [{"image_id": int, "caption": str}, ...]; several files (RESULTS RESULTS ...) are scored one after another, sharing one METEOR process.')
-    annotations: Optional[str] = setting(None, "COCO captions JSON with the references (captions_val2014.json; nocaps_val_4500_captions.json: also scored per domain).")
-    karpathy_split: Optional[str] = setting(None, "instead of --annotations: Karpathy's dataset_coco.json, dataset_flickr8k.json or dataset_flickr30k.json, the references of its --split.")
-    split: str = setting("test", "with --karpathy_split: the split the results caption (test, val or train).")
     images: Optional[str] = setting(None, "the folder of the captioned images, for CLIP-S (as --images of caption).")
     out: Optional[str] = setting(None, "where to write the metrics as JSON (default: RESULTS.metrics.json beside each results file); one results file only.")
     spice: Optional[bool] = setting(None, "force SPICE on or off (default: on when Stanford CoreNLP is installed).")
@@ -266,8 +265,7 @@ class EvaluationConfig(ClipScoreSettings):
         super().__post_init__()
 
     def check(self) -> None:
-        if bool(self.annotations) == bool(self.karpathy_split):
-            raise UserError("give the references as --annotations FILE or as --karpathy_split FILE (with --split), one of the two")
+        self.check_split(required=True)
         if not self.results:
             raise UserError("give a results file to score: evaluate RESULTS --annotations FILE")
         if self.out and len(self.results) > 1:

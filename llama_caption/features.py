@@ -35,11 +35,11 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from . import distributed, shards
-from .config import Config, command, setting
-from .data import ImageFiles, collate, drop_missing, load_split, report_bad_images
+from .config import changed, command, setting
+from .data import ImageFiles, SplitSettings, collate, drop_missing, load_split, report_bad_images
 from .errors import UserError
 from .fileio import atomic_path, check_output_dir, write_json, write_safetensors
-from .vision import FEATURE_KINDS, EncoderSpec, ImageEncoder, check_encoder_flags, load_encoder, same_encoder
+from .vision import EncoderSettings, EncoderSpec, ImageEncoder, load_encoder, same_encoder
 
 META = "meta.json"
 SETTINGS = "settings.json"
@@ -132,17 +132,13 @@ def next_part_number(out: str, rank: int) -> int:
 
 
 @dataclass
-class FeaturesConfig(Config):
-    clip_model: str = setting(help="a released CLIP name (ViT-B/32, ViT-B/16, ViT-L/14, ViT-L/14@336px), a local CLIP file, or open_clip:ARCH (with --clip_pretrained).")
+class FeaturesConfig(EncoderSettings, SplitSettings):
+    """The encoder (EncoderSettings), the images and their split (SplitSettings), the cache."""
+
     out: str = setting(help="the cache folder to create (or to finish, after a crash, with the same flags).")
     images: Optional[str] = setting(None, "the images folder (with --karpathy_split: the folder holding train2014/ and val2014/); or --shards.")
     shards: Optional[List[str]] = setting(None, "webdataset tar shards instead of --images ('cc3m/{00000..00331}.tar'; a list, or joined by '::'): --out gets one feature shard per input shard (docs/shards.md).")
-    clip_pretrained: Optional[str] = setting(None, "with --clip_model open_clip:ARCH: the weights file or a pretrained tag.")
-    annotations: Optional[str] = setting(None, "COCO captions JSON (captions_train2014.json, ...); not needed with --karpathy_split.")
-    karpathy_split: Optional[str] = setting(None, "Karpathy's dataset_coco.json, dataset_flickr8k.json or dataset_flickr30k.json; then --split picks train (with restval), val or test.")
-    split: str = setting("train", "the Karpathy split to extract.")
-    feature_kind: str = setting("pooled", "pooled (one CLIP embedding per image) or patch (patch tokens of --clip_layer).")
-    clip_layer: int = setting(-2, "the transformer block whose patch tokens are taken (-2: the penultimate).")
+    split: str = changed(SplitSettings, "split", "train")
     batch_size: int = setting(64, "images per CLIP forward.")
     num_workers: int = setting(2, "image-decoding processes per rank (0: decode in the main process).")
     chunk: int = setting(50, "batches per part file (a crash loses at most this much work).")
@@ -150,11 +146,10 @@ class FeaturesConfig(Config):
     device: str = setting("auto", "auto, cpu or cuda.")
 
     def check(self) -> None:
+        super().check()  # the encoder's flags, then the split's
         self.at_least(1, "batch_size", "chunk")
         self.at_least(0, "num_workers")
         self.one_of("storage", ("auto", "fp32", "fp16"))
-        self.one_of("feature_kind", FEATURE_KINDS)
-        check_encoder_flags(self.clip_model, self.clip_pretrained)
         if bool(self.images) == bool(self.shards):
             raise UserError("give the images as --images DIR or as --shards PATTERN, one of the two")
         if self.shards and (self.annotations or self.karpathy_split):
@@ -196,7 +191,7 @@ def claim(out: str, settings: dict, is_main: bool) -> None:
 def extract(cfg: FeaturesConfig) -> None:
     check_output_dir(cfg.out, "--out")
     with distributed.session(mp_size=1, device=cfg.device) as env:
-        spec = EncoderSpec.of(cfg.clip_model, cfg.feature_kind, cfg.clip_layer, cfg.clip_pretrained)
+        spec = cfg.encoder_spec()
         encoder = load_encoder(spec, env.device)
         settings = cfg.settings(spec)
         if os.path.isfile(os.path.join(cfg.out, META)):

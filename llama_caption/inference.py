@@ -24,7 +24,7 @@ from . import distributed
 from .caption_shards import caption_shards
 from .clipscore import ClipScoreSettings
 from .config import command, setting
-from .data import ImageFiles, ImageRecord, collate, list_image_files, load_split, report_bad_images
+from .data import ImageFiles, ImageRecord, SplitSettings, collate, list_image_files, load_split, report_bad_images
 from .errors import UserError
 from .evaluation import evaluate_records
 from .fileio import write_json
@@ -37,15 +37,15 @@ CaptionFlags = flags("CaptionFlags")
 
 
 @dataclass
-class InferenceConfig(CaptionerSettings, ClipScoreSettings, CaptionFlags):
+class InferenceConfig(CaptionerSettings, ClipScoreSettings, CaptionFlags, SplitSettings):
+    """The captioner (CaptionerSettings), CLIP-S, decoding, the split's references (SplitSettings:
+    with them, the captions are scored), the images and the outputs."""
+
     images: Optional[List[str]] = setting(None, "--images DIR for a COCO split; or image files and folders of your own (no annotations): --images a.jpg b.png photos/")
     out: str = setting("results.json", "the COCO results file to write; RESULTS.run.json beside it records what made it, and a rerun with the same settings completes it. With --shards: the folder of per-shard results.")
     shards: Optional[List[str]] = setting(None, "webdataset tar shards to caption instead of --images ('cc3m/{00000..00331}.tar'; a list, or joined by '::'): one results file per shard in the folder --out (docs/shards.md).")
     out_format: str = setting("jsonl", "with --shards: each shard's results as jsonl (one {key, caption} per line) or parquet (columns key, caption).")
     overwrite: bool = setting(False, "replace the captions of an --out made with other settings (they are otherwise refused, never mixed).")
-    annotations: Optional[str] = setting(None, "COCO captions JSON of the split (captions_val2014.json; nocaps_val_4500_captions.json, scored overall and per domain, its images by file_name in --images): enables evaluation.")
-    karpathy_split: Optional[str] = setting(None, "Karpathy's dataset_coco.json (then --images holds train2014/ and val2014/), dataset_flickr8k.json or dataset_flickr30k.json (then --images holds the images): the references come from it.")
-    split: str = setting("test", "the Karpathy split to caption: test, val or train (train and restval).")
     num_images: Optional[int] = setting(None, "caption only the first N images (by image id).")
     fraction: Optional[float] = setting(None, "caption only this fraction of the images (the first ones by image id).")
     batch_size: int = setting(32, "images decoded together.")
@@ -64,6 +64,7 @@ class InferenceConfig(CaptionerSettings, ClipScoreSettings, CaptionFlags):
         self.decoding()
         self.one_of("gallery_order", GALLERY_ORDERS)
         self.check_clipscore()
+        self.check_split()
         if self.gallery_order != "first" and not (self.annotated and self.evaluate):
             raise UserError(f"--gallery_order {self.gallery_order} ranks the captions by their scores: it needs "
                             f"--annotations or --karpathy_split, and --evaluate True")
@@ -73,9 +74,6 @@ class InferenceConfig(CaptionerSettings, ClipScoreSettings, CaptionFlags):
             raise UserError("give --num_images or --fraction, not both")
         if self.fraction is not None and not 0 < self.fraction <= 1:
             raise UserError(f"--fraction must be in (0, 1], got {self.fraction}")
-        if self.annotations and self.karpathy_split:
-            raise UserError("give the references as --annotations FILE or as --karpathy_split FILE (with --split), "
-                            "one of the two")
         if (self.annotations or self.karpathy_split) and len(self.images) != 1:
             raise UserError("--images must be one folder when --annotations or --karpathy_split is given")
         if self.decoder not in ("auto", "eager") and self.num_beams > 1:

@@ -26,6 +26,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import nn
 
+from .config import Config, setting
 from .errors import UserError
 from .fileio import sha256_file
 
@@ -199,6 +200,25 @@ def check_encoder_flags(clip_model: str, clip_pretrained: Optional[str]) -> None
                         f"(open_clip_pytorch_model.bin or .safetensors) or a pretrained tag")
     if arch.endswith(".json") or arch.startswith("local-dir:"):
         open_clip_model_config(arch)  # a config file is checked with the flags, before any work starts
+
+
+@dataclass(kw_only=True)
+class EncoderSettings(Config):
+    """The flags of the commands that run an encoder by its name (`train`, `features`): a config
+    inherits them, as it does LlamaSettings. (`caption` reads its encoder from the checkpoint.)"""
+
+    clip_model: str = setting(help="CLIP name (ViT-B/32, ViT-B/16, ViT-L/14, ViT-L/14@336px), a local CLIP file, or open_clip:ARCH (an open_clip model name or model config JSON; weights from --clip_pretrained).")
+    clip_pretrained: Optional[str] = setting(None, "with --clip_model open_clip:ARCH: the weights file (open_clip_pytorch_model.bin, .safetensors) or a pretrained tag (downloaded only if not cached).")
+    feature_kind: str = setting("pooled", "pooled (the CLIP image embedding, one vector per image: ClipCap) or patch (the patch tokens of --clip_layer: LLaVA).")
+    clip_layer: int = setting(-2, "with --feature_kind patch, the transformer block whose patch tokens are taken (-2: the penultimate).")
+
+    def check(self) -> None:
+        super().check()
+        self.one_of("feature_kind", FEATURE_KINDS)
+        check_encoder_flags(self.clip_model, self.clip_pretrained)
+
+    def encoder_spec(self) -> EncoderSpec:
+        return EncoderSpec.of(self.clip_model, self.feature_kind, self.clip_layer, self.clip_pretrained)
 
 
 def check_identity(spec: EncoderSpec, current: str) -> None:
