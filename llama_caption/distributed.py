@@ -149,3 +149,10 @@ def all_reduce_gradients(params: List[torch.nn.Parameter], extra: torch.Tensor, 
         p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
         offset += p.numel()
     return flat[offset:]
+
+
+def gather_objects(obj) -> list:
+    """`obj` of every rank, in rank order."""
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

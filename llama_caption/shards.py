@@ -31,6 +31,7 @@ import torch
 from PIL import Image
 
 from .data import IMAGE_EXTENSIONS, collate, open_rgb, usable_caption
+from .distributed import gather_objects
 from .errors import UserError
 
 IMAGE_KEYS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)
@@ -302,6 +303,26 @@ def chunk_loader(stream: ShardStream, num_workers: int):
                                        persistent_workers=False, collate_fn=lambda x: x)
 
 
+CHECKPOINT_KEY = "shards"  # where trainer.json keeps the position
+
+
+def resume_position(saved: Optional[dict], fp: str, dp_size: int, flag: str = "--train_shards") -> Optional[Position]:
+    """Where a checkpoint's epoch stood (`ShardTraining.state`; None: nothing recorded, or resampled
+    streaming), refused when the shards changed since or the data-parallel size differs."""
+    if not saved:
+        return None
+    if saved.get("fingerprint") != fp:
+        raise UserError(f"--resume: {flag} names other shards, or shards that changed, since the checkpoint "
+                        f"(fingerprint {saved.get('fingerprint')} -> {fp}): give the shards the run "
+                        f"started with, or start a new --out_dir with --init_from")
+    if "done" not in saved:
+        return None
+    if saved.get("dp_size", dp_size) != dp_size:
+        raise UserError(f"--resume: the checkpoint's epoch was dealt to {saved['dp_size']} data-parallel ranks, "
+                        f"this run has {dp_size}: launch the same number of processes to finish it")
+    return Position.from_dict(saved)
+
+
 class ShardTraining:
     """The training samples of --train_shards: each rank's shards, steps per epoch decided before the
     epoch (every rank takes the same number: a rank whose shards run out takes empty micro-batches
@@ -310,15 +331,17 @@ class ShardTraining:
     `counts` (samples per shard) decides the split and the steps; with `samples_per_epoch` shards
     are drawn at random instead, and an epoch is that many samples."""
 
+    dataset = None  # a stream: no image's references to look up (training_data.TrainingData)
+
     def __init__(self, urls: List[str], names: List[str], counts: Optional[List[int]], fp: str, decode_fn,
                  micro: int, accum: int, dp_size: int, dp_rank: int, seed: int, num_workers: int,
-                 samples_per_epoch: Optional[int] = None, log=print):
+                 samples_per_epoch: Optional[int] = None, log=print, restored: Optional[Position] = None):
         self.urls, self.names, self.counts, self.fingerprint = urls, names, counts, fp
         self.decode_fn, self.micro, self.accum, self.dp_size, self.dp_rank = decode_fn, micro, accum, dp_size, dp_rank
         self.seed, self.num_workers, self.samples_per_epoch, self.log = seed, num_workers, samples_per_epoch, log
         self.owned = assign(counts, dp_size) if counts is not None else None
         self.position = Position()
-        self.restored: Optional[Position] = None
+        self.restored = restored  # where the checkpoint a run resumes from stood (resume_position)
         self.shard_errors: List[str] = []
         self.seen_errors = set()
         self.pending: Dict[int, int] = {}  # shards read to their end: their sample count
@@ -334,18 +357,10 @@ class ShardTraining:
         return max(math.ceil(math.ceil(n / self.micro) / self.accum) for n in per_rank)
 
     def restore(self, saved: Optional[dict], flag: str = "--train_shards") -> None:
-        """The position a checkpoint recorded; a shard list that changed since is refused."""
-        if not saved:
-            return
-        if saved.get("fingerprint") != self.fingerprint:
-            raise UserError(f"--resume: {flag} names other shards, or shards that changed, since the checkpoint "
-                            f"(fingerprint {saved.get('fingerprint')} -> {self.fingerprint}): give the shards the run "
-                            f"started with, or start a new --out_dir with --init_from")
-        if "done" in saved:
-            if saved.get("dp_size", self.dp_size) != self.dp_size:
-                raise UserError(f"--resume: the checkpoint's epoch was dealt to {saved['dp_size']} data-parallel ranks, "
-                                f"this run has {self.dp_size}: launch the same number of processes to finish it")
-            self.restored = Position.from_dict(saved)
+        """The position a checkpoint recorded (`state`); a shard list that changed since is refused."""
+        position = resume_position(saved, self.fingerprint, self.dp_size, flag)
+        if position is not None:
+            self.restored = position
 
     def batches(self, epoch: int, start_step: int) -> Iterator[dict]:
         """This rank's micro-batches of `epoch`, from where its position stands; empty ones once
@@ -397,6 +412,17 @@ class ShardTraining:
                 self.position.done.add(s)
                 self.position.partial.pop(s, None)
                 del self.pending[s]
+
+    @property
+    def read_errors(self) -> List[str]:
+        return self.shard_errors
+
+    def error_report(self, total: int) -> str:
+        return f", {total} shard(s) cut short by read errors"
+
+    def checkpoint_state(self, epochs_done: int) -> dict:
+        """trainer.json's record of where the epoch stands, over all ranks (a collective)."""
+        return {CHECKPOINT_KEY: self.state(epochs_done, gather_objects)}
 
     def state(self, epochs_done: int, gather) -> dict:
         """The position over all ranks (`gather`: all_gather_object), for the checkpoint. At an
