@@ -331,6 +331,13 @@ class CaptionDataset(torch.utils.data.Dataset):
             j = random.Random(f"{self.seed}/{self.epoch}/{self.records[i].image_id}").randrange(len(caps))
         return caps[j]
 
+    def first_samples(self) -> List[int]:
+        """The index of each image's first sample, in the records' order: one sample per image."""
+        firsts = {}
+        for index, (i, _) in enumerate(self.samples):
+            firsts.setdefault(i, index)
+        return [firsts[i] for i in sorted(firsts)]
+
     def __getitem__(self, index: int) -> Dict:
         i, _ = self.samples[index]
         rec = self.records[i]

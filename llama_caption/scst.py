@@ -28,6 +28,7 @@ from typing import Dict, Hashable, List, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from .llama.decoding import Decoding
 from .llama.generation import decode_step, prefill, prefill_inputs
 from .llama.model import Transformer
 
@@ -147,12 +148,15 @@ def gumbel_noise(keys: torch.Tensor, t: int, vocab: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample_captions(model: Transformer, prefix: torch.Tensor, bos_id: int, eos_id: int, max_len: int,
-                    keys: torch.Tensor, temperature: float = 1.0) -> Tuple[List[List[int]], List[bool]]:
-    """One caption per row of `prefix` (R, P, dim), drawn from softmax(logits / temperature) by
-    the Gumbel-max trick with keyed noise. Returns the tokens (without EOS) and whether each
-    ended with EOS (False: it ran to `max_len` and is scored as it is)."""
-    rows = prefix.shape[0]
+def sample_captions(model: Transformer, prefix: torch.Tensor, bos_id: int, eos_id: int, decoding: Decoding,
+                    keys: torch.Tensor) -> Tuple[List[List[int]], List[bool]]:
+    """One caption per row of `prefix` (R, P, dim) of at most `decoding.max_gen_len` tokens, drawn
+    from softmax(logits / decoding.temperature) by the Gumbel-max trick with keyed noise (the
+    keys carry the seed: `sample_keys`). Returns the tokens (without EOS) and whether each ended
+    with EOS (False: it ran to the limit and is scored as it is)."""
+    if not decoding.sampling:
+        raise ValueError("keyed sampling needs a temperature above 0 (0 is greedy decoding)")
+    rows, max_len, temperature = prefix.shape[0], decoding.max_gen_len, decoding.temperature
     emb, window = prefill_inputs(model, [[bos_id]] * rows, prefix, max_len)
     logits = prefill(model, emb, window)
     out = torch.zeros(rows, max_len, dtype=torch.long, device=emb.device)

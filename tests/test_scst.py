@@ -2,6 +2,7 @@
 direction of one policy-gradient step (tiny models)."""
 
 import random
+import re
 import shutil
 
 import pytest
@@ -9,9 +10,13 @@ import torch
 
 from conftest import COLOURS, PLACES, THINGS
 from llama_caption.llama.checkpoint import load_llama
+from llama_caption.llama.decoding import Decoding
 from llama_caption.projection import Projection
 from llama_caption.scst import (CiderD, advantages, sample_captions, sample_keys, sequence_logprobs,
                                 tokenize)
+
+
+SAMPLE_12 = Decoding(max_gen_len=12, temperature=1.0)  # sample_captions' limits (its keys carry the seed)
 
 
 def caption_sets(seed, images=6):
@@ -69,11 +74,11 @@ def test_keyed_samples_do_not_depend_on_the_batch(small):
     with torch.no_grad():
         prefix = proj(feats).repeat_interleave(2, 0)
     keys = sample_keys(7, 5, [10, 11, 12], 2, "cpu")
-    together, _ = sample_captions(llama, prefix, tok.bos_id, tok.eos_id, 12, keys)
-    alone, _ = sample_captions(llama, prefix[2:4], tok.bos_id, tok.eos_id, 12, sample_keys(7, 5, [11], 2, "cpu"))
+    together, _ = sample_captions(llama, prefix, tok.bos_id, tok.eos_id, SAMPLE_12, keys)
+    alone, _ = sample_captions(llama, prefix[2:4], tok.bos_id, tok.eos_id, SAMPLE_12, sample_keys(7, 5, [11], 2, "cpu"))
     assert together[2:4] == alone
     assert together[2] != together[3] or together[0] != together[1]  # samples of one image differ
-    other_step, _ = sample_captions(llama, prefix, tok.bos_id, tok.eos_id, 12, sample_keys(7, 6, [10, 11, 12], 2, "cpu"))
+    other_step, _ = sample_captions(llama, prefix, tok.bos_id, tok.eos_id, SAMPLE_12, sample_keys(7, 6, [10, 11, 12], 2, "cpu"))
     assert other_step != together
 
 
@@ -99,7 +104,7 @@ def test_one_step_raises_above_baseline_samples_and_lowers_the_others(small):
     feats = torch.randn(1, 16, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         prefix = proj(feats).repeat_interleave(4, 0)
-    tokens, ended = sample_captions(llama, prefix, tok.bos_id, tok.eos_id, 10, sample_keys(0, 0, [1], 4, "cpu"))
+    tokens, ended = sample_captions(llama, prefix, tok.bos_id, tok.eos_id, Decoding(max_gen_len=10, temperature=1.0), sample_keys(0, 0, [1], 4, "cpu"))
     rewards = torch.tensor([[3.0, 0.0, 2.5, 0.1]])
     adv = advantages(rewards, "mean").flatten()
     opt = torch.optim.SGD(proj.parameters(), lr=1e-3)
@@ -112,6 +117,24 @@ def test_one_step_raises_above_baseline_samples_and_lowers_the_others(small):
     assert change[0] > 0 and change[1] < 0  # the best sample up, the worst down
     assert all((c > 0) == (a > 0) for c, a in zip(change.tolist(), adv.tolist())), (change, adv)
     assert float((adv * change).sum()) > 0
+
+
+@pytest.mark.parametrize("flags, message", [
+    ({"scst_temperature": 0}, "--scst_temperature must be positive, got 0.0"),
+    ({"scst_temperature": 200}, "--scst_temperature must be 0 (greedy) or in (0, 100], got 200.0"),
+    ({"seed": -1}, "--seed must be between 0 and 9223372036854775807, got -1"),
+])
+def test_scst_sampling_flags_have_the_limits_of_decoding_settings(flags, message):
+    """SCST draws its samples with a Decoding (--max_caption_len, --scst_temperature, --seed):
+    Decoding's limits and messages under train's flag names, and SCST's own: no greedy
+    temperature. Cross-entropy samples nothing, and keeps no such limits."""
+    from llama_caption.errors import UserError
+    from llama_caption.training import TrainConfig
+
+    base = dict(ckpt_dir="llama", clip_model="ViT-B/32", out_dir="run", train_images="coco", init_from="xe")
+    with pytest.raises(UserError, match=re.escape(message)):
+        TrainConfig(**base, objective="scst", **flags)
+    assert TrainConfig(**base, objective="xe", **flags).objective == "xe"
 
 
 # SCST through captioning_training.py, from the cross-entropy run of the `trained` fixture.
