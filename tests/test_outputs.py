@@ -4,6 +4,7 @@ one-line errors for bad input (checked before any work starts)."""
 import hashlib
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -227,6 +228,16 @@ def test_bad_flags_are_refused_by_the_config(cls, flags, message):
     with pytest.raises(UserError) as e:
         cls(**{k: v for k, v in base.items() if k in names}, **flags)
     assert message in str(e.value)
+
+
+@pytest.mark.parametrize("cls, flags", [(FeaturesConfig, dict(clip_model="m", images="i", out="o")),
+                                        (InferenceConfig, dict(ckpt_dir="c", checkpoint="k", images="i")),
+                                        (EvaluationConfig, dict(results="r.json"))])
+def test_references_are_one_kind_in_every_command_that_takes_them(cls, flags):
+    """--annotations and --karpathy_split are one definition (data.SplitSettings), refused together alike."""
+    with pytest.raises(UserError, match=re.escape("give the references as --annotations FILE or as --karpathy_split "
+                                                  "FILE (with --split), one of the two")):
+        cls(**flags, annotations="a.json", karpathy_split="k.json")
 
 
 @pytest.mark.slow

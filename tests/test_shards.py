@@ -184,6 +184,29 @@ def test_two_ranks_read_each_sample_once_and_a_resumed_epoch_reads_the_rest(tmp_
         rank_data(urls[:4], counts[:4], shards.fingerprint(urls[:4]), 0).restore(saved)
 
 
+def test_a_shard_source_built_from_its_checkpoint_record_reads_the_rest_of_the_epoch(tmp_path, process_group):
+    """training_data builds a resumed run's shard source complete, from the record its
+    checkpoint_state put in trainer.json: the two halves of the epoch read each sample once."""
+    from types import SimpleNamespace
+
+    from llama_caption.training_data import training_data
+
+    good = make_shards(tmp_path / "s")
+    cfg = SimpleNamespace(train_shards=[pattern(tmp_path / "s", 5)], caption_field=None, samples_per_epoch=None,
+                          grad_accum=1, seed=0, num_workers=0, out_dir=str(tmp_path))
+    env = SimpleNamespace(dp_size=1, dp_rank=0, rank=0, world_size=1, is_main=True, log=print)
+    source = lambda saved: training_data(cfg, env, None, lambda im: torch.zeros(1), 2, "all", saved)  # noqa: E731
+    cut = source(None)
+    steps = cut.steps_per_epoch
+    first = epoch_keys(cut, 0, 3)[0]
+    saved = dict({"epoch": 0, "step": 3}, **cut.checkpoint_state(0))
+    assert saved["shards"]["epoch"] == 0 and saved["shards"]["partial"]
+    rest = epoch_keys(source(saved), 0, steps - 3, start_step=3)[0]
+    assert sorted(first + rest) == sorted(good) and len(set(first + rest)) == len(first + rest)
+    assert cut.checkpoint_state(1) == {"shards": {"fingerprint": cut.fingerprint, "epoch": 1, "done": [], "partial": {},
+                                                  "dp_size": 1}}  # at an epoch's end: the next one's start
+
+
 def test_resampled_streaming_draws_full_batches_for_the_steps_asked(tmp_path):
     good = make_shards(tmp_path)
     urls = shards.expand(pattern(tmp_path, 5), "--x")

@@ -127,6 +127,44 @@ def final_weights(out_dir):
     return load_file(f"{out_dir}/checkpoints/{latest}/projection.safetensors")
 
 
+def test_an_objective_registered_outside_training_py_runs_in_the_loop(cap, tmp_path, monkeypatch):
+    """The loop reaches an objective through the Objective seam alone (objectives/): a third one,
+    registered here, is checked, prepared, stepped with the global step and validated, and its
+    own figures are logged, with no edit to training.py."""
+    from llama_caption import objectives
+    from llama_caption.objectives.xe import CrossEntropy
+
+    calls = []
+
+    class Counted(CrossEntropy):  # cross-entropy's update, with figures of its own
+        @staticmethod
+        def check(cfg):
+            calls.append(("check", cfg.objective))
+
+        def prepare(self, trainer, env):
+            calls.append(("prepare", len(trainer.data)))
+
+        def step(self, trainer, micro_batches, env, step):
+            calls.append(("step", step))
+            result = super().step(trainer, micro_batches, env, step)
+            result.extra["counted"] = float(step)
+            return result
+
+        def validate(self, trainer, env):
+            return {"val_steps": float(sum(1 for c in calls if c[0] == "step"))}
+
+    monkeypatch.setitem(objectives.OBJECTIVES, "counted", Counted)
+    out = tmp_path / "run"
+    run_train(cap, out, "--objective", "counted", "--epochs", 2, "--batch_size", 8, "--val_images", cap["val_images"],
+              "--val_annotations", cap["val_ann"])
+    steps = [n for what, n in calls if what == "step"]
+    assert calls[:2] == [("check", "counted"), ("prepare", 30)] and steps == list(range(6))  # 30 captions / 8, twice
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["counted"] for r in rows if "loss" in r] == [float(s) for s in steps]
+    assert [r["val_steps"] for r in rows if "val_steps" in r] == [3.0, 6.0]
+    assert any(not torch.equal(w, 0 * w) for w in final_weights(out).values())
+
+
 @pytest.mark.slow
 def test_training_memorises_a_few_images_and_greedy_reproduces_them(cap, tmp_path, process_group):
     out = tmp_path / "run"
