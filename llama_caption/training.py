@@ -88,7 +88,7 @@ class TrainConfig(EncoderSettings, LlamaSettings):
     init_from: Optional[str] = setting(None, "a trained run folder (its latest checkpoint) or checkpoint whose projection starts this run, with a fresh optimizer; needed by --objective scst.")
     scst_samples: int = setting(5, "with --objective scst: captions sampled per image per step.")
     scst_baseline: str = setting("mean", "with --objective scst: mean (each sample against the mean reward of the image's other samples) or greedy (against the image's greedy caption).")
-    scst_temperature: float = setting(1.0, "with --objective scst: sampling temperature (captions up to --max_caption_len tokens).")
+    scst_temperature: float = setting(1.0, "with --objective scst: sampling temperature, above 0 and at most 100 (captions up to --max_caption_len tokens).")
     seed: int = setting(0, "random seed (data order, initialisation), the same on every rank.")
     resume: bool = setting(False, "continue from out_dir/checkpoints/latest with the same configuration.")
     stop_after_steps: Optional[int] = setting(None, "stop (with a checkpoint) after this many steps, e.g. to split a job across allocations.")
