@@ -28,11 +28,11 @@ $(TEST_STAMP): $(STAMP)
 
 # Everything (CI's).
 test: $(TEST_STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=10 tests
 
 # The quick tier: tests that start no process (no torchrun, no Java scorer, no demo) and train briefly.
 test-fast: $(TEST_STAMP)
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q --durations=10 -m "not slow" tests
 
 demo: $(STAMP)
 	$(PY) -m llama_caption demo

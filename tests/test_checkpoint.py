@@ -181,42 +181,64 @@ def mp2_assets(assets, tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def mp1_reference(assets, mp2_assets, process_group):
+    """What tests/mp_worker.py computes at model-parallel size 1, in this process (one thread, as
+    under torchrun): for each tiny checkpoint as written, and for its two resharded shards merged
+    by one rank."""
+    import mp_worker
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return {(which, name): mp_worker.run(str(root / name) if which == "merged" else assets[name], assets["tokenizer"])
+                for which, root in (("mp1", None), ("merged", mp2_assets)) for name in ("tiny", "tiny_gqa")}
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def mp2_runs(assets, mp2_assets, tmp_path_factory):
+    """One two-rank launch of tests/mp_worker.py over four checkpoints: the resharded tiny and
+    tiny_gqa (mp2/logits0-1), and the 1-shard originals, each rank cutting its half (2-3)."""
+    out = tmp_path_factory.mktemp("mp2_runs")
+    torchrun(2, "tests/mp_worker.py", out, assets["tokenizer"], mp2_assets / "tiny", mp2_assets / "tiny_gqa",
+             assets["tiny"], assets["tiny_gqa"])
+    return lambda i: (load_file(f"{out}/logits{i}.safetensors"), json.load(open(f"{out}/completions{i}.json")))
+
+
+def plain(completions: dict) -> dict:
+    """mp_worker's completions as its JSON file holds them (lists, not tuples)."""
+    return json.loads(json.dumps(completions))
+
+
 @pytest.mark.slow
-def test_model_parallel_2_equals_1(assets, mp2_assets, tmp_path):
+def test_model_parallel_2_equals_1(mp1_reference, mp2_runs):
     """Two gloo ranks on the resharded checkpoint: the same logits and greedy completions, also
     through the packed weights (their own all-reduce and gather)."""
-    (tmp_path / "mp1").mkdir()
-    (tmp_path / "mp2").mkdir()
-    torchrun(1, "tests/mp_worker.py", tmp_path / "mp1", assets["tokenizer"], assets["tiny"], assets["tiny_gqa"])
-    torchrun(2, "tests/mp_worker.py", tmp_path / "mp2", assets["tokenizer"], mp2_assets / "tiny", mp2_assets / "tiny_gqa")
-    for i in (0, 1):
-        one = load_file(f"{tmp_path}/mp1/logits{i}.safetensors")
-        two = load_file(f"{tmp_path}/mp2/logits{i}.safetensors")
+    for i, name in enumerate(("tiny", "tiny_gqa")):
+        one, c1 = mp1_reference[("mp1", name)]
+        two, c2 = mp2_runs(i)
         torch.testing.assert_close(two["logits"], one["logits"], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(two["packed_logits"], one["logits"], rtol=1e-5, atol=1e-5)
-        c1 = json.load(open(f"{tmp_path}/mp1/completions{i}.json"))
-        c2 = json.load(open(f"{tmp_path}/mp2/completions{i}.json"))
+        c1 = plain(c1)
         assert c1 == c2
         assert c1["greedy_prefix_packed"] == c1["greedy_prefix"]
         assert all(len(x) > 0 for x in c1["greedy"])
 
 
 @pytest.mark.slow
-def test_meta_checkpoints_load_at_any_model_parallel_size(assets, mp2_assets, tmp_path):
+def test_meta_checkpoints_load_at_any_model_parallel_size(mp1_reference, mp2_runs):
     """Each rank cuts its slice from the stored shards: one shard loaded by two ranks, and two
     shards loaded by one, give the logits and completions of the checkpoint at its own size."""
-    for name in ("mp1", "split", "merged"):
-        (tmp_path / name).mkdir()
-    torchrun(1, "tests/mp_worker.py", tmp_path / "mp1", assets["tokenizer"], assets["tiny"], assets["tiny_gqa"])
-    torchrun(2, "tests/mp_worker.py", tmp_path / "split", assets["tokenizer"], assets["tiny"], assets["tiny_gqa"])
-    torchrun(1, "tests/mp_worker.py", tmp_path / "merged", assets["tokenizer"], mp2_assets / "tiny", mp2_assets / "tiny_gqa")
-    for i in (0, 1):
-        one = load_file(f"{tmp_path}/mp1/logits{i}.safetensors")["logits"]
-        torch.testing.assert_close(load_file(f"{tmp_path}/split/logits{i}.safetensors")["logits"], one, rtol=1e-5, atol=1e-5)
-        assert torch.equal(load_file(f"{tmp_path}/merged/logits{i}.safetensors")["logits"], one)  # the same weights, whole
-        c1 = json.load(open(f"{tmp_path}/mp1/completions{i}.json"))
-        assert json.load(open(f"{tmp_path}/split/completions{i}.json")) == c1
-        assert json.load(open(f"{tmp_path}/merged/completions{i}.json")) == c1
+    for i, name in enumerate(("tiny", "tiny_gqa")):
+        one, c1 = mp1_reference[("mp1", name)]
+        split, c_split = mp2_runs(2 + i)
+        merged, c_merged = mp1_reference[("merged", name)]
+        torch.testing.assert_close(split["logits"], one["logits"], rtol=1e-5, atol=1e-5)
+        assert torch.equal(merged["logits"], one["logits"])  # the same weights, whole
+        assert c_split == plain(c1)
+        assert plain(c_merged) == plain(c1)
 
 
 @pytest.mark.slow
