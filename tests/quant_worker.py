@@ -14,8 +14,9 @@ from llama_caption import distributed
 from llama_caption.llama.checkpoint import load_llama
 
 
-def main(out_file, tokenizer_path, ckpt, *modes):
-    env = distributed.setup(mp_size=None, device="cpu", quiet=True)
+def compute(tokenizer_path, ckpt, modes) -> dict:
+    """Each mode's logits and prefix gradient at the current model-parallel size (the tests call
+    it in-process for size 1)."""
     result = {}
     for mode in modes:
         model, tok = load_llama(ckpt, tokenizer_path, max_seq_len=64, quantize=mode)
@@ -31,6 +32,12 @@ def main(out_file, tokenizer_path, ckpt, *modes):
         loss.backward()
         result[f"{mode}.logits"] = logits.detach()
         result[f"{mode}.grad"] = prefix.grad
+    return result
+
+
+def main(out_file, tokenizer_path, ckpt, *modes):
+    env = distributed.setup(mp_size=None, device="cpu", quiet=True)
+    result = compute(tokenizer_path, ckpt, modes)
     if env.is_main:
         save_file(result, out_file)
     distributed.teardown()
