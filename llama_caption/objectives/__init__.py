@@ -3,7 +3,8 @@
 The loop (training.py) calls an `Objective` and knows none of them by name. An objective owns
 its caption mode (which captions an epoch gives each image), its flag checks, its step (batches
 in, one optimizer update out) and its validation. `OBJECTIVES` maps each `--objective` to its
-class (`register` adds one); `objective_for` is the one place that reads `cfg.objective`.
+class (`register` adds one); `check_objective` and `objective_for` are the only readers of
+`cfg.objective`.
 
     xe.py     cross-entropy on the reference captions
     scst.py   self-critical sequence training on CIDEr-D (its maths: llama_caption/scst.py)
