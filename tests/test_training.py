@@ -223,13 +223,24 @@ def logged_rows(run_dir):
     return [{k: v for k, v in r.items() if k != "samples_per_s"} for r in rows]
 
 
+def logged_run_args(cap):
+    return ["--epochs", 2, "--batch_size", 2, "--lr", 1e-3, "--log_every", 1, "--val_images", cap["val_images"],
+            "--val_annotations", cap["val_ann"], "--captions", "one", "--save_every", 100]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_rows(cap, tmp_path_factory):
+    """The rows an uninterrupted run logs: the reference both resume points are compared with."""
+    out = tmp_path_factory.mktemp("uninterrupted") / "full"
+    run_train(cap, out, *logged_run_args(cap))
+    return logged_rows(out)
+
+
 @pytest.mark.parametrize("where", ["epoch end", "mid-epoch"])
 @pytest.mark.slow
-def test_a_resumed_run_logs_every_row_the_uninterrupted_run_logs(cap, tmp_path, where):
-    args = ["--epochs", 2, "--batch_size", 2, "--lr", 1e-3, "--log_every", 1, "--val_images", cap["val_images"],
-            "--val_annotations", cap["val_ann"], "--captions", "one", "--save_every", 100]
-    run_train(cap, tmp_path / "full", *args)
-    full = logged_rows(tmp_path / "full")
+def test_a_resumed_run_logs_every_row_the_uninterrupted_run_logs(cap, tmp_path, where, uninterrupted_rows):
+    args = logged_run_args(cap)
+    full = uninterrupted_rows
     per_epoch = max(r["step"] for r in full if r["epoch"] == 1)
     assert per_epoch > 1 and [r for r in full if "val_loss" in r][0]["step"] == per_epoch
     stop = per_epoch if where == "epoch end" else per_epoch - 1

@@ -153,13 +153,20 @@ def standin_settings(s: dict, which: str) -> dict:
     return {k: v for k, v in s.items() if k.startswith(which + "_") or k in ("train", "val", "image_size", "seed")}
 
 
-def clip_standin_stamp(paths: Dict[str, str], s: dict, images: str, annotations: str) -> tuple:
-    """The stand-in CLIP's stamp file, the settings it must hold, and whether the cached CLIP
-    matches them."""
-    settings = {"scale": standin_settings(s, "clip"), "clip": CLIP_SETTINGS, "images": os.path.abspath(images),
+def standin_stamp(which: str, paths: Dict[str, str], s: dict, images: str, annotations: str) -> tuple:
+    """A stand-in's ("clip" or "llama") stamp file, the settings it must hold, and whether the
+    cached one matches them."""
+    own = {"clip": CLIP_SETTINGS} if which == "clip" else {"llama": LLAMA_PARAMS,
+                                                            "texts_per_sequence": LLAMA_TEXTS_PER_SEQUENCE}
+    settings = {"scale": standin_settings(s, which), **own, "images": os.path.abspath(images),
                 "annotations": os.path.abspath(annotations)}
-    stamp = os.path.join(paths["standins"], "clip_settings.json")
-    return stamp, settings, stamp_ok(stamp, settings) and os.path.isfile(paths["clip"])
+    stamp = os.path.join(paths["standins"], f"{which}_settings.json")
+    made = paths["clip"] if which == "clip" else os.path.join(paths["ckpt_dir"], "params.json")
+    return stamp, settings, stamp_ok(stamp, settings) and os.path.isfile(made)
+
+
+def clip_standin_stamp(paths: Dict[str, str], s: dict, images: str, annotations: str) -> tuple:
+    return standin_stamp("clip", paths, s, images, annotations)
 
 
 def build_clip_standin(paths: Dict[str, str], s: dict, log, images: str, annotations: str) -> None:
@@ -193,13 +200,7 @@ def build_clip_standin(paths: Dict[str, str], s: dict, log, images: str, annotat
 
 
 def llama_standin_stamp(paths: Dict[str, str], s: dict, images: str, annotations: str) -> tuple:
-    """The stand-in LLaMA's stamp file, the settings it must hold, and whether the cached
-    LLaMA matches them."""
-    settings = {"scale": standin_settings(s, "llama"), "llama": LLAMA_PARAMS, "texts_per_sequence": LLAMA_TEXTS_PER_SEQUENCE,
-                "images": os.path.abspath(images),
-                "annotations": os.path.abspath(annotations)}
-    stamp = os.path.join(paths["standins"], "llama_settings.json")
-    return stamp, settings, stamp_ok(stamp, settings) and os.path.isfile(os.path.join(paths["ckpt_dir"], "params.json"))
+    return standin_stamp("llama", paths, s, images, annotations)
 
 
 def build_llama_standin(paths: Dict[str, str], s: dict, log, images: str, annotations: str) -> None:
