@@ -75,9 +75,10 @@ def conclusions(report: dict) -> Dict[str, float]:
             "control_ratio": cider(final) / max(cider(stages["control"]), 1e-9)}
 
 
-def misses(row: Dict[str, float]) -> List[str]:
-    """The floors a case misses (a value that is not there, NaN, misses too)."""
-    return [k for k, floor in FLOORS.items() if not row[k] >= floor]
+def misses(row: dict) -> List[str]:
+    """The floors a case misses (a value that is not there, NaN, misses too; a demo that failed
+    misses them all)."""
+    return [k for k, floor in FLOORS.items() if not row.get(k, float("nan")) >= floor]
 
 
 def demo_command(cfg: DemoCheckConfig, isa: str, seed: int) -> List[str]:
@@ -102,11 +103,10 @@ def run_case(cfg: DemoCheckConfig, isa: str, seed: int, log=print) -> dict:
     t0 = time.time()
     proc = subprocess.run(cmd, env=dict(os.environ, **ISAS[isa]), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True)
-    tail = "\n".join(proc.stdout.splitlines()[-12:])
-    if proc.returncode != 0:
-        log(tail)
-        raise UserError(f"the demo failed under {isa}, seed {seed} (exit {proc.returncode}); its messages are above")
-    log(tail)
+    log("\n".join(proc.stdout.splitlines()[-12:]))
+    if proc.returncode != 0:  # the other cases still run: a 25-minute check reports all it can
+        log(f"the demo failed under {isa}, seed {seed} (exit {proc.returncode}); its messages are above")
+        return dict(isa=isa, seed=seed, kernels="?", seconds=round(time.time() - t0), failed=proc.returncode)
     layout = cfg.scale + (f"-seed{seed}" if seed else "")
     report = newest_report(os.path.join(cfg.root, isa, layout, "runs"), t0)
     return dict(isa=isa, seed=seed, kernels=report.get("cpu_capability", "?"), seconds=round(time.time() - t0),
@@ -120,6 +120,9 @@ def table(rows: List[dict]) -> str:
                    f"{'':9}{FLOORS['control_ratio']:>10.1f}x"]
     for r in rows:
         missed = misses(r)
+        if "failed" in r:
+            lines.append(f"{r['isa']:16}{r['seed']:>5}  the demo failed (exit {r['failed']})")
+            continue
         lines.append(f"{r['isa'] + ' (' + r['kernels'] + ')':16}{r['seed']:>5}{r['xe']:>10.1f}{r['final']:>8.1f}"
                      f"{r['scst_gain']:>+11.1f}{r['all_three']:>11.0%}{r['control']:>9.1f}{r['control_ratio']:>10.1f}x"
                      f"{r['seconds']:>6}s  " + ("ok" if not missed else "MISSED " + ", ".join(missed)))
