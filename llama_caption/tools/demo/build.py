@@ -57,12 +57,12 @@ from .standins import build_llama, text_embeddings, train_clip
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 SCALES = {
-    # train/val images, CLIP steps and learning rate, LLaMA steps, cross-entropy epochs, SCST
-    # epochs and sampling temperature
+    # train/val images, CLIP steps and learning rate, LLaMA steps and learning rate, cross-entropy
+    # epochs, batch and learning rate, SCST's, its sampling temperature; the seed (--seed's default)
     "full": dict(train=2000, val=200, image_size=32, clip_steps=800, clip_lr=2e-3, llama_steps=500, llama_lr=6e-3, epochs=2,
-                 batch_size=64, lr=4e-3, scst_epochs=1, scst_batch=8, scst_lr=2e-4, scst_temperature=0.5),
+                 batch_size=64, lr=4e-3, scst_epochs=1, scst_batch=8, scst_lr=2e-4, scst_temperature=0.5, seed=0),
     "small": dict(train=300, val=50, image_size=32, clip_steps=250, clip_lr=1e-3, llama_steps=150, llama_lr=6e-3, epochs=2,
-                  batch_size=32, lr=2e-3, scst_epochs=1, scst_batch=16, scst_lr=2e-4, scst_temperature=0.5),
+                  batch_size=32, lr=2e-3, scst_epochs=1, scst_batch=16, scst_lr=2e-4, scst_temperature=0.5, seed=0),
 }
 # The transformer mapper's size for the demo, and its cross-entropy learning rate (it trains
 # better at a lower one than the MLP's).
