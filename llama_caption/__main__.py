@@ -10,6 +10,7 @@ and the old `python -m llama_caption.X` forms run the same entry points.
 """
 
 import importlib
+import os
 import sys
 from typing import List, Optional
 
@@ -54,16 +55,42 @@ def run(name: str, argv: List[str]) -> None:
     module, attr, _ = COMMANDS[name]
     entry = getattr(importlib.import_module(module), attr)
     if any(a in ("-h", "--help") for a in argv):  # fire's own help (the entry takes unknown flags to refuse them)
-        argv = [a for a in argv if a not in ("-h", "--help")] + ["--", "--help"]
+        show(command_help(fire, entry, [a for a in argv if a not in ("-h", "--help")], name))
+        return
     # Under torchrun, any exception a rank raises goes into the launcher's error file, so its
     # report ends in the real cause (bad input is already one line there: errors.py).
     record(lambda: fire.Fire(entry, command=list(argv), name=name))()
 
 
+def command_help(fire, entry, argv: List[str], name: str) -> str:
+    """A command's flags as fire shows them (it writes them to stderr and exits): captured, so that
+    they go to stdout like any help, where `| less` and `| grep` read them."""
+    import contextlib
+    import io
+
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text), contextlib.redirect_stderr(text):
+        try:
+            fire.Fire(entry, command=argv + ["--", "--help"], name=name)
+        except SystemExit:
+            pass
+    return text.getvalue()
+
+
+def show(text: str) -> None:
+    """Print help; a reader that stops early (`| head -1`) is not an error."""
+    try:
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Python would report the pipe again when it flushes stdout at exit: point stdout at nothing.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print(usage())
+        show(usage())
         return
     if argv[0] not in COMMANDS:
         from .errors import USER_ERROR_EXIT, report_user_error

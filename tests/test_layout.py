@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 
+from conftest import REPO
 import captioning_inference
 import captioning_training
 import example
@@ -47,7 +48,8 @@ def test_help_lists_every_command_and_each_one_runs(monkeypatch):
         assert name in listed
     for name in cli.COMMANDS:  # every entry point imports and shows its flags
         code, out, err = capture(cli.main, [name, "--help"])
-        assert code == 0 and f"    {name} - " in out + err and "--help" not in err.split("NAME")[1], name
+        assert code == 0 and f"    {name} - " in out and "--help" not in out.split("NAME")[1], name
+        assert err == "", name  # help goes to stdout, where | less and | grep read it
     code, _, err = capture(cli.main, ["trian"])
     assert code == 2 and err.startswith("error: unknown command 'trian'") and len(err.strip().splitlines()) == 1
 
@@ -198,3 +200,16 @@ def test_precompile_writes_the_bytecode_that_imports_skipped(tmp_path, monkeypat
     assert write_bytecode([module, sys]) == 1 and os.path.isfile(cached)  # sys: no source, skipped
     assert write_bytecode([module]) == 0
     sys.modules.pop("freshmod")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args", [["--help"], ["caption", "--help"]])
+def test_help_read_by_a_reader_that_stops_early_is_not_an_error(args):
+    """`python -m llama_caption ... --help | head -1`: no BrokenPipeError, exit 0."""
+    import subprocess
+
+    proc = subprocess.Popen([sys.executable, "-m", "llama_caption", *args], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=REPO))
+    proc.stdout.close()  # before the command writes: as `head` does once it has its lines
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0 and err == "", err
