@@ -3,6 +3,7 @@ value with one message, results files record what they always recorded, and samp
 one seed rule."""
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -58,8 +59,21 @@ def test_complete_refuses_sampling_settings_as_caption_does():
         assert str(e.value) == caption_error(**flags)
 
 
+def test_a_temperature_too_small_to_sample_is_refused_alike():
+    """Below 0.001 sampling is greedy in all but name, and near 1e-38 logits / temperature overflow
+    inside torch.multinomial: caption, complete and serve refuse it with one message."""
+    says = "temperature must be 0 (greedy) or in [0.001, 100], got 1e-40"
+    assert caption_error(temperature=1e-40) == "--" + says
+    assert serve_error(temperature=1e-40) == says
+    assert serve_error(temperature="1e-320") == says.replace("1e-40", "1e-320")
+    with pytest.raises(UserError, match=re.escape("--" + says)):
+        ExampleConfig(ckpt_dir="c", temperature=1e-40)
+    for fine in (0.0, 0.001):
+        InferenceConfig(**CAPTION, temperature=fine)
+
+
 def test_the_messages_name_the_limits():
-    assert caption_error(temperature=float("inf")) == "--temperature must be 0 (greedy) or in (0, 100], got inf"
+    assert caption_error(temperature=float("inf")) == "--temperature must be 0 (greedy) or in [0.001, 100], got inf"
     assert caption_error(length_penalty=0.0) == "--length_penalty must be in (0, 10], got 0.0"
     assert caption_error(max_gen_len=0) == "--max_gen_len must be at least 1, got 0"
     # The server's flags lower two limits, and say so.
@@ -71,7 +85,7 @@ def test_the_messages_name_the_limits():
 
 def test_caption_refuses_a_temperature_no_float_holds_on_its_command_line(tmp_path):
     """fire reads 1e999 as inf: refused before anything is read or written, as the server refuses it."""
-    for flag, value, says in (("--temperature", "1e999", "--temperature must be 0 (greedy) or in (0, 100], got inf"),
+    for flag, value, says in (("--temperature", "1e999", "--temperature must be 0 (greedy) or in [0.001, 100], got inf"),
                               ("--length_penalty", 0, "--length_penalty must be in (0, 10], got 0.0")):
         proc = run_cli(captioning_inference.main, "--ckpt_dir", tmp_path / "none", "--checkpoint", tmp_path / "none",
                        "--images", tmp_path, "--out", tmp_path / "r.json", flag, value)

@@ -120,8 +120,9 @@ def test_one_step_raises_above_baseline_samples_and_lowers_the_others(small):
 
 
 @pytest.mark.parametrize("flags, message", [
-    ({"scst_temperature": 0}, "--scst_temperature must be positive, got 0.0"),
-    ({"scst_temperature": 200}, "--scst_temperature must be 0 (greedy) or in (0, 100], got 200.0"),
+    ({"scst_temperature": 0}, "--scst_temperature must be in [0.001, 100] (SCST samples: 0, greedy, draws nothing to compare), got 0.0"),
+    ({"scst_temperature": 200}, "--scst_temperature must be in [0.001, 100] (SCST samples: 0, greedy, draws nothing to compare), got 200.0"),
+    ({"scst_temperature": 1e-40}, "--scst_temperature must be in [0.001, 100] (SCST samples: 0, greedy, draws nothing to compare), got 1e-40"),
     ({"seed": -1}, "--seed must be between 0 and 9223372036854775807, got -1"),
 ])
 def test_scst_sampling_flags_have_the_limits_of_decoding_settings(flags, message):

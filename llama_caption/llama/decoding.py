@@ -20,6 +20,9 @@ from .generation import beam_search, generate
 from .model import Transformer
 
 MAX_TEMPERATURE = 100.0
+# Below this, sampling is greedy in all but name, and logits / temperature overflow float32 near
+# 1e-38 (a crash inside torch.multinomial): such a temperature is refused rather than clamped.
+MIN_TEMPERATURE = 1e-3
 MAX_SEED = 2 ** 63 - 1  # what torch.Generator and numpy take
 
 
@@ -52,7 +55,7 @@ class Decoding:
     max_gen_len: int = limit(30, 1, None, "the most tokens generated per caption or completion (with the image prefix or the prompt, at most the LLaMA's context).")
     num_beams: int = limit(1, 1, None, "beam search with this many beams (1: greedy).")
     temperature: float = limit(0.0, 0.0, MAX_TEMPERATURE, "0 is greedy decoding; above 0, top-p sampling at this temperature.",
-                               what=f"0 (greedy) or in (0, {MAX_TEMPERATURE:g}]")
+                               what=f"0 (greedy) or in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}]")
     top_p: float = limit(0.95, 0.0, 1.0, "nucleus-sampling threshold (used when temperature > 0), in (0, 1].",
                          open_low=True, recorded="sampling")
     seed: int = limit(1, 0, MAX_SEED, "the sampling seed: data-parallel rank r draws with seed + r, so a seed gives the same captions again.",
@@ -74,6 +77,9 @@ class Decoding:
         request field), a cap (value, why) lowering some (the server's --max_gen_len); returns self."""
         for f in fields(self):
             self.check_one(f, name(f.name), (caps or {}).get(f.name))
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            what = next(f for f in fields(self) if f.name == "temperature").metadata["what"]
+            raise UserError(f"{name('temperature')} must be {what}, got {shown(self.temperature)}")
         if self.num_beams > 1 and self.sampling:
             raise UserError(f"{name('num_beams')} > 1 is beam search, which does not sample: leave {name('temperature')} at 0")
         return self

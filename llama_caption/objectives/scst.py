@@ -16,7 +16,7 @@ from tqdm import tqdm
 from .. import distributed
 from ..data import collate
 from ..errors import UserError
-from ..llama.decoding import Decoding, decode
+from ..llama.decoding import MAX_TEMPERATURE, MIN_TEMPERATURE, Decoding, decode
 from ..scst import CiderD, advantages, sample_captions, sample_keys, sequence_logprobs
 from . import StepResult, register
 from .xe import validation_loss
@@ -50,8 +50,9 @@ class Scst:
             raise UserError("--objective scst needs --init_from RUN_DIR: a projection trained with cross-entropy first")
         if cfg.scst_baseline == "mean" and cfg.scst_samples < 2:
             raise UserError(f"--scst_samples {cfg.scst_samples}: the mean baseline needs at least 2 samples per image")
-        if cfg.scst_temperature <= 0:  # Decoding's 0 is greedy: no sample would differ
-            raise UserError(f"--scst_temperature must be positive, got {cfg.scst_temperature}")
+        if not MIN_TEMPERATURE <= cfg.scst_temperature <= MAX_TEMPERATURE:  # Decoding's 0 is greedy: no sample would differ
+            raise UserError(f"--scst_temperature must be in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}] (SCST samples: 0, "
+                            f"greedy, draws nothing to compare), got {cfg.scst_temperature}")
         sampling(cfg)
         if cfg.train_shards:
             raise UserError("--objective scst needs each image's reference captions: train it on COCO (--train_images), "
