@@ -43,14 +43,21 @@ def provenance(made_by: dict, decoding: dict, selection: dict) -> dict:
     return dict(made_by, decoding=decoding, selection=selection)
 
 
+ABSENT = object()  # a key one record has and the other has not (a setting left at its default)
+
+
 def first_difference(old, new, where: str = "") -> Optional[str]:
     if isinstance(old, dict) and isinstance(new, dict):
         for k in list(new) + [k for k in old if k not in new]:
-            found = first_difference(old.get(k), new.get(k), f"{where}.{k}" if where else k)
+            found = first_difference(old.get(k, ABSENT), new.get(k, ABSENT), f"{where}.{k}" if where else k)
             if found:
                 return found
         return None
-    return None if old == new else f"{where}: {json.dumps(old)[:80]} -> {json.dumps(new)[:80]}"
+    return None if old == new else f"{where}: {as_recorded(old)} -> {as_recorded(new)}"
+
+
+def as_recorded(value) -> str:
+    return "(not recorded: the default)" if value is ABSENT else json.dumps(value)[:80]
 
 
 def result_key(r: Dict, annotated: bool):

@@ -316,3 +316,15 @@ def test_captioning_refuses_a_llama_of_another_architecture(cap, trained, tmp_pa
                    "--checkpoint", trained, "--images", cap["val_images"], "--out", tmp_path / "r.json")
     assert proc.returncode == 2 and f"was trained with the LLaMA in {cap['ckpt_dir']}, not the one in --ckpt_dir" in proc.stderr
     assert not list(tmp_path.glob("r.*"))
+
+
+def test_a_refused_rerun_names_a_setting_left_at_its_default_as_such():
+    """A results file records the decoder only when it is not eager: a rerun that differs there
+    says so instead of printing null."""
+    from llama_caption.results import first_difference
+
+    old, new = {"decoding": {"decoder": "static", "dtype": "float32"}}, {"decoding": {"dtype": "float32"}}
+    assert first_difference(old, new) == 'decoding.decoder: "static" -> (not recorded: the default)'
+    assert first_difference(new, old) == 'decoding.decoder: (not recorded: the default) -> "static"'
+    assert first_difference({"a": None}, {"a": 1}) == "a: null -> 1"
+    assert first_difference(old, old) is None
