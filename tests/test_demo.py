@@ -252,3 +252,16 @@ def test_stand_ins_are_rebuilt_only_for_their_own_settings(tmp_path):
         clip_standin_stamp(paths, base, "imgs", "ann.json")[1]
     assert llama_standin_stamp(paths, dict(base, llama_lr=1.0), "imgs", "ann.json")[1] != \
         llama_standin_stamp(paths, base, "imgs", "ann.json")[1]
+
+
+def test_demo_check_refuses_bad_flags_before_any_demo(tmp_path):
+    from llama_caption.errors import UserError
+    from llama_caption.tools.demo.check import DemoCheckConfig
+
+    (tmp_path / "afile").write_text("")
+    for flags, says in (({"out": str(tmp_path)}, "is a folder"), ({"root": str(tmp_path / "afile")}, "is a file"),
+                        ({"seeds": [1, 1]}, "lists a value twice"), ({"seeds": [-1]}, "is negative"),
+                        ({"isas": ["avx3"]}, "not one of native, avx2, default")):
+        with pytest.raises(UserError, match=says):
+            DemoCheckConfig(**dict({"root": str(tmp_path / "r")}, **flags))
+    assert DemoCheckConfig(root=str(tmp_path / "r"), seeds=[2 ** 40]).seeds == [2 ** 40]  # the demo's own range

@@ -26,7 +26,7 @@ from typing import Dict, List, Optional
 
 from ...config import Config, command, setting
 from ...errors import UserError
-from ...fileio import check_output_dir, write_json
+from ...fileio import check_output_dir, check_output_file, write_json
 
 # The environment that selects each kernel path (set before Python starts; "native": whatever the
 # machine has).
@@ -56,10 +56,13 @@ class DemoCheckConfig(Config):
             values = getattr(self, name)
             if len(set(values)) != len(values):
                 raise UserError(f"--{name} lists a value twice: {', '.join(map(str, values))}")
-        for seed in self.seeds:
-            if not 0 <= seed < 2 ** 31:
-                raise UserError(f"--seeds: {seed} is not in [0, 2^31)")
+        for seed in self.seeds:  # demo's --seed range (at least 0; whole numbers are below 2^63)
+            if seed < 0:
+                raise UserError(f"--seeds: {seed} is negative: the demo's --seed is at least 0")
         self.one_of("scale", ("full", "small"))
+        check_output_dir(self.root, "--root")  # before minutes of demos, not after
+        if self.out:
+            check_output_file(self.out, "--out")
 
 
 def conclusions(report: dict) -> Dict[str, float]:
@@ -130,7 +133,6 @@ def table(rows: List[dict]) -> str:
 
 
 def run_check(cfg: DemoCheckConfig, log=print) -> List[dict]:
-    check_output_dir(cfg.root, "--root")
     rows = [run_case(cfg, isa, seed, log) for isa in cfg.isas for seed in cfg.seeds]
     out = cfg.out or os.path.join(cfg.root, "check.json")
     write_json(out, {"floors": FLOORS, "scale": cfg.scale, "cases": rows}, indent=1)
