@@ -75,7 +75,12 @@ def prune(root: str, latest: str, keep_last: int) -> None:
 
 
 def find_checkpoint(path: str, flag: str = "--checkpoint") -> str:
-    """A checkpoint folder from a run folder (its latest), a checkpoints/ folder, or itself."""
+    """A checkpoint folder from a run folder (its latest), a checkpoints/ folder, itself, or its
+    projection file."""
+    if not os.path.exists(path):
+        raise UserError(f"{flag} {path} does not exist: give a run folder (RUN/checkpoints/latest) or a checkpoint folder")
+    if os.path.basename(path) == PROJECTION_FILE and os.path.isfile(path):
+        return os.path.dirname(os.path.abspath(path))
     for candidate in (os.path.join(path, "checkpoints", "latest"), os.path.join(path, "latest")):
         if os.path.isfile(candidate):
             with open(candidate) as f:
@@ -83,7 +88,8 @@ def find_checkpoint(path: str, flag: str = "--checkpoint") -> str:
             return os.path.join(os.path.dirname(candidate), name)
     if os.path.isfile(os.path.join(path, PROJECTION_FILE)):
         return path
-    raise UserError(f"{flag} {path}: no checkpoint there (expected RUN/checkpoints/latest or {PROJECTION_FILE})")
+    raise UserError(f"{flag} {path}: no checkpoint there (a run folder holds checkpoints/latest, a checkpoint folder "
+                    f"{PROJECTION_FILE})")
 
 
 def load_trainer_state(ckpt: str) -> Tuple[dict, dict, Dict[str, torch.Tensor]]:

@@ -328,3 +328,22 @@ def test_a_refused_rerun_names_a_setting_left_at_its_default_as_such():
     assert first_difference(new, old) == 'decoding.decoder: (not recorded: the default) -> "static"'
     assert first_difference({"a": None}, {"a": 1}) == "a: null -> 1"
     assert first_difference(old, old) is None
+
+
+def test_checkpoint_paths_are_found_or_named_plainly(tmp_path):
+    """--checkpoint takes a run folder, a checkpoint folder or its projection file; a path that
+    does not exist says so."""
+    from llama_caption.errors import UserError
+    from llama_caption.runs import find_checkpoint
+
+    step = tmp_path / "run" / "checkpoints" / "step-0000003"
+    step.mkdir(parents=True)
+    (step / "projection.safetensors").write_bytes(b"")
+    (tmp_path / "run" / "checkpoints" / "latest").write_text("step-0000003\n")
+    assert find_checkpoint(str(tmp_path / "run")) == str(step)
+    assert find_checkpoint(str(step)) == str(step)
+    assert find_checkpoint(str(step / "projection.safetensors")) == str(step)
+    with pytest.raises(UserError, match="does not exist"):
+        find_checkpoint(str(tmp_path / "nowhere"))
+    with pytest.raises(UserError, match="no checkpoint there"):
+        find_checkpoint(str(tmp_path))
