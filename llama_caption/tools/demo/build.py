@@ -11,17 +11,20 @@
 3. python -m llama_caption features, train, caption and evaluate, unchanged (SCST under torchrun,
    data-parallel), exactly as on COCO: with both stand-ins frozen, a projection learns by
    cross-entropy (the MLP and the transformer mapper, each in its own folder, on the same data),
-   the better one by validation CIDEr is fine-tuned by SCST (CIDEr-D optimisation), and each
-   captions val. Captions of the same phase are scored by one `evaluate` of both files: METEOR's
-   Java start (about 10 s of the 12 s that scoring takes here) is paid once for the two.
+   the better one by validation CIDEr (computed here, in-process) is fine-tuned by SCST (CIDEr-D
+   optimisation), and each captions val. One `evaluate` scores every stage's captions at the end:
+   METEOR's Java start (about 10 s of the 12 s that scoring takes here) is paid once.
 4. A control run that captions every image from another image's features, and the attribute
    accuracy (shape, colour, background) of each.
 
 On two cores or more, steps that do not depend on each other run side by side, sharing the cores
 (cpu_plan: one thread each on two): the two stand-ins (each in a child process), the two
 feature caches, the two cross-entropy runs and their captioning, the SCST captions and the
-control; scoring and SCST run alone (SCST data-parallel on two processes). Each step's seconds are logged
-and kept in the report (stage_seconds). ^C stops every step at once.
+control; scoring and SCST run alone (SCST data-parallel on two processes). Each step's seconds
+are logged and kept in the report (stage_seconds). ^C stops every step at once.
+
+`--seed` seeds the stand-ins, the projections and SCST (the images stay the same); `python -m
+llama_caption demo-check` runs the demo under other CPU kernel paths and seeds (check.py).
 
 With `--images DIR --annotations FILE` the whole demo runs on that COCO-format dataset instead:
 the stand-ins are built from it, and the validation images are `--val_images/--val_annotations`
