@@ -98,12 +98,6 @@ class Config:
             raise UserError(f"--{name} {getattr(self, name)!r} must be one of {', '.join(choices)}")
 
 
-def changed(group: type, name: str, default: Any) -> Any:
-    """The field `name` of a settings group with another default, its help kept: for a command
-    whose usual value differs (features extracts the train split, caption captions the test one)."""
-    return field(default=default, metadata=group.__dataclass_fields__[name].metadata, kw_only=True)
-
-
 def help_text(cls) -> str:
     """The Args section of a docstring (fire shows it under --help), one line per field."""
     return "Args:\n" + "".join(f"    {f.name}: {f.metadata.get('help', '')}\n" for f in fields(cls) if f.init)

@@ -225,21 +225,31 @@ def load_karpathy(split_file: str, images_root: str, split: str, flag: str = "--
 class SplitSettings(Config):
     """Where a split's references are, COCO's captions JSON or a Karpathy split file and its split:
     the flags of `features`, `caption` and `evaluate` (a config inherits them; a command whose
-    usual split differs changes its default with config.changed)."""
+    usual split differs sets USUAL_SPLIT)."""
 
     annotations: Optional[str] = setting(None, "COCO captions JSON of the split: its references (captions_val2014.json; nocaps_val_4500_captions.json, also scored per domain, its images found by file_name in --images).")
     karpathy_split: Optional[str] = setting(None, "instead of --annotations: Karpathy's dataset_coco.json (then --images holds train2014/ and val2014/), dataset_flickr8k.json or dataset_flickr30k.json (then --images holds the images); --split picks the split.")
-    split: str = setting("test", "with --karpathy_split: its split, test, val or train (train with restval).")
+    split: Optional[str] = setting(None, "with --karpathy_split: its split, test, val or train (train with restval); default: the command's usual split (test; train for features).")
+
+    USUAL_SPLIT = "test"  # the Karpathy split taken when --split is not given
 
     def check(self) -> None:
         super().check()
         self.check_split()
 
     def check_split(self, required: bool = False) -> None:
-        """At most one kind of references (with `required`: exactly one)."""
+        """At most one kind of references (with `required`: exactly one); --split only with a
+        Karpathy file (a captions JSON is one split already: a --split beside it would be ignored)."""
         if (self.annotations and self.karpathy_split) or (required and not (self.annotations or self.karpathy_split)):
             raise UserError("give the references as --annotations FILE or as --karpathy_split FILE (with --split), "
                             "one of the two")
+        if self.split is not None and not self.karpathy_split:
+            raise UserError(f"--split {self.split} picks a split of a --karpathy_split file; give one, or leave --split "
+                            f"out (an --annotations file is one split already)")
+
+    @property
+    def chosen_split(self) -> str:
+        return self.split or self.USUAL_SPLIT
 
 
 def load_split(images: str, annotations: Optional[str], karpathy_split: Optional[str], split: str,

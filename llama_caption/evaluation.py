@@ -294,7 +294,7 @@ def evaluate(cfg: EvaluationConfig) -> Dict[str, float]:
     if cfg.images and not os.path.isdir(cfg.images):
         raise UserError(f"--images {cfg.images} is not a folder")
     if cfg.karpathy_split:
-        records = load_karpathy(cfg.karpathy_split, images, cfg.split)
+        records = load_karpathy(cfg.karpathy_split, images, cfg.chosen_split)
     else:
         records = load_coco(images, cfg.annotations, "--annotations")
     by_id = {r.image_id: r for r in records}

@@ -35,7 +35,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from . import distributed, shards
-from .config import changed, command, setting
+from .config import command, setting
 from .data import ImageFiles, SplitSettings, collate, drop_missing, load_split, report_bad_images
 from .errors import UserError
 from .fileio import atomic_path, check_output_dir, write_json, write_safetensors
@@ -138,7 +138,7 @@ class FeaturesConfig(EncoderSettings, SplitSettings):
     out: str = setting(help="the cache folder to create (or to finish, after a crash, with the same flags).")
     images: Optional[str] = setting(None, "the images folder (with --karpathy_split: the folder holding train2014/ and val2014/); or --shards.")
     shards: Optional[List[str]] = setting(None, "webdataset tar shards instead of --images ('cc3m/{00000..00331}.tar'; a list, or joined by '::'): --out gets one feature shard per input shard (docs/shards.md).")
-    split: str = changed(SplitSettings, "split", "train")
+    USUAL_SPLIT = "train"
     batch_size: int = setting(64, "images per CLIP forward.")
     num_workers: int = setting(2, "image-decoding processes per rank (0: decode in the main process).")
     chunk: int = setting(50, "batches per part file (a crash loses at most this much work).")
@@ -164,7 +164,7 @@ class FeaturesConfig(EncoderSettings, SplitSettings):
         if self.shards:
             urls = shards.expand(self.shards, "--shards")
             return dict(spec.cache_meta(), shards=shards.fingerprint(urls), storage="fp16" if self.half else "fp32")
-        return dict(spec.cache_meta(), images=os.path.abspath(self.images), split=self.split,
+        return dict(spec.cache_meta(), images=os.path.abspath(self.images), split=self.chosen_split,
                     annotations=os.path.abspath(self.annotations) if self.annotations else None,
                     karpathy_split=os.path.abspath(self.karpathy_split) if self.karpathy_split else None,
                     storage="fp16" if self.half else "fp32")
@@ -202,7 +202,7 @@ def extract(cfg: FeaturesConfig) -> None:
             return
         if cfg.shards:
             return extract_shards(cfg, env, encoder, spec, settings)
-        records = drop_missing(load_split(cfg.images, cfg.annotations, cfg.karpathy_split, cfg.split, "--images",
+        records = drop_missing(load_split(cfg.images, cfg.annotations, cfg.karpathy_split, cfg.chosen_split, "--images",
                                           "--annotations", env.log), env.log, need_captions=False)
         os.makedirs(cfg.out, exist_ok=True)
         claim(cfg.out, settings, env.is_main)

@@ -107,14 +107,14 @@ class InferenceConfig(CaptionerSettings, ClipScoreSettings, CaptionFlags, SplitS
         d = {"images": [absolute(p) for p in self.images], "num_images": self.num_images, "fraction": self.fraction}
         if self.annotated:
             d.update(annotations=absolute(self.annotations), karpathy_split=absolute(self.karpathy_split),
-                     split=self.split if self.karpathy_split else None)
+                     split=self.chosen_split if self.karpathy_split else None)
         return d
 
 
 def select_records(cfg: InferenceConfig, log) -> List[ImageRecord]:
     """The images to caption, sorted by id."""
     if cfg.annotated:
-        records = load_split(cfg.images[0], cfg.annotations, cfg.karpathy_split, cfg.split, "--images",
+        records = load_split(cfg.images[0], cfg.annotations, cfg.karpathy_split, cfg.chosen_split, "--images",
                              "--annotations", log)
         if not records or records[0].dataset != "nocaps":  # nocaps is scored on all its images, or on the ones asked for
             missing = [r for r in records if not os.path.isfile(r.path)]

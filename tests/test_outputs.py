@@ -271,7 +271,7 @@ def test_command_flags_and_help_come_from_the_config_fields():
     assert got[0].tokenizer_path is None  # optional: the checkpoint's own tokenizer
     many = command(InferenceConfig, got.append, "Caption.", varargs="images")
     many("a", "b", "x.jpg", "y.jpg", "z/")
-    assert got[1].images == ["x.jpg", "y.jpg", "z/"] and got[1].split == "test"
+    assert got[1].images == ["x.jpg", "y.jpg", "z/"] and got[1].chosen_split == "test"
 
 
 def test_flags_are_refused_before_any_work(cap, trained, tmp_path):
@@ -347,3 +347,21 @@ def test_checkpoint_paths_are_found_or_named_plainly(tmp_path):
         find_checkpoint(str(tmp_path / "nowhere"))
     with pytest.raises(UserError, match="no checkpoint there"):
         find_checkpoint(str(tmp_path))
+
+
+def test_split_goes_only_with_a_karpathy_file():
+    """--split picks a split of a Karpathy file; beside a captions JSON it would be ignored, so it
+    is refused, by every command that takes the split flags alike."""
+    from llama_caption.errors import UserError
+    from llama_caption.evaluation import EvaluationConfig
+    from llama_caption.features import FeaturesConfig
+
+    says = "--split val picks a split of a --karpathy_split file"
+    for make in (lambda **k: InferenceConfig(ckpt_dir="c", checkpoint="k", images=["i"], **k),
+                 lambda **k: EvaluationConfig(results=["r.json"], **k),
+                 lambda **k: FeaturesConfig(clip_model="ViT-B/32", out="o", images="i", **k)):
+        with pytest.raises(UserError, match=says):
+            make(annotations="a.json", split="val")
+        assert make(karpathy_split="k.json", split="val").chosen_split == "val"
+    assert InferenceConfig(ckpt_dir="c", checkpoint="k", images=["i"], karpathy_split="k.json").chosen_split == "test"
+    assert FeaturesConfig(clip_model="ViT-B/32", out="o", images="i", karpathy_split="k.json").chosen_split == "train"
