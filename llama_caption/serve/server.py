@@ -147,33 +147,44 @@ class Service:
             self.runner.stop()
 
 
-def run(cfg: ServeConfig) -> None:
+def model_threads(cfg: ServeConfig, env) -> None:
+    """The model's CPU threads: --threads, else all cores but one (unless OMP_NUM_THREADS says)."""
+    if env.device.type == "cpu" and (cfg.threads or "OMP_NUM_THREADS" not in os.environ):
+        import torch
+
+        # Measured on 2 cores with the load test beside it: one model thread gave 1.6x the
+        # images/s of two at concurrency 32 (the HTTP side and image reading need a core).
+        torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 2) - 1))
+
+
+def start_http(cfg: ServeConfig, service, env) -> tuple:
+    """uvicorn on its socket in a thread of its own: (server, thread, the URL this machine reaches)."""
     import uvicorn
 
-    with distributed.session(cfg.mp_size(), cfg.device, quiet=True) as env:
-        if env.device.type == "cpu" and (cfg.threads or "OMP_NUM_THREADS" not in os.environ):
-            import torch
+    sock = bind(cfg.host, cfg.port)
+    host, port = sock.getsockname()[:2]
+    if host in ("0.0.0.0", "::"):  # every interface: this machine reaches it on loopback
+        env.log(f"listening on every interface ({host}), port {port}")
+        host = "127.0.0.1" if host == "0.0.0.0" else "::1"
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+    server = uvicorn.Server(uvicorn.Config(service.app, log_level=cfg.log_level, timeout_graceful_shutdown=None,
+                                           access_log=cfg.log_level in ("info", "debug")))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="uvicorn", daemon=True)
+    thread.start()
+    env.log(f"listening on {url} (loading the model; /health says 503 until it is ready)")
+    return server, thread, url
 
-            # Measured on 2 cores with the load test beside it: one model thread gave 1.6x the
-            # images/s of two at concurrency 32 (the HTTP side and image reading need a core).
-            torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 2) - 1))
+
+def run(cfg: ServeConfig) -> None:
+    with distributed.session(cfg.mp_size(), cfg.device, quiet=True) as env:
+        model_threads(cfg, env)
         if env.dp_size > 1:
             raise UserError(f"serve runs one copy of the LLaMA: launch torchrun with --nproc_per_node {env.mp_size} "
                             f"(the model-parallel size), not {env.world_size}; run one server per copy for more")
         service = Service(cfg)
-        server = thread = None
+        server = thread = url = None
         if env.is_main:  # the port first: /health answers while the model loads
-            sock = bind(cfg.host, cfg.port)
-            host, port = sock.getsockname()[:2]
-            if host in ("0.0.0.0", "::"):  # every interface: this machine reaches it on loopback
-                env.log(f"listening on every interface ({host}), port {port}")
-                host = "127.0.0.1" if host == "0.0.0.0" else "::1"
-            url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
-            server = uvicorn.Server(uvicorn.Config(service.app, log_level=cfg.log_level, timeout_graceful_shutdown=None,
-                                                   access_log=cfg.log_level in ("info", "debug")))
-            thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="uvicorn", daemon=True)
-            thread.start()
-            env.log(f"listening on {url} (loading the model; /health says 503 until it is ready)")
+            server, thread, url = start_http(cfg, service, env)
 
         stopping = threading.Event()
 
