@@ -9,6 +9,8 @@ so a flag is written in one place. Values are type-checked and range-checked in 
 import dataclasses
 import difflib
 import inspect
+import json
+import math
 import typing
 from dataclasses import MISSING, field, fields
 from typing import Any, Callable, Dict, Iterable, List, Optional
@@ -29,6 +31,44 @@ def _plain_type(annotation):
     return annotation, False
 
 
+def shown(value) -> str:
+    """A value as a message quotes it: at most 40 characters (a 400-digit number is cut)."""
+    text = repr(value) if isinstance(value, (int, float)) else json.dumps(value, default=repr)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def finite(name: str, value) -> float:
+    """A number as a float, refused (UserError naming it) when it is NaN, infinite, or too large
+    for a float (a 400-digit whole number). Every float setting, flag or request field, passes here."""
+    try:
+        number = float(value)
+    except OverflowError:
+        raise UserError(f"{name} {shown(value)} is too large for a number") from None
+    if not math.isfinite(number):
+        raise UserError(f"{name} must be a finite number, got {shown(value)}")
+    return number
+
+
+MAX_WHOLE = 2 ** 63 - 1  # beyond what torch, numpy and the seeds take
+
+
+def number(name: str, kind: type, value) -> Any:
+    """A flag's or a request field's value as `kind` (int or float), or UserError naming it: not a
+    number, NaN or infinite, a float that is not whole where a whole number is asked (5.0 is 5),
+    or beyond what the kind holds. The one check of every numeric setting, flag or field."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UserError(f"{name} must be {'a whole number' if kind is int else 'a number'}, got {shown(value)}")
+    if kind is float:
+        return finite(name, value)
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise UserError(f"{name} must be a whole number, got {shown(value)}")
+        value = int(value)
+    if abs(value) > MAX_WHOLE:
+        raise UserError(f"{name} {shown(value)} is too large: at most {MAX_WHOLE}")
+    return value
+
+
 def _coerce(name: str, value: Any, annotation) -> Any:
     kind, optional = _plain_type(annotation)
     if value is None:
@@ -40,16 +80,8 @@ def _coerce(name: str, value: Any, annotation) -> Any:
         if isinstance(value, bool):
             return value
         raise UserError(f"{flag} must be True or False, got {value!r}")
-    if kind is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            if abs(value) >= 2 ** 63:  # beyond what torch, numpy and the seeds take
-                raise UserError(f"{flag} {value} is too large: at most {2 ** 63 - 1}")
-            return value
-        raise UserError(f"{flag} must be a whole number, got {value!r}")
-    if kind is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise UserError(f"{flag} must be a number, got {value!r}")
+    if kind in (int, float):
+        return number(flag, kind, value)
     if kind is str:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)  # fire reads `--split 1` as a number
@@ -98,6 +130,17 @@ class Config:
             raise UserError(f"--{name} {getattr(self, name)!r} must be one of {', '.join(choices)}")
 
 
+class Required:
+    """The default fire shows for a flag without one; a command that gets it says which flag is
+    missing in one line (fire's own message is its whole usage)."""
+
+    def __repr__(self) -> str:
+        return "(required)"
+
+
+REQUIRED = Required()
+
+
 def help_text(cls) -> str:
     """The Args section of a docstring (fire shows it under --help), one line per field."""
     return "Args:\n" + "".join(f"    {f.name}: {f.metadata.get('help', '')}\n" for f in fields(cls) if f.init)
@@ -114,7 +157,7 @@ def command(cls, run: Callable, summary: str, varargs: Optional[str] = None) -> 
     # fields come first on the command line, its optional ones last.
     group = lambda f: 1 if not f.kw_only else 0 if f.default is MISSING else 2  # noqa: E731
     for f in sorted((f for f in fields(cls) if f.init), key=group):
-        default = inspect.Parameter.empty if f.default is MISSING else f.default
+        default = REQUIRED if f.default is MISSING else f.default
         kind, _ = _plain_type(hints[f.name])
         # fire adds Optional[...] itself where the default is None.
         params.append(inspect.Parameter(f.name, how, default=default, annotation=kind))
@@ -133,9 +176,15 @@ def command(cls, run: Callable, summary: str, varargs: Optional[str] = None) -> 
             near = difflib.get_close_matches(unknown[0], known, n=1)
             raise UserError(f"unknown flag --{unknown[0]}" + (f": did you mean --{near[0]}?" if near else "") + " (see --help)")
         try:
-            values = dict(signature.bind(*args, **kwargs).arguments)
+            values = signature.bind(*args, **kwargs)
         except TypeError as e:
             raise UserError(f"{e}: see --help") from None
+        values.apply_defaults()
+        values = dict(values.arguments)
+        missing = [f"--{k}" for k, v in values.items() if v is REQUIRED]
+        if missing:
+            raise UserError(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} required "
+                            f"(--help says what each takes)")
         if varargs:
             extra = values.pop("more_" + varargs, ())
             if extra:
@@ -145,4 +194,5 @@ def command(cls, run: Callable, summary: str, varargs: Optional[str] = None) -> 
 
     main.__signature__ = signature.replace(parameters=params + [inspect.Parameter("flags", inspect.Parameter.VAR_KEYWORD)])
     main.__doc__ = summary.strip() + "\n\n" + help_text(cls)
+    main.config = cls
     return main

@@ -43,6 +43,9 @@ from .scst import BASELINES
 from .training_data import TrainingData, open_cache, training_data, validation_set
 from .vision import EncoderSettings, EncoderSpec, ImageEncoder, load_encoder, same_encoder
 
+MAX_LR = 1.0  # above it AdamW's steps are as large as the weights: a typo, not a schedule
+MAX_WEIGHT_DECAY = 10.0
+
 
 @dataclass
 class TrainConfig(EncoderSettings, LlamaSettings):
@@ -105,8 +108,11 @@ class TrainConfig(EncoderSettings, LlamaSettings):
         self.at_least(1, "epochs", "batch_size", "grad_accum", "max_caption_len", "log_every", "save_every",
                       "prefix_len", "max_bad_steps", "proj_hidden", "stop_after_steps", "mapper_width", "mapper_layers")
         self.at_least(0, "num_workers", "warmup_steps", "keep_last", "grad_clip", "weight_decay", "min_lr_ratio")
-        if self.lr <= 0:
-            raise UserError(f"--lr must be positive, got {self.lr}")
+        if not 0 < self.lr <= MAX_LR:
+            raise UserError(f"--lr must be above 0 and at most {MAX_LR:g} (AdamW moves each weight by about lr a step), "
+                            f"got {self.lr:g}")
+        if self.weight_decay > MAX_WEIGHT_DECAY:
+            raise UserError(f"--weight_decay must be at most {MAX_WEIGHT_DECAY:g}, got {self.weight_decay:g}")
         if self.min_lr_ratio > 1:
             raise UserError(f"--min_lr_ratio must be between 0 and 1, got {self.min_lr_ratio}")
         self.one_of("projection", PROJECTIONS)
@@ -439,11 +445,19 @@ def take_step(cfg: TrainConfig, env, trainer: Trainer, epoch: int, progress: Pro
         if progress.consecutive_bad >= cfg.max_bad_steps:
             raise UserError(
                 f"the loss was NaN/inf for {progress.consecutive_bad} steps in a row: lower --lr, or use "
-                f"--dtype bf16/fp32; the last good checkpoint is under {cfg.out_dir}/checkpoints")
+                f"--dtype bf16/fp32; " + last_checkpoint_line(cfg.out_dir))
     else:
         progress.consecutive_bad = 0
         progress.last_loss = result.loss
     return result
+
+
+def last_checkpoint_line(out_dir: str) -> str:
+    """Where the last good checkpoint is, or that there is none yet (messages name only what exists)."""
+    name = runs.latest_name(out_dir)
+    if name and os.path.isdir(os.path.join(runs.checkpoints_dir(out_dir), name)):
+        return f"the last good checkpoint is {os.path.join(runs.checkpoints_dir(out_dir), name)}"
+    return "no checkpoint was saved before it (nothing to resume from)"
 
 
 def report_step(cfg: TrainConfig, trainer: Trainer, epoch: int, step: int, result: StepResult, meter: Throughput,

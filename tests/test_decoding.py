@@ -27,6 +27,9 @@ REFUSED = [
     dict(temperature=1e300), dict(top_p=0.0), dict(top_p=1.5), dict(top_p=float("nan")),
     dict(length_penalty=0.0), dict(length_penalty=-1.0), dict(length_penalty=11.0), dict(length_penalty=float("inf")),
     dict(seed=-1), dict(num_beams=2, temperature=1.0),
+    # Numbers no float holds, or no setting takes (a 400-digit whole number, 2 ** 63).
+    dict(temperature=10 ** 400), dict(seed=10 ** 400), dict(max_gen_len=2 ** 63), dict(num_beams=-10 ** 400),
+    dict(length_penalty=10 ** 400), dict(max_gen_len=1e300 + 0.5),
 ]
 
 
@@ -73,7 +76,11 @@ def test_a_temperature_too_small_to_sample_is_refused_alike():
 
 
 def test_the_messages_name_the_limits():
-    assert caption_error(temperature=float("inf")) == "--temperature must be 0 (greedy) or in [0.001, 100], got inf"
+    assert caption_error(temperature=float("inf")) == "--temperature must be a finite number, got inf"
+    assert caption_error(temperature=10 ** 400) == "--temperature 1000000000000000000000000000000000000... is too large for a number"
+    assert caption_error(seed=2 ** 63) == "--seed 9223372036854775808 is too large: at most 9223372036854775807"
+    # A whole number written as a float is that number, for flags as for request fields.
+    assert InferenceConfig(**CAPTION, max_gen_len=12.0).max_gen_len == 12 == check_decoding({"max_gen_len": "12.0"}, LIMITS).max_gen_len
     assert caption_error(length_penalty=0.0) == "--length_penalty must be in (0, 10], got 0.0"
     assert caption_error(max_gen_len=0) == "--max_gen_len must be at least 1, got 0"
     # The server's flags lower two limits, and say so.
@@ -85,7 +92,7 @@ def test_the_messages_name_the_limits():
 
 def test_caption_refuses_a_temperature_no_float_holds_on_its_command_line(tmp_path):
     """fire reads 1e999 as inf: refused before anything is read or written, as the server refuses it."""
-    for flag, value, says in (("--temperature", "1e999", "--temperature must be 0 (greedy) or in [0.001, 100], got inf"),
+    for flag, value, says in (("--temperature", "1e999", "--temperature must be a finite number, got inf"),
                               ("--length_penalty", 0, "--length_penalty must be in (0, 10], got 0.0")):
         proc = run_cli(captioning_inference.main, "--ckpt_dir", tmp_path / "none", "--checkpoint", tmp_path / "none",
                        "--images", tmp_path, "--out", tmp_path / "r.json", flag, value)

@@ -213,3 +213,42 @@ def test_help_read_by_a_reader_that_stops_early_is_not_an_error(args):
     proc.stdout.close()  # before the command writes: as `head` does once it has its lines
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 0 and err == "", err
+
+
+def test_every_numeric_flag_of_every_command_refuses_numbers_no_setting_takes():
+    """Infinite, NaN and 400-digit values, for every int and float flag of every command: one
+    UserError naming the flag, from the one check they all pass through (config.number)."""
+    import dataclasses
+    import importlib
+    import typing
+
+    from llama_caption.__main__ import COMMANDS
+    from llama_caption.config import _plain_type
+    from llama_caption.errors import UserError
+
+    checked = 0
+    for name, (module, attr, _) in COMMANDS.items():
+        cls = getattr(importlib.import_module(module), attr).config
+        hints = typing.get_type_hints(cls)
+        required = {f.name: "x" for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and f.init}
+        for f in dataclasses.fields(cls):
+            kind, _ = _plain_type(hints[f.name])
+            if kind not in (int, float) or not f.init:
+                continue
+            for value in (float("inf"), float("nan"), -10 ** 400) + ((2 ** 63, 2.5) if kind is int else ()):
+                with pytest.raises(UserError) as e:
+                    cls(**dict(required, **{f.name: value}))
+                assert str(e.value).startswith(f"--{f.name} ") and "\n" not in str(e.value), (name, f.name, e.value)
+                checked += 1
+    assert checked > 200  # every command's numbers were reached
+
+
+def test_finite_numbers_beyond_a_settings_range_are_refused_where_it_is_read():
+    from llama_caption.errors import UserError
+    from llama_caption.training import TrainConfig
+
+    base = dict(ckpt_dir="c", tokenizer_path="t", clip_model="m", train_images="i", train_annotations="a", out_dir="o")
+    for flags, says in ((dict(lr=5.0), "--lr must be above 0 and at most 1"), (dict(lr=0.0), "--lr must be above 0"),
+                        (dict(weight_decay=1e300), "--weight_decay must be at most 10")):
+        with pytest.raises(UserError, match=says):
+            TrainConfig(**base, **flags)

@@ -269,6 +269,11 @@ BAD = [
     ("seed huge", dict(files=[("a.png", png_bytes())], seed=1e300), 400, "seed"),
     ("temperature huge", dict(files=[("a.png", png_bytes())], temperature=1e300), 400, "temperature"),
     ("unknown setting", dict(files=[("a.png", png_bytes())], temprature=1), 400, "temprature"),
+    # Numbers no float holds: once a 500 with a traceback.
+    ("temperature of 400 digits", dict(files=[("a.png", png_bytes())], temperature=10 ** 400), 400, "too large"),
+    ("length_penalty of 400 digits", dict(files=[("a.png", png_bytes())], length_penalty=-10 ** 400), 400, "too large"),
+    ("seed of 400 digits", dict(files=[("a.png", png_bytes())], seed=10 ** 400), 400, "seed"),
+    ("temperature 1e999", dict(files=[("a.png", png_bytes())], temperature="1e999"), 400, "finite"),
 ]
 
 
@@ -426,7 +431,12 @@ def test_serve_flags_are_checked_before_anything_loads(cap, trained, monkeypatch
                             (["--max_upload_mb", 0], "--max_upload_mb"), (["--max_batch", 0], "--max_batch"),
                             (["--max_wait_ms", -1], "--max_wait_ms"), (["--max_wait_ms", 1e300], "--max_wait_ms"),
                             (["--url_file", "/no/such/folder/url"], "--url_file"),
-                            (["--log_level", "loud"], "--log_level")):
+                            (["--log_level", "loud"], "--log_level"),
+                            # No Authorization header can carry it: it would never match.
+                            (["--api_key", "clé-secrète-longue"], "printable ASCII"),
+                            (["--api_key", "two words key"], "printable ASCII"),
+                            (["--max_upload_mb", "1e999"], "finite"), (["--max_upload_mb", 1e9], "at most 65536"),
+                            (["--max_upload_mb", "1" + "0" * 400], "too large")):
         proc = run_cli(server.main, *base, *extra)
         assert proc.returncode == 2, (extra, proc.stderr)
         assert mentions in proc.stderr and proc.stderr.count("\n") == 1, (extra, proc.stderr)
@@ -587,6 +597,16 @@ def test_a_client_that_disconnects_does_not_break_its_batch(server, photos, offl
     assert again.status_code == 200 and again.json()["captions"][0]["caption"] == offline["captions"][names[0]]
     assert proc.poll() is None
     assert status_count(499) >= 1 and status_count(500) == errors_before  # a client gone, not a server error
+
+    # One keep-alive connection: a setting no float holds is a 400, and the next request on the
+    # same socket is answered (it was once a 500 that reset the connection).
+    with httpx.Client(base_url=url, trust_env=False, timeout=60) as client:
+        files = [("images", (names[0], read(photos, names[0])))]
+        bad = client.post("/v1/captions", files=files, data={"temperature": "1" + "0" * 400})
+        good = client.post("/v1/captions", files=files)
+        assert bad.status_code == 400 and "too large" in bad.json()["error"], bad.text
+        assert good.status_code == 200 and good.json()["captions"][0]["caption"] == offline["captions"][names[0]]
+    assert status_count(500) == errors_before
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -347,6 +347,8 @@ def test_nan_loss_stops_with_a_message(cap, tmp_path):
                      "--batch_size", 2, "--epochs", 1, check=False)
     assert proc.returncode != 0
     assert "non-finite loss at step 1" in proc.stderr and "NaN/inf for 2 steps in a row" in proc.stderr
+    # It names only what exists: no checkpoint was saved (once it pointed at a checkpoints folder).
+    assert "no checkpoint was saved before it" in proc.stderr and "checkpoints" not in proc.stderr.splitlines()[-1]
     # The failed start reached no checkpoint: the same folder takes a new run (its old log dropped).
     assert (tmp_path / "run" / "config.json").exists() and not (tmp_path / "run" / "checkpoints").exists()
     again = run_train(cap, tmp_path / "run", "--batch_size", 2, "--epochs", 1, "--log_every", 1)

@@ -14,7 +14,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ..config import setting
+from ..config import number, setting, shown
 from ..errors import UserError
 from .generation import beam_search, generate
 from .model import Transformer
@@ -34,12 +34,6 @@ def limit(default, low, high, help: str, *, open_low: bool = False, recorded: st
     the range alone would read oddly, how a message says it (`what`)."""
     return field(default=default, metadata=dict(low=low, high=high, open_low=open_low, help=help, recorded=recorded,
                                                 what=what))
-
-
-def shown(value) -> str:
-    """A value as a message quotes it, at most 40 characters."""
-    text = repr(value) if isinstance(value, (int, float)) else json.dumps(value, default=repr)
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def span(kind: type, low, high, open_low: bool) -> str:
@@ -136,10 +130,7 @@ def parse_number(name: str, kind: type, value):
             value = json.loads(value)
         except (ValueError, RecursionError):
             raise UserError(f"{name} must be a number, got {shown(value)}") from None
-    whole = kind is int and isinstance(value, float) and value.is_integer()
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not (isinstance(value, int) or whole)):
-        raise UserError(f"{name} must be {'a whole number' if kind is int else 'a number'}, got {shown(value)}")
-    return kind(value)
+    return number(name, kind, value)
 
 
 def flags(name: str, skip: Sequence[str] = (), **defaults) -> type:

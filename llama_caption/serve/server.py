@@ -29,6 +29,20 @@ API_KEY_ENV = "LLAMA_CAPTION_API_KEY"
 class StoppedWhileLoading(Exception):
     """SIGTERM or ^C before the model was ready (one process): nothing to answer, exit 0."""
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+MAX_UPLOAD_MB = 65536
+
+
+def check_api_key(key: Optional[str], name: str) -> None:
+    """A key a client can send: an Authorization header carries printable ASCII (a key with other
+    characters could never match), at least 8 characters, no spaces."""
+    if key is None:
+        return
+    odd = next((c for c in key if not ("!" <= c <= "~")), None)
+    if odd is not None:
+        raise UserError(f"{name} holds {odd!r}: a key must be printable ASCII without spaces (the Authorization "
+                        f"header carries nothing else), so clients could never send it")
+    if len(key) < 8:
+        raise UserError(f"{name} must be at least 8 characters")
 
 
 @dataclass
@@ -60,14 +74,14 @@ class ServeConfig(CaptionerSettings):
             raise UserError(f"--max_images {self.max_images} must be at most --max_batch {self.max_batch} (one request's images are decoded in one batch)")
         if self.max_images > self.max_queue:
             raise UserError(f"--max_images {self.max_images} must be at most --max_queue {self.max_queue}")
-        if not self.max_upload_mb > 0:
-            raise UserError(f"--max_upload_mb must be above 0, got {self.max_upload_mb}")
+        if not 0 < self.max_upload_mb <= MAX_UPLOAD_MB:
+            raise UserError(f"--max_upload_mb must be above 0 and at most {MAX_UPLOAD_MB} (64 GiB: a body is held in "
+                            f"memory), got {self.max_upload_mb:g}")
         self.one_of("log_level", ("critical", "error", "warning", "info", "debug"))
         from_env = self.api_key is None
         if from_env:
             self.api_key = os.environ.get(API_KEY_ENV) or None
-        if self.api_key is not None and len(self.api_key) < 8:
-            raise UserError(f"{'$' + API_KEY_ENV if from_env else '--api_key'} must be at least 8 characters")
+        check_api_key(self.api_key, "$" + API_KEY_ENV if from_env else "--api_key")
         if self.max_wait_ms > 60_000:
             raise UserError(f"--max_wait_ms must be at most 60000 (a minute), got {self.max_wait_ms:g}")
         if self.url_file:
