@@ -1,12 +1,14 @@
-"""CLIP-S and RefCLIP-S (Hessel et al., 2021, "CLIPScore"), as their clipscore.py computes them.
+"""CLIP-S and RefCLIP-S (Hessel et al., 2021, "CLIPScore"), as the paper defines them.
 
 Candidates and references alike are read as "A photo depicts " + text; image and text
 features are L2-normalised;
 
     CLIP-S    = 2.5 * max(cos(image, caption), 0)
-    RefCLIP-S = harmonic mean of CLIP-S and max over the image's references of cos(caption, reference)
+    RefCLIP-S = harmonic mean of CLIP-S and max(max over the image's references of cos(caption, reference), 0)
 
-(the second term unscaled). Reported as the mean over the images (x100 in the tables, as papers
+(the second term unscaled). The paper clips the reference term at 0 as it clips CLIP-S; the
+authors' clipscore.py does not, so where every reference cosine is negative (which English
+captions under a trained CLIP practically never are) its RefCLIP-S can go below 0 and ours is 0. Reported as the mean over the images (x100 in the tables, as papers
 do). CLIP ViT-B/32 by default, as the paper; any `clip` model or file, or open_clip model, can be
 named, and the metrics file records which. Nothing is downloaded: a released model that is not
 in the `clip` package's cache (~/.cache/clip) is skipped with a line saying how to fetch it.
@@ -157,8 +159,9 @@ def clip_s(image: torch.Tensor, caption: torch.Tensor) -> torch.Tensor:
 
 
 def ref_clip_s(clip_score: float, caption: torch.Tensor, references: torch.Tensor) -> float:
-    """RefCLIP-S of one caption: the harmonic mean of its CLIP-S and its best cosine with a reference."""
-    best = float((references @ caption).max())
+    """RefCLIP-S of one caption: the harmonic mean of its CLIP-S and its best cosine with a
+    reference, clipped at 0 as the paper defines it (so RefCLIP-S is never below 0)."""
+    best = max(float((references @ caption).max()), 0.0)
     total = clip_score + best
     return 2 * clip_score * best / total if total else 0.0
 

@@ -102,7 +102,7 @@ def reference_clip_scores(clip_file, items):
             image = image / image.norm()
             texts = texts / texts.norm(dim=-1, keepdim=True)
             c = 2.5 * max(float(image @ texts[0]), 0.0)
-            best = max(float(texts[0] @ texts[j]) for j in range(1, len(texts))) if refs else None
+            best = max(max(float(texts[0] @ texts[j]) for j in range(1, len(texts))), 0.0) if refs else None
             out.append((c, None if best is None else (2 * c * best / (c + best) if c + best else 0.0)))
     return out
 
@@ -342,6 +342,17 @@ def test_clip_s_and_ref_clip_s_equal_the_formula_from_the_encoders_own_features(
         else:
             assert per_image[r["image_id"]]["RefCLIP-S"] == pytest.approx(ref, abs=1e-5)
     assert about["prefix"] == "A photo depicts " and about["weight"] == 2.5 and about["images"] == len(results)
+
+
+def test_ref_clip_s_clips_the_reference_term_at_0_as_the_paper_defines_it():
+    """Where every reference cosine is negative the authors' script gives a RefCLIP-S below 0;
+    the paper's definition (ours) clips that term at 0, so the harmonic mean is 0."""
+    caption = torch.tensor([1.0, 0.0])
+    away = torch.tensor([[-0.6, 0.8], [-1.0, 0.0]])  # cosines -0.6 and -1
+    assert clipscore.ref_clip_s(0.5, caption, away) == 0.0  # the script: 2*0.5*-0.6/(0.5-0.6) = 6.0
+    near = torch.tensor([[0.6, 0.8], [-1.0, 0.0]])  # best cosine 0.6
+    assert clipscore.ref_clip_s(0.5, caption, near) == pytest.approx(2 * 0.5 * 0.6 / 1.1)
+    assert clipscore.ref_clip_s(0.0, caption, near) == 0.0
 
 
 def test_clip_s_with_an_open_clip_model(cap, tmp_path):
