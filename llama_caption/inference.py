@@ -46,6 +46,7 @@ class InferenceConfig(CaptionerSettings, ClipScoreSettings, CaptionFlags, SplitS
     shards: Optional[List[str]] = setting(None, "webdataset tar shards to caption instead of --images ('cc3m/{00000..00331}.tar'; a list, or joined by '::'): one results file per shard in the folder --out (docs/shards.md).")
     out_format: str = setting("jsonl", "with --shards: each shard's results as jsonl (one {key, caption} per line) or parquet (columns key, caption).")
     overwrite: bool = setting(False, "replace the captions of an --out made with other settings (they are otherwise refused, never mixed).")
+    retry_damaged: bool = setting(False, "with --shards: read again the shards a run recorded as damaged (cut short by a read error; their readable samples are captioned and they are otherwise not retried).")
     num_images: Optional[int] = setting(None, "caption only the first N images (by image id).")
     fraction: Optional[float] = setting(None, "caption only this fraction of the images (the first ones by image id).")
     batch_size: int = setting(32, "images decoded together.")
@@ -85,6 +86,8 @@ class InferenceConfig(CaptionerSettings, ClipScoreSettings, CaptionFlags, SplitS
         if bool(self.images) == bool(self.shards):
             raise UserError("give the images to caption as --images or as --shards PATTERN, one of the two")
         if not self.shards:
+            if self.retry_damaged:
+                raise UserError("--retry_damaged is for --shards: it reads again the shards a run recorded as damaged")
             return
         if self.out.endswith(".json"):
             raise UserError(f"--out {self.out}: with --shards, --out names the folder for one results file per shard")

@@ -398,7 +398,7 @@ def test_captioning_shards_gives_the_folders_captions_and_a_rerun_redoes_only_mi
     some = run_cli(inference.main, *caption_args(cap, trained, "--shards", str(tmp_path / "shards" / "00000.tar"),
                                                  "--out", tmp_path / "out", "--max_gen_len", 5, "--overwrite", True))
     assert some.returncode == 0, some.stderr[-3000:]
-    assert sorted(os.listdir(tmp_path / "out")) == ["00000.jsonl", "run.json"]
+    assert sorted(os.listdir(tmp_path / "out")) == ["00000.jsonl", "00000.shard.json", "run.json"]
     rest = run_cli(inference.main, *caption_args(cap, trained, "--shards", pat, "--out", tmp_path / "out",
                                                  "--max_gen_len", 5))
     assert rest.returncode == 0 and f"{n} shard(s): 1 already captioned in" in rest.stderr
@@ -411,21 +411,61 @@ def current_umask():
 
 
 @pytest.mark.slow
-def test_a_shard_that_cannot_be_read_to_its_end_gets_no_results_file(cap, trained, tmp_path):
-    """A truncated tar's readable samples are captioned but no results file is written (one
-    read error counted): a rerun, after the shard is mended, captions all of it."""
-    by_key = coco_shards(cap, tmp_path / "shards")
-    whole = (tmp_path / "shards" / "00000.tar").read_bytes()
-    (tmp_path / "shards" / "00000.tar").write_bytes(whole[:len(whole) * 2 // 3])
-    args = caption_args(cap, trained, "--shards", str(tmp_path / "shards" / "00000.tar"), "--out", tmp_path / "out")
+def test_a_damaged_shard_keeps_its_readable_captions_and_is_not_retried_unless_asked(cap, trained, tmp_path):
+    """A truncated tar: its readable samples are captioned and written, its record says damaged
+    with its counts, and the summary counts what is on disk. A rerun leaves it (a damaged shard
+    stays damaged) unless --retry_damaged; once mended (it changed), a rerun captions all of it."""
+    coco_shards(cap, tmp_path / "shards")
+    shard = tmp_path / "shards" / "00000.tar"
+    whole = shard.read_bytes()
+    shard.write_bytes(whole[:len(whole) * 2 // 3])
+    args = caption_args(cap, trained, "--shards", str(shard), "--out", tmp_path / "out")
     cut = run_cli(inference.main, *args)
     assert cut.returncode == 0, cut.stderr[-3000:]
-    assert "1 shard(s) could not be read to their end" in cut.stderr and not (tmp_path / "out" / "00000.jsonl").exists()
-    (tmp_path / "shards" / "00000.tar").write_bytes(whole)
+    lines = open(tmp_path / "out" / "00000.jsonl").read().splitlines()
+    record = json.load(open(tmp_path / "out" / "00000.shard.json"))
+    assert 0 < len(lines) < 4 and record["captions"] == len(lines) and record["damaged"]
+    assert record["source"] == {"path": str(shard), "size": shard.stat().st_size, "mtime_ns": shard.stat().st_mtime_ns}
+    assert f"wrote {len(lines)} caption(s) for 1 shard(s)" in cut.stderr and "1 shard(s) damaged" in cut.stderr
     again = run_cli(inference.main, *args)
-    assert again.returncode == 0 and "0 already captioned" in again.stderr
-    keys = [json.loads(l)["key"] for l in open(tmp_path / "out" / "00000.jsonl")]
-    assert keys and set(keys) <= set(by_key) and "could not be read" not in again.stderr
+    assert again.returncode == 0 and "1 already captioned" in again.stderr, again.stderr[-2000:]
+    assert "1 shard(s) recorded as damaged are not read again" in again.stderr and "wrote 0 caption(s)" in again.stderr
+    retry = run_cli(inference.main, *args, "--retry_damaged", True)
+    assert retry.returncode == 0 and "1 damaged shard(s) read again" in retry.stderr, retry.stderr[-2000:]
+    assert f"wrote {len(lines)} caption(s)" in retry.stderr
+    shard.write_bytes(whole)  # mended: the shard changed since it was captioned
+    mended = run_cli(inference.main, *args)
+    assert mended.returncode == 0 and "1 shard(s) changed since they were captioned" in mended.stderr
+    assert len(open(tmp_path / "out" / "00000.jsonl").read().splitlines()) == 4
+    assert json.load(open(tmp_path / "out" / "00000.shard.json"))["damaged"] is None
+
+
+@pytest.mark.slow
+def test_a_rerun_recognises_a_shard_by_what_it_is_not_its_name(cap, trained, tmp_path):
+    """img2dataset names every collection's shards 00000.tar ...: another collection's shard of a
+    name --out already holds is refused in one line (the captions there are kept); the same shard
+    copied with its size and time is done; results with no record are captioned again."""
+    coco_shards(cap, tmp_path / "a")
+    os.makedirs(tmp_path / "b")
+    write_shard(str(tmp_path / "b" / "00000.tar"), [("other", {"png": open(sorted(
+        os.path.join(cap["val_images"], f) for f in os.listdir(cap["val_images"]))[0], "rb").read(), "txt": "x"})])
+    out = tmp_path / "out"
+    first = run_cli(inference.main, *caption_args(cap, trained, "--shards", str(tmp_path / "a" / "00000.tar"), "--out", out))
+    assert first.returncode == 0, first.stderr[-3000:]
+    held = (out / "00000.jsonl").read_bytes()
+    other = run_cli(inference.main, *caption_args(cap, trained, "--shards", str(tmp_path / "b" / "00000.tar"), "--out", out))
+    assert other.returncode == 2 and other.stderr.count("error:") == 1, other.stderr[-2000:]
+    assert "holds the captions of another shard" in other.stderr and str(tmp_path / "a" / "00000.tar") in other.stderr
+    assert (out / "00000.jsonl").read_bytes() == held
+    os.makedirs(tmp_path / "moved")
+    shutil.copy2(tmp_path / "a" / "00000.tar", tmp_path / "moved" / "00000.tar")  # keeps size and time
+    moved = run_cli(inference.main, *caption_args(cap, trained, "--shards", str(tmp_path / "moved" / "00000.tar"),
+                                                  "--out", out))
+    assert moved.returncode == 0 and "1 already captioned" in moved.stderr, moved.stderr[-2000:]
+    os.remove(out / "00000.shard.json")
+    redo = run_cli(inference.main, *caption_args(cap, trained, "--shards", str(tmp_path / "a" / "00000.tar"), "--out", out))
+    assert redo.returncode == 0 and "1 results file(s) with no record of their shard" in redo.stderr
+    assert (out / "00000.jsonl").read_bytes() == held and (out / "00000.shard.json").is_file()
 
 
 # --- several processes ----------------------------------------------------------------------------
