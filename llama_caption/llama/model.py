@@ -182,6 +182,22 @@ class AttentionLayout(NamedTuple):
     causal: bool
 
 
+class SlotRows(NamedTuple):
+    """Transformer.decode_slots's B decoding rows: each one's slot (= rotary position), rotation
+    and mask of the slots it sees (B, 1, 1, window)."""
+
+    at: torch.Tensor
+    rot: torch.Tensor
+    mask: torch.Tensor
+
+
+class PromptRows(NamedTuple):
+    """Transformer.decode_slots's K prompts: the cache rows they fill and their rotation (1, L, hd/2)."""
+
+    rows: torch.Tensor
+    rot: torch.Tensor
+
+
 def attention_layout(start_pos: int, seqlen: int, key_valid: Optional[torch.Tensor], device) -> AttentionLayout:
     """The layout of queries in slots start_pos .. start_pos+seqlen-1 of a window.
 
@@ -291,6 +307,21 @@ class KVCache(nn.Module):
         self.k.copy_(self.k.index_select(0, rows))
         self.v.copy_(self.v.index_select(0, rows))
 
+    def write_slots(self, at: torch.Tensor, k, v):
+        """Continuous batching: write row b's k, v (B, H_kv, 1, hd) at slot at[b] of cache row b
+        (a scatter: the shapes stay fixed whatever the slots); returns the keys and values of
+        rows 0..B-1, whole window."""
+        index = at.view(-1, 1, 1, 1).expand(-1, k.shape[1], 1, k.shape[3])
+        self.k.scatter_(2, index, k)
+        self.v.scatter_(2, index, v)
+        return self.k[:k.shape[0]], self.v[:v.shape[0]]
+
+    def write_prompts(self, rows: torch.Tensor, k, v) -> None:
+        """Continuous batching's prefill: k, v (K, H_kv, L, hd) into slots 0..L-1 of cache rows
+        `rows` (K,)."""
+        self.k[:, :, :k.shape[2]].index_copy_(0, rows, k)
+        self.v[:, :, :v.shape[2]].index_copy_(0, rows, v)
+
 
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
@@ -323,6 +354,38 @@ class Attention(nn.Module):
         ).to(dtype)
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
+    def forward_slots(self, x, rows: SlotRows, prompts: Optional[PromptRows], cache: KVCache):
+        """Transformer.decode_slots's attention: x (B + K*L, dim), the slots' B tokens, then the
+        K prompts' tokens; one product per weight for all of them, attention apart."""
+        n, hd = x.shape[0], self.head_dim
+        q = self.wq(x).view(n, self.n_local_heads, hd)
+        k = self.wk(x).view(n, self.n_local_kv_heads, hd)
+        v = self.wv(x).view(n, self.n_local_kv_heads, hd)
+        b = rows.at.shape[0]
+        parts = [self.attend_slots(q[:b, None], k[:b, None], v[:b, None], rows, cache)]
+        if prompts is not None:
+            n_prompts = prompts.rows.shape[0]
+            parts.append(self.attend_prompts(*(t[b:].view(n_prompts, -1, *t.shape[1:]) for t in (q, k, v)), prompts,
+                                             cache))
+        return self.wo(torch.cat([p.reshape(-1, self.n_local_heads * hd) for p in parts]))
+
+    def attend_slots(self, q, k, v, rows: SlotRows, cache: KVCache):
+        """One token per row (B, 1, H, hd), written at its row's own slot; attends over its row's window."""
+        q, k = apply_rope(q, rows.rot), apply_rope(k, rows.rot)
+        k, v = cache.write_slots(rows.at, k.transpose(1, 2), v.transpose(1, 2))
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=rows.mask,
+                                             enable_gqa=self.n_local_kv_heads != self.n_local_heads)
+        return out.transpose(1, 2)
+
+    def attend_prompts(self, q, k, v, prompts: PromptRows, cache: KVCache):
+        """Whole prompts (K, L, H, hd) from slot 0, causal among themselves, written into their rows."""
+        q, k = apply_rope(q, prompts.rot), apply_rope(k, prompts.rot)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        cache.write_prompts(prompts.rows, k, v)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                             enable_gqa=self.n_local_kv_heads != self.n_local_heads)
+        return out.transpose(1, 2)
+
 
 class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs):
@@ -346,6 +409,10 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x, rot, layout, cache, start_pos):
         h = x + self.attention(self.attention_norm(x), rot, layout, cache, start_pos)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+    def forward_slots(self, x, rows, prompts, cache):
+        h = x + self.attention.forward_slots(self.attention_norm(x), rows, prompts, cache)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -459,6 +526,28 @@ class Transformer(nn.Module):
         for layer, layer_cache in zip(self.layers, cache):
             h = layer(h, rot, layout, layer_cache, slot)
         return self.output(self.norm(h[:, -1])).float()
+
+    def decode_slots(self, tokens: torch.Tensor, at: torch.Tensor, cache: List[KVCache],
+                     prompts: Optional[torch.Tensor] = None, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """One step of continuous batching (continuous.py) in fixed shapes. Row b of the B slots
+        feeds tokens[b] at window slot and rotary position at[b] of cache row b, and attends to
+        that row's slots 0..at[b]; and `prompts` (K, L, dim), when given, are prefilled into cache
+        rows `rows` (K,), slots 0..L-1, in the same products. The cache has at least B rows.
+        Returns the logits (B + K, vocab), fp32: each slot's, then each prompt's last position's."""
+        b = tokens.shape[0]
+        h = self.embed(tokens)
+        slots = torch.arange(cache[0].k.shape[2], device=h.device)
+        slot_rows = SlotRows(at, rope_rotation(self.rope_freqs, at[:, None]), (slots <= at[:, None])[:, None, None, :])
+        prompt_rows = None
+        if prompts is not None:
+            k, length = prompts.shape[:2]
+            h = torch.cat([h, prompts.reshape(k * length, -1).to(h.dtype)])
+            prompt_rows = PromptRows(rows, rope_rotation(self.rope_freqs, slots[None, :length]))
+        for layer, layer_cache in zip(self.layers, cache):
+            h = layer.forward_slots(h, slot_rows, prompt_rows, layer_cache)
+        if prompts is not None:
+            h = torch.cat([h[:b], h[b:].view(k, length, -1)[:, -1]])
+        return self.output(self.norm(h)).float()
 
     def forward(
         self,
