@@ -23,6 +23,7 @@ import math
 import os
 import random
 import sys
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional
 
@@ -216,16 +217,22 @@ class Position:
     epoch: int = 0
     done: set = field(default_factory=set)
     partial: Dict[int, int] = field(default_factory=dict)
+    # Per data-parallel rank, whose turn it is among its loader workers: [worker, items left in
+    # that turn, workers]. With it a resumed epoch makes the micro-batches the whole one makes.
+    turns: Dict[int, List[int]] = field(default_factory=dict)
 
     def to_dict(self, fp: str) -> dict:
         return {"fingerprint": fp, "epoch": self.epoch, "done": sorted(self.done),
-                "partial": {str(k): v for k, v in sorted(self.partial.items())}}
+                "partial": {str(k): v for k, v in sorted(self.partial.items())},
+                "turns": {str(k): v for k, v in sorted(self.turns.items())}}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Position":
-        return cls(d["epoch"], set(d["done"]), {int(k): v for k, v in d["partial"].items()})
+        return cls(d["epoch"], set(d["done"]), {int(k): v for k, v in d["partial"].items()},
+                   {int(k): list(v) for k, v in d.get("turns", {}).items()})
 
     def merge(self, other: "Position") -> None:
+        self.turns.update(other.turns)
         self.done |= other.done
         for k, v in other.partial.items():
             self.partial[k] = max(self.partial.get(k, 0), v)
@@ -234,26 +241,39 @@ class Position:
 
 class ShardStream(torch.utils.data.IterableDataset):
     """One rank's samples in chunks (lists of decoded items, and a {'end': shard} marker after each
-    shard). Worker w of W reads shards w, w+W, ... of `order`, skipping the first `offsets[s]`
-    samples of shard s. With `resample`, each worker draws shards from all of them at random, with
-    replacement, for ever (seeded by `seed_text` and the worker)."""
+    shard; each chunk names its worker, and a worker's last chunk says so). Worker w of W reads
+    shards w, w+W, ... of `order`, less those in `skip` (finished before an interruption: each
+    worker keeps the shards it had), skipping the first `offsets[s]` samples of shard s. With
+    `resample`, each worker draws shards from all of them at random, with replacement, for ever
+    (seeded by `seed_text` and the worker)."""
 
     def __init__(self, urls: List[str], names: List[str], order: List[int], offsets: Dict[int, int], decode_fn,
-                 chunk: int, resample: bool = False, seed_text: str = ""):
-        self.urls, self.names, self.order, self.offsets = urls, names, order, offsets
+                 chunk: int, resample: bool = False, seed_text: str = "", skip=frozenset()):
+        self.urls, self.names, self.order, self.offsets, self.skip = urls, names, order, offsets, skip
         self.decode_fn, self.chunk, self.resample, self.seed_text = decode_fn, chunk, resample, seed_text
 
-    def my_shards(self) -> Iterator[int]:
+    @staticmethod
+    def worker() -> tuple:
         info = torch.utils.data.get_worker_info()
-        w, n = (info.id, info.num_workers) if info else (0, 1)
+        return (info.id, info.num_workers) if info else (0, 1)
+
+    def my_shards(self) -> Iterator[int]:
+        w, n = self.worker()
         if not self.resample:
-            yield from self.order[w::n]
+            yield from (s for s in self.order[w::n] if s not in self.skip)
             return
         rng = random.Random(f"{self.seed_text}/{w}")
         while True:  # __iter__ stops when many draws in a row found nothing (every shard unreadable)
             yield rng.randrange(len(self.urls))
 
     def __iter__(self):
+        worker = self.worker()[0]
+        for chunk in self.chunks():
+            chunk["worker"] = worker
+            yield chunk
+        yield {"items": [], "tensors": {}, "worker": worker, "last": True}
+
+    def chunks(self):
         out, barren = [], 0
         for s in self.my_shards():
             if barren > 3 * len(self.urls) + 8:
@@ -371,28 +391,75 @@ class ShardTraining:
             stream = ShardStream(self.urls, self.names, [], {}, self.decode_fn, self.micro, True,
                                  f"{self.seed}/{epoch}/{self.dp_rank}/{start_step}")
         else:
-            order = [i for i in self.owned[self.dp_rank] if i not in pos.done]
+            # The whole epoch's order, then less the shards finished: each worker keeps its shards.
+            order = list(self.owned[self.dp_rank])
             random.Random(f"{self.seed}/{epoch}").shuffle(order)
-            stream = ShardStream(self.urls, self.names, order, pos.partial, self.decode_fn, self.micro)
-        return self.rebatch(iter(chunk_loader(stream, self.num_workers)))
+            stream = ShardStream(self.urls, self.names, order, pos.partial, self.decode_fn, self.micro,
+                                 skip=frozenset(pos.done))
+        turn = self.resumed_turn(pos, epoch) if not self.samples_per_epoch else None
+        return self.rebatch(iter(chunk_loader(stream, self.num_workers)), turn)
 
-    def rebatch(self, chunks) -> Iterator[dict]:
-        buffer, ended = [], False
+    @property
+    def workers(self) -> int:
+        return max(1, self.num_workers)
+
+    def resumed_turn(self, pos: "Position", epoch: int) -> Optional[List[int]]:
+        """Where the interrupted epoch's turns stood on this rank, when they can be taken up."""
+        turn = pos.turns.get(self.dp_rank)
+        if turn is None or not (pos.done or pos.partial):
+            return None
+        if turn[2] != self.workers:
+            self.log(f"note: --num_workers {self.num_workers} reads in {self.workers} stream(s), the checkpoint's run "
+                     f"in {turn[2]}: "
+                     f"epoch {epoch + 1} goes on with each sample used once, but its micro-batches are not those "
+                     f"of an uninterrupted run")
+            return None
+        return turn
+
+    def rebatch(self, chunks, turn: Optional[List[int]] = None) -> Iterator[dict]:
+        """Micro-batches in an order that does not depend on timing: the workers take turns, each
+        giving `micro` items (fewer when it runs out; the next worker fills the micro-batch). The
+        turn is part of the position, so that a resumed epoch goes on exactly where it stopped."""
+        queues = [deque() for _ in range(self.workers)]
+        last = [False] * self.workers
+        worker, left = (turn[0], turn[1]) if turn else (0, self.micro)
+        exhausted = False
+
+        def pull() -> None:
+            nonlocal exhausted
+            chunk = next(chunks, None)
+            if chunk is None:
+                exhausted = True
+                return
+            w = chunk["worker"]
+            last[w] = last[w] or chunk.get("last", False)
+            for item in unpack(chunk):
+                if "end" in item:
+                    self.shard_ended(item)
+                else:
+                    queues[w].append(item)
+
+        def finished(w: int) -> bool:
+            return not queues[w] and (last[w] or exhausted)
+
         while True:
-            while len(buffer) < self.micro and not ended:
-                chunk = next(chunks, None)
-                if chunk is None:
-                    ended = True
-                    break
-                for item in unpack(chunk):
-                    if "end" in item:
-                        self.shard_ended(item)
-                    else:
-                        buffer.append(item)
-            items, buffer = buffer[:self.micro], buffer[self.micro:]
+            items = []
+            while len(items) < self.micro:
+                while not queues[worker] and not (last[worker] or exhausted):
+                    pull()
+                if not queues[worker]:  # this worker is done: the next one's turn
+                    if all(finished(w) for w in range(self.workers)):
+                        break
+                    worker, left = (worker + 1) % self.workers, self.micro
+                    continue
+                items.append(queues[worker].popleft())
+                left -= 1
+                if left == 0:
+                    worker, left = (worker + 1) % self.workers, self.micro
             for item in items:  # consumed once yielded: a checkpoint comes only after the step
                 self.position.partial[item["shard"]] = max(self.position.partial.get(item["shard"], 0),
                                                            item["index"] + 1)
+            self.position.turns = {self.dp_rank: [worker, left, self.workers]}
             self.close_shards()
             yield collate(items)
 

@@ -452,6 +452,16 @@ def take_step(cfg: TrainConfig, env, trainer: Trainer, epoch: int, progress: Pro
     return result
 
 
+def named_once(per_rank: List[list]) -> List[tuple]:
+    """Every rank's skipped (name, reason) pairs, each name once (the first reason given for it):
+    a sample skipped in every epoch, or by every model-parallel rank, is one warning."""
+    seen = {}
+    for pairs in per_rank:
+        for name, reason in pairs:
+            seen.setdefault(name, reason)
+    return list(seen.items())
+
+
 def last_checkpoint_line(out_dir: str) -> str:
     """Where the last good checkpoint is, or that there is none yet (messages name only what exists)."""
     name = runs.latest_name(out_dir)
@@ -491,7 +501,7 @@ def finish(cfg: TrainConfig, env, trainer: Trainer, progress: Progress, metrics:
     bad_total = torch.tensor([len(progress.bad_images), trainer.captioner.truncated, len(trainer.data.read_errors)],
                              dtype=torch.long, device=env.device)
     dist.all_reduce(bad_total, group=env.dp_group)
-    report_bad_images(progress.bad_images, env.log)
+    report_bad_images(named_once(distributed.gather_objects(progress.bad_images)), env.log)
     env.log(f"done: {progress.step} steps, last loss {progress.last_loss:.4f}; {int(bad_total[0])} unreadable "
             f"image(s) skipped{trainer.data.error_report(int(bad_total[2]))}, {int(bad_total[1])} caption(s) truncated "
             f"to --max_caption_len {cfg.max_caption_len}; weights in {cfg.out_dir}/checkpoints, curve in {metrics.png}")

@@ -140,48 +140,75 @@ def test_bad_samples_and_shards_are_skipped_and_counted(tmp_path):
     assert shards.decode(raw, "x", lambda im: 0, "nothing", True)["reason"].startswith("no caption")
 
 
+def epoch_batches(data, epoch, micro_batches, start_step=0):
+    """`micro_batches` micro-batches of one rank: each its good sample ids and its skipped ones."""
+    it = data.batches(epoch, start_step)
+    return [(b["image_id"], [name for name, _ in b["bad"]]) for b in (next(it) for _ in range(micro_batches))]
+
+
 def epoch_keys(data, epoch, micro_batches, start_step=0):
     """The good sample ids of `micro_batches` micro-batches of one rank, and the number of them
     that were empty."""
-    it = data.batches(epoch, start_step)
-    batches = [next(it) for _ in range(micro_batches)]
-    return [i for b in batches for i in b["image_id"]], sum(1 for b in batches if not b["image_id"] and not b["bad"])
+    batches = epoch_batches(data, epoch, micro_batches, start_step)
+    return [i for good, _ in batches for i in good], sum(1 for good, bad in batches if not good and not bad)
 
 
-def rank_data(urls, counts, fp, rank, micro=2):
+def rank_data(urls, counts, fp, rank, micro=2, num_workers=0):
     names = [shards.shard_name(u) for u in urls]
     decode = lambda raw, name: shards.decode(raw, name, lambda im: torch.zeros(1), None, True)  # noqa: E731
-    return shards.ShardTraining(urls, names, counts, fp, decode, micro, 1, 2, rank, seed=0, num_workers=0)
+    return shards.ShardTraining(urls, names, counts, fp, decode, micro, 1, 2, rank, seed=0, num_workers=num_workers)
 
 
-def test_two_ranks_read_each_sample_once_and_a_resumed_epoch_reads_the_rest(tmp_path):
-    good = make_shards(tmp_path)
-    urls = shards.expand(pattern(tmp_path, 5), "--x")
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_two_ranks_read_each_sample_once_and_a_resumed_epoch_makes_the_same_batches(tmp_path, num_workers):
+    good = make_shards(tmp_path, sizes=(7, 5, 6, 4, 3, 5, 2))
+    urls = shards.expand(pattern(tmp_path, 8), "--x")
     counts, fp = [shards.count_shard(u) for u in urls], shards.fingerprint(urls)
-    ranks = [rank_data(urls, counts, fp, r) for r in range(2)]
+    ranks = [rank_data(urls, counts, fp, r, num_workers=num_workers) for r in range(2)]
     steps = ranks[0].steps_per_epoch
     assert steps == ranks[1].steps_per_epoch == max(-(-sum(counts[i] for i in o) // 2) for o in ranks[0].owned)
-    full = [epoch_keys(d, 0, steps)[0] for d in ranks]
-    assert not set(full[0]) & set(full[1]) and sorted(full[0] + full[1]) == sorted(good)
-    # Stop after 3 micro-batches, keep the position as a checkpoint does, resume both ranks.
-    cut = [rank_data(urls, counts, fp, r) for r in range(2)]
-    first = [epoch_keys(d, 0, 3)[0] for d in cut]
-    states = [d.position.to_dict(fp) for d in cut]
-    saved = cut[0].state(0, lambda obj: states)
-    assert saved["epoch"] == 0 and saved["done"] and saved["partial"]
-    again = [rank_data(urls, counts, fp, r) for r in range(2)]
-    for d in again:
-        d.restore(saved)
-    rest = [epoch_keys(d, 0, steps - 3, start_step=3)[0] for d in again]
-    union = first[0] + first[1] + rest[0] + rest[1]
-    assert sorted(union) == sorted(good) and len(set(union)) == len(union)
+    full = [epoch_batches(d, 0, steps) for d in ranks]
+    keys = [[i for good, _ in f for i in good] for f in full]
+    assert not set(keys[0]) & set(keys[1]) and sorted(keys[0] + keys[1]) == sorted(good)
+    # Stop after each number of micro-batches, keep the position as a checkpoint does, resume both
+    # ranks: the same micro-batches as the uninterrupted epoch, in the same order, whatever shards
+    # were finished or part-way through (once, the unfinished shards were shuffled again).
+    for stop in range(1, steps):
+        cut = [rank_data(urls, counts, fp, r, num_workers=num_workers) for r in range(2)]
+        first = [epoch_batches(d, 0, stop) for d in cut]
+        states = [d.position.to_dict(fp) for d in cut]
+        saved = cut[0].state(0, lambda obj: states)
+        assert saved["epoch"] == 0 and sorted(saved["turns"]) == ["0", "1"]
+        again = [rank_data(urls, counts, fp, r, num_workers=num_workers) for r in range(2)]
+        for d in again:
+            d.restore(saved)
+        rest = [epoch_batches(d, 0, steps - stop, start_step=stop) for d in again]
+        assert [first[r] + rest[r] for r in range(2)] == full, stop
     # The next epoch starts afresh; a changed shard list is refused in one line.
     assert sorted(epoch_keys(again[0], 1, steps)[0] + epoch_keys(again[1], 1, steps)[0]) == sorted(good)
-    assert cut[0].state(1, lambda obj: [obj]) == {"fingerprint": fp, "epoch": 1, "done": [], "partial": {}, "dp_size": 2}
+    assert cut[0].state(1, lambda obj: [obj]) == {"fingerprint": fp, "epoch": 1, "done": [], "partial": {}, "turns": {},
+                                                  "dp_size": 2}
     with pytest.raises(UserError, match=r"dealt to 2 data-parallel ranks, this run has 1"):
         shards.ShardTraining(urls, urls, counts, fp, None, 2, 1, 1, 0, 0, 0).restore(saved)
     with pytest.raises(UserError, match=r"--resume: --train_shards names other shards, or shards that changed"):
         rank_data(urls[:4], counts[:4], shards.fingerprint(urls[:4]), 0).restore(saved)
+
+
+def test_a_resume_with_other_workers_says_its_batches_differ_and_still_reads_each_sample_once(tmp_path):
+    good = make_shards(tmp_path, bad=False)
+    urls = shards.expand(pattern(tmp_path, 4), "--x")
+    counts, fp = [shards.count_shard(u) for u in urls], shards.fingerprint(urls)
+    cut = rank_data(urls, counts, fp, 0, num_workers=0)
+    first = epoch_keys(cut, 0, 3)[0]
+    saved = cut.state(0, lambda obj: [obj, rank_data(urls, counts, fp, 1).position.to_dict(fp)])
+    said = []
+    again = rank_data(urls, counts, fp, 0, num_workers=2)
+    again.log = said.append
+    again.restore(saved)
+    rest = epoch_keys(again, 0, cut.steps_per_epoch - 3, start_step=3)[0]
+    assert len(said) == 1 and "--num_workers 2 reads in 2 stream(s), the checkpoint's run in 1" in said[0] and "not those of an uninterrupted run" in said[0]
+    mine = {k for i in cut.owned[0] for k in good if k.startswith(shards.shard_name(urls[i]))}
+    assert sorted(first + rest) == sorted(mine)
 
 
 def test_a_shard_source_built_from_its_checkpoint_record_reads_the_rest_of_the_epoch(tmp_path, process_group):
@@ -203,8 +230,9 @@ def test_a_shard_source_built_from_its_checkpoint_record_reads_the_rest_of_the_e
     assert saved["shards"]["epoch"] == 0 and saved["shards"]["partial"]
     rest = epoch_keys(source(saved), 0, steps - 3, start_step=3)[0]
     assert sorted(first + rest) == sorted(good) and len(set(first + rest)) == len(first + rest)
+    assert first + rest == epoch_keys(source(None), 0, steps)[0]  # in the uninterrupted order
     assert cut.checkpoint_state(1) == {"shards": {"fingerprint": cut.fingerprint, "epoch": 1, "done": [], "partial": {},
-                                                  "dp_size": 1}}  # at an epoch's end: the next one's start
+                                                  "turns": {}, "dp_size": 1}}  # at an epoch's end: the next one's start
 
 
 def test_resampled_streaming_draws_full_batches_for_the_steps_asked(tmp_path):
@@ -239,17 +267,17 @@ def logged(run_dir):
 
 
 @pytest.mark.slow
-def test_a_killed_shard_run_resumes_where_it_stopped_and_a_changed_list_is_refused(cap, tmp_path):
+def test_a_killed_shard_run_resumes_exactly_where_it_stopped_and_a_changed_list_is_refused(cap, tmp_path):
     good = make_shards(tmp_path / "shards")
     pat = pattern(tmp_path / "shards", 5)
-    full = run_cli(captioning_training.main, *shard_train_args(cap, tmp_path / "full", pat, "--epochs", 1, "--log_samples", True))
+    full = run_cli(captioning_training.main, *shard_train_args(cap, tmp_path / "full", pat, "--epochs", 2, "--log_samples", True))
     assert full.returncode == 0, full.stderr[-3000:]
-    assert "3 unreadable image(s) skipped, 2 shard(s) cut short by read errors" in full.stderr
-    rows = logged(tmp_path / "full")
-    assert sorted(k for _, _, k in rows) == sorted(good)
-    steps = max(s for s, _, _ in rows)
+    assert "6 unreadable image(s) skipped, 2 shard(s) cut short by read errors" in full.stderr
+    full_rows = logged(tmp_path / "full")
+    assert sorted(k for _, e, k in full_rows if e == 1) == sorted(good)
+    steps = max(s for s, _, _ in full_rows)
     # As if killed after step 3, whose checkpoint was never written: the checkpoint is step 2's.
-    args = shard_train_args(cap, tmp_path / "cut", pat, "--epochs", 1, "--log_samples", True, "--save_every", 2)
+    args = shard_train_args(cap, tmp_path / "cut", pat, "--epochs", 2, "--log_samples", True, "--save_every", 2)
     assert run_cli(captioning_training.main, *args, "--stop_after_steps", 3).returncode == 0
     ckpts = tmp_path / "cut" / "checkpoints"
     shutil.rmtree(ckpts / "step-0000003")
@@ -267,9 +295,14 @@ def test_a_killed_shard_run_resumes_where_it_stopped_and_a_changed_list_is_refus
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stderr and "at step 2" in resumed.stderr
     rows = logged(tmp_path / "cut")
-    keys = [k for _, _, k in rows]
+    keys = [k for _, e, k in rows if e == 1]
     assert sorted(keys) == sorted(good) and len(set(keys)) == len(keys)  # the union is one epoch, nothing twice
     assert max(s for s, _, _ in rows) == steps
+    # Exact: the same samples in the same steps, and the same final weights, as the run never stopped
+    # (the resumed epoch once shuffled its unfinished shards again).
+    assert rows == full_rows
+    digest = lambda err: re.findall(r"projection sha256 (\w+)", err)[-1]  # noqa: E731
+    assert digest(resumed.stderr) == digest(full.stderr)
     # Stage two: the projection pretrained on shards starts a COCO run.
     coco = run_cli(captioning_training.main, "--ckpt_dir", cap["ckpt_dir"], "--tokenizer_path", cap["tokenizer"],
                    "--clip_model", cap["clip"], "--train_images", cap["images"], "--train_annotations", cap["ann"],
@@ -504,6 +537,9 @@ def test_two_ranks_see_every_sample_once_per_epoch(cap, tmp_path):
     pipe_keys = {k for k in good if k.startswith("00005.tar/")}
     assert len(pipe_keys) == 5
     assert "6 unreadable image(s) skipped, 1 shard(s) cut short" in err, err[-3000:]  # 3 per epoch
+    # Each is named once, whichever rank read it, though it was skipped in both epochs.
+    for key in ("000000001", "000000002", "000000003"):
+        assert err.count(f"skipped unreadable image 00000.tar/{key} ") == 1, err[-3000:]
     files = sorted((tmp_path / "run" / "samples").glob("dp-*.tsv"))
     assert len(files) == 2
     ranks = [[l.rstrip("\n").split("\t") for l in open(f)] for f in files]
