@@ -210,11 +210,15 @@ class EncoderSettings(Config):
     clip_model: str = setting(help="CLIP name (ViT-B/32, ViT-B/16, ViT-L/14, ViT-L/14@336px), a local CLIP file, or open_clip:ARCH (an open_clip model name or model config JSON; weights from --clip_pretrained).")
     clip_pretrained: Optional[str] = setting(None, "with --clip_model open_clip:ARCH: the weights file (open_clip_pytorch_model.bin, .safetensors) or a pretrained tag (downloaded only if not cached).")
     feature_kind: str = setting("pooled", "pooled (the CLIP image embedding, one vector per image: ClipCap) or patch (the patch tokens of --clip_layer: LLaVA).")
-    clip_layer: int = setting(-2, "with --feature_kind patch, the transformer block whose patch tokens are taken (-2: the penultimate).")
+    clip_layer: int = setting(-2, "with --feature_kind patch, the transformer block whose patch tokens are taken (-2: the penultimate); refused with pooled features, which come after the last block.")
 
     def check(self) -> None:
         super().check()
         self.one_of("feature_kind", FEATURE_KINDS)
+        if self.feature_kind == "pooled" and self.clip_layer != -2:
+            raise UserError(f"--clip_layer {self.clip_layer} is for --feature_kind patch: pooled features are CLIP's "
+                            f"image embedding, taken after the last block (add --feature_kind patch, or leave out "
+                            f"--clip_layer)")
         check_encoder_flags(self.clip_model, self.clip_pretrained)
 
     def encoder_spec(self) -> EncoderSpec:

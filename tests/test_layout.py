@@ -252,3 +252,12 @@ def test_finite_numbers_beyond_a_settings_range_are_refused_where_it_is_read():
                         (dict(weight_decay=1e300), "--weight_decay must be at most 10")):
         with pytest.raises(UserError, match=says):
             TrainConfig(**base, **flags)
+
+
+def test_a_clip_layer_with_pooled_features_is_refused_not_ignored():
+    from llama_caption.errors import UserError
+    from llama_caption.features import FeaturesConfig
+
+    with pytest.raises(UserError, match=r"--clip_layer 5 is for --feature_kind patch"):
+        FeaturesConfig(clip_model="m", images="i", out="o", clip_layer=5)
+    assert FeaturesConfig(clip_model="m", images="i", out="o", clip_layer=5, feature_kind="patch").clip_layer == 5
