@@ -8,6 +8,7 @@ so a flag is written in one place. Values are type-checked and range-checked in 
 
 import dataclasses
 import difflib
+import functools
 import inspect
 import json
 import math
@@ -146,10 +147,12 @@ def help_text(cls) -> str:
     return "Args:\n" + "".join(f"    {f.name}: {f.metadata.get('help', '')}\n" for f in fields(cls) if f.init)
 
 
-def command(cls, run: Callable, summary: str, varargs: Optional[str] = None) -> Callable:
+def command(cls, run: Callable, summary: str, varargs: Optional[str] = None,
+            interrupted: str = "what was already written is kept") -> Callable:
     """A fire entry point whose flags are the fields of `cls`; calls run(cls(**flags)).
 
     varargs: a list field that also takes the words after it (`--images a.jpg b.jpg dir/`).
+    interrupted: what the line printed on ^C tells the user (what is kept, how to go on).
     """
     hints = typing.get_type_hints(cls)
     params, how = [], inspect.Parameter.POSITIONAL_OR_KEYWORD
@@ -169,7 +172,7 @@ def command(cls, run: Callable, summary: str, varargs: Optional[str] = None) -> 
     signature = inspect.Signature(params)
     known = [p.name for p in params if p.kind is not inspect.Parameter.VAR_POSITIONAL]
 
-    @exit_on_user_error
+    @functools.partial(exit_on_user_error, interrupted=interrupted)
     def main(*args, **kwargs):
         unknown = [k for k in kwargs if k not in known]
         if unknown:

@@ -31,8 +31,12 @@ def report_user_error(message: str) -> None:
             pass  # the message is on stderr already
 
 
-def exit_on_user_error(fn):
-    """Entry-point decorator: a UserError becomes `error: ...` on stderr and exit status 2."""
+INTERRUPTED_EXIT = 130  # as a shell reports a command stopped by SIGINT
+
+
+def exit_on_user_error(fn, interrupted: str = "what was already written is kept"):
+    """Entry-point decorator: a UserError becomes `error: ...` on stderr and exit status 2; ^C
+    becomes one line (`interrupted`: what the user can do next) and exit status 130."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -41,5 +45,8 @@ def exit_on_user_error(fn):
         except UserError as e:
             report_user_error(str(e))
             sys.exit(USER_ERROR_EXIT)
+        except KeyboardInterrupt:
+            print(f"\ninterrupted (Ctrl-C): {interrupted}", file=sys.stderr, flush=True)
+            sys.exit(INTERRUPTED_EXIT)
 
     return wrapper

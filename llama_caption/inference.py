@@ -259,7 +259,8 @@ def run(cfg: InferenceConfig) -> Optional[Dict]:
         return out
 
 
-main = command(InferenceConfig, run, "Caption a COCO split (and score it) or your own image files.", varargs="images")
+main = command(InferenceConfig, run, "Caption a COCO split (and score it) or your own image files.", varargs="images",
+               interrupted="the captions written so far are kept; the same command goes on with the rest")
 
 if __name__ == "__main__":
     from .__main__ import alias

@@ -582,7 +582,9 @@ def dashboard_captions(trainer: Trainer, cfg: TrainConfig) -> List[tuple]:
     return [(i, c, refs[i]) for i, c in zip(batch["image_id"], captions)]
 
 
-main = command(TrainConfig, train, "Train the projection from frozen CLIP features to frozen LLaMA prefix embeddings.")
+main = command(TrainConfig, train, "Train the projection from frozen CLIP features to frozen LLaMA prefix embeddings.",
+               interrupted="the checkpoints saved so far are kept; the same command with --resume goes on from the "
+                           "last one")
 
 if __name__ == "__main__":
     from .__main__ import alias

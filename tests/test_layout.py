@@ -261,3 +261,23 @@ def test_a_clip_layer_with_pooled_features_is_refused_not_ignored():
     with pytest.raises(UserError, match=r"--clip_layer 5 is for --feature_kind patch"):
         FeaturesConfig(clip_model="m", images="i", out="o", clip_layer=5)
     assert FeaturesConfig(clip_model="m", images="i", out="o", clip_layer=5, feature_kind="patch").clip_layer == 5
+
+
+def test_ctrl_c_ends_a_command_with_one_line_and_status_130(capsys):
+    from dataclasses import dataclass
+
+    from llama_caption.config import Config, command, setting
+
+    @dataclass
+    class Tiny(Config):
+        n: int = setting(1, "a number")
+
+    def run(cfg):
+        raise KeyboardInterrupt
+
+    main = command(Tiny, run, "A command.", interrupted="the rows written so far are kept")
+    with pytest.raises(SystemExit) as e:
+        main(n=2)
+    err = capsys.readouterr().err
+    assert e.value.code == 130 and err.strip() == "interrupted (Ctrl-C): the rows written so far are kept"
+    assert "Traceback" not in err
