@@ -186,3 +186,15 @@ def test_bad_settings_and_requests_are_refused(model):
     assert next(it) == ("ok", alone(model, Request(None, [1], 3), eos_id=-1))
     with pytest.raises(ValueError, match="exceeds the decoder's window"):
         next(it)
+
+
+def test_bench_compares_the_two_decoders_caption_for_caption(model):
+    """`bench --continuous`'s comparison on the tiny shape's slot counts (the figures come from the bench)."""
+    from llama_caption.tools.bench import CONFIGS, CONTINUOUS, caption_lengths, continuous_bench
+
+    lengths = caption_lengths(1000)
+    assert min(lengths) in (8, 9) and max(lengths) == 30 and 13.5 < sum(lengths) / 1000 < 14.5
+    res = continuous_bench(model, CONFIGS["tiny"], CONTINUOUS["tiny"], torch.device("cpu"), ["static"], lambda m: None,
+                           rounds=1)
+    assert set(res["static"]) == {2, 4}
+    assert all(r["identical"] == 12 and r["continuous_captions_s"] > 0 for r in res["static"].values())

@@ -11,8 +11,11 @@ early are computed for nothing. Here one KV cache holds `slots` rows, one reques
   costs no extra pass over the weights, and the other slots keep their state;
 - a step's shapes depend only on the number of slots, the window and the prompts it admits
   (their count padded to one of `prefill_sizes`, the padding prompts writing into a spare cache
-  row; their length), so it runs eagerly (`static`), through torch.compile (`compile`) or as a
-  CUDA graph captured once per shape and replayed (`cuda_graph`), as static_decode.StaticStep.
+  row; their length), so it runs through torch.compile (`compile`) or as a CUDA graph captured
+  once per shape and replayed (`cuda_graph`), as static_decode.StaticStep does;
+- `static` runs the same step with eager kernels, which take any shape: there it runs over the
+  busy slots only, moved down to the lowest rows when the waiting line is empty (a CPU's
+  products cost by the row: the last captions of a run, or a server's light load, cost less).
 
 A step admits prompts of one length (the waiting line's first request and those right behind it
 with as long a prompt), so no prompt is padded and a slot's positions are its window's slots. An
@@ -92,7 +95,7 @@ class ContinuousDecoder:
         self.live: List[Optional[Live]] = [None] * slots
         self.waiting: Deque[Request] = deque()
         self.prompt_buffers: Dict[Tuple[int, int], Tuple[torch.Tensor, torch.Tensor]] = {}
-        self.graphs: Dict[Tuple[int, int], Tuple[Any, torch.Tensor]] = {}
+        self.graphs: Dict[Tuple[int, int, int], Tuple[Any, torch.Tensor]] = {}
         self.fn = model.decode_slots
         if mode == "compile":
             self.fn = torch.compile(model.decode_slots, dynamic=False)
@@ -145,16 +148,21 @@ class ContinuousDecoder:
         into a free slot. Returns (tag, tokens) of the captions that ended, each cut before its
         end token as generation.cut_at_eos does."""
         admitted = self.admit()
+        if self.mode == "static":
+            self.compact()
         feeding = [s for s, live in enumerate(self.live) if live is not None and live.out]
         if not admitted and not feeding:
             return []
-        tokens, at = [0] * self.slots, [self.window - 1] * self.slots
+        # `static` runs over the rows up to the last busy one (eager kernels take any shape, and a
+        # CPU's products cost by the row); the fixed-shape modes over all slots.
+        n = 1 + max(feeding + admitted) if self.mode == "static" else self.slots
+        tokens, at = [0] * n, [self.window - 1] * n
         for s in feeding:
             tokens[s], at[s] = self.live[s].out[-1], self.live[s].at
-        self.tokens.copy_(torch.tensor(tokens))
-        self.at.copy_(torch.tensor(at))
-        logits = self.forward(admitted)
-        rows = [(s, s) for s in feeding] + [(s, self.slots + j) for j, s in enumerate(admitted)]
+        self.tokens[:n].copy_(torch.tensor(tokens))
+        self.at[:n].copy_(torch.tensor(at))
+        logits = self.forward(admitted, n)
+        rows = [(s, s) for s in feeding] + [(s, n + j) for j, s in enumerate(admitted)]
         ended = []
         for (s, _), tok in zip(rows, self.pick(logits, [(row, self.live[s].request) for s, row in rows])):
             live = self.live[s]
@@ -177,16 +185,35 @@ class ContinuousDecoder:
             self.live[s] = Live(request)
         return free[:len(taken)]
 
-    def forward(self, admitted: List[int]) -> torch.Tensor:
-        """The step's logits (slots + padded admitted count, vocab), through its shape's variant."""
+    def compact(self) -> None:
+        """Move the requests of the highest busy slots, cache rows and all, into the free slots
+        below them, so that a step runs over no more rows than there are requests. (Free slots
+        below a busy one remain only when no request is waiting; the requests just admitted took
+        the lowest free slots, so only those with cache rows move.)"""
+        free = [s for s, live in enumerate(self.live) if live is None]
+        busy = [s for s, live in enumerate(self.live) if live is not None]
+        moves = []
+        while free and busy and free[0] < busy[-1]:
+            moves.append((free.pop(0), busy.pop()))
+        if not moves:
+            return
+        dst, src = (torch.tensor(x, device=self.model.device) for x in zip(*moves))
+        for layer in self.cache:
+            layer.k[dst] = layer.k[src]
+            layer.v[dst] = layer.v[src]
+        for d, s in moves:
+            self.live[d], self.live[s] = self.live[s], None
+
+    def forward(self, admitted: List[int], n: int) -> torch.Tensor:
+        """The step's logits (n slot rows + padded admitted count, vocab), through its shape's variant."""
         if not admitted:
-            return self.run_variant((0, 0), ())
+            return self.run_variant((n, 0, 0), ())
         requests = [self.live[s].request for s in admitted]
-        size = next(n for n in self.prefill_sizes if n >= len(admitted))
+        size = next(k for k in self.prefill_sizes if k >= len(admitted))
         prompts, rows = self.buffers(size, requests[0].length)
         prompts[:len(admitted)] = torch.stack([self.embed(r) for r in requests])
         rows.copy_(torch.tensor(admitted + [self.slots] * (size - len(admitted))))
-        return self.run_variant((size, requests[0].length), (prompts, rows))
+        return self.run_variant((n, size, requests[0].length), (prompts, rows))
 
     def buffers(self, size: int, length: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """The fixed input buffers of `size` prompts of `length`: embeddings and cache rows."""
@@ -203,8 +230,9 @@ class ContinuousDecoder:
             parts.append(self.model.embed(torch.tensor(r.prompt, device=self.model.device)))
         return torch.cat(parts)
 
-    def run_variant(self, key: Tuple[int, int], prompts: tuple) -> torch.Tensor:
-        args = (self.tokens, self.at, self.cache, *prompts)
+    def run_variant(self, key: Tuple[int, int, int], prompts: tuple) -> torch.Tensor:
+        """The step of (slot rows, padded admitted count, prompt length) `key`."""
+        args = (self.tokens[:key[0]], self.at[:key[0]], self.cache, *prompts)
         if self.mode != "cuda_graph":
             return self.fn(*args)
         if key not in self.graphs:
@@ -214,18 +242,15 @@ class ContinuousDecoder:
         return out
 
     def pick(self, logits: torch.Tensor, rows: List[Tuple[int, Request]]) -> List[int]:
-        """The next token of each (logits row, request): the argmax for greedy requests (all at
-        once); else a top-p draw from the request's own generator, one row at a time, as
-        generation.generate draws for that request alone."""
-        picked = torch.zeros(len(rows), dtype=torch.long, device=logits.device)
-        greedy = [i for i, (_, r) in enumerate(rows) if r.temperature <= 0]
-        if greedy:
-            index = torch.tensor(greedy, device=logits.device)
-            picked[index] = logits[torch.tensor([rows[i][0] for i in greedy], device=logits.device)].argmax(-1)
-        for i, (row, r) in enumerate(rows):
+        """The next token of each (logits row, request): the argmax for greedy requests (of every
+        row at once); else a top-p draw from the request's own generator, one row at a time, as
+        generation.generate draws for that request alone. One wait for the device."""
+        picks = logits.argmax(-1)
+        for row, r in rows:
             if r.temperature > 0:
-                picked[i] = pick_next(logits[row:row + 1], r.temperature, r.top_p, r.generator)[0]
-        return picked.tolist()
+                picks[row] = pick_next(logits[row:row + 1], r.temperature, r.top_p, r.generator)[0]
+        picks = picks.tolist()
+        return [picks[row] for row, _ in rows]
 
 
 def check_setup(model: Transformer, slots: int, mode: str, window: Optional[int]) -> None:

@@ -13,6 +13,9 @@
 3. Peak memory of generation and of a training step (CUDA: allocator peak; CPU: process RSS).
 4. Ours again with the fixed-shape decoders of static_decode.py (`--decoders`: static, compile,
    cuda_graph), each checked caption by caption against the eager decoder.
+5. Instead of 1-4 (`--continuous`): the continuous-batching decoder (continuous.py) against the
+   batch decoder (StaticDecoder) at 8, 32 and 64 slots, on captions of COCO-like lengths
+   (`caption_lengths`), in each `--decoders` mode; the two decoders' captions are compared.
 On a GPU it also prints tokens/s, the weight bandwidth achieved against the card's peak, the
 model FLOPs utilisation of a training step, and what these rates mean for captioning val2014 and
 for one epoch of COCO train on that card. Writes the figures as JSON (--out).
@@ -20,6 +23,7 @@ for one epoch of COCO train on that card. Writes the figures as JSON (--out).
 
 import functools
 import os
+import random
 import threading
 import time
 from dataclasses import dataclass
@@ -51,6 +55,10 @@ CONFIGS = {
     "tiny": dict(dim=64, n_layers=2, n_heads=4, vocab=512, prefix=4, gen_len=8, images=8,
                  no_cache_images=8, batches=(1, 8), hf_batches=(8,), dtype="fp32", train_batch=8),
 }
+# The continuous-batching comparison (--continuous): slot counts and how many captions.
+CONTINUOUS = {"cpu": dict(slots=(8, 32, 64), requests=256), "7b": dict(slots=(8, 32, 64), requests=1024),
+              "tiny": dict(slots=(2, 4), requests=12)}
+LONGEST_CAPTION = 30
 # Dense bf16/fp16 tensor-core peak (TFLOP/s) and memory bandwidth (GB/s) from the vendors' sheets.
 VAL2014_IMAGES, COCO_TRAIN_CAPTIONS = 40504, 414113
 PEAKS = {"H100": (989.0, 3350.0), "H200": (989.0, 4800.0), "A100": (312.0, 2039.0)}
@@ -304,6 +312,100 @@ def decode_bench(model: Transformer, c: dict, device, log, static_modes: List[st
     return res
 
 
+def caption_lengths(n: int, seed: int = 0) -> List[int]:
+    """`n` caption lengths in LLaMA tokens, as COCO's run: 8 + Gamma(shape 3, scale 2), rounded and
+    kept within [8, 30] (mean 14, sd 3.5, a longer tail above than below). A stand-in for COCO's
+    distribution (captions of 8 to ~30 tokens, mean about 14), not measured on it."""
+    rng = random.Random(seed)
+    return [min(LONGEST_CAPTION, max(8, round(8 + rng.gammavariate(3.0, 2.0)))) for _ in range(n)]
+
+
+def fastest_alternating(fns, device, rounds: int):
+    """Each of `fns` once to warm up, then `rounds` rounds running each in turn (a disturbance on a
+    shared machine hits all of them alike); the fastest run of each, as [(output, seconds)]."""
+    best = [(fn(), float("inf")) for fn in fns]
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            sync(device)
+            t = time.perf_counter()
+            out = fn()
+            sync(device)
+            dt = time.perf_counter() - t
+            if dt < best[i][1]:
+                best[i] = (out, dt)
+    return best
+
+
+def continuous_bench(model: Transformer, c: dict, spec: dict, device, modes: List[str], log, rounds: int = 2) -> dict:
+    """Captions/s of the continuous decoder against the batch decoder (StaticDecoder) at each of
+    spec["slots"], on spec["requests"] prefixes with `caption_lengths`, in each of `modes`, and
+    how many of their captions are identical. A caption ends at its drawn length: the continuous
+    decoder's request has that max_gen_len; the batch decoder runs each batch of `slots` captions
+    (in arrival order) to its longest length, as it runs to its longest caption's EOS, and each
+    row is cut at its own length. No token ends a caption (eos_id -1)."""
+    from ..llama.continuous import ContinuousDecoder, Request
+    from ..llama.static_decode import StaticDecoder
+
+    n, window = spec["requests"], c["prefix"] + 1 + LONGEST_CAPTION
+    lengths = caption_lengths(n)
+    g = torch.Generator(device=device).manual_seed(1)
+    prefix = torch.randn(n, c["prefix"], model.args.dim, generator=g, device=device).to(model.dtype)
+    log(f"  {n} captions of {min(lengths)} to {max(lengths)} tokens (mean {sum(lengths) / n:.1f}; 8 + Gamma(3, 2), "
+        f"rounded, within [8, {LONGEST_CAPTION}]), each after a {c['prefix']}-embedding prefix and BOS; a caption ends "
+        f"at its drawn length: the continuous decoder's request has it as max_gen_len, the batch decoder runs each batch "
+        f"to its longest and cuts each row at its own")
+    out = {"lengths": {"n": n, "mean": sum(lengths) / n, "min": min(lengths), "max": max(lengths)}}
+    packed = model.pack_weights()  # as the other CPU figures
+    for mode in modes:
+        rows = {}
+        for slots in spec["slots"]:
+            batch = StaticDecoder(model, mode, sizes=(slots,), window=window)
+            cont = ContinuousDecoder(model, slots, eos_id=-1, mode=mode, window=window)
+
+            def run_batch():
+                toks = []
+                for s in range(0, n, slots):
+                    lens = lengths[s:s + slots]
+                    got = batch.generate([[BOS]] * len(lens), eos_id=-1, max_gen_len=max(lens), prefix=prefix[s:s + slots])
+                    toks += [t[:k] for t, k in zip(got, lens)]
+                return toks
+
+            def run_continuous():
+                got = dict(cont.run(Request(prefix[i], [BOS], lengths[i], tag=i) for i in range(n)))
+                return [got[i] for i in range(n)]
+
+            (want, tb), (toks, tc) = fastest_alternating([run_batch, run_continuous], device, rounds)
+            same = sum(x == y for x, y in zip(toks, want))
+            rows[slots] = {"batch_captions_s": n / tb, "continuous_captions_s": n / tc, "ratio": tb / tc,
+                           "identical": same}
+            log(f"  {mode:>10} {slots:4d} slots: batch decoder {n / tb:8.2f} captions/s, continuous {n / tc:8.2f} "
+                f"captions/s ({tb / tc:.2f}x); {same}/{n} captions identical")
+        out[mode] = rows
+    if packed:
+        model.unpack_weights()
+    return out
+
+
+def continuous_main(cfg: "BenchConfig") -> dict:
+    """`bench --continuous`: the continuous decoder against the batch decoder (continuous_bench)."""
+    c, spec = CONFIGS[cfg.config], CONTINUOUS[cfg.config]
+    with distributed.session(mp_size=1, device=cfg.device) as env:
+        dev = env.device
+        dtype = DTYPES[c["dtype"] if cfg.dtype == "auto" else cfg.dtype] if dev.type == "cuda" else torch.float32
+        args = ModelArgs(dim=c["dim"], n_layers=c["n_layers"], n_heads=c["n_heads"], vocab_size=c["vocab"],
+                         max_seq_len=c["prefix"] + 1 + LONGEST_CAPTION)
+        model = random_model(args, dev, dtype)
+        print(f"{machine(dev)}; torch {torch.__version__}; config {cfg.config}: dim {c['dim']}, {c['n_layers']} layers, "
+              f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {str(dtype).replace('torch.', '')}; "
+              f"continuous batching against the batch decoder, the fastest of 2 alternating runs each")
+        res = {"machine": machine(dev), "config": cfg.config, "dtype": str(dtype),
+               "continuous": continuous_bench(model, c, spec, dev, cfg.decoders, print)}
+    if cfg.out:
+        write_json(cfg.out, res, indent=1)
+        print(f"wrote {cfg.out}")
+    return res
+
+
 def frozen_step_bench(model: Transformer, c: dict, device, log) -> dict:
     """A training step through the frozen LLaMA: prefix gradients only (the GPU figures)."""
     P, L, B = c["prefix"], c["gen_len"], c["train_batch"]
@@ -453,6 +555,7 @@ class BenchConfig(Config):
     encoder_batch: int = setting(4, "images per encoder call in the encoders table.")
     dtype: str = setting("auto", "the model's dtype on CUDA: auto (the config's: fp16 for 7b, as the figures in the README), fp16 or bf16. fp32 on a CPU.")
     decoders: List[str] = setting(("static",), "also time ours with these fixed-shape decoders: static (eager), compile (torch.compile), cuda_graph (CUDA only); '[]' for none.")
+    continuous: bool = setting(False, "instead: captions/s of continuous batching against the batch decoder at 8, 32 and 64 slots, captions of COCO-like lengths, in the --decoders modes.")
 
     def check(self) -> None:
         self.one_of("config", CONFIGS)
@@ -504,6 +607,8 @@ def bench(cfg: BenchConfig) -> dict:
         if cfg.out:
             write_json(cfg.out, res, indent=1)
         return res
+    if cfg.continuous:
+        return continuous_main(cfg)
     c = CONFIGS[cfg.config]
     with distributed.session(mp_size=1, device=cfg.device) as env:
         dev = env.device
