@@ -159,7 +159,12 @@ def caption_batches(cfg: InferenceConfig, env, opened: OpenedCaptioner, decoding
                     done: Dict, files: Optional[ResultsFiles], records: List[ImageRecord],
                     donor: Optional[Dict[int, str]]) -> list:
     """Caption `todo`, dealt out over data-parallel groups; rank 0 collects into `done` and the
-    partial log. `donor`: the control's image id -> file. Returns the unreadable images (rank 0)."""
+    partial log. `donor`: the control's image id -> file. Returns the unreadable images (rank 0).
+
+    Batch decoders caption a loader batch at a time. The continuous one (--decoder continuous)
+    streams: images take free slots as captions end, and each caption is kept as soon as it ends.
+    Either way the ranks exchange what they have after each loader batch (the same number of
+    times on every rank), and rank 0 writes it."""
     mine = todo[env.dp_rank::env.dp_size]
     own_path = {r.image_id: r.path for r in mine}
     if donor:  # the control: each image is read from another image's file
@@ -169,52 +174,52 @@ def caption_batches(cfg: InferenceConfig, env, opened: OpenedCaptioner, decoding
                                          num_workers=cfg.num_workers, collate_fn=collate)
     it = iter(loader)
     gen = decoding.generator(env.dp_rank, env.device)
-    bad_all, last_save = [], time.time()
-    with tqdm(total=len(todo), desc="captioning", unit="img", disable=not env.is_main, dynamic_ncols=True,
-              file=sys.stderr) as bar:
+    bad_all, pending, pending_bad, last_save = [], [], [], [time.time()]
+
+    def row(image_id: int, caption: str) -> dict:
+        return ({"image_id": image_id, "caption": caption} if cfg.annotated
+                else {"image_id": image_id, "caption": caption, "file_name": own_path[image_id]})
+
+    def exchange(bar) -> None:
+        """Every rank's captions and unreadable images since the last exchange, to rank 0."""
+        gathered = [None] * env.dp_size
+        dist.all_gather_object(gathered, (pending[:], pending_bad[:]), group=env.dp_group)
+        pending.clear()
+        pending_bad.clear()
+        if not env.is_main:
+            return
+        for rows, bad in gathered:
+            bad_all.extend(bad)
+            files.append(rows)
+            for r in rows:
+                done[result_key(r, cfg.annotated)] = r
+                if not cfg.annotated:
+                    print(f"{r['file_name']}\t{r['caption']}", flush=True)
+            bar.update(len(rows) + len(bad))
+        if time.time() - last_save[0] > cfg.save_every_s:
+            write_json(files.results, ordered(done, records, cfg.annotated))
+            last_save[0] = time.time()
+
+    def batches(bar):
         for _ in range(n_batches):
             batch = next(it, None) or {"image_id": [], "bad": []}
-            local = []
-            if batch["image_id"]:
-                caps = opened.caption(batch["pixels"], decoding, gen)
-                for image_id, cap in zip(batch["image_id"], caps):
-                    local.append({"image_id": int(image_id), "caption": cap} if cfg.annotated
-                                 else {"image_id": int(image_id), "caption": cap, "file_name": own_path[int(image_id)]})
-            gathered = [None] * env.dp_size
-            dist.all_gather_object(gathered, (local, batch["bad"]), group=env.dp_group)
-            if not env.is_main:
-                continue
-            for rows, bad in gathered:
-                bad_all += bad
-                files.append(rows)
-                for row in rows:
-                    done[result_key(row, cfg.annotated)] = row
-                    if not cfg.annotated:
-                        print(f"{row['file_name']}\t{row['caption']}", flush=True)
-                bar.update(len(rows) + len(bad))
-            if time.time() - last_save > cfg.save_every_s:
-                write_json(files.results, ordered(done, records, cfg.annotated))
-                last_save = time.time()
+            pending_bad.extend(batch["bad"])
+            yield batch
+            exchange(bar)
+
+    with tqdm(total=len(todo), desc="captioning", unit="img", disable=not env.is_main, dynamic_ncols=True,
+              file=sys.stderr) as bar:
+        if opened.decoder == "continuous":
+            fed = ((b["pixels"], [int(i) for i in b["image_id"]]) for b in batches(bar) if b["image_id"])
+            for image_id, caption in opened.stream(fed, decoding, env.device):
+                pending.append(row(image_id, caption))
+            exchange(bar)  # what ended after the last batch was fed
+        else:
+            for batch in batches(bar):
+                if batch["image_id"]:
+                    caps = opened.caption(batch["pixels"], decoding, gen)
+                    pending.extend(row(int(i), c) for i, c in zip(batch["image_id"], caps))
     return bad_all
-
-
-def evaluate_results(cfg: InferenceConfig, env, files: ResultsFiles, results: List[Dict],
-                     records: List[ImageRecord]):
-    """The metrics of the results (Scores), written beside them; CLIP-S too with --clipscore."""
-    return evaluate_records({r.image_id: r for r in records}, results, files.results,
-                            cfg.annotations or cfg.karpathy_split, files.metrics, None,
-                            cfg if cfg.clipscore else None, env.device, cfg.num_workers, env.log)
-
-
-def gallery(cfg: InferenceConfig, env, files: ResultsFiles, results: List[Dict], records: List[ImageRecord],
-            scores=None) -> None:
-    """RESULTS.gallery.html, with each image's scores once they are known; the worst first when asked."""
-    order, per_image = cfg.gallery_order, scores.per_image if scores else {}
-    if order == "worst_clip_s" and scores and "CLIP-S" not in scores.metrics:
-        env.log("the gallery is in image-id order: CLIP-S was skipped")
-        order = "first"
-    shown = write_gallery(files.gallery, results, {r.image_id: r for r in records}, cfg.gallery, per_image, order)
-    env.log(f"gallery of {shown} image(s): {files.gallery}")
 
 
 def run(cfg: InferenceConfig) -> Optional[Dict]:

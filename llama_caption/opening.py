@@ -8,8 +8,9 @@ an `OpenedCaptioner`: the captioner, its encoder (and image preprocessing), the 
 dtype, and what results files and the server's /v1/model record of it.
 """
 
+import os
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -17,6 +18,7 @@ from .captioner import Captioner, CaptionerSpec, check_same_llama, check_window,
 from .config import setting
 from .errors import UserError
 from .llama.checkpoint import LlamaSettings, load_llama
+from .llama.continuous import ContinuousDecoder, Request
 from .llama.decoding import Decoding
 from .llama.quantize import describe
 from .llama.static_decode import MODES, make_decoder
@@ -25,6 +27,9 @@ from .results import identity, provenance
 from .runs import find_checkpoint
 from .runtime import DTYPE_NAMES, resolve_dtype
 from .vision import EncoderSpec, ImageEncoder, load_encoder, same_encoder
+
+
+DECODERS = ("auto",) + MODES + ("continuous",)
 
 
 @dataclass(kw_only=True)
@@ -36,13 +41,13 @@ class CaptionerSettings(LlamaSettings):
     clip_model: Optional[str] = setting(None, "the CLIP file, when it moved since training (it must be the same model).")
     clip_pretrained: Optional[str] = setting(None, "the open_clip weights file, when it moved since training (the same weights).")
     dtype: str = setting("auto", "frozen LLaMA precision: auto (fp16 on CUDA, fp32 on CPU), fp32, fp16, bf16.")
-    decoder: str = setting("auto", "greedy/top-p decoder: auto (on a CPU: static; on CUDA: cuda_graph for caption on one GPU without --quantize, 2.5x eager at 7B on an H200, and eager with model parallelism, --quantize, beam search or in serve); eager; static (fixed-shape KV cache, batches padded to 1, 2, 4 ... 64 or --batch_size); compile (static through torch.compile); cuda_graph (static captured as CUDA graphs, CUDA only). Same captions in fp32; beam search is always eager.")
+    decoder: str = setting("auto", "greedy/top-p decoder: auto (on a CPU: static; on CUDA: cuda_graph for caption on one GPU without --quantize, 2.5x eager at 7B on an H200, and eager with model parallelism, --quantize, beam search or in serve); eager; static (fixed-shape KV cache, batches padded to 1, 2, 4 ... 64 or --batch_size); compile (static through torch.compile); cuda_graph (static captured as CUDA graphs, CUDA only); continuous (continuous batching over --batch_size slots, or --max_batch in serve: an image takes a slot as soon as a caption ends). Same greedy captions in fp32; beam search is always eager.")
     pack_weights: bool = setting(True, "on a CPU, decode with a copy of LLaMA's weights packed for oneDNN (faster; one extra copy in memory). No effect on CUDA.")
 
     def check(self) -> None:
         super().check()
         self.one_of("dtype", DTYPE_NAMES)
-        self.one_of("decoder", ("auto",) + MODES)
+        self.one_of("decoder", DECODERS)
         if self.quantize != "none" and self.decoder in ("compile", "cuda_graph"):
             raise UserError(f"--decoder {self.decoder} is not measured with --quantize {self.quantize}: use --decoder "
                             f"static or eager")
@@ -86,6 +91,28 @@ class OpenedCaptioner:
     def caption(self, pixels: torch.Tensor, decoding: Decoding, generator=None) -> List[str]:
         """Captions of preprocessed images."""
         return self.captioner.caption(self.encoder(pixels), decoding, generator)
+
+    def stream(self, batches: Iterable[Tuple[torch.Tensor, list]], decoding: Decoding,
+               device) -> Iterator[Tuple[Any, str]]:
+        """(tag, caption) of each image of `batches` ((preprocessed images, their tags), read
+        only when the continuous decoder has a slot for them), as soon as its caption ends.
+        Sampling draws from each image's own generator (`Decoding.image_generator` of its tag),
+        so an image's caption does not depend on what shares its steps."""
+        cap = self.captioner
+        tokenizer = cap.tokenizer
+        max_gen_len = min(decoding.max_gen_len, cap.max_caption_tokens)
+
+        def requests():
+            for pixels, tags in batches:
+                with torch.no_grad():
+                    prefix = cap.projection(self.encoder(pixels).to(cap.llama.device))
+                for i, tag in enumerate(tags):
+                    gen = decoding.image_generator(tag, device) if decoding.sampling else None
+                    yield Request(prefix[i], [tokenizer.bos_id], max_gen_len, decoding.temperature, decoding.top_p,
+                                  gen, tag)
+
+        for tag, tokens in cap.decoder.run(requests()):
+            yield tag, tokenizer.decode(tokens).strip()
 
     def decoding_record(self, decoding: Decoding, control_shuffle: bool = False) -> dict:
         """How captions were made, as results files record it: the settings, the control, the
@@ -171,7 +198,34 @@ def build_captioner(settings: CaptionerSettings, spec: CaptionerSpec, weights: D
         log("--decoder compile: LLaMA's weights are not packed for oneDNN (the compiled step uses the plain ones)")
     elif settings.pack_weights and model.pack_weights():
         log("CPU decoding: LLaMA's weights packed for oneDNN (--pack_weights False to save the extra copy)")
-    return Captioner(model, tokenizer, projection, spec.style, make_decoder(model, settings.decoder, batch_size))
+    if settings.decoder == "continuous":
+        check_slots(model, batch_size, device)
+        decoder = ContinuousDecoder(model, batch_size, eos_id=tokenizer.eos_id, mode="static")
+    else:
+        decoder = make_decoder(model, settings.decoder, batch_size)
+    return Captioner(model, tokenizer, projection, spec.style, decoder)
+
+
+def check_slots(model, slots: int, device) -> None:
+    """The continuous decoder's KV cache (one row per slot, the whole window) must fit in the
+    memory free now: else one line naming the flag, before it is made."""
+    args = model.args
+    kv_heads = model.layers[0].attention.n_local_kv_heads
+    per_slot = 2 * args.n_layers * args.max_seq_len * kv_heads * args.head_dim * model.dtype.itemsize
+    free = free_memory(device)
+    if free is not None and (slots + 1) * per_slot > 0.8 * free:
+        raise UserError(f"--batch_size {slots} slots need a {(slots + 1) * per_slot / 2 ** 30:.1f} GiB KV cache, more "
+                        f"than the {free / 2 ** 30:.1f} GiB free: lower --batch_size (--max_batch in serve) or --max_gen_len")
+
+
+def free_memory(device) -> Optional[int]:
+    """Bytes free on `device` now (the CPU: available RAM), or None when it cannot be told."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def trained_projection(spec: CaptionerSpec, weights: Dict[str, torch.Tensor], ckpt: str) -> Projection:

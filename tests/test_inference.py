@@ -321,6 +321,35 @@ def test_static_decoder_gives_the_eager_captions(cap, trained, tmp_path):
     assert proc.returncode == 2 and "beam search (--num_beams > 1) runs eagerly" in proc.stderr
 
 
+def test_continuous_decoder_writes_the_batch_decoders_captions_as_they_end(cap, trained, tmp_path):
+    """--decoder continuous over 2 slots, refilled as captions end (9 images of own files, and
+    shorter captions for some by --max_gen_len): the static decoder's captions, in the results'
+    order; sampling draws per image, so the slots and the batch size do not change a caption."""
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for folder in (cap["images"], cap["val_images"]):
+        for name in os.listdir(folder):
+            shutil.copy(os.path.join(folder, name), imgs / name)
+    runs = {}
+    for decoder, batch in (("static", 4), ("continuous", 2), ("continuous", 5)):
+        out = tmp_path / f"{decoder}{batch}.json"
+        proc = run_cli(captioning_inference.main, *infer_args(cap, trained, out, "--decoder", decoder, "--batch_size", batch,
+                                                              images=str(imgs)))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[decoder, batch] = json.load(open(out))
+        assert len(proc.stdout.splitlines()) == 9  # each caption printed once, as it ended
+    assert runs["continuous", 2] == runs["static", 4] == runs["continuous", 5] and len(runs["static", 4]) == 9
+    assert json.load(open(tmp_path / "continuous2.run.json"))["decoding"]["decoder"] == "continuous"
+    sampled = []
+    for batch in (2, 3):
+        out = tmp_path / f"sampled{batch}.json"
+        proc = run_cli(captioning_inference.main, *infer_args(cap, trained, out, "--decoder", "continuous", "--batch_size",
+                                                              batch, "--temperature", 1.5, "--seed", 7, images=str(imgs)))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        sampled.append(json.load(open(out)))
+    assert sampled[0] == sampled[1] and sampled[0] != runs["static", 4]
+
+
 @pytest.mark.parametrize("batch_size", [1, 2])
 def test_the_shuffled_control_never_captions_an_image_from_its_own_features(cap, trained, tmp_path, batch_size):
     """Each image is captioned from the next image's features (by id, the last from the first):

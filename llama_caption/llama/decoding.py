@@ -106,6 +106,12 @@ class Decoding:
             return None
         return torch.Generator(device=device).manual_seed(self.seed + rank)
 
+    def image_generator(self, key: int, device) -> torch.Generator:
+        """The continuous decoder's generator for one image (its id, or its place in a request):
+        seeded by the seed and the key alone, so that the image's caption does not depend on the
+        images it shares steps with, the ranks or the batch size."""
+        return torch.Generator(device=device).manual_seed((self.seed * 1_000_003 + int(key)) % (MAX_SEED + 1))
+
     @classmethod
     def from_settings(cls, settings) -> "Decoding":
         """The Decoding of a command's flags (those it has not keep their defaults), checked."""
