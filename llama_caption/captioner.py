@@ -216,7 +216,10 @@ class Captioner(nn.Module):
         prefix = self.projection(features.to(self.llama.device))
         prompts = [[self.tokenizer.bos_id] for _ in range(prefix.shape[0])]
         decoding = replace(decoding, max_gen_len=min(decoding.max_gen_len, self.max_caption_tokens))
-        out = decode(self.llama, prompts, decoding, eos_id=self.tokenizer.eos_id, prefix=prefix, decoder=self.decoder,
+        # A continuous decoder (continuous.py) streams images through its slots (OpenedCaptioner.stream);
+        # a batch given here is decoded by generation.generate, whose captions it equals.
+        batch_decoder = self.decoder if hasattr(self.decoder, "generate") else None
+        out = decode(self.llama, prompts, decoding, eos_id=self.tokenizer.eos_id, prefix=prefix, decoder=batch_decoder,
                      generator=generator)
         return [self.tokenizer.decode(x).strip() for x in out]
 

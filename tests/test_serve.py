@@ -75,13 +75,23 @@ def offline(cap, trained, photos, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def service(cap, trained, process_group):
+    yield from in_process_service(cap, trained, process_group)
+
+
+@pytest.fixture(scope="module")
+def continuous_service(cap, trained, process_group):
+    """The same, decoding with continuous batching over --max_batch 8 slots."""
+    yield from in_process_service(cap, trained, process_group, decoder="continuous")
+
+
+def in_process_service(cap, trained, process_group, **flags):
     """The server's parts in this process: the app behind TestClient, the decoding loop in a thread."""
     from fastapi.testclient import TestClient
 
     from llama_caption.serve.server import ServeConfig, Service
 
     cfg = ServeConfig(ckpt_dir=cap["ckpt_dir"], tokenizer_path=cap["tokenizer"], checkpoint=trained, device="cpu",
-                      **SERVE_FLAGS)
+                      **SERVE_FLAGS, **flags)
     svc = Service(cfg)
     client = TestClient(svc.app)
     assert client.get("/health").status_code == 503  # not loaded yet
@@ -202,6 +212,58 @@ def test_concurrent_requests_are_batched_and_each_caption_is_what_caption_writes
         assert all(c["decode_s"] > 0 for c in body["captions"])
         mixed |= body["captions"][0]["batch_images"] > len(group)
     assert mixed, "no batch held the images of more than one request"
+
+
+def metric_samples(client) -> dict:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = client.get("/metrics").text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for fam in text_string_to_metric_families(text)
+            for s in fam.samples}
+
+
+def test_continuous_batching_answers_each_request_with_what_caption_writes(continuous_service, photos, offline):
+    """--decoder continuous: requests arriving together share the slots (a request's images
+    take free slots at the next step), each caption is `caption`'s, a shorter max_gen_len is
+    the same caption cut, and the slots and steps are in /metrics."""
+    svc, client = continuous_service
+    names = sorted(os.listdir(photos))
+    before = metric_samples(client)
+    groups = [[n] for n in names[:5]] + [names[5:7], names[7:9], names[:4]]  # 8 requests, 13 images, 8 slots
+    short = names[2]
+    with ThreadPoolExecutor(len(groups) + 1) as pool:
+        answers = list(pool.map(lambda g: post(client, [(n, read(photos, n)) for n in g]), groups))
+        cut = pool.submit(post, client, [(short, read(photos, short))], max_gen_len=2).result()
+    mixed = False
+    for group, r in zip(groups, answers):
+        assert r.status_code == 200, r.text
+        got = [c["caption"] for c in r.json()["captions"]]
+        assert got == [offline["captions"][n] for n in group]
+        mixed |= r.json()["captions"][0]["batch_images"] > len(group)
+    assert mixed, "no request shared the slots with another"
+    text = cut.json()["captions"][0]["caption"]
+    assert 0 < len(text) < len(offline["captions"][short]) and offline["captions"][short].startswith(text)
+    after = metric_samples(client)
+    delta = lambda key: after.get(key, 0) - before.get(key, 0)  # noqa: E731
+    assert delta(("llama_caption_images_total", ())) == 14
+    steps = delta(("llama_caption_decode_steps_total", ()))
+    assert 0 < steps and delta(("llama_caption_step_tokens_sum", ())) >= 14
+    assert delta(("llama_caption_step_tokens_count", ())) == steps and ("llama_caption_slots_busy", ()) in after
+
+
+def test_continuous_batching_keeps_sampled_and_beam_requests_on_the_batch_path(continuous_service, photos, offline):
+    svc, client = continuous_service
+    names = sorted(os.listdir(photos))
+    with ThreadPoolExecutor(4) as pool:
+        greedy = [pool.submit(post, client, [(n, read(photos, n))]) for n in names[:3]]
+        sampled = pool.submit(post, client, [(names[0], read(photos, names[0]))] * 3, temperature=1.5, top_p=1.0, seed=7)
+        beam = pool.submit(post, client, [(names[0], read(photos, names[0]))], num_beams=2)
+        for n, f in zip(names, greedy):
+            assert f.result().json()["captions"][0]["caption"] == offline["captions"][n]
+        assert all(c["batch_images"] == 3 for c in sampled.result().json()["captions"])  # decoded alone
+        assert beam.result().status_code == 200 and beam.result().json()["captions"][0]["caption"]
+    again = post(client, [(names[0], read(photos, names[0]))] * 3, temperature=1.5, top_p=1.0, seed=7)
+    assert [c["caption"] for c in again.json()["captions"]] == [c["caption"] for c in sampled.result().json()["captions"]]
 
 
 def test_json_base64_request_gives_the_same_captions(service, photos, offline):

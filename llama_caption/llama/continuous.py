@@ -110,6 +110,11 @@ class ContinuousDecoder:
     def free(self) -> int:
         return sum(live is None for live in self.live)
 
+    def reset(self) -> None:
+        """Drop every request, in a slot or waiting (after a failed step: the slots start empty)."""
+        self.live = [None] * self.slots
+        self.waiting.clear()
+
     def submit(self, request: Request) -> None:
         """Queue a request; ValueError when it cannot be decoded (nothing queued, slots untouched)."""
         self.check(request)

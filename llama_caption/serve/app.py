@@ -74,8 +74,8 @@ CaptionRequest = create_model(
 
 class CaptionOut(BaseModel):
     caption: str
-    decode_s: float = Field(description="seconds to encode and decode the batch this image was in")
-    batch_images: int = Field(description="images in that batch (from every request in it)")
+    decode_s: float = Field(description="seconds to encode and decode the batch this image was in (--decoder continuous: from its request taking slots to its last caption)")
+    batch_images: int = Field(description="images in that batch, from every request in it (--decoder continuous: the most slots busy while its request was decoded)")
 
 
 class CaptionResponse(BaseModel):
@@ -98,10 +98,21 @@ class Metrics:
         self.in_flight = Gauge("llama_caption_requests_in_flight", "caption requests received and not yet answered", registry=r)
         self.latency = Histogram("llama_caption_request_seconds", "caption request latency, arrival to answer",
                                  buckets=(.05, .1, .25, .5, 1, 2.5, 5, 10, 25, 60), registry=r)
+        # --decoder continuous: its slots and steps.
+        self.slots_busy = Gauge("llama_caption_slots_busy", "continuous decoder: slots holding an image", registry=r)
+        self.steps = Counter("llama_caption_decode_steps", "continuous decoder: steps run", registry=r)
+        self.step_tokens = Histogram("llama_caption_step_tokens", "continuous decoder: tokens decoded per step",
+                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
 
     def batch(self, n: int) -> None:
         self.batches.observe(n)
         self.images.inc(n)
+
+    def step(self, tokens: int, busy_after: int) -> None:
+        """A continuous-decoder step that decoded `tokens` tokens, `busy_after` slots busy after it."""
+        self.steps.inc()
+        self.step_tokens.observe(tokens)
+        self.slots_busy.set(busy_after)
 
 
 def check_decoding(values: dict, limits: Limits) -> Decoding:

@@ -15,7 +15,7 @@ import threading
 import time
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -116,6 +116,24 @@ class Batcher:
                 n += j.n
         return out
 
+    def take(self, images: int, accept: Callable[[QueuedRequest], bool]) -> List[QueuedRequest]:
+        """Without waiting: the oldest requests, in order, while `accept` takes them and their
+        images fit in `images` (the first one always, when `images` > 0)."""
+        with self.cond:
+            out, n = [], 0
+            while self.queue and accept(self.queue[0]) and (not out or n + self.queue[0].n <= images) and images > 0:
+                job = self.queue.pop(0)
+                out.append(job)
+                n += job.n
+            if out:
+                self.on_depth(self.depth())
+            return out
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for a request; whether one is queued."""
+        with self.cond:
+            return bool(self.queue) or self.cond.wait_for(lambda: self.queue, timeout)
+
     def next_batch(self, timeout: float) -> Optional[List[QueuedRequest]]:
         """The next batch, or None when nothing arrived within `timeout` seconds."""
         with self.cond:
@@ -214,21 +232,115 @@ def serve_batches(batcher: Batcher, runner: BatchRunner, finished: Callable[[], 
         live = [j for j in jobs if not j.future.cancelled()]
         if not live:
             continue
-        pixels = torch.cat([j.pixels for j in live])
-        start = time.monotonic()
-        try:
-            captions = runner.run(pixels, live[0].decoding)
-        except Exception as e:  # answer the batch's requests with it; go on serving
-            log(f"error: a batch of {len(pixels)} image(s) failed: {type(e).__name__}: {e}")
-            for j in live:
-                settle(j.future, error=e)
-            continue
-        seconds = time.monotonic() - start
-        if metrics is not None:
-            metrics.batch(len(pixels))
-        offset = 0
-        for j in live:
-            settle(j.future, {"captions": captions[offset:offset + j.n], "decode_s": seconds,
-                              "batch_images": len(pixels), "queue_s": start - j.enqueued})
-            offset += j.n
+        run_batch(live, runner, metrics, log)
         idle_since = time.monotonic()
+
+
+def run_batch(live: List[QueuedRequest], runner: BatchRunner, metrics, log) -> None:
+    """Caption one batch of requests and answer each (or each with the error, and go on serving)."""
+    pixels = torch.cat([j.pixels for j in live])
+    start = time.monotonic()
+    try:
+        captions = runner.run(pixels, live[0].decoding)
+    except Exception as e:
+        log(f"error: a batch of {len(pixels)} image(s) failed: {type(e).__name__}: {e}")
+        for j in live:
+            settle(j.future, error=e)
+        return
+    seconds = time.monotonic() - start
+    if metrics is not None:
+        metrics.batch(len(pixels))
+    offset = 0
+    for j in live:
+        settle(j.future, {"captions": captions[offset:offset + j.n], "decode_s": seconds,
+                          "batch_images": len(pixels), "queue_s": start - j.enqueued})
+        offset += j.n
+
+
+@dataclass
+class InSlots:
+    """A request whose images are in the continuous decoder: their captions as they end."""
+
+    job: QueuedRequest
+    started: float
+    captions: List[Optional[str]]
+    left: int
+    busy: int = 0  # the most slots busy while its images were decoded
+
+
+def greedy(job: QueuedRequest) -> bool:
+    return job.key[0] == "greedy"
+
+
+def serve_continuous(batcher: Batcher, runner: BatchRunner, finished: Callable[[], bool], metrics=None,
+                     log=print) -> None:
+    """The decoding loop with continuous batching (rank 0 of a one-process server): a greedy
+    request's images take free slots at the next step, and it is answered when its last caption
+    ends. Sampled and beam requests keep the batch path (a sampled one alone, as `caption` draws
+    it), run when the slots have emptied; while one waits at the head of the queue, no greedy
+    request behind it takes a slot, so it waits at most for the captions in the slots."""
+    opened = runner.opened
+    decoder = opened.captioner.decoder
+    tokenizer = opened.captioner.tokenizer
+    slots: Dict[int, InSlots] = {}
+    while True:
+        if not decoder.in_flight:
+            if not batcher.wait(0.1):
+                if finished():
+                    return
+                continue
+            if not greedy(batcher.queue[0]):  # its batch, now that the slots are empty
+                serve_one_batch(batcher, runner, metrics, log)
+                continue
+        jobs = [j for j in batcher.take(decoder.free - len(decoder.waiting), greedy) if not j.future.cancelled()]
+        try:
+            if jobs:
+                admit(opened, decoder, jobs, slots)
+            ended = decoder.step()
+        except Exception as e:  # every request in the slots is answered with it; the decoder starts empty
+            log(f"error: decoding {len(slots)} request(s) failed: {type(e).__name__}: {e}")
+            for state in slots.values():
+                settle(state.job.future, error=e)
+            slots.clear()
+            decoder.reset()
+            continue
+        busy = decoder.slots - decoder.free + len(ended)  # slots that decoded a token in this step
+        if metrics is not None:
+            metrics.step(busy, decoder.slots - decoder.free)
+        for state in slots.values():
+            state.busy = max(state.busy, busy)
+        for (job_id, i), tokens in ended:
+            state = slots[job_id]
+            state.captions[i] = tokenizer.decode(tokens).strip()
+            state.left -= 1
+            if state.left == 0:
+                del slots[job_id]
+                now = time.monotonic()
+                if metrics is not None:
+                    metrics.images.inc(state.job.n)
+                settle(state.job.future, {"captions": state.captions, "decode_s": now - state.started,
+                                          "batch_images": state.busy, "queue_s": state.started - state.job.enqueued})
+
+
+def admit(opened, decoder, jobs: List[QueuedRequest], slots: Dict) -> None:
+    """The requests' images encoded together and queued in the decoder, one request per image."""
+    from ..llama.continuous import Request
+
+    cap = opened.captioner
+    with torch.no_grad():
+        prefix = cap.projection(opened.encoder(torch.cat([j.pixels for j in jobs])).to(cap.llama.device))
+    start, row = time.monotonic(), 0
+    for job in jobs:
+        max_gen_len = min(job.decoding.max_gen_len, cap.max_caption_tokens)
+        slots[job.id] = InSlots(job, start, [None] * job.n, job.n)
+        for i in range(job.n):
+            decoder.submit(Request(prefix[row], [cap.tokenizer.bos_id], max_gen_len, tag=(job.id, i)))
+            row += 1
+
+
+def serve_one_batch(batcher: Batcher, runner: BatchRunner, metrics, log) -> None:
+    """The next batch of requests that cannot take slots (sampled, beams), as serve_batches runs it."""
+    jobs = batcher.next_batch(timeout=0)
+    live = [j for j in jobs or [] if not j.future.cancelled()]
+    if live:
+        run_batch(live, runner, metrics, log)

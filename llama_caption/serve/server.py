@@ -137,6 +137,9 @@ class Service:
 
         cfg = self.cfg
         default = Decoding(max_gen_len=cfg.max_gen_len)
+        if cfg.decoder == "continuous" and env.mp_size > 1:
+            raise UserError(f"--decoder continuous serves from one process; this LLaMA runs at model-parallel size "
+                            f"{env.mp_size}: use --decoder auto or static")
         opened = open_captioner(cfg, env, default, cfg.max_batch, graphs=False)
         self.runner = BatchRunner(opened, env.mp_size)
         if not env.is_main:
@@ -153,10 +156,11 @@ class Service:
 
     def serve(self, finished, log=print) -> None:
         """Rank 0's decoding loop, until `finished()` and nothing is queued; then the other ranks stop."""
-        from .batching import serve_batches
+        from .batching import serve_batches, serve_continuous
 
+        loop = serve_continuous if self.runner.opened.decoder == "continuous" else serve_batches
         try:
-            serve_batches(self.batcher, self.runner, finished, self.metrics, log)
+            loop(self.batcher, self.runner, finished, self.metrics, log)
         finally:
             self.runner.stop()
 
