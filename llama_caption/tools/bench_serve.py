@@ -40,11 +40,15 @@ class BenchServeConfig(Config):
     requests: int = setting(256, "requests per level (one image each).")
     max_batch: int = setting(32, "the server's --max_batch, and the offline batch size.")
     max_wait_ms: float = setting(10.0, "the server's --max_wait_ms.")
+    decoder: str = setting("auto", "the server's --decoder (continuous: continuous batching over --max_batch slots); the offline figures stay the batch decoder's, `caption`'s default.")
     root: str = setting("demo_runs", "where `make demo` keeps its runs (for the defaults).")
     out: Optional[str] = setting(None, "write the figures as JSON here.")
 
     def check(self) -> None:
         self.at_least(1, "num_images", "requests", "max_batch")
+        from ..opening import DECODERS
+
+        self.one_of("decoder", DECODERS)
         if any(c < 1 for c in self.concurrency):
             raise UserError(f"--concurrency must be at least 1, got {self.concurrency}")
 
@@ -142,7 +146,7 @@ def run(cfg: BenchServeConfig) -> None:
                         "--batch_size", str(cfg.max_batch), "--num_workers", "0"], check=True, stdout=subprocess.DEVNULL)
         url_file = os.path.join(work, "url")
         server = subprocess.Popen([sys.executable, "-m", "llama_caption", "serve", *llama, "--port", "0",
-                                   "--url_file", url_file, "--max_batch", str(cfg.max_batch),
+                                   "--url_file", url_file, "--max_batch", str(cfg.max_batch), "--decoder", cfg.decoder,
                                    "--max_wait_ms", str(cfg.max_wait_ms), "--max_queue", str(max(256, 2 * max(cfg.concurrency)))])
         try:
             url = wait_for_url(url_file, server)
@@ -154,7 +158,7 @@ def run(cfg: BenchServeConfig) -> None:
         print(format_table(rows))
         by_c = {r["concurrency"]: r for r in rows}
         figures = {"offline": offline, "load": rows, "server_exit": code}
-        lines = [f"offline (in process): {offline['batch_images_per_s']:.2f} images/s at batch {cfg.max_batch}, "
+        lines = [f"server --decoder {cfg.decoder}; offline (in process): {offline['batch_images_per_s']:.2f} images/s at batch {cfg.max_batch}, "
                  f"{offline['single_s']:.3f} s for one image"]
         lo, hi = min(by_c), max(by_c)
         if lo != hi and by_c[lo]["images_per_s"]:
