@@ -222,6 +222,25 @@ def caption_batches(cfg: InferenceConfig, env, opened: OpenedCaptioner, decoding
     return bad_all
 
 
+def evaluate_results(cfg: InferenceConfig, env, files: ResultsFiles, results: List[Dict],
+                     records: List[ImageRecord]):
+    """The metrics of the results (Scores), written beside them; CLIP-S too with --clipscore."""
+    return evaluate_records({r.image_id: r for r in records}, results, files.results,
+                            cfg.annotations or cfg.karpathy_split, files.metrics, None,
+                            cfg if cfg.clipscore else None, env.device, cfg.num_workers, env.log)
+
+
+def gallery(cfg: InferenceConfig, env, files: ResultsFiles, results: List[Dict], records: List[ImageRecord],
+            scores=None) -> None:
+    """RESULTS.gallery.html, with each image's scores once they are known; the worst first when asked."""
+    order, per_image = cfg.gallery_order, scores.per_image if scores else {}
+    if order == "worst_clip_s" and scores and "CLIP-S" not in scores.metrics:
+        env.log("the gallery is in image-id order: CLIP-S was skipped")
+        order = "first"
+    shown = write_gallery(files.gallery, results, {r.image_id: r for r in records}, cfg.gallery, per_image, order)
+    env.log(f"gallery of {shown} image(s): {files.gallery}")
+
+
 def run(cfg: InferenceConfig) -> Optional[Dict]:
     if cfg.shards:
         return caption_shards(cfg)
