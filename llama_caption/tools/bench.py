@@ -56,7 +56,7 @@ CONFIGS = {
                  no_cache_images=8, batches=(1, 8), hf_batches=(8,), dtype="fp32", train_batch=8),
 }
 # The continuous-batching comparison (--continuous): slot counts and how many captions.
-CONTINUOUS = {"cpu": dict(slots=(8, 32, 64), requests=256), "7b": dict(slots=(8, 32, 64), requests=1024),
+CONTINUOUS = {"cpu": dict(slots=(8, 32, 64), requests=512), "7b": dict(slots=(8, 32, 64), requests=2048),
               "tiny": dict(slots=(2, 4), requests=12)}
 LONGEST_CAPTION = 30
 # Dense bf16/fp16 tensor-core peak (TFLOP/s) and memory bandwidth (GB/s) from the vendors' sheets.
