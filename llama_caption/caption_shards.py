@@ -11,10 +11,12 @@ file and record are there and the record names this shard; a damaged one is read
 """
 
 import functools
+import itertools
 import json
 import os
 import sys
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Set
 
@@ -227,11 +229,29 @@ def caption_my_shards(cfg, env, opened: OpenedCaptioner, decoding: Decoding, url
     def process(good):
         return opened.caption(torch.stack([x["pixels"] for x in good]), decoding, gen)
 
+    def streamed(batches):
+        """--decoder continuous: each sample's caption as it ends (sampling seeded per sample by
+        its shard's name and key)."""
+        held, numbers = {}, itertools.count()
+
+        def fed():
+            for good in batches:
+                tags = [next(numbers) for _ in good]
+                held.update(zip(tags, good))
+                yield torch.stack([x["pixels"] for x in good]), tags
+
+        seed_key = lambda tag: zlib.crc32(f"{held[tag]['image_id']}".encode())  # noqa: E731
+        for tag, caption in opened.stream(fed(), decoding, env.device, seed_key):
+            yield held.pop(tag), caption
+
+    chunks = shards.chunk_loader(stream, cfg.num_workers)
+    finished = (shards.per_shard_streamed(chunks, streamed) if opened.decoder == "continuous"
+                else shards.per_shard(chunks, cfg.batch_size, process))
+
     counts, start = [0, 0, 0, 0], time.time()
     writer = env.mp_rank == 0
     with tqdm(desc="captioning shards", unit="img", disable=not env.is_main, dynamic_ncols=True, file=sys.stderr) as bar:
-        for s, good, bad, errors in shards.per_shard(shards.chunk_loader(stream, cfg.num_workers), cfg.batch_size,
-                                                     process):
+        for s, good, bad, errors in finished:
             # A damaged shard (cut short by a read error) keeps what could be read, and says so.
             if writer:
                 write_shard_results(paths[s], [{"key": x["key"], "caption": c} for x, c in good], cfg.out_format)

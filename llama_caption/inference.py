@@ -13,7 +13,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 import torch
@@ -155,6 +155,51 @@ def control_donors(records: List[ImageRecord]) -> Dict[int, str]:
     return donor
 
 
+@dataclass
+class Collector:
+    """What the ranks caption, gathered on rank 0 after each loader batch (the same number of
+    times on every rank): into `done`, the partial log and, for own files, stdout."""
+
+    cfg: InferenceConfig
+    env: object
+    done: Dict
+    files: Optional[ResultsFiles]
+    records: List[ImageRecord]
+    own_path: Dict[int, str]
+    bar: object = None
+    pending: list = field(default_factory=list)  # this rank's rows since the last exchange
+    pending_bad: list = field(default_factory=list)
+    bad_all: list = field(default_factory=list)  # rank 0: every unreadable image
+    last_save: float = field(default_factory=time.time)
+
+    def add(self, image_id: int, caption: str) -> None:
+        row = {"image_id": image_id, "caption": caption}
+        if not self.cfg.annotated:
+            row["file_name"] = self.own_path[image_id]
+        self.pending.append(row)
+
+    def exchange(self) -> None:
+        """Every rank's captions and unreadable images since the last exchange, to rank 0."""
+        env, cfg = self.env, self.cfg
+        gathered = [None] * env.dp_size
+        dist.all_gather_object(gathered, (self.pending[:], self.pending_bad[:]), group=env.dp_group)
+        self.pending.clear()
+        self.pending_bad.clear()
+        if not env.is_main:
+            return
+        for rows, bad in gathered:
+            self.bad_all.extend(bad)
+            self.files.append(rows)
+            for r in rows:
+                self.done[result_key(r, cfg.annotated)] = r
+                if not cfg.annotated:
+                    print(f"{r['file_name']}\t{r['caption']}", flush=True)
+            self.bar.update(len(rows) + len(bad))
+        if time.time() - self.last_save > cfg.save_every_s:
+            write_json(self.files.results, ordered(self.done, self.records, cfg.annotated))
+            self.last_save = time.time()
+
+
 def caption_batches(cfg: InferenceConfig, env, opened: OpenedCaptioner, decoding: Decoding, todo: List[ImageRecord],
                     done: Dict, files: Optional[ResultsFiles], records: List[ImageRecord],
                     donor: Optional[Dict[int, str]]) -> list:
@@ -163,63 +208,37 @@ def caption_batches(cfg: InferenceConfig, env, opened: OpenedCaptioner, decoding
 
     Batch decoders caption a loader batch at a time. The continuous one (--decoder continuous)
     streams: images take free slots as captions end, and each caption is kept as soon as it ends.
-    Either way the ranks exchange what they have after each loader batch (the same number of
-    times on every rank), and rank 0 writes it."""
+    Either way the ranks exchange what they have after each loader batch, and rank 0 writes it."""
     mine = todo[env.dp_rank::env.dp_size]
-    own_path = {r.image_id: r.path for r in mine}
+    got = Collector(cfg, env, done, files, records, {r.image_id: r.path for r in mine})
     if donor:  # the control: each image is read from another image's file
         mine = [ImageRecord(r.image_id, donor[r.image_id], r.captions) for r in mine]
     n_batches = math.ceil(math.ceil(len(todo) / env.dp_size) / cfg.batch_size) if todo else 0
     loader = torch.utils.data.DataLoader(ImageFiles(mine, opened.preprocess), batch_size=cfg.batch_size,
                                          num_workers=cfg.num_workers, collate_fn=collate)
     it = iter(loader)
-    gen = decoding.generator(env.dp_rank, env.device)
-    bad_all, pending, pending_bad, last_save = [], [], [], [time.time()]
 
-    def row(image_id: int, caption: str) -> dict:
-        return ({"image_id": image_id, "caption": caption} if cfg.annotated
-                else {"image_id": image_id, "caption": caption, "file_name": own_path[image_id]})
-
-    def exchange(bar) -> None:
-        """Every rank's captions and unreadable images since the last exchange, to rank 0."""
-        gathered = [None] * env.dp_size
-        dist.all_gather_object(gathered, (pending[:], pending_bad[:]), group=env.dp_group)
-        pending.clear()
-        pending_bad.clear()
-        if not env.is_main:
-            return
-        for rows, bad in gathered:
-            bad_all.extend(bad)
-            files.append(rows)
-            for r in rows:
-                done[result_key(r, cfg.annotated)] = r
-                if not cfg.annotated:
-                    print(f"{r['file_name']}\t{r['caption']}", flush=True)
-            bar.update(len(rows) + len(bad))
-        if time.time() - last_save[0] > cfg.save_every_s:
-            write_json(files.results, ordered(done, records, cfg.annotated))
-            last_save[0] = time.time()
-
-    def batches(bar):
+    def batches():
         for _ in range(n_batches):
             batch = next(it, None) or {"image_id": [], "bad": []}
-            pending_bad.extend(batch["bad"])
+            got.pending_bad.extend(batch["bad"])
             yield batch
-            exchange(bar)
+            got.exchange()
 
     with tqdm(total=len(todo), desc="captioning", unit="img", disable=not env.is_main, dynamic_ncols=True,
-              file=sys.stderr) as bar:
+              file=sys.stderr) as got.bar:
         if opened.decoder == "continuous":
-            fed = ((b["pixels"], [int(i) for i in b["image_id"]]) for b in batches(bar) if b["image_id"])
+            fed = ((b["pixels"], [int(i) for i in b["image_id"]]) for b in batches() if b["image_id"])
             for image_id, caption in opened.stream(fed, decoding, env.device):
-                pending.append(row(image_id, caption))
-            exchange(bar)  # what ended after the last batch was fed
+                got.add(image_id, caption)
+            got.exchange()  # what ended after the last batch was fed
         else:
-            for batch in batches(bar):
+            gen = decoding.generator(env.dp_rank, env.device)
+            for batch in batches():
                 if batch["image_id"]:
-                    caps = opened.caption(batch["pixels"], decoding, gen)
-                    pending.extend(row(int(i), c) for i, c in zip(batch["image_id"], caps))
-    return bad_all
+                    for i, c in zip(batch["image_id"], opened.caption(batch["pixels"], decoding, gen)):
+                        got.add(int(i), c)
+    return got.bad_all
 
 
 def evaluate_results(cfg: InferenceConfig, env, files: ResultsFiles, results: List[Dict],

@@ -10,7 +10,7 @@ dtype, and what results files and the server's /v1/model record of it.
 
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -92,12 +92,13 @@ class OpenedCaptioner:
         """Captions of preprocessed images."""
         return self.captioner.caption(self.encoder(pixels), decoding, generator)
 
-    def stream(self, batches: Iterable[Tuple[torch.Tensor, list]], decoding: Decoding,
-               device) -> Iterator[Tuple[Any, str]]:
+    def stream(self, batches: Iterable[Tuple[torch.Tensor, list]], decoding: Decoding, device,
+               seed_key: Callable[[Any], int] = int) -> Iterator[Tuple[Any, str]]:
         """(tag, caption) of each image of `batches` ((preprocessed images, their tags), read
         only when the continuous decoder has a slot for them), as soon as its caption ends.
-        Sampling draws from each image's own generator (`Decoding.image_generator` of its tag),
-        so an image's caption does not depend on what shares its steps."""
+        Sampling draws from each image's own generator (`Decoding.image_generator` of
+        `seed_key(tag)`: by default the tag, an image id), so an image's caption does not depend
+        on what shares its steps."""
         cap = self.captioner
         tokenizer = cap.tokenizer
         max_gen_len = min(decoding.max_gen_len, cap.max_caption_tokens)
@@ -107,7 +108,7 @@ class OpenedCaptioner:
                 with torch.no_grad():
                     prefix = cap.projection(self.encoder(pixels).to(cap.llama.device))
                 for i, tag in enumerate(tags):
-                    gen = decoding.image_generator(tag, device) if decoding.sampling else None
+                    gen = decoding.image_generator(seed_key(tag), device) if decoding.sampling else None
                     yield Request(prefix[i], [tokenizer.bos_id], max_gen_len, decoding.temperature, decoding.top_p,
                                   gen, tag)
 

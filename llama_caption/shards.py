@@ -201,6 +201,45 @@ def per_shard(chunks, batch_size: int, process) -> Iterator[tuple]:
     yield from finished()
 
 
+def per_shard_streamed(chunks, stream) -> Iterator[tuple]:
+    """per_shard for a decoder that streams: `stream` takes an iterable of lists of good items
+    (read only as it asks) and yields (item, output) as each output is ready, in any order. Yields
+    (shard, [(item, output)] in the shard's order, [bad items], [read errors]) once every sample
+    of a shard has its output."""
+    results, ended, waiting, ready = {}, {}, {}, []
+
+    def finished():
+        for s in [s for s in ended if not waiting.get(s)]:
+            good, bad = results.pop(s, ([], []))
+            ready.append((s, sorted(good, key=lambda pair: pair[0]["index"]), bad, ended.pop(s)))
+
+    def batches():
+        for chunk in chunks:
+            good = []
+            for item in unpack(chunk):
+                s = item.get("end", item.get("shard"))
+                results.setdefault(s, ([], []))
+                if "end" in item:
+                    ended[s] = item["errors"]
+                elif "bad" in item:
+                    results[s][1].append(item)
+                else:
+                    good.append(item)
+                    waiting[s] = waiting.get(s, 0) + 1
+            finished()
+            if good:
+                yield good
+
+    for item, output in stream(batches()):
+        results[item["shard"]][0].append((item, output))
+        waiting[item["shard"]] -= 1
+        finished()
+        while ready:
+            yield ready.pop(0)
+    finished()
+    yield from ready
+
+
 def sample_caption(raw: dict, caption_field: Optional[str]) -> Optional[str]:
     if caption_field:
         if "json" not in raw:

@@ -211,7 +211,7 @@ def test_unfinished_feature_cache_of_other_settings_is_refused(cap, process_grou
 
 @pytest.mark.parametrize("cls, flags, message", [
     (TrainConfig, dict(num_workers=-1), "--num_workers must be at least 0"),
-    (TrainConfig, dict(epochs="three"), "--epochs must be a whole number, got 'three'"),
+    (TrainConfig, dict(epochs="three"), "--epochs must be a whole number, got \"three\""),
     (TrainConfig, dict(lr="fast"), "--lr must be a number"),
     (InferenceConfig, dict(temperature=-0.5), "--temperature must be 0"),
     (InferenceConfig, dict(top_p=1.5), "--top_p must be in (0, 1]"),

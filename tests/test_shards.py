@@ -404,6 +404,11 @@ def test_captioning_shards_gives_the_folders_captions_and_a_rerun_redoes_only_mi
     want = {os.path.splitext(os.path.basename(r["file_name"]))[0]: r["caption"]
             for r in json.load(open(tmp_path / "folder.json"))}
     assert got == want and len(set(want.values())) > 1
+    # Continuous batching over 3 slots: the same captions, each shard's in its order.
+    cont = run_cli(inference.main, *caption_args(cap, trained, "--shards", pat, "--out", tmp_path / "cont",
+                                                 "--decoder", "continuous", "--batch_size", 3))
+    assert cont.returncode == 0, cont.stderr[-3000:]
+    assert [json.loads(l) for i in range(n) for l in open(tmp_path / "cont" / f"{i:05d}.jsonl")] == rows
     # A rerun skips finished shards: only the one whose results are gone is captioned again.
     first = (tmp_path / "out" / "00000.jsonl").stat().st_mtime_ns
     os.remove(tmp_path / "out" / "00001.jsonl")
