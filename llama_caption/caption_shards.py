@@ -204,14 +204,20 @@ def caption_shards(cfg) -> Dict:
         totals = torch.tensor(counts, dtype=torch.long, device=env.device)
         dist.all_reduce(totals)
         shards_done, images, bad, errors = (int(t) // env.mp_size for t in totals)
-        env.log(summary(cfg.out, shards_done, images, bad, errors))
+        dist.barrier()  # every record is written
+        if env.is_main:
+            env.log(f"this run wrote {images} caption(s) for {shards_done} shard(s); " + summary(cfg.out, paths))
         return {"shards": shards_done, "images": images, "bad": bad, "shard_errors": errors}
 
 
-def summary(out: str, shards_done: int, images: int, bad: int, damaged: int) -> str:
-    """The last line: what this run wrote (every count is on disk), and what it skipped and why."""
-    line = (f"wrote {images} caption(s) for {shards_done} shard(s) into {out}; {bad} unreadable sample(s) skipped "
-            f"(each shard's NAME.shard.json names them)")
+def summary(out: str, paths: List[str]) -> str:
+    """What --out holds for these shards, read from their records (so a rerun that had nothing
+    to do counts the same): captions, samples skipped, damaged shards."""
+    records = [r for r in (read_record(record_path(p)) for p in paths if os.path.isfile(p)) if r is not None]
+    captions, skipped = sum(r.get("captions", 0) for r in records), sum(len(r.get("skipped", [])) for r in records)
+    damaged = sum(bool(r.get("damaged")) for r in records)
+    line = (f"{out} holds {captions} caption(s) for {len(records)} of the {len(paths)} shard(s); {skipped} "
+            f"unreadable sample(s) skipped (each shard's NAME.shard.json names them)")
     if damaged:
         line += (f"; {damaged} shard(s) damaged (cut short by a read error): their readable samples are captioned "
                  f"and they are recorded as damaged, not read again unless --retry_damaged")

@@ -94,9 +94,9 @@ def _coerce(name: str, value: Any, annotation) -> Any:
             value = [value]
         item = (typing.get_args(kind) or (str,))[0]
         if item is int:
-            if isinstance(value, (list, tuple)) and value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-                return list(value)
-            raise UserError(f"{flag} must be a whole number or a list of them, got {value!r}")
+            if isinstance(value, (list, tuple)) and value:
+                return [number(flag, int, v) for v in value]
+            raise UserError(f"{flag} must be a whole number or a list of them, got {shown(value)}")
         if isinstance(value, (list, tuple)) and all(isinstance(v, (str, int, float)) for v in value):
             return [str(v) for v in value]
         raise UserError(f"{flag} must be a list of strings, got {value!r}")

@@ -26,7 +26,7 @@ from .projection import Projection
 from .results import identity, provenance
 from .runs import find_checkpoint
 from .runtime import DTYPE_NAMES, resolve_dtype
-from .vision import EncoderSpec, ImageEncoder, load_encoder, same_encoder
+from .vision import OPEN_CLIP, EncoderSpec, ImageEncoder, import_clip, load_encoder, same_encoder
 
 
 DECODERS = ("auto",) + MODES + ("continuous",)
@@ -153,6 +153,15 @@ def moved_encoder(spec: EncoderSpec, settings: CaptionerSettings) -> EncoderSpec
     """The encoder a checkpoint was trained with, from the files --clip_model and --clip_pretrained
     name when it moved (its identity must still match)."""
     if not (settings.clip_model or settings.clip_pretrained):
+        if spec.clip_model.startswith(OPEN_CLIP):
+            name = spec.clip_model[len(OPEN_CLIP):]
+            missing = name.endswith(".json") and not os.path.isfile(name)  # else an open_clip model name
+        else:
+            name = spec.clip_model
+            missing = not os.path.isfile(name) and name not in import_clip().available_models()
+        if missing:
+            raise UserError(f"--checkpoint {settings.checkpoint} was trained with the CLIP file {name}, which is not there "
+                            f"(a relative path is read from the folder you run in): give its path as --clip_model")
         return spec
     return EncoderSpec.of(settings.clip_model or spec.clip_model, spec.feature_kind,
                           -2 if spec.clip_layer is None else spec.clip_layer, settings.clip_pretrained or spec.pretrained)

@@ -172,10 +172,18 @@ class EncoderSpec:
     @classmethod
     def of(cls, clip_model: str, feature_kind: str = "pooled", clip_layer: int = -2,
            pretrained: Optional[str] = None) -> "EncoderSpec":
+        # Files by their absolute paths: a checkpoint that records them opens from any folder.
+        if pretrained and os.path.isfile(pretrained):
+            pretrained = os.path.abspath(pretrained)
         if clip_model.startswith(OPEN_CLIP):
+            arch = clip_model[len(OPEN_CLIP):]
+            if os.path.isfile(arch):
+                clip_model = OPEN_CLIP + os.path.abspath(arch)
             name, cfg = open_clip_model_config(clip_model[len(OPEN_CLIP):])
             identity = open_clip_identity(name, cfg, pretrained)
         else:
+            if os.path.isfile(clip_model):
+                clip_model = os.path.abspath(clip_model)
             identity = clip_identity(clip_model)
         return cls(clip_model, identity, feature_kind, clip_layer if feature_kind == "patch" else None, pretrained)
 

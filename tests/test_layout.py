@@ -233,9 +233,11 @@ def test_every_numeric_flag_of_every_command_refuses_numbers_no_setting_takes():
         required = {f.name: "x" for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and f.init}
         for f in dataclasses.fields(cls):
             kind, _ = _plain_type(hints[f.name])
-            if kind not in (int, float) or not f.init:
+            listed = typing.get_args(kind) == (int,)  # a list of whole numbers: each item is checked alike
+            if not (kind in (int, float) or listed) or not f.init:
                 continue
-            for value in (float("inf"), float("nan"), -10 ** 400) + ((2 ** 63, 2.5) if kind is int else ()):
+            values = (float("inf"), float("nan"), -10 ** 400) + ((2 ** 63, 2.5) if kind is not float else ())
+            for value in ([[v] for v in values] if listed else values):
                 with pytest.raises(UserError) as e:
                     cls(**dict(required, **{f.name: value}))
                 assert str(e.value).startswith(f"--{f.name} ") and "\n" not in str(e.value), (name, f.name, e.value)
@@ -281,3 +283,36 @@ def test_ctrl_c_ends_a_command_with_one_line_and_status_130(capsys):
     err = capsys.readouterr().err
     assert e.value.code == 130 and err.strip() == "interrupted (Ctrl-C): the rows written so far are kept"
     assert "Traceback" not in err
+
+
+def test_list_flags_of_whole_numbers_pass_the_one_number_check():
+    from llama_caption.errors import UserError
+    from llama_caption.tools.loadtest import LoadTestConfig
+
+    base = dict(url="http://127.0.0.1:9", images="i")
+    assert LoadTestConfig(**base, concurrency=[8.0, 2]).concurrency == [8, 2]
+    for bad, says in (([10 ** 400], "is too large"), ([float("nan")], "must be a whole number"), ([2.5], "whole number")):
+        with pytest.raises(UserError, match=says) as e:
+            LoadTestConfig(**base, concurrency=bad)
+        assert len(str(e.value)) < 120  # a 400-digit number is cut
+
+
+def test_an_encoder_file_is_recorded_by_its_absolute_path(tmp_path, monkeypatch):
+    """A checkpoint records the CLIP file it was trained with; a relative path would be read from
+    whatever folder `caption` runs in. One that is not there is one line naming --clip_model."""
+    from types import SimpleNamespace
+
+    from llama_caption.errors import UserError
+    from llama_caption.opening import moved_encoder
+    from llama_caption.vision import EncoderSpec
+
+    (tmp_path / "clip.pt").write_bytes(b"weights")
+    monkeypatch.chdir(tmp_path)
+    spec = EncoderSpec.of("clip.pt")
+    assert spec.clip_model == str(tmp_path / "clip.pt") and spec.identity.startswith("sha256:")
+    settings = SimpleNamespace(clip_model=None, clip_pretrained=None, checkpoint="run")
+    assert moved_encoder(spec, settings) is spec
+    monkeypatch.chdir("/")
+    old = EncoderSpec("clip.pt", spec.identity, "pooled", None, None)  # as checkpoints recorded it before
+    with pytest.raises(UserError, match=r"trained with the CLIP file clip.pt, which is not there .* --clip_model"):
+        moved_encoder(old, settings)

@@ -464,13 +464,16 @@ def test_a_damaged_shard_keeps_its_readable_captions_and_is_not_retried_unless_a
     record = json.load(open(tmp_path / "out" / "00000.shard.json"))
     assert 0 < len(lines) < 4 and record["captions"] == len(lines) and record["damaged"]
     assert record["source"] == {"path": str(shard), "size": shard.stat().st_size, "mtime_ns": shard.stat().st_mtime_ns}
-    assert f"wrote {len(lines)} caption(s) for 1 shard(s)" in cut.stderr and "1 shard(s) damaged" in cut.stderr
+    assert f"this run wrote {len(lines)} caption(s) for 1 shard(s)" in cut.stderr and "1 shard(s) damaged" in cut.stderr
+    holds = f"holds {len(lines)} caption(s) for 1 of the 1 shard(s)"
+    assert holds in cut.stderr
     again = run_cli(inference.main, *args)
     assert again.returncode == 0 and "1 already captioned" in again.stderr, again.stderr[-2000:]
-    assert "1 shard(s) recorded as damaged are not read again" in again.stderr and "wrote 0 caption(s)" in again.stderr
+    assert "1 shard(s) recorded as damaged are not read again" in again.stderr and "this run wrote 0 caption(s)" in again.stderr
+    assert holds in again.stderr and "1 shard(s) damaged" in again.stderr  # the rerun counts what is on disk too
     retry = run_cli(inference.main, *args, "--retry_damaged", True)
     assert retry.returncode == 0 and "1 damaged shard(s) read again" in retry.stderr, retry.stderr[-2000:]
-    assert f"wrote {len(lines)} caption(s)" in retry.stderr
+    assert f"this run wrote {len(lines)} caption(s)" in retry.stderr
     shard.write_bytes(whole)  # mended: the shard changed since it was captioned
     mended = run_cli(inference.main, *args)
     assert mended.returncode == 0 and "1 shard(s) changed since they were captioned" in mended.stderr
