@@ -84,3 +84,26 @@ def test_static_decoder_rows_report_the_eager_captions(tiny):
     res = static_decoder_bench(model, c, torch.device("cpu"), ["cuda_graph", "static"], prefix, reference,
                                lambda m: None)
     assert "needs the model on a CUDA device" in res["cuda_graph"]["error"] and "error" not in res["static"]
+
+
+def test_bench_serve_deepen_stacks_layers_that_leave_the_captions_as_they_were(cap, trained, tmp_path):
+    """bench-serve --deepen: the stacked LLaMA (added layers with zero output projections) and the
+    checkpoint copy that records it write the captions of the LLaMA as it was."""
+    import json
+
+    import captioning_inference
+    from conftest import run_cli
+    from llama_caption.tools.bench_serve import BenchServeConfig, deepen
+
+    cfg = BenchServeConfig(ckpt_dir=cap["ckpt_dir"], tokenizer_path=cap["tokenizer"], checkpoint=trained,
+                           images=cap["val_images"], deepen=5)
+    deepen(cfg, str(tmp_path), print)
+    assert json.load(open(tmp_path / "llama" / "params.json"))["n_layers"] == 5
+    captions = []
+    for llama, ckpt in ((cap["ckpt_dir"], trained), (cfg.ckpt_dir, cfg.checkpoint)):
+        out = tmp_path / f"{len(captions)}.json"
+        proc = run_cli(captioning_inference.main, "--ckpt_dir", llama, "--tokenizer_path", cap["tokenizer"],
+                       "--checkpoint", ckpt, "--images", cap["val_images"], "--out", out, "--num_workers", 0)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        captions.append([r["caption"] for r in json.load(open(out))])
+    assert captions[0] == captions[1] and len(captions[0]) == 3

@@ -41,11 +41,13 @@ class BenchServeConfig(Config):
     max_batch: int = setting(32, "the server's --max_batch, and the offline batch size.")
     max_wait_ms: float = setting(10.0, "the server's --max_wait_ms.")
     decoder: str = setting("auto", "the server's --decoder (continuous: continuous batching over --max_batch slots); the offline figures stay the batch decoder's, `caption`'s default.")
+    deepen: int = setting(0, "stack the LLaMA (Meta's format, one file) to this many layers with copies of its last layer whose output projections are zero: the same captions for more decoding work, to load the server where decoding, not HTTP, sets the pace (0: the LLaMA as it is).")
     root: str = setting("demo_runs", "where `make demo` keeps its runs (for the defaults).")
     out: Optional[str] = setting(None, "write the figures as JSON here.")
 
     def check(self) -> None:
         self.at_least(1, "num_images", "requests", "max_batch")
+        self.at_least(0, "deepen")
         from ..opening import DECODERS
 
         self.one_of("decoder", DECODERS)
@@ -111,6 +113,52 @@ def defaults_from_demo(cfg: BenchServeConfig) -> None:
     cfg.images = cfg.images or demo["images"]
 
 
+def deepen(cfg: BenchServeConfig, work: str, log) -> None:
+    """--deepen N: a copy of the LLaMA with N layers, the ones added copies of its last layer with
+    the attention output and FFN down projections zero, so each adds nothing to the residual
+    stream (the captions are the LLaMA's) and costs a layer's work; and a copy of the checkpoint
+    that records that LLaMA. cfg then names the copies."""
+    import json
+
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from ..fileio import write_json
+    from ..runs import find_checkpoint
+
+    shards = sorted(f for f in os.listdir(cfg.ckpt_dir) if f.endswith(".pth")) if os.path.isdir(cfg.ckpt_dir) else []
+    if len(shards) != 1 or not os.path.isfile(os.path.join(cfg.ckpt_dir, "params.json")):
+        raise UserError(f"--deepen needs a LLaMA in Meta's format in one file (params.json + consolidated.00.pth); "
+                        f"{cfg.ckpt_dir} is not")
+    params = json.load(open(os.path.join(cfg.ckpt_dir, "params.json")))
+    n0 = params["n_layers"]
+    if cfg.deepen <= n0:
+        raise UserError(f"--deepen {cfg.deepen} must be above the LLaMA's {n0} layers")
+    weights = torch.load(os.path.join(cfg.ckpt_dir, shards[0]), map_location="cpu", weights_only=True)
+    last = f"layers.{n0 - 1}."
+    for i in range(n0, cfg.deepen):
+        for key in [k for k in weights if k.startswith(last)]:
+            copy = weights[key].clone()
+            if key.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+                copy.zero_()
+            weights[key.replace(last, f"layers.{i}.", 1)] = copy
+    llama = os.path.join(work, "llama")
+    os.makedirs(llama)
+    torch.save(weights, os.path.join(llama, "consolidated.00.pth"))
+    write_json(os.path.join(llama, "params.json"), dict(params, n_layers=cfg.deepen))
+    ckpt = os.path.join(work, "checkpoint")
+    shutil.copytree(find_checkpoint(cfg.checkpoint), ckpt)
+    path = os.path.join(ckpt, "projection.safetensors")
+    with safe_open(path, "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    meta["config"] = json.dumps(dict(json.loads(meta["config"]), ckpt_dir=llama), sort_keys=True)
+    save_file(tensors, path, metadata=meta)
+    log(f"--deepen {cfg.deepen}: the LLaMA of {cfg.ckpt_dir} stacked from {n0} to {cfg.deepen} layers (the added "
+        f"ones add nothing to the residual stream: the same captions)")
+    cfg.ckpt_dir, cfg.checkpoint = llama, ckpt
+
+
 def wait_for_url(path: str, proc: subprocess.Popen, timeout: float = 300) -> str:
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -136,6 +184,8 @@ def run(cfg: BenchServeConfig) -> None:
         os.makedirs(folder)
         for p in files:
             shutil.copy(p, folder)
+        if cfg.deepen:
+            deepen(cfg, work, log)
         offline = offline_figures(cfg, files, log)
         llama = ["--ckpt_dir", cfg.ckpt_dir, "--checkpoint", cfg.checkpoint] + (
             ["--tokenizer_path", cfg.tokenizer_path] if cfg.tokenizer_path else []) + (
@@ -158,7 +208,8 @@ def run(cfg: BenchServeConfig) -> None:
         print(format_table(rows))
         by_c = {r["concurrency"]: r for r in rows}
         figures = {"offline": offline, "load": rows, "server_exit": code}
-        lines = [f"server --decoder {cfg.decoder}; offline (in process): {offline['batch_images_per_s']:.2f} images/s at batch {cfg.max_batch}, "
+        lines = [f"server --decoder {cfg.decoder}" + (f", LLaMA stacked to {cfg.deepen} layers" if cfg.deepen else "")
+                 + f"; offline (in process): {offline['batch_images_per_s']:.2f} images/s at batch {cfg.max_batch}, "
                  f"{offline['single_s']:.3f} s for one image"]
         lo, hi = min(by_c), max(by_c)
         if lo != hi and by_c[lo]["images_per_s"]:
