@@ -232,9 +232,10 @@ def free_memory(device) -> Optional[int]:
     """Bytes free on `device` now (the CPU: available RAM), or None when it cannot be told."""
     if torch.device(device).type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
+    try:  # Linux's estimate of what can be had without swapping (free pages alone leave out the page cache)
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
         return None
 
 

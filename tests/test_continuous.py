@@ -198,3 +198,14 @@ def test_bench_compares_the_two_decoders_caption_for_caption(model):
                            rounds=1)
     assert set(res["static"]) == {2, 4}
     assert all(r["identical"] == 12 and r["continuous_captions_s"] > 0 for r in res["static"].values())
+
+
+def test_a_slot_count_whose_cache_does_not_fit_in_free_memory_is_one_line(model):
+    from llama_caption.errors import UserError
+    from llama_caption.opening import check_slots, free_memory
+
+    check_slots(model, 8, "cpu")
+    kv_width = model.args.kv_heads * model.args.head_dim  # grouped-query attention: 2 of the 4 heads
+    too_many = free_memory("cpu") // (2 * model.args.n_layers * model.args.max_seq_len * kv_width * 4) + 1
+    with pytest.raises(UserError, match=rf"--batch_size {too_many} slots need a .* GiB KV cache, more than the"):
+        check_slots(model, too_many, "cpu")
