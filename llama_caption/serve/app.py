@@ -259,9 +259,20 @@ def create_app(batcher: Batcher, limits: Limits, preprocess: Callable, model_inf
                   description="Captions from a frozen CLIP and a frozen LLaMA joined by a trained prefix projection. "
                               "/docs fetches Swagger UI from a CDN (it needs the internet); /openapi.json does not.",
                   redoc_url=None)
+    add_error_handlers(app)
+    add_guards(app, metrics, api_key)
+    add_info_routes(app, batcher, limits, model_info, ready, metrics)
+    add_caption_route(app, batcher, limits, preprocess, ready, readers)
+    return app
 
-    def error(status: int, message: str, headers: Optional[dict] = None) -> JSONResponse:
-        return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+def error(status: int, message: str, headers: Optional[dict] = None) -> JSONResponse:
+    """Every error the server sends: {"error": one sentence}."""
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Our errors, Starlette's and FastAPI's validation errors, all as {"error": ...}."""
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError):
@@ -276,6 +287,10 @@ def create_app(batcher: Batcher, limits: Limits, preprocess: Callable, model_inf
         first = e.errors()[0] if e.errors() else {}
         where = ".".join(str(x) for x in first.get("loc", ()))
         return error(400, f"{where}: {first.get('msg', 'invalid request')}")
+
+
+def add_guards(app: FastAPI, metrics: Metrics, api_key: Optional[str]) -> None:
+    """The API key check, and (outermost) the count of every answer to a caption request."""
 
     @app.middleware("http")
     async def _auth(request: Request, call_next):
@@ -309,6 +324,11 @@ def create_app(batcher: Batcher, limits: Limits, preprocess: Callable, model_inf
             metrics.requests.labels(str(status)).inc()
             metrics.latency.observe(time.monotonic() - arrived)
 
+
+def add_info_routes(app: FastAPI, batcher: Batcher, limits: Limits, model_info: Callable[[], dict],
+                    ready: Callable[[], bool], metrics: Metrics) -> None:
+    """/health, /v1/model, /metrics, the page and its icon."""
+
     @app.api_route("/health", methods=["GET", "HEAD"], summary="200 once the model is loaded (503 while it loads)")
     async def health():
         if not ready():
@@ -333,6 +353,10 @@ def create_app(batcher: Batcher, limits: Limits, preprocess: Callable, model_inf
     async def favicon():
         return FileResponse(os.path.join(STATIC, "favicon.svg"), media_type="image/svg+xml")
 
+
+def add_caption_route(app: FastAPI, batcher: Batcher, limits: Limits, preprocess: Callable, ready: Callable[[], bool],
+                      readers: ThreadPoolExecutor) -> None:
+    """POST /v1/captions: read and check the request, decode its images, queue it, answer it."""
     body_schema = {
         "requestBody": {"required": True, "content": {
             "multipart/form-data": {"schema": {"type": "object", "required": ["images"], "properties": dict(
@@ -379,5 +403,3 @@ def create_app(batcher: Batcher, limits: Limits, preprocess: Callable, model_inf
         finally:
             if not submitted:
                 batcher.arrived()
-
-    return app
