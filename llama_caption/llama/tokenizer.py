@@ -111,14 +111,29 @@ def read_tiktoken_ranks(path: str) -> Optional[Dict[bytes, int]]:
     Read here rather than with tiktoken's `load_tiktoken_bpe`, which caches by the path's name
     and would return stale ranks for a file rewritten in place.
     """
+    data = read_if_text(path)
+    if data is None:
+        return None
+    ranks, rank_line = parse_rank_lines(path, data)
+    check_rank_set(path, ranks, rank_line)
+    return ranks
+
+
+def read_if_text(path: str) -> Optional[bytes]:
+    """The file's bytes when its first 64 KiB are ASCII text, else None."""
     try:
         with open(path, "rb") as f:
             if not is_text(f.read(SNIFF_BYTES)):
                 return None
             f.seek(0)
-            data = f.read()
+            return f.read()
     except OSError as e:
         raise UserError(f"tokenizer {path} cannot be read ({e.strerror or e})") from None
+
+
+def parse_rank_lines(path: str, data: bytes) -> Tuple[Dict[bytes, int], Dict[int, int]]:
+    """token -> rank, and rank -> the line it is on; a line that is not `BASE64TOKEN RANK`, or a
+    token or rank seen before, is a one-line error naming the line."""
 
     def bad(lineno: int, what: str) -> UserError:
         return UserError(f"tokenizer {path} line {lineno}: {what} ({TIKTOKEN_LINE})")
@@ -151,6 +166,11 @@ def read_tiktoken_ranks(path: str) -> Optional[Dict[bytes, int]]:
         if rank in rank_line:
             raise bad(lineno, f"rank {rank} already appears on line {rank_line[rank]}")
         ranks[token_bytes], token_line[token_bytes], rank_line[rank] = rank, lineno, lineno
+    return ranks, rank_line
+
+
+def check_rank_set(path: str, ranks: Dict[bytes, int], rank_line: Dict[int, int]) -> None:
+    """Some ranks, exactly 0..N-1, and a token for every single byte (tiktoken panics without one)."""
     if not ranks:
         raise UserError(f"tokenizer {path} is empty: no `BASE64TOKEN RANK` line (a Llama 3 tokenizer.model "
                         f"is a tiktoken file; Llama 1/2's a binary sentencepiece model)")
@@ -159,14 +179,13 @@ def read_tiktoken_ranks(path: str) -> Optional[Dict[bytes, int]]:
     out_of_range = next(((rank, line) for rank, line in rank_line.items() if rank >= n), None)
     if out_of_range:
         missing = next(r for r in range(n) if r not in rank_line)
-        raise bad(out_of_range[1], f"rank {out_of_range[0]} is out of range: the {n} ranks must be 0..{n - 1} "
-                                   f"(rank {missing} is missing)")
+        raise UserError(f"tokenizer {path} line {out_of_range[1]}: rank {out_of_range[0]} is out of range: the {n} "
+                        f"ranks must be 0..{n - 1} (rank {missing} is missing) ({TIKTOKEN_LINE})")
     missing_bytes = [b for b in range(256) if bytes([b]) not in ranks]
     if missing_bytes:
         raise UserError(f"tokenizer {path}: no token for the single byte {missing_bytes[0]:#04x}"
                         f"{f' (nor {len(missing_bytes) - 1} other bytes)' if len(missing_bytes) > 1 else ''}: "
                         f"a tiktoken BPE file ranks all 256 bytes")
-    return ranks
 
 
 class TiktokenTokenizer(Tokenizer):
