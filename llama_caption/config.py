@@ -171,9 +171,19 @@ def command(cls, run: Callable, summary: str, varargs: Optional[str] = None,
     # work (fire would otherwise run the command first and complain about the leftover after).
     signature = inspect.Signature(params)
     known = [p.name for p in params if p.kind is not inspect.Parameter.VAR_POSITIONAL]
+    # fire's --help offers -x for a flag whose first letter no other flag starts with: take it.
+    short = {k[0]: k for k in known if sum(o[0] == k[0] for o in known) == 1 and len(k) > 1}
+    positional = [p.name for p in params if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
 
     @functools.partial(exit_on_user_error, interrupted=interrupted)
     def main(*args, **kwargs):
+        args = list(args)
+        for k in [k for k in kwargs if k in short]:  # fire passes a short flag by its letter
+            name, value = short[k], kwargs.pop(k)
+            if name in positional and positional.index(name) < len(args):  # fire filled it in by place
+                args[positional.index(name)] = value
+            else:
+                kwargs[name] = value
         unknown = [k for k in kwargs if k not in known]
         if unknown:
             near = difflib.get_close_matches(unknown[0], known, n=1)

@@ -1,5 +1,7 @@
 """The benchmark's three decoders agree, on a tiny random model (the figures come from the bench)."""
 
+import os
+
 import pytest
 import torch
 
@@ -107,3 +109,19 @@ def test_bench_serve_deepen_stacks_layers_that_leave_the_captions_as_they_were(c
         assert proc.returncode == 0, proc.stderr[-2000:]
         captions.append([r["caption"] for r in json.load(open(out))])
     assert captions[0] == captions[1] and len(captions[0]) == 3
+    # What it cannot stack is one line each, before anything is written.
+    from llama_caption.errors import UserError
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "params.json").write_text("{bad")
+    (bad / "consolidated.00.pth").write_bytes(b"garbage")
+    for ckpt_dir, n, says in ((str(bad), 5, "is not valid JSON"), (cap["ckpt_dir"], 10 ** 7, "stack fewer layers"),
+                              (cap["ckpt_dir"], 2, "must be above the LLaMA's 2 layers")):
+        with pytest.raises(UserError, match=says):
+            deepen(BenchServeConfig(ckpt_dir=ckpt_dir, checkpoint=trained, images="x", deepen=n), str(tmp_path / "no"),
+                   print)
+    (bad / "params.json").write_text(open(os.path.join(cap["ckpt_dir"], "params.json")).read())
+    with pytest.raises(UserError, match="as a weights-only torch checkpoint"):
+        deepen(BenchServeConfig(ckpt_dir=str(bad), checkpoint=trained, images="x", deepen=5), str(tmp_path / "no"), print)
+    assert not (tmp_path / "no").exists()

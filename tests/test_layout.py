@@ -316,3 +316,27 @@ def test_an_encoder_file_is_recorded_by_its_absolute_path(tmp_path, monkeypatch)
     old = EncoderSpec("clip.pt", spec.identity, "pooled", None, None)  # as checkpoints recorded it before
     with pytest.raises(UserError, match=r"trained with the CLIP file clip.pt, which is not there .* --clip_model"):
         moved_encoder(old, settings)
+
+
+def test_the_short_flags_help_offers_are_taken():
+    """fire's --help lists -o for --out where no other flag starts with o: the command takes it."""
+    from dataclasses import dataclass
+
+    from llama_caption.config import Config, command, setting
+
+    @dataclass
+    class Tiny(Config):
+        out: str = setting("a", "where")
+        num: int = setting(1, "how many")
+        name: str = setting("x", "what")
+
+    got = []
+    main = command(Tiny, got.append, "A command.")
+    main(o="b")
+    assert got[-1].out == "b"
+    import fire
+
+    fire.Fire(main, command=["-o", "c", "--num", "2"])  # fire fills the other flags in by place
+    assert (got[-1].out, got[-1].num) == ("c", 2)
+    with pytest.raises(SystemExit):  # n is the first letter of two flags: not a short flag
+        main(n=3)

@@ -125,17 +125,25 @@ def deepen(cfg: BenchServeConfig, work: str, log) -> None:
     from safetensors.torch import save_file
 
     from ..fileio import write_json
+    from ..llama.checkpoint import META, open_checkpoint
+    from ..llama.meta import load_shard
+    from ..opening import free_memory
     from ..runs import find_checkpoint
 
-    shards = sorted(f for f in os.listdir(cfg.ckpt_dir) if f.endswith(".pth")) if os.path.isdir(cfg.ckpt_dir) else []
-    if len(shards) != 1 or not os.path.isfile(os.path.join(cfg.ckpt_dir, "params.json")):
+    llama_in = open_checkpoint(cfg.ckpt_dir) if os.path.isdir(cfg.ckpt_dir) else None
+    if llama_in is None or llama_in.format != META or len(llama_in.files) != 1:
         raise UserError(f"--deepen needs a LLaMA in Meta's format in one file (params.json + consolidated.00.pth); "
                         f"{cfg.ckpt_dir} is not")
-    params = json.load(open(os.path.join(cfg.ckpt_dir, "params.json")))
-    n0 = params["n_layers"]
+    params, n0 = llama_in.params, llama_in.params["n_layers"]
     if cfg.deepen <= n0:
         raise UserError(f"--deepen {cfg.deepen} must be above the LLaMA's {n0} layers")
-    weights = torch.load(os.path.join(cfg.ckpt_dir, shards[0]), map_location="cpu", weights_only=True)
+    weights = dict(load_shard(llama_in.files[0]))
+    layer_bytes = sum(t.numel() * t.element_size() for k, t in weights.items() if k.startswith(f"layers.{n0 - 1}."))
+    need = (cfg.deepen - n0) * layer_bytes
+    free = free_memory("cpu")
+    if free is not None and 2 * need > free:  # the stacked weights, then the server's copy of them
+        raise UserError(f"--deepen {cfg.deepen}: the stacked LLaMA needs {need / 2 ** 30:.1f} GiB more, held twice, and "
+                        f"{free / 2 ** 30:.1f} GiB are free: stack fewer layers")
     last = f"layers.{n0 - 1}."
     for i in range(n0, cfg.deepen):
         for key in [k for k in weights if k.startswith(last)]:
