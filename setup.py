@@ -11,6 +11,7 @@ setup(
     python_requires=">=3.10",
     install_requires=requirements,
     # test: the suite; playwright drives Debian's chromium in the server's browser test (it never
-    # downloads a browser). bench: transformers, the reference the benchmark and tests compare with.
-    extras_require={"bench": ["transformers>=4.40"], "test": ["pytest", "playwright>=1.40", "transformers>=4.40"]},
+    # downloads a browser); openai is the client the server's OpenAI-compatible routes are tested
+    # with. bench: transformers, the reference the benchmark and tests compare with.
+    extras_require={"bench": ["transformers>=4.40"], "test": ["pytest", "playwright>=1.40", "transformers>=4.40", "openai>=1.40"]},
 )

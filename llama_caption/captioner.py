@@ -65,6 +65,9 @@ class CaptionerSpec:
     style: CaptionStyle = CaptionStyle()
     mapper_width: int = 512  # the transformer mapper's sizes (unused by linear and mlp)
     mapper_layers: int = 4
+    # The LLaMA it was trained with (LlamaCheckpoint.architecture: width, layers, heads, key-value
+    # heads, vocabulary); None in checkpoints written before it was recorded.
+    llama_architecture: Optional[Tuple[int, ...]] = None
 
     @classmethod
     def build(cls, encoder: EncoderSpec, feature_shape, projection: str, prefix_len: int,
@@ -93,9 +96,11 @@ class CaptionerSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "CaptionerSpec":
+        arch = d.get("llama_architecture")
         return cls(EncoderSpec(**d["encoder"]), tuple(d["feature_shape"]), d["projection"], int(d["prefix_len"]),
                    int(d["proj_hidden"]), int(d["llama_dim"]), CaptionStyle(**d["style"]),
-                   int(d.get("mapper_width", 512)), int(d.get("mapper_layers", 4)))
+                   int(d.get("mapper_width", 512)), int(d.get("mapper_layers", 4)),
+                   tuple(int(x) for x in arch) if arch else None)
 
     @classmethod
     def from_training_config(cls, cfg: dict, weights: Dict[str, torch.Tensor]) -> "CaptionerSpec":
@@ -210,18 +215,50 @@ class Captioner(nn.Module):
         return self.loss(features, self.caption_ids(captions))
 
     @torch.no_grad()
+    def prefix(self, features: torch.Tensor) -> torch.Tensor:
+        """The prefix embeddings (B, P, dim) of a batch of features, on the LLaMA's device."""
+        return self.projection(features.to(self.llama.device))
+
+    @torch.no_grad()
     def caption(self, features: torch.Tensor, decoding: Decoding, generator=None) -> List[str]:
         """Captions for a batch of features, decoded as `decoding` says (llama.decoding.decode);
         `generator`: `decoding.generator(rank, device)` when sampling."""
-        prefix = self.projection(features.to(self.llama.device))
+        return [self.tokenizer.decode(x).strip() for x in self.caption_tokens(self.prefix(features), decoding, generator)]
+
+    @torch.no_grad()
+    def caption_tokens(self, prefix: torch.Tensor, decoding: Decoding, generator=None) -> List[List[int]]:
+        """The caption tokens (each without its end token) of a batch of prefixes: those of one
+        captioner, or of several trained over this LLaMA with prefixes of one length (the server's
+        mixed batches: opening.caption_parts)."""
         prompts = [[self.tokenizer.bos_id] for _ in range(prefix.shape[0])]
         decoding = replace(decoding, max_gen_len=min(decoding.max_gen_len, self.max_caption_tokens))
         # A continuous decoder (continuous.py) streams images through its slots (OpenedCaptioner.stream);
         # a batch given here is decoded by generation.generate, whose captions it equals.
         batch_decoder = self.decoder if hasattr(self.decoder, "generate") else None
-        out = decode(self.llama, prompts, decoding, eos_id=self.tokenizer.eos_id, prefix=prefix, decoder=batch_decoder,
-                     generator=generator)
-        return [self.tokenizer.decode(x).strip() for x in out]
+        return decode(self.llama, prompts, decoding, eos_id=self.tokenizer.eos_id, prefix=prefix, decoder=batch_decoder,
+                      generator=generator)
+
+    @torch.no_grad()
+    def mean_logprob(self, prefix: torch.Tensor, tokens: List[List[int]], ended: List[bool]) -> List[float]:
+        """Each caption's mean token log-probability under the model, given its image's prefix:
+        over its tokens and, when it `ended` with the end token (not cut at max_gen_len), that
+        token too. One teacher-forced forward of the batch."""
+        rows, labels = self.targets([list(t) for t in tokens])
+        for i, (t, e) in enumerate(zip(tokens, ended)):
+            if not e:  # cut at max_gen_len: no end-token target
+                labels[i, self.prefix_len + len(t)] = IGNORE
+        dev = self.llama.device
+        emb = torch.cat([prefix.to(self.llama.dtype), self.llama.embed(rows.to(dev))], dim=1)
+        labels = labels.to(dev)
+        targeted = labels != IGNORE
+        logits = self.llama(embeddings=emb, logits_at=targeted).float()
+        picked = torch.log_softmax(logits, dim=-1).gather(1, labels[targeted][:, None])[:, 0]
+        counts = targeted.sum(1).tolist()
+        out, at = [], 0
+        for n in counts:
+            out.append(float(picked[at:at + n].mean()) if n else 0.0)  # an empty caption cut at once: no target
+            at += n
+        return out
 
     def generate(self, features: torch.Tensor, max_gen_len: int = 30, generator=None, **settings) -> List[str]:
         """`caption` with Decoding(max_gen_len, **settings): the short form for scripts and
@@ -239,10 +276,20 @@ def check_window(prefix_len: int, text_len: int, llama: LlamaCheckpoint, flag: s
     return window
 
 
-def check_same_llama(where: str, recorded_dir: Optional[str], llama: LlamaCheckpoint) -> None:
-    """The LLaMA a projection was trained with (its folder, as its flags recorded it) against
-    `llama`: when that folder still exists, another architecture (width, layers, heads,
-    vocabulary) is refused. Two LLaMAs of the same shape are not told apart."""
+def check_same_llama(where: str, recorded_dir: Optional[str], llama: LlamaCheckpoint,
+                     recorded: Optional[Tuple[int, ...]] = None) -> None:
+    """The LLaMA a projection was trained with against `llama`: another architecture (width,
+    layers, heads, key-value heads, vocabulary) is refused, read from what the checkpoint
+    recorded (`recorded`: CaptionerSpec.llama_architecture) or, for checkpoints of before, from
+    its folder (as its flags recorded it) when that still exists. Two LLaMAs of the same shape
+    are not told apart."""
+    if recorded is not None:
+        if tuple(recorded) != tuple(llama.architecture()):
+            names = ("width", "layers", "heads", "key-value heads", "vocabulary")
+            diff = next(f"{n} {a} against {b}" for n, a, b in zip(names, recorded, llama.architecture()) if a != b)
+            raise UserError(f"{where} was trained with another LLaMA than the one in --ckpt_dir {llama.folder} ({diff}): "
+                            f"use the LLaMA it was trained with")
+        return
     if not recorded_dir or not os.path.isdir(recorded_dir) or os.path.abspath(recorded_dir) == os.path.abspath(llama.folder):
         return
     if open_checkpoint(recorded_dir).architecture() != llama.architecture():

@@ -9,6 +9,7 @@ dtype, and what results files and the server's /v1/model record of it.
 """
 
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
@@ -128,28 +129,127 @@ class OpenedCaptioner:
         return provenance(self.made_by, self.decoding_record(decoding, control_shuffle), selection)
 
 
+@dataclass
+class Captioned:
+    """One caption as decoded: its text, its tokens (without the end token), whether it ended
+    with the end token (else it was cut at max_gen_len), and its mean token log-probability
+    when it was asked for (Captioner.mean_logprob)."""
+
+    text: str
+    tokens: List[int]
+    ended: bool
+    logprob: Optional[float] = None
+
+
+def caption_parts(parts: List[Tuple[OpenedCaptioner, torch.Tensor]], decoding: Decoding, generator=None,
+                  scores: bool = False) -> List[Captioned]:
+    """Captions of several captioners' images decoded as one batch (`parts`: each captioner with
+    its preprocessed images, in the order the captions come back). They must share one LLaMA and
+    one prefix length: then only their prefixes differ, and each caption is the one its
+    captioner gives alone (greedy; a sampled batch draws from `generator` in this order)."""
+    first = parts[0][0].captioner
+    if any(op.captioner.llama is not first.llama or op.captioner.prefix_len != first.prefix_len for op, _ in parts):
+        raise ValueError("a mixed batch needs captioners over one LLaMA with one prefix length")
+    prefix = torch.cat([op.captioner.prefix(op.encoder(pixels)) for op, pixels in parts])
+    tokens = first.caption_tokens(prefix, decoding, generator)
+    limit = min(decoding.max_gen_len, first.max_caption_tokens)
+    out = [Captioned(first.tokenizer.decode(t).strip(), list(t), len(t) < limit) for t in tokens]
+    if scores:
+        for c, score in zip(out, first.mean_logprob(prefix, tokens, [c.ended for c in out])):
+            c.logprob = score
+    return out
+
+
 def open_captioner(settings: CaptionerSettings, env, decoding: Decoding, batch_size: int,
                    graphs: bool = True) -> OpenedCaptioner:
     """The trained captioner of `settings` on this rank (`env`: distributed.DistEnv), for
     `decoding` (its max_gen_len sizes the window; beam search keeps the eager decoder) in batches
     of up to `batch_size`; `graphs` False keeps `--decoder auto` off CUDA graphs (the server).
     The LLaMA is opened once (`settings.open()`); every check comes before its weights load."""
+    return next(iter(open_captioners(settings, {"": settings.checkpoint}, env, decoding, batch_size, graphs).values()))
+
+
+def open_captioners(settings: CaptionerSettings, checkpoints: Dict[str, str], env, decoding: Decoding,
+                    batch_size: int, graphs: bool = True) -> Dict[str, OpenedCaptioner]:
+    """Several trained captioners over one frozen LLaMA (`checkpoints`: name -> run or checkpoint
+    folder), as `open_captioner` opens one: every checkpoint read and checked (its CLIP, its
+    LLaMA, the window) before anything large loads; then the LLaMA and its decoder once, each
+    distinct image encoder once, and one projection per name."""
     settings.resolve_decoder(env.device, decoding.num_beams > 1, env.mp_size, graphs)
     dtype = resolve_dtype(settings.dtype, env.device)
-    ckpt = find_checkpoint(settings.checkpoint)
-    weights, spec, flags = load_projection(ckpt)
-    encoder = load_encoder(moved_encoder(spec.encoder, settings), env.device)
-    spec = check_encoder(spec, encoder, f"--checkpoint {ckpt}")
-    window = check_window(spec.prefix_len, decoding.max_gen_len, settings.open(), "--max_gen_len")
-    check_llama(settings, spec, flags, ckpt, env.log)
-    captioner = build_captioner(settings, spec, weights, ckpt, window, dtype, env.device, batch_size, env.log)
     llama = settings.open()
-    made_by = identity(ckpt, llama, llama.tokenizer_file(settings.tokenizer_path), encoder.spec.identity,
-                       settings.quantize)
-    return OpenedCaptioner(captioner, encoder, spec, dtype, settings.decoder, ckpt, made_by)
+    encoders: Dict[tuple, ImageEncoder] = {}
+    read = {}
+    for name, path in checkpoints.items():
+        ckpt = find_checkpoint(path)
+        weights, spec, flags = load_projection(ckpt)
+        wanted = moved_encoder(spec.encoder, settings, ckpt)
+        key = (wanted.clip_model, wanted.identity, wanted.feature_kind, wanted.clip_layer, wanted.pretrained)
+        if key not in encoders:
+            encoders[key] = load_encoder(wanted, env.device)
+        spec = check_encoder(spec, encoders[key], f"--checkpoint {ckpt}")
+        check_llama(settings, spec, flags, ckpt, env.log)
+        read[name] = (ckpt, weights, spec, encoders[key])
+    window = max(check_window(spec.prefix_len, decoding.max_gen_len, llama, "--max_gen_len")
+                 for _, _, spec, _ in read.values())
+    model, tokenizer, decoder = build_llama(settings, window, dtype, env.device, batch_size, env.log)
+    tokenizer_file = llama.tokenizer_file(settings.tokenizer_path)
+    opened = {}
+    for name, (ckpt, weights, spec, encoder) in read.items():
+        projection = trained_projection(spec, weights, ckpt).to(env.device).eval()
+        captioner = Captioner(model, tokenizer, projection, spec.style, decoder)
+        made_by = identity(ckpt, llama, tokenizer_file, encoder.spec.identity, settings.quantize)
+        opened[name] = OpenedCaptioner(captioner, encoder, spec, dtype, settings.decoder, ckpt, made_by)
+    return opened
 
 
-def moved_encoder(spec: EncoderSpec, settings: CaptionerSettings) -> EncoderSpec:
+NAME_CHARS = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
+
+
+def run_name(path: str) -> str:
+    """The name a run folder gives its captioner: the run's folder name (for a checkpoint folder
+    inside RUN/checkpoints/, RUN's)."""
+    parts = os.path.normpath(os.path.abspath(path)).split(os.sep)
+    if len(parts) > 2 and parts[-2] == "checkpoints":
+        return parts[-3]
+    return parts[-1]
+
+
+def named_checkpoints(entries, flag: str = "--checkpoint") -> Dict[str, str]:
+    """name -> run folder of several captioners: `NAME=RUN` entries, or `RUN` (named by its folder:
+    run_name), given as a list, comma-separated, or as a dict; the first is the default one. Two
+    runs under one name, or a name that is not a plain identifier, are refused in one line."""
+    if isinstance(entries, dict):
+        pairs = [(str(k), v) for k, v in entries.items()]
+    else:
+        items = [entries] if isinstance(entries, (str, os.PathLike)) else list(entries or [])
+        pairs = []
+        for item in items:
+            for part in str(item).split(","):
+                part = part.strip()
+                name, eq, path = part.partition("=")
+                if eq and (NAME_CHARS.fullmatch(name.strip()) or not os.path.exists(part)):
+                    pairs.append((name.strip(), path.strip()))
+                elif part:  # a run folder (whose path may hold '=')
+                    pairs.append((run_name(part), part))
+    if not pairs:
+        raise UserError(f"{flag} names no trained run: give a run folder, or NAME=RUN,NAME=RUN for several")
+    out: Dict[str, str] = {}
+    for name, path in pairs:
+        path = os.fspath(path)
+        if not NAME_CHARS.fullmatch(name):
+            raise UserError(f"{flag}: {name!r} is not a captioner name (letters, digits and . _ : -, at most 64, "
+                            f"starting with a letter or digit): write NAME={path}")
+        if not path:
+            raise UserError(f"{flag} {name}= names no run folder: write {name}=RUN_FOLDER")
+        if name in out:
+            raise UserError(f"{flag} names the captioner {name!r} twice ({out[name]} and {path}): give each run a name "
+                            f"of its own (NAME=RUN)")
+        out[name] = path
+    return out
+
+
+def moved_encoder(spec: EncoderSpec, settings: CaptionerSettings, ckpt: str) -> EncoderSpec:
     """The encoder a checkpoint was trained with, from the files --clip_model and --clip_pretrained
     name when it moved (its identity must still match)."""
     if not (settings.clip_model or settings.clip_pretrained):
@@ -160,7 +260,7 @@ def moved_encoder(spec: EncoderSpec, settings: CaptionerSettings) -> EncoderSpec
             name = spec.clip_model
             missing = not os.path.isfile(name) and name not in import_clip().available_models()
         if missing:
-            raise UserError(f"--checkpoint {settings.checkpoint} was trained with the CLIP file {name}, which is not there "
+            raise UserError(f"--checkpoint {ckpt} was trained with the CLIP file {name}, which is not there "
                             f"(a relative path is read from the folder you run in): give its path as --clip_model")
         return spec
     return EncoderSpec.of(settings.clip_model or spec.clip_model, spec.feature_kind,
@@ -191,19 +291,17 @@ def check_llama(settings: CaptionerSettings, spec: CaptionerSpec, flags: dict, c
     if spec.llama_dim != llama.args.dim:
         raise UserError(f"--checkpoint {ckpt} projects to LLaMA width {spec.llama_dim} but {llama.folder} has width "
                         f"{llama.args.dim}: use the LLaMA it was trained with")
-    check_same_llama(f"--checkpoint {ckpt}", flags.get("ckpt_dir"), llama)
+    check_same_llama(f"--checkpoint {ckpt}", flags.get("ckpt_dir"), llama, spec.llama_architecture)
     trained = flags.get("quantize", "none")
     if trained != settings.quantize:  # allowed: the projection only saw the LLaMA's activations
         log(f"--checkpoint {ckpt} was trained with the LLaMA at {describe(trained)}; captioning with it at "
             f"{describe(settings.quantize)}")
 
 
-def build_captioner(settings: CaptionerSettings, spec: CaptionerSpec, weights: Dict[str, torch.Tensor], ckpt: str,
-                    window: int, dtype: torch.dtype, device, batch_size: int, log) -> Captioner:
-    """The frozen LLaMA (a KV cache of `window` positions), the trained projection and the decoder."""
+def build_llama(settings: CaptionerSettings, window: int, dtype: torch.dtype, device, batch_size: int, log) -> tuple:
+    """The frozen LLaMA (a KV cache of `window` positions), its tokenizer and the decoder."""
     model, tokenizer = load_llama(settings.open(), settings.tokenizer_path, window, device=device, dtype=dtype,
                                   quantize=settings.quantize)
-    projection = trained_projection(spec, weights, ckpt).to(device).eval()
     if settings.pack_weights and settings.decoder == "compile":  # torch.compile cannot trace the oneDNN-packed layers
         log("--decoder compile: LLaMA's weights are not packed for oneDNN (the compiled step uses the plain ones)")
     elif settings.pack_weights and model.pack_weights():
@@ -213,7 +311,7 @@ def build_captioner(settings: CaptionerSettings, spec: CaptionerSpec, weights: D
         decoder = ContinuousDecoder(model, batch_size, eos_id=tokenizer.eos_id, mode="static")
     else:
         decoder = make_decoder(model, settings.decoder, batch_size)
-    return Captioner(model, tokenizer, projection, spec.style, decoder)
+    return model, tokenizer, decoder
 
 
 def check_slots(model, slots: int, device) -> None:

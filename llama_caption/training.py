@@ -252,6 +252,7 @@ def build(cfg: TrainConfig, env, resume: Optional[ResumePoint] = None) -> Traine
     spec = CaptionerSpec.build(spec_in, shape, cfg.projection, cfg.prefix_len, cfg.proj_hidden,
                                cfg.open().args.dim, CaptionStyle(cfg.lowercase, cfg.drop_period),
                                cfg.mapper_width, cfg.mapper_layers)
+    spec = dataclasses.replace(spec, llama_architecture=tuple(cfg.open().architecture()))
     dtype = resolve_dtype(cfg.dtype, env.device, training=True)
     captioner = build_captioner(cfg, env, spec, dtype, resuming=resume is not None)
     objective = objective_for(cfg)
@@ -306,7 +307,7 @@ def initial_weights(cfg: TrainConfig, spec: CaptionerSpec, log=print) -> dict:
     if saved.llama_dim != spec.llama_dim:
         raise UserError(f"--init_from {ckpt} was trained with the LLaMA in {old_llama}, not the one in --ckpt_dir "
                         f"{cfg.ckpt_dir} (widths {saved.llama_dim} and {spec.llama_dim}): train on the same LLaMA")
-    runs.check_same_llama(f"--init_from {ckpt}", old_llama, cfg.open())
+    runs.check_same_llama(f"--init_from {ckpt}", old_llama, cfg.open(), saved.llama_architecture)
     if flags.get("quantize", "none") != cfg.quantize:  # allowed: the projection saw only activations
         log(f"--init_from {ckpt} was trained with the LLaMA at {describe(flags.get('quantize', 'none'))}; this run "
             f"uses {describe(cfg.quantize)}")
@@ -320,6 +321,7 @@ def captioner_difference(spec: CaptionerSpec, saved: CaptionerSpec) -> Optional[
     """The first field in which `saved` is another captioner than `spec` (None: the same one)."""
     mine, theirs = spec.to_dict(), saved.to_dict()
     mine["encoder"].pop("clip_model"), theirs["encoder"].pop("clip_model")  # the same file may have moved
+    mine.pop("llama_architecture"), theirs.pop("llama_architecture")  # check_same_llama's (older ones record none)
     if same_encoder(theirs["encoder"]["identity"], mine["encoder"]["identity"]):  # an identity of the older form
         theirs["encoder"]["identity"] = mine["encoder"]["identity"]
     unused = {"linear": ("proj_hidden", "mapper_width", "mapper_layers"), "mlp": ("mapper_width", "mapper_layers"),

@@ -149,3 +149,53 @@ def run_cli(main, *args):
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else 1
     return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+@pytest.fixture(scope="session")
+def photos(cap, tmp_path_factory):
+    """Nine drawn images in one folder (the dataset's train and val images)."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("photos")
+    for src in (cap["images"], cap["val_images"]):
+        for name in sorted(os.listdir(src)):
+            shutil.copy(os.path.join(src, name), folder / name)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def offline(cap, trained, photos, tmp_path_factory):
+    """What `caption` writes for the photos (greedy, max_gen_len 30): file name -> caption, and the run file."""
+    import captioning_inference
+
+    out = tmp_path_factory.mktemp("offline") / "results.json"
+    proc = run_cli(captioning_inference.main, "--ckpt_dir", cap["ckpt_dir"], "--tokenizer_path", cap["tokenizer"],
+                   "--checkpoint", trained, "--images", photos, "--out", out, "--num_workers", 0)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.load(open(out))
+    assert len(rows) == 9
+    run_file = str(out)[:-5] + ".run.json"
+    return {"captions": {os.path.basename(r["file_name"]): r["caption"] for r in rows}, "results": str(out),
+            "run": json.load(open(run_file))}
+
+
+@pytest.fixture(scope="session")
+def other(trained, tmp_path_factory):
+    """A second captioner over the same LLaMA: `trained`'s run with its projection's weights
+    moved (each by 30% of its own spread, seeded), so its captions differ."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    run = tmp_path_factory.mktemp("other") / "other"
+    shutil.copytree(trained, run)
+    ckpt = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+    path = str(ckpt / "projection.safetensors")
+    with safe_open(path, "pt") as f:
+        meta, weights = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    gen = torch.Generator().manual_seed(5)
+    moved = {k: (v + 0.3 * v.float().std() * torch.randn(v.shape, generator=gen)).to(v.dtype) if v.numel() > 1 else v
+             for k, v in weights.items()}
+    save_file(moved, path, metadata=meta)
+    return str(run)

@@ -311,11 +311,11 @@ def test_an_encoder_file_is_recorded_by_its_absolute_path(tmp_path, monkeypatch)
     spec = EncoderSpec.of("clip.pt")
     assert spec.clip_model == str(tmp_path / "clip.pt") and spec.identity.startswith("sha256:")
     settings = SimpleNamespace(clip_model=None, clip_pretrained=None, checkpoint="run")
-    assert moved_encoder(spec, settings) is spec
+    assert moved_encoder(spec, settings, "run") is spec
     monkeypatch.chdir("/")
     old = EncoderSpec("clip.pt", spec.identity, "pooled", None, None)  # as checkpoints recorded it before
     with pytest.raises(UserError, match=r"trained with the CLIP file clip.pt, which is not there .* --clip_model"):
-        moved_encoder(old, settings)
+        moved_encoder(old, settings, "run")
 
 
 def test_the_short_flags_help_offers_are_taken():
