@@ -50,38 +50,26 @@ def bomb_png(width=60000, height=60000) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def photos(cap, tmp_path_factory):
-    """Nine drawn images in one folder (the dataset's train and val images)."""
-    folder = tmp_path_factory.mktemp("photos")
-    for src in (cap["images"], cap["val_images"]):
-        for name in sorted(os.listdir(src)):
-            shutil.copy(os.path.join(src, name), folder / name)
-    return str(folder)
+def service(cap, trained, other, process_group):
+    """Two captioners over one LLaMA: `trained` (named run, the default) and `other` (moved)."""
+    yield from in_process_service(cap, [trained, f"moved={other}"], process_group)
 
 
 @pytest.fixture(scope="module")
-def offline(cap, trained, photos, tmp_path_factory):
-    """What `caption` writes for the photos (greedy, max_gen_len 30): file name -> caption, and the run file."""
-    out = tmp_path_factory.mktemp("offline") / "results.json"
-    proc = run_cli(captioning_inference.main, "--ckpt_dir", cap["ckpt_dir"], "--tokenizer_path", cap["tokenizer"],
-                   "--checkpoint", trained, "--images", photos, "--out", out, "--num_workers", 0)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = json.load(open(out))
-    assert len(rows) == 9
-    run_file = str(out)[:-5] + ".run.json"
-    return {"captions": {os.path.basename(r["file_name"]): r["caption"] for r in rows}, "results": str(out),
-            "run": json.load(open(run_file))}
-
-
-@pytest.fixture(scope="module")
-def service(cap, trained, process_group):
-    yield from in_process_service(cap, trained, process_group)
-
-
-@pytest.fixture(scope="module")
-def continuous_service(cap, trained, process_group):
+def continuous_service(cap, trained, other, process_group):
     """The same, decoding with continuous batching over --max_batch 8 slots."""
-    yield from in_process_service(cap, trained, process_group, decoder="continuous")
+    yield from in_process_service(cap, [trained, f"moved={other}"], process_group, decoder="continuous")
+
+
+@pytest.fixture(scope="module")
+def moved_offline(cap, other, photos, process_group):
+    """The `other` captioner's captions of the photos, opened alone (the Python API, which
+    tests/test_api.py checks against `caption`)."""
+    import llama_caption
+
+    alone = llama_caption.load(cap["ckpt_dir"], other, tokenizer_path=cap["tokenizer"], device="cpu")
+    names = sorted(os.listdir(photos))
+    return dict(zip(names, alone.caption([os.path.join(photos, n) for n in names])))
 
 
 def in_process_service(cap, trained, process_group, **flags):
@@ -249,6 +237,164 @@ def test_continuous_batching_answers_each_request_with_what_caption_writes(conti
     steps = delta(("llama_caption_decode_steps_total", ()))
     assert 0 < steps and delta(("llama_caption_step_tokens_sum", ())) >= 14
     assert delta(("llama_caption_step_tokens_count", ())) == steps and ("llama_caption_slots_busy", ()) in after
+
+
+def several_captioners_share_batches(service, photos, offline, moved_offline):
+    """Requests for both captioners at once: each caption is its captioner's alone, and some
+    decoding step or batch held both captioners' images."""
+    svc, client = service
+    names = sorted(os.listdir(photos))
+    groups = [([n], "moved" if i % 2 else None) for i, n in enumerate(names[:6])] + [(names[6:9], "moved")]
+    with ThreadPoolExecutor(len(groups)) as pool:
+        answers = list(pool.map(lambda g: post(client, [(n, read(photos, n)) for n in g[0]],
+                                               **({"model": g[1]} if g[1] else {})), groups))
+    moved_images = sum(len(g) for g, m in groups if m)
+    shared = False
+    for (group, model), r in zip(groups, answers):
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["captioner"] == (model or "run")
+        expected = moved_offline if model else offline["captions"]
+        assert [c["caption"] for c in body["captions"]] == [expected[n] for n in group]
+        shared |= body["captions"][0]["batch_images"] > (moved_images if model else len(names) - moved_images)
+    assert shared, "no batch held the images of both captioners"
+    assert moved_offline != {n: offline["captions"][n] for n in moved_offline}  # two captioners indeed
+
+
+def test_several_captioners_share_a_batch_and_each_caption_is_its_own(service, photos, offline, moved_offline):
+    several_captioners_share_batches(service, photos, offline, moved_offline)
+
+
+def test_several_captioners_share_the_continuous_slots(continuous_service, photos, offline, moved_offline):
+    several_captioners_share_batches(continuous_service, photos, offline, moved_offline)
+
+
+def test_the_captioners_are_named_in_model_models_and_metrics(service, photos, offline):
+    svc, client = service
+    info = client.get("/v1/model").json()
+    assert info["default_captioner"] == "run" and list(info["captioners"]) == ["run", "moved"]
+    assert info["captioners"]["run"]["checkpoint"] == offline["run"]["checkpoint"]
+    assert info["captioners"]["moved"]["checkpoint"] != info["captioners"]["run"]["checkpoint"]
+    assert info["captioners"]["moved"]["llama"] == info["llama"]  # one LLaMA
+    models = client.get("/v1/models").json()
+    assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["run", "moved"]
+    assert client.get("/v1/models/moved").json()["id"] == "moved"
+    missing = client.get("/v1/models/nope")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+    name = sorted(os.listdir(photos))[0]
+    before = metric_samples(client)
+    assert post(client, [(name, read(photos, name))] * 2, model="moved").status_code == 200
+    after = metric_samples(client)
+    key = ("llama_caption_captioner_images_total", (("captioner", "moved"),))
+    assert after[key] - before.get(key, 0) == 2
+    assert ("llama_caption_captioner_images_total", (("captioner", "run"),)) in after  # named from the start
+    r = post(client, [(name, read(photos, name))], model="nope")
+    assert r.status_code == 400 and r.json() == {"error": "unknown model 'nope': this server serves run, moved"}
+    r = client.post("/v1/captions", json={"images": [base64.b64encode(read(photos, name)).decode()], "model": 3})
+    assert r.status_code == 400 and r.json()["error"].startswith("unknown model 3")
+
+
+def data_url(data: bytes) -> str:
+    return "data:image/jpeg;base64," + base64.b64encode(data).decode()
+
+
+def chat_client(client):
+    import openai
+
+    return openai.OpenAI(base_url="http://testserver/v1", api_key="none", http_client=client, max_retries=0)
+
+
+def image_message(url: str, text: str = "Describe this image."):
+    return [{"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": [{"type": "text", "text": text}, {"type": "image_url", "image_url": {"url": url}}]}]
+
+
+def test_openai_chat_completions_through_the_openai_client(service, photos, offline, moved_offline):
+    """The real `openai` package as the client (its HTTP client is the app's TestClient)."""
+    svc, client = service
+    chat = chat_client(client)
+    name = sorted(os.listdir(photos))[1]
+    url = data_url(read(photos, name))
+    done = chat.chat.completions.create(model="run", messages=image_message(url))
+    assert done.object == "chat.completion" and done.model == "run" and done.id.startswith("chatcmpl-")
+    assert len(done.choices) == 1 and done.choices[0].message.role == "assistant"
+    assert done.choices[0].message.content == offline["captions"][name]
+    assert done.choices[0].finish_reason == "stop"
+    tokens = len(svc.captioners["run"].captioner.tokenizer.encode(offline["captions"][name], bos=False, eos=False))
+    prefix = svc.captioners["run"].captioner.prefix_len
+    assert done.usage.completion_tokens == tokens and done.usage.prompt_tokens == prefix + 1
+    assert done.usage.total_tokens == prefix + 1 + tokens
+    # The text is not a prompt this captioner knows: another text gives the same caption.
+    other_text = chat.chat.completions.create(model="run", messages=image_message(url, "What is in it, in French?"))
+    assert other_text.choices[0].message.content == offline["captions"][name]
+    moved = chat.chat.completions.create(model="moved", messages=image_message(url), n=3)
+    assert [c.message.content for c in moved.choices] == [moved_offline[name]] * 3  # greedy copies are equal
+    assert [c.index for c in moved.choices] == [0, 1, 2]
+    cut = chat.chat.completions.create(model="run", messages=image_message(url), max_tokens=2)
+    assert cut.choices[0].finish_reason == "length" and cut.usage.completion_tokens == 2
+    assert offline["captions"][name].startswith(cut.choices[0].message.content)
+    # Sampled: n draws from the seed, the same again for the same seed, as /v1/captions draws an image sent n times.
+    sampled = [chat.chat.completions.create(model="run", messages=image_message(url), n=2, temperature=1.0, seed=7,
+                                            max_completion_tokens=12) for _ in range(2)]
+    texts = [c.message.content for c in sampled[0].choices]
+    assert texts == [c.message.content for c in sampled[1].choices]
+    same = post(client, [(name, read(photos, name))] * 2, temperature=1.0, seed=7, max_gen_len=12).json()
+    assert texts == [c["caption"] for c in same["captions"]]
+    stream = chat.chat.completions.create(model="moved", messages=image_message(url), stream=True,
+                                          stream_options={"include_usage": True})
+    parts = list(stream)
+    assert "".join(p.choices[0].delta.content or "" for p in parts if p.choices) == moved_offline[name]
+    assert [p.choices[0].finish_reason for p in parts if p.choices][-1] == "stop"
+    assert parts[-1].usage.completion_tokens > 0
+    assert chat.chat.completions.create(model="run", messages=image_message(url), user="someone",
+                                        frequency_penalty=0).choices[0].message.content == offline["captions"][name]
+
+
+def test_openai_errors_are_one_sentence_in_openai_s_shape(service, photos):
+    import openai
+
+    svc, client = service
+    chat = chat_client(client)
+    name = sorted(os.listdir(photos))[0]
+    url = data_url(read(photos, name))
+    with pytest.raises(openai.NotFoundError) as e:
+        chat.chat.completions.create(model="gpt-4o", messages=image_message(url))
+    assert e.value.code == "model_not_found" and e.value.body["message"] == "unknown model 'gpt-4o': this server serves run, moved"
+    bad = [
+        (dict(messages=image_message("https://example.com/cat.jpg")), "is not a data: URL: this server fetches nothing", "messages"),
+        (dict(messages=[{"role": "user", "content": "a cat?"}]), "the messages hold 0 images", "messages"),
+        (dict(messages=image_message(url) + image_message(url)[1:]), "the messages hold 2 images", "messages"),
+        (dict(messages=[]), "messages must be a non-empty list", "messages"),
+        (dict(messages=image_message("data:image/png,rawbytes")), "is not base64", "messages"),
+        (dict(messages=image_message("data:image/png;base64,@@@@")), "not valid base64", None),
+        (dict(messages=image_message(data_url(b"not an image"))), "is not an image Pillow can read", None),
+        (dict(messages=image_message(url), temperature=-1), "temperature must be", "temperature"),
+        (dict(messages=image_message(url), max_tokens=0), "max_tokens must be between 1 and 30", "max_tokens"),
+        (dict(messages=image_message(url), max_completion_tokens=31), "max_completion_tokens must be between 1 and 30",
+         "max_completion_tokens"),
+        (dict(messages=image_message(url), n=0), "n must be a whole number from 1 to 4", "n"),
+        (dict(messages=image_message(url), n=5), "n must be a whole number from 1 to 4", "n"),
+        (dict(messages=image_message(url), top_p=2), "top_p must be", "top_p"),
+        (dict(messages=image_message(url), tools=[{"type": "function", "function": {"name": "f"}}]),
+         "tools is not supported by this captioner", "tools"),
+        (dict(messages=image_message(url), logprobs=True), "logprobs is not supported", "logprobs"),
+        (dict(messages=[{"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": url}}]}]),
+         "holds an image but is a assistant message", "messages"),
+    ]
+    for kwargs, message, param in bad:
+        with pytest.raises(openai.BadRequestError) as e:
+            chat.chat.completions.create(**dict({"model": "run"}, **kwargs))
+        assert message in e.value.body["message"], (kwargs, e.value.body)
+        assert e.value.param == param and e.value.type == "invalid_request_error", (kwargs, e.value.body)
+        assert "\n" not in e.value.body["message"] and e.value.status_code == 400
+    for body, message in [(b"{not json", "malformed JSON"), (b"[1]", "must be a JSON object"),
+                          (json.dumps({"model": "run", "messages": image_message(url), "stream": "yes"}).encode(),
+                           "stream must be true or false")]:
+        r = client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
+    # Nothing else was disturbed: the next request is answered.
+    assert chat.chat.completions.create(model="run", messages=image_message(url)).choices[0].message.content
+    assert svc.batcher.arriving == 0  # every refused request ended its arrival
 
 
 def test_continuous_batching_keeps_sampled_and_beam_requests_on_the_batch_path(continuous_service, photos, offline):
@@ -450,7 +596,7 @@ def test_api_key_guards_every_route_but_health(service, photos):
 
     svc, _ = service
     key = "k3y-for-the-test"
-    app = create_app(svc.batcher, svc.limits, lambda: svc.preprocess, lambda: svc.info, lambda: svc.ready,
+    app = create_app(svc.batcher, svc.limits, lambda: svc.captioners, lambda: svc.info, lambda: svc.ready,
                      svc.metrics, api_key=key)
     client = TestClient(app)
     assert client.get("/health").status_code == 200
@@ -470,6 +616,15 @@ def test_api_key_guards_every_route_but_health(service, photos):
     assert client.post("/v1/captions", files=files).status_code == 401
     assert count("401") == before + 1  # refused requests are counted too
     assert client.post("/v1/captions", files=files, headers={"X-API-Key": key}).status_code == 200
+    # The OpenAI routes say it in OpenAI's shape, which its client reads.
+    import openai
+
+    chat = openai.OpenAI(base_url="http://testserver/v1", api_key="wrong-key-000", http_client=client, max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as refused:
+        chat.models.list()
+    assert refused.value.code == "invalid_api_key" and "a valid API key is needed" in refused.value.body["message"]
+    chat = openai.OpenAI(base_url="http://testserver/v1", api_key=key, http_client=client, max_retries=0)
+    assert [m.id for m in chat.models.list()] == ["run", "moved"]
 
 
 def test_page_and_openapi_are_served_locally(service):
@@ -612,6 +767,22 @@ def test_loadtest_command_checks_every_caption_against_offline(server, photos, o
                           "--concurrency", "2", "--requests", "9", "--expected", wrong],
                          capture_output=True, text=True, cwd=REPO, timeout=300, env=dict(os.environ, PYTHONPATH=REPO))
     assert run.returncode == 2 and "differ" in run.stderr, run.stdout + run.stderr
+
+
+@pytest.mark.slow
+def test_the_openai_client_over_loopback_gets_what_caption_writes(server, photos, offline):
+    """The `openai` package with its own HTTP client, against the server process on loopback."""
+    import openai
+
+    proc, url = server
+    chat = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+    assert [m.id for m in chat.models.list()] == ["run"]  # one run, named by its folder
+    name = sorted(os.listdir(photos))[3]
+    done = chat.chat.completions.create(model="run",
+                                        messages=image_message(data_url(read(photos, name))), n=2)
+    assert [c.message.content for c in done.choices] == [offline["captions"][name]] * 2
+    with pytest.raises(openai.BadRequestError, match="this server fetches nothing"):
+        chat.chat.completions.create(model="run", messages=image_message("http://127.0.0.1:9/cat.jpg"))
 
 
 @pytest.mark.slow

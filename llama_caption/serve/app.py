@@ -3,11 +3,14 @@
     POST /v1/captions   images as multipart files (field `images`) or base64 in JSON (`{"images": [...]}`),
                         with optional decoding settings; one caption per image, with times
     GET  /health        200 once the model is loaded, 503 before
-    GET  /v1/model      what captions: the checkpoint, LLaMA and CLIP identities (as results record them)
+    GET  /v1/model      what captions: the checkpoint, LLaMA and CLIP identities (as results record them),
+                        each served captioner's under `captioners`
+    POST /v1/chat/completions, GET /v1/models   OpenAI's Chat Completions API (chat.py)
     GET  /metrics       Prometheus text format (prometheus_client)
     GET  /              the page (static/index.html, served from here: no internet needed)
 
-Every error is `{"error": "one sentence"}` with a 4xx or 5xx status. Images are checked (type,
+Every error is `{"error": "one sentence"}` with a 4xx or 5xx status (on the OpenAI routes, in
+OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`). Images are checked (type,
 truncation, Pillow's pixel limit, size) before they enter a batch, so a bad image fails only its
 own request. With an API key every route but /health needs it (`Authorization: Bearer KEY`, or
 `X-API-Key: KEY`; the page takes `?api_key=` and sends the header), compared in constant time.
@@ -45,9 +48,10 @@ CLIENT_GONE = 499  # nginx's status for a client that closed the connection (cou
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, headers: Optional[dict] = None):
+    def __init__(self, status: int, message: str, headers: Optional[dict] = None, param: Optional[str] = None,
+                 code: Optional[str] = None):
         super().__init__(message)
-        self.status, self.message, self.headers = status, message, headers or {}
+        self.status, self.message, self.headers, self.param, self.code = status, message, headers or {}, param, code
 
 
 class Limits(BaseModel):
@@ -68,6 +72,7 @@ SERVER_NOTES = {"max_gen_len": " Default and limit: the server's --max_gen_len."
 CaptionRequest = create_model(
     "CaptionRequest",
     images=(List[str], Field(description="base64-encoded image files (JPEG, PNG, ...); a data: URL prefix is accepted")),
+    model=(Optional[str], Field(None, description="the captioner, by the name serve gave it (GET /v1/model lists them); default: the first")),
     **{f.name: (Optional[f.type], Field(None, description=f.metadata["help"] + SERVER_NOTES.get(f.name, "")))
        for f in fields(Decoding)})
 
@@ -80,6 +85,7 @@ class CaptionOut(BaseModel):
 
 class CaptionResponse(BaseModel):
     captions: List[CaptionOut]
+    captioner: str = Field(description="the captioner that wrote them, by its name (GET /v1/model lists them)")
     queue_s: float = Field(description="seconds waiting for a batch")
     total_s: float = Field(description="seconds from the request's arrival to its answer")
 
@@ -103,6 +109,11 @@ class Metrics:
         self.steps = Counter("llama_caption_decode_steps", "continuous decoder: steps run", registry=r)
         self.step_tokens = Histogram("llama_caption_step_tokens", "continuous decoder: tokens decoded per step",
                                      buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
+        self.by_captioner = Counter("llama_caption_captioner_images", "images captioned, by captioner (serve's names)",
+                                    ["captioner"], registry=r)
+
+    def captioned(self, captioner: str, n: int) -> None:
+        self.by_captioner.labels(captioner).inc(n)
 
     def batch(self, n: int) -> None:
         self.batches.observe(n)
@@ -248,10 +259,13 @@ async def parse_request(request: Request, limits: Limits):
     raise ApiError(415, "send multipart/form-data (files in the field 'images') or application/json (base64 images)")
 
 
-def create_app(batcher: Batcher, limits: Limits, preprocess: Callable, model_info: Callable[[], dict],
+def create_app(batcher: Batcher, limits: Limits, captioners: Callable[[], dict], model_info: Callable[[], dict],
                ready: Callable[[], bool], metrics: Metrics, api_key: Optional[str] = None) -> FastAPI:
-    """The FastAPI app. `preprocess`, `model_info` and `ready` are read when called: the model
-    loads while the server already answers /health with 503."""
+    """The FastAPI app. `captioners` (name -> opening.OpenedCaptioner, the default first),
+    `model_info` and `ready` are read when called: the model loads while the server already
+    answers /health with 503."""
+    from .chat import add_openai_routes
+
     # Images are decoded by two threads, not by the event loop's pool of forty: more threads only
     # fight the decoding loop for the interpreter lock.
     readers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="read-images")
@@ -262,12 +276,24 @@ def create_app(batcher: Batcher, limits: Limits, preprocess: Callable, model_inf
     add_error_handlers(app)
     add_guards(app, metrics, api_key)
     add_info_routes(app, batcher, limits, model_info, ready, metrics)
-    add_caption_route(app, batcher, limits, preprocess, ready, readers)
+    add_caption_route(app, batcher, limits, captioners, ready, readers)
+    add_openai_routes(app, batcher, limits, captioners, ready, readers)
     return app
 
 
-def error(status: int, message: str, headers: Optional[dict] = None) -> JSONResponse:
-    """Every error the server sends: {"error": one sentence}."""
+OPENAI_PATHS = ("/v1/chat/completions", "/v1/models")
+OPENAI_TYPES = {401: "invalid_request_error", 404: "invalid_request_error", 413: "invalid_request_error",
+                429: "rate_limit_error", 503: "server_error", 500: "server_error", 499: "invalid_request_error"}
+
+
+def error(status: int, message: str, headers: Optional[dict] = None, path: str = "", param: Optional[str] = None,
+          code: Optional[str] = None) -> JSONResponse:
+    """Every error the server sends: {"error": one sentence}; on the OpenAI routes (`path`),
+    OpenAI's shape {"error": {"message", "type", "param", "code"}}, which its clients read."""
+    if path.startswith(OPENAI_PATHS):
+        body = {"message": message, "type": OPENAI_TYPES.get(status, "invalid_request_error"), "param": param,
+                "code": code}
+        return JSONResponse({"error": body}, status_code=status, headers=headers)
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
@@ -276,17 +302,17 @@ def add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError):
-        return error(e.status, e.message, e.headers)
+        return error(e.status, e.message, e.headers, request.url.path, e.param, e.code)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException):
-        return error(e.status_code, str(e.detail), getattr(e, "headers", None))
+        return error(e.status_code, str(e.detail), getattr(e, "headers", None), request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, e: RequestValidationError):
         first = e.errors()[0] if e.errors() else {}
         where = ".".join(str(x) for x in first.get("loc", ()))
-        return error(400, f"{where}: {first.get('msg', 'invalid request')}")
+        return error(400, f"{where}: {first.get('msg', 'invalid request')}", path=request.url.path)
 
 
 def add_guards(app: FastAPI, metrics: Metrics, api_key: Optional[str]) -> None:
@@ -303,14 +329,14 @@ def add_guards(app: FastAPI, metrics: Metrics, api_key: Optional[str]) -> None:
                 given = request.query_params.get("api_key", "")
             if not hmac.compare_digest(given.encode(), api_key.encode()):
                 return error(401, "a valid API key is needed: send 'Authorization: Bearer KEY' (the server's --api_key)",
-                             {"WWW-Authenticate": "Bearer"})
+                             {"WWW-Authenticate": "Bearer"}, request.url.path, code="invalid_api_key")
         return await call_next(request)
 
     # Outermost: every answer to a caption request is counted, the refused key and the client
     # that went away included.
     @app.middleware("http")
     async def _count(request: Request, call_next):
-        if request.url.path != "/v1/captions":
+        if request.url.path not in ("/v1/captions", "/v1/chat/completions"):
             return await call_next(request)
         arrived = time.monotonic()
         status = 500
@@ -354,8 +380,45 @@ def add_info_routes(app: FastAPI, batcher: Batcher, limits: Limits, model_info: 
         return FileResponse(os.path.join(STATIC, "favicon.svg"), media_type="image/svg+xml")
 
 
-def add_caption_route(app: FastAPI, batcher: Batcher, limits: Limits, preprocess: Callable, ready: Callable[[], bool],
-                      readers: ThreadPoolExecutor) -> None:
+def pick_captioner(captioners: dict, name, status: int = 400, field: str = "model") -> tuple:
+    """(name, opening.OpenedCaptioner) a request names (`name` None or "": the default, the first)."""
+    if name in (None, ""):
+        return next(iter(captioners.items()))
+    if not isinstance(name, str) or name not in captioners:
+        raise ApiError(status, f"unknown {field} {name!r}: this server serves {', '.join(captioners)}",
+                       param=field, code="model_not_found")
+    return name, captioners[name]
+
+
+async def caption_files(batcher: Batcher, limits: Limits, readers: ThreadPoolExecutor, files: list,
+                        decoding: Decoding, name: str, opened) -> dict:
+    """Decode and check a request's image files (name, bytes) for its captioner, queue them and
+    wait for their batch: batching.run_batch's answer (captions, tokens, times). ApiError for a
+    bad image, a full queue, a server shutting down, or a batch that failed. The request's
+    arrival (Batcher.arrive, by the caller) ends here, whatever happens."""
+    preprocess = opened.preprocess
+    try:
+        pixels = await asyncio.get_running_loop().run_in_executor(
+            readers, lambda: torch.stack([decode_image(data, label, limits, preprocess) for label, data in files]))
+    except BaseException:
+        batcher.arrived()
+        raise
+    try:
+        # submit ends the request's arrival (Batcher.arrive), whether it takes it or not
+        future = batcher.submit(QueuedRequest(pixels, decoding, name, opened.captioner.prefix_len), was_arriving=True)
+    except QueueFull:
+        raise ApiError(503, f"the queue is full ({batcher.max_queue} images, the server's --max_queue): retry shortly",
+                       {"Retry-After": "1"}) from None
+    except Closed:
+        raise ApiError(503, "the server is shutting down", {"Retry-After": "5"}) from None
+    try:
+        return await asyncio.wrap_future(future)
+    except Exception as e:
+        raise ApiError(500, f"captioning failed: {type(e).__name__}: {e}") from None
+
+
+def add_caption_route(app: FastAPI, batcher: Batcher, limits: Limits, captioners: Callable[[], dict],
+                      ready: Callable[[], bool], readers: ThreadPoolExecutor) -> None:
     """POST /v1/captions: read and check the request, decode its images, queue it, answer it."""
     body_schema = {
         "requestBody": {"required": True, "content": {
@@ -378,28 +441,18 @@ def add_caption_route(app: FastAPI, batcher: Batcher, limits: Limits, preprocess
             if not ready():
                 raise ApiError(503, "the model is still loading", {"Retry-After": "5"})
             files, settings = await parse_request(request, limits)
+            name, opened = pick_captioner(captioners(), settings.pop("model", None))
             if not files:
                 raise ApiError(400, "no images: send at least one file in the field 'images'")
             if len(files) > limits.max_images:
                 raise ApiError(400, f"{len(files)} images in one request, over the server's --max_images {limits.max_images}")
             decoding = check_decoding(settings, limits)
-            pixels = await asyncio.get_running_loop().run_in_executor(
-                readers, lambda: torch.stack([decode_image(data, name, limits, preprocess()) for name, data in files]))
-            try:
-                submitted = True  # submit ends its arrival, whether it takes it or not
-                future = batcher.submit(QueuedRequest(pixels, decoding), was_arriving=True)
-            except QueueFull:
-                raise ApiError(503, f"the queue is full ({batcher.max_queue} images, the server's --max_queue): retry shortly",
-                               {"Retry-After": "1"}) from None
-            except Closed:
-                raise ApiError(503, "the server is shutting down", {"Retry-After": "5"}) from None
-            try:
-                out = await asyncio.wrap_future(future)
-            except Exception as e:
-                raise ApiError(500, f"captioning failed: {type(e).__name__}: {e}") from None
+            submitted = True
+            out = await caption_files(batcher, limits, readers, files, decoding, name, opened)
             return {"captions": [{"caption": c, "decode_s": round(out["decode_s"], 4),
                                   "batch_images": out["batch_images"]} for c in out["captions"]],
-                    "queue_s": round(out["queue_s"], 4), "total_s": round(time.monotonic() - arrived, 4)}
+                    "captioner": name, "queue_s": round(out["queue_s"], 4),
+                    "total_s": round(time.monotonic() - arrived, 4)}
         finally:
             if not submitted:
                 batcher.arrived()

@@ -1,8 +1,9 @@
 """Dynamic batching: the images of concurrent requests are captioned together.
 
 Requests enter a queue (`Batcher.submit`); the decoding loop (`Batcher.next_batch`) takes the
-oldest request and every queued one that can share its batch (the same decoding settings), up to
-`max_batch` images. It waits for the batch to fill only while other requests are still being
+oldest request and every queued one that can share its batch (the same decoding settings, and a
+captioner whose prefixes are as long: captioners over one LLaMA differ only in their prefixes,
+so one batch holds images of several), up to `max_batch` images. It waits for the batch to fill only while other requests are still being
 read and checked (`arriving`: they are about to join), and at most `max_wait_s` after the oldest
 one arrived: a lone request starts at once, so batching costs a single user nothing. A request whose settings cannot share goes to a batch of its own: greedy and beam requests
 share when their settings are equal; a sampled request is always alone, so that its seed alone
@@ -15,7 +16,7 @@ import threading
 import time
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -47,8 +48,10 @@ class QueuedRequest:
     """One request waiting for its batch: its preprocessed images, settings, and the future its
     captions go to."""
 
-    pixels: torch.Tensor  # (n, 3, H, W)
+    pixels: torch.Tensor  # (n, 3, H, W), as its captioner's encoder takes them
     decoding: Decoding
+    captioner: str = ""  # its name among the served captioners ("" with one)
+    prefix_len: int = 0  # its captioner's prefix length: a batch's prefixes are of one length
     future: Future = field(default_factory=Future)
     enqueued: float = field(default_factory=time.monotonic)
     id: int = field(default_factory=lambda: next(_ids))
@@ -59,7 +62,7 @@ class QueuedRequest:
 
     @property
     def key(self):
-        return share_key(self.decoding, self.id)
+        return share_key(self.decoding, self.id) + (self.prefix_len,)
 
 
 class Batcher:
@@ -157,15 +160,18 @@ class Batcher:
 class BatchRunner:
     """Captions batches on every rank of a model-parallel group.
 
-    Rank 0 calls `run(pixels, decoding)`; the other ranks sit in `follow()`, which receives each
-    batch (or a keep-alive, or the stop) by broadcast and runs it too. Every rank does the same
-    collectives in the same order, which model parallelism needs.
+    Rank 0 calls `run(parts, decoding)` (each captioner's name with its images); the other ranks
+    sit in `follow()`, which receives each batch (or a keep-alive, or the stop) by broadcast and
+    runs it too. Every rank does the same collectives in the same order, which model
+    parallelism needs.
     """
 
     KEEPALIVE_S = 60.0  # idle ranks wait in a collective, which would time out after gloo's 30 min
 
-    def __init__(self, opened, world: int):
-        self.opened, self.captioner, self.world = opened, opened.captioner, world  # opening.OpenedCaptioner
+    def __init__(self, captioners: Dict[str, "OpenedCaptioner"], world: int):  # noqa: F821 (opening.py's)
+        self.captioners, self.world = captioners, world
+        self.opened = next(iter(captioners.values()))  # the first: the LLaMA, decoder and tokenizer all share
+        self.captioner = self.opened.captioner
 
     def _broadcast(self, message):
         import torch.distributed as dist
@@ -175,14 +181,18 @@ class BatchRunner:
         return box[0]
 
     @torch.no_grad()
-    def _caption(self, pixels: torch.Tensor, d: Decoding) -> List[str]:
-        # One server is one data-parallel rank: rank 0's generator, as `caption` on one process.
-        return self.opened.caption(pixels, d, d.generator(0, self.captioner.llama.device))
+    def _caption(self, parts: List[Tuple[str, torch.Tensor]], d: Decoding) -> list:
+        from ..opening import caption_parts
 
-    def run(self, pixels: torch.Tensor, d: Decoding) -> List[str]:
+        # One server is one data-parallel rank: rank 0's generator, as `caption` on one process.
+        return caption_parts([(self.captioners[name], pixels) for name, pixels in parts], d,
+                             d.generator(0, self.captioner.llama.device))
+
+    def run(self, parts: List[Tuple[str, torch.Tensor]], d: Decoding) -> list:
+        """opening.Captioned of each image of `parts`, in order."""
         if self.world > 1:
-            self._broadcast(("batch", pixels, d))
-        return self._caption(pixels, d)
+            self._broadcast(("batch", parts, d))
+        return self._caption(parts, d)
 
     def keepalive(self) -> None:
         if self.world > 1:
@@ -203,6 +213,14 @@ class BatchRunner:
                     self._caption(message[1], message[2])
                 except Exception:  # rank 0 meets the same error and answers the request with it
                     pass
+
+
+def by_captioner(jobs: List[QueuedRequest]) -> Tuple[List[QueuedRequest], List[Tuple[str, torch.Tensor]]]:
+    """The jobs in the order their images are decoded (grouped by captioner, each group encoded
+    together), and the (captioner, images) parts of that batch."""
+    names = list(dict.fromkeys(j.captioner for j in jobs))
+    ordered = [j for name in names for j in jobs if j.captioner == name]
+    return ordered, [(name, torch.cat([j.pixels for j in jobs if j.captioner == name])) for name in names]
 
 
 def settle(future: Future, result=None, error: Optional[BaseException] = None) -> None:
@@ -238,22 +256,27 @@ def serve_batches(batcher: Batcher, runner: BatchRunner, finished: Callable[[], 
 
 def run_batch(live: List[QueuedRequest], runner: BatchRunner, metrics, log) -> None:
     """Caption one batch of requests and answer each (or each with the error, and go on serving)."""
-    pixels = torch.cat([j.pixels for j in live])
+    live, parts = by_captioner(live)
+    n = sum(j.n for j in live)
     start = time.monotonic()
     try:
-        captions = runner.run(pixels, live[0].decoding)
+        captions = runner.run(parts, live[0].decoding)
     except Exception as e:
-        log(f"error: a batch of {len(pixels)} image(s) failed: {type(e).__name__}: {e}")
+        log(f"error: a batch of {n} image(s) failed: {type(e).__name__}: {e}")
         for j in live:
             settle(j.future, error=e)
         return
     seconds = time.monotonic() - start
     if metrics is not None:
-        metrics.batch(len(pixels))
+        metrics.batch(n)
     offset = 0
     for j in live:
-        settle(j.future, {"captions": captions[offset:offset + j.n], "decode_s": seconds,
-                          "batch_images": len(pixels), "queue_s": start - j.enqueued})
+        if metrics is not None:
+            metrics.captioned(j.captioner, j.n)
+        mine = captions[offset:offset + j.n]
+        settle(j.future, {"captions": [c.text for c in mine], "tokens": [len(c.tokens) for c in mine],
+                          "ended": [c.ended for c in mine], "decode_s": seconds, "batch_images": n,
+                          "queue_s": start - j.enqueued})
         offset += j.n
 
 
@@ -264,6 +287,7 @@ class InSlots:
     job: QueuedRequest
     started: float
     captions: List[Optional[str]]
+    tokens: List[int]
     left: int
     busy: int = 0  # the most slots busy while its images were decoded
 
@@ -279,9 +303,7 @@ def serve_continuous(batcher: Batcher, runner: BatchRunner, finished: Callable[[
     ends. Sampled and beam requests keep the batch path (a sampled one alone, as `caption` draws
     it), run when the slots have emptied; while one waits at the head of the queue, no greedy
     request behind it takes a slot, so it waits at most for the captions in the slots."""
-    opened = runner.opened
-    decoder = opened.captioner.decoder
-    tokenizer = opened.captioner.tokenizer
+    decoder = runner.captioner.decoder
     slots: Dict[int, InSlots] = {}
     while True:
         if not decoder.in_flight:
@@ -295,7 +317,7 @@ def serve_continuous(batcher: Batcher, runner: BatchRunner, finished: Callable[[
         jobs = [j for j in batcher.take(decoder.free - len(decoder.waiting), greedy) if not j.future.cancelled()]
         try:
             if jobs:
-                admit(opened, decoder, jobs, slots)
+                admit(runner, decoder, jobs, slots)
             ended = decoder.step()
         except Exception as e:  # every request in the slots is answered with it; the decoder starts empty
             log(f"error: decoding {len(slots)} request(s) failed: {type(e).__name__}: {e}")
@@ -309,32 +331,46 @@ def serve_continuous(batcher: Batcher, runner: BatchRunner, finished: Callable[[
             metrics.step(busy, decoder.slots - decoder.free)
         for state in slots.values():
             state.busy = max(state.busy, busy)
-        for (job_id, i), tokens in ended:
-            state = slots[job_id]
-            state.captions[i] = tokenizer.decode(tokens).strip()
-            state.left -= 1
-            if state.left == 0:
-                del slots[job_id]
-                now = time.monotonic()
-                if metrics is not None:
-                    metrics.images.inc(state.job.n)
-                settle(state.job.future, {"captions": state.captions, "decode_s": now - state.started,
-                                          "batch_images": state.busy, "queue_s": state.started - state.job.enqueued})
+        answer_ended(ended, slots, runner, metrics)
 
 
-def admit(opened, decoder, jobs: List[QueuedRequest], slots: Dict) -> None:
-    """The requests' images encoded together and queued in the decoder, one request per image."""
+def answer_ended(ended: list, slots: Dict[int, InSlots], runner: BatchRunner, metrics) -> None:
+    """Record the captions that ended in a step; answer each request whose last caption ended."""
+    for (job_id, i), tokens in ended:
+        state = slots[job_id]
+        cap = runner.captioners[state.job.captioner].captioner
+        state.captions[i] = cap.tokenizer.decode(tokens).strip()
+        state.tokens[i] = len(tokens)
+        state.left -= 1
+        if state.left:
+            continue
+        del slots[job_id]
+        now = time.monotonic()
+        if metrics is not None:
+            metrics.images.inc(state.job.n)
+            metrics.captioned(state.job.captioner, state.job.n)
+        limit = min(state.job.decoding.max_gen_len, cap.max_caption_tokens)
+        settle(state.job.future, {"captions": state.captions, "tokens": state.tokens,
+                                  "ended": [t < limit for t in state.tokens], "decode_s": now - state.started,
+                                  "batch_images": state.busy, "queue_s": state.started - state.job.enqueued})
+
+
+def admit(runner: BatchRunner, decoder, jobs: List[QueuedRequest], slots: Dict) -> None:
+    """The requests' images encoded (each captioner's together) and queued in the decoder, one
+    request per image; captioners of any prefix length share the slots."""
     from ..llama.continuous import Request
 
-    cap = opened.captioner
-    with torch.no_grad():
-        prefix = cap.projection(opened.encoder(torch.cat([j.pixels for j in jobs])).to(cap.llama.device))
+    jobs, parts = by_captioner(jobs)
+    with torch.no_grad():  # one (P, dim) prefix per image, in the jobs' order
+        prefixes = [row for name, pixels in parts
+                    for row in runner.captioners[name].captioner.prefix(runner.captioners[name].encoder(pixels))]
     start, row = time.monotonic(), 0
     for job in jobs:
+        cap = runner.captioners[job.captioner].captioner
         max_gen_len = min(job.decoding.max_gen_len, cap.max_caption_tokens)
-        slots[job.id] = InSlots(job, start, [None] * job.n, job.n)
+        slots[job.id] = InSlots(job, start, [None] * job.n, [0] * job.n, job.n)
         for i in range(job.n):
-            decoder.submit(Request(prefix[row], [cap.tokenizer.bos_id], max_gen_len, tag=(job.id, i)))
+            decoder.submit(Request(prefixes[row], [cap.tokenizer.bos_id], max_gen_len, tag=(job.id, i)))
             row += 1
 
 

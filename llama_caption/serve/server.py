@@ -4,7 +4,9 @@
     torchrun --nproc_per_node 2 -m llama_caption serve --ckpt_dir llama/13B --checkpoint runs/coco13
 
 The LLaMA, checkpoint, encoder, precision and decoder flags are captioning's own
-(opening.CaptionerSettings), and the model is opened as `caption` opens it (opening.open_captioner). Rank 0 binds the port and runs uvicorn in a thread; its main thread
+(opening.CaptionerSettings), and the model is opened as `caption` opens it (opening.open_captioners:
+several trained runs over one LLaMA, `--checkpoint NAME=RUN,NAME=RUN`, load it once and share
+its batches). Rank 0 binds the port and runs uvicorn in a thread; its main thread
 loads the model (/health says 503 until then), then runs the decoding loop (batching.py), which
 broadcasts every batch to the other ranks of the model-parallel group; they open no port.
 SIGTERM or ^C: no new requests, those in flight are answered, then every rank exits 0.
@@ -16,12 +18,12 @@ import socket
 import sys
 import threading
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional
 
 from .. import distributed
 from ..config import command, setting
 from ..errors import UserError, report_user_error
-from ..opening import CaptionerSettings
+from ..opening import CaptionerSettings, named_checkpoints
 
 API_KEY_ENV = "LLAMA_CAPTION_API_KEY"
 
@@ -47,6 +49,7 @@ def check_api_key(key: Optional[str], name: str) -> None:
 
 @dataclass
 class ServeConfig(CaptionerSettings):
+    checkpoint: List[str] = setting(help="the trained run to serve (a run folder or a checkpoint folder); several over one LLaMA as NAME=RUN,NAME=RUN (a request picks one by `model`; the first is the default; a bare RUN is named by its folder).")
     host: str = setting("127.0.0.1", "the address to listen on; anything but loopback needs --api_key.")
     port: int = setting(8000, "the port (0: any free one; the URL is printed).")
     api_key: Optional[str] = setting(None, f"a key every route but /health requires (Authorization: Bearer KEY); default: ${API_KEY_ENV}. Needed to bind beyond loopback.")
@@ -64,6 +67,7 @@ class ServeConfig(CaptionerSettings):
 
     def check(self) -> None:
         super().check()
+        self.checkpoints = named_checkpoints(self.checkpoint)
         self.at_least(0, "port", "max_wait_ms", "threads")
         self.at_least(1, "max_batch", "max_queue", "max_images", "max_pixels", "max_gen_len", "max_beams")
         if self.max_images is None:
@@ -119,20 +123,21 @@ class Service:
         from .batching import Batcher
 
         self.cfg = cfg
-        self.ready, self.preprocess, self.info, self.runner = False, None, {}, None
+        self.ready, self.captioners, self.info, self.runner = False, {}, {}, None
         self.limits = Limits(max_images=cfg.max_images, max_upload_bytes=int(cfg.max_upload_mb * 2 ** 20),
                              max_pixels=cfg.max_pixels, max_gen_len=cfg.max_gen_len, max_beams=cfg.max_beams)
         self.metrics = Metrics()
         self.batcher = Batcher(cfg.max_batch, cfg.max_wait_ms / 1000, cfg.max_queue, on_depth=self.metrics.queue.set)
-        self.app = create_app(self.batcher, self.limits, lambda: self.preprocess, lambda: self.info,
+        self.app = create_app(self.batcher, self.limits, lambda: self.captioners, lambda: self.info,
                               lambda: self.ready, self.metrics, cfg.api_key)
 
     def load(self, env) -> None:
-        """The captioner on every rank; on rank 0 also what /v1/model says, and a warm-up batch."""
+        """The captioners on every rank (the LLaMA once); on rank 0 also what /v1/model says,
+        and a warm-up batch per captioner."""
         import torch
 
         from ..llama.decoding import Decoding
-        from ..opening import open_captioner
+        from ..opening import open_captioners
         from .batching import BatchRunner
 
         cfg = self.cfg
@@ -140,18 +145,17 @@ class Service:
         if cfg.decoder == "continuous" and env.mp_size > 1:
             raise UserError(f"--decoder continuous serves from one process; this LLaMA runs at model-parallel size "
                             f"{env.mp_size}: use --decoder auto or static")
-        opened = open_captioner(cfg, env, default, cfg.max_batch, graphs=False)
+        opened = open_captioners(cfg, cfg.checkpoints, env, default, cfg.max_batch, graphs=False)
         self.runner = BatchRunner(opened, env.mp_size)
         if not env.is_main:
             return
-        made_by = opened.provenance(default, {})  # what a results file of the default decoding records
-        made_by.pop("selection")
-        self.info = dict(made_by, checkpoint_dir=os.path.abspath(opened.checkpoint_dir),
-                         llama_dir=os.path.abspath(cfg.open().folder), model_parallel=env.mp_size,
-                         device=str(env.device), max_batch=cfg.max_batch, max_wait_ms=cfg.max_wait_ms)
-        self.preprocess = opened.preprocess
-        with torch.no_grad():  # the decoder's first shape, before the first user waits for it
-            self.runner.run(torch.zeros(1, *encoder_input_shape(opened.encoder)), default)
+        self.info = model_info(opened, default, cfg, env)
+        for name in opened:  # /metrics names every captioner from the start
+            self.metrics.by_captioner.labels(name)
+        with torch.no_grad():  # the decoder's first shapes, before the first user waits for them
+            for name, op in opened.items():
+                self.runner.run([(name, torch.zeros(1, *encoder_input_shape(op.encoder)))], default)
+        self.captioners = opened
         self.ready = True
 
     def serve(self, finished, log=print) -> None:
@@ -163,6 +167,21 @@ class Service:
             loop(self.batcher, self.runner, finished, self.metrics, log)
         finally:
             self.runner.stop()
+
+
+def model_info(opened: dict, default, cfg: ServeConfig, env) -> dict:
+    """What /v1/model says: the default captioner's identity at the top, as results files record
+    it (one captioner: as before), and each captioner's under `captioners`."""
+    each = {}
+    for name, op in opened.items():
+        made_by = op.provenance(default, {})  # what a results file of the default decoding records
+        made_by.pop("selection")
+        each[name] = dict(made_by, checkpoint_dir=os.path.abspath(op.checkpoint_dir), prefix_len=op.spec.prefix_len,
+                          clip_model=op.spec.encoder.clip_model)
+    first = next(iter(each))
+    top = {k: v for k, v in each[first].items() if k not in ("prefix_len", "clip_model")}
+    return dict(top, llama_dir=os.path.abspath(cfg.open().folder), model_parallel=env.mp_size, device=str(env.device),
+                max_batch=cfg.max_batch, max_wait_ms=cfg.max_wait_ms, default_captioner=first, captioners=each)
 
 
 def model_threads(cfg: ServeConfig, env) -> None:
@@ -237,7 +256,8 @@ def run(cfg: ServeConfig) -> None:
             with open(cfg.url_file + ".tmp", "w") as f:
                 f.write(url + "\n")
             os.replace(cfg.url_file + ".tmp", cfg.url_file)
-        env.log(f"ready: {url} (the page), {url}/v1/captions (the API), {url}/docs (needs the internet)")
+        env.log(f"ready: {url} (the page), {url}/v1/captions (the API), {url}/v1/chat/completions (OpenAI's), "
+                f"{url}/docs (needs the internet); captioners: {', '.join(service.captioners)}")
         try:
             service.serve(lambda: stopping.is_set() and not thread.is_alive(), env.log)
         except KeyboardInterrupt:
