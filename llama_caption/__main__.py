@@ -32,6 +32,7 @@ COMMANDS = {
     "loadtest": ("llama_caption.tools.loadtest", "main", "load a caption server on this machine; check its captions against offline ones"),
     "bench-load": ("llama_caption.tools.bench_load", "main", "LLaMA checkpoint load time and memory per format, model-parallel size and --quantize mode"),
     "bench-shards": ("llama_caption.tools.loader_speed", "main", "images/s of the webdataset shard loader against the folder loader"),
+    "bench-captioners": ("llama_caption.tools.bench_captioners", "main", "memory of serving 1, 2, 4 ... captioners over one frozen LLaMA"),
     "bench-quantize": ("llama_caption.tools.bench_quantize", "main", "decoding speed, weight memory and demo metrics per --quantize mode"),
     "demo": ("llama_caption.tools.demo.build", "main", "the offline demo: stand-in models, real scripts, a table of results"),
     "demo-check": ("llama_caption.tools.demo.check", "main", "the demo under other CPU kernel paths and seeds: its conclusions against their floors"),

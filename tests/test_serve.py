@@ -730,9 +730,10 @@ def start_server(cap, trained, tmp_path, *extra, nproc=1):
 
 
 @pytest.fixture(scope="module")
-def server(cap, trained, tmp_path_factory):
-    proc, url = start_server(cap, trained, tmp_path_factory.mktemp("server"), "--max_wait_ms", 300, "--max_batch", 8,
-                             "--max_images", 4)
+def server(cap, trained, other, tmp_path_factory):
+    """The server process, serving `trained` (run, the default) and `other` (moved) over one LLaMA."""
+    proc, url = start_server(cap, f"{trained},moved={other}", tmp_path_factory.mktemp("server"), "--max_wait_ms", 300,
+                             "--max_batch", 8, "--max_images", 4)
     yield proc, url
     if proc.poll() is None:
         proc.kill()
@@ -776,7 +777,7 @@ def test_the_openai_client_over_loopback_gets_what_caption_writes(server, photos
 
     proc, url = server
     chat = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
-    assert [m.id for m in chat.models.list()] == ["run"]  # one run, named by its folder
+    assert [m.id for m in chat.models.list()] == ["run", "moved"]  # a bare run is named by its folder
     name = sorted(os.listdir(photos))[3]
     done = chat.chat.completions.create(model="run",
                                         messages=image_message(data_url(read(photos, name))), n=2)
@@ -848,7 +849,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 @pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="the browser test needs Debian's chromium: apt-get install chromium "
                                                "(.ci/run installs it on CI)")
-def test_the_page_captions_chosen_photos_in_a_real_browser(server, photos, offline, tmp_path):
+def test_the_page_captions_chosen_photos_in_a_real_browser(server, photos, offline, moved_offline, tmp_path):
     from playwright.sync_api import sync_playwright
 
     proc, url = server
@@ -860,7 +861,7 @@ def test_the_page_captions_chosen_photos_in_a_real_browser(server, photos, offli
         try:
             page = browser.new_page()
             page.goto(url + "/")
-            page.wait_for_function("document.getElementById('model').textContent.includes('checkpoint')")
+            page.wait_for_function("document.getElementById('model').textContent.includes('2 captioners: run, moved')")
             page.fill("#max_gen_len", "30")
             page.set_input_files("#files", [os.path.join(photos, n) for n in names])
             page.wait_for_function("document.querySelectorAll('.card .caption').length === 3 && "
@@ -878,8 +879,16 @@ def test_the_page_captions_chosen_photos_in_a_real_browser(server, photos, offli
             page.set_input_files("#files", [str(bad)])
             page.wait_for_function("document.querySelector('.card.error') !== null", timeout=30000)
             error_text = page.text_content(".card.error .caption")
+            # The other captioner, chosen in the page's list.
+            page.select_option("#model_name", "moved")
+            page.set_input_files("#files", [os.path.join(photos, names[0])])
+            page.wait_for_function("document.querySelectorAll('.card .caption').length === 5 && "
+                                   "document.querySelector('.card .caption').textContent !== '…'", timeout=60000)
+            moved_text = page.text_content(".card .caption")
+            moved_time = page.text_content(".card .time")
         finally:
             browser.close()
+    assert moved_text == moved_offline[names[0]] and moved_time.endswith("· moved")
     assert shown == {n: offline["captions"][n] for n in names}
     assert all(" s (decode " in t for t in times)
     assert "notes.png" in error_text and "not an image" in error_text

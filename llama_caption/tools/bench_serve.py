@@ -40,6 +40,7 @@ class BenchServeConfig(Config):
     requests: int = setting(256, "requests per level (one image each).")
     max_batch: int = setting(32, "the server's --max_batch, and the offline batch size.")
     max_wait_ms: float = setting(10.0, "the server's --max_wait_ms.")
+    captioners: List[int] = setting((1,), "serve the checkpoint under this many names (one projection loaded per name, over one LLaMA), with the load test's requests spread over them in turn; several counts (--captioners 1,2) run one server each and compare their images/s.")
     decoder: str = setting("auto", "the server's --decoder (continuous: continuous batching over --max_batch slots); the offline figures stay the batch decoder's, `caption`'s default.")
     deepen: int = setting(0, "stack the LLaMA (Meta's format, one file) to this many layers with copies of its last layer whose output projections are zero: the same captions for more decoding work, to load the server where decoding, not HTTP, sets the pace (0: the LLaMA as it is).")
     root: str = setting("demo_runs", "where `make demo` keeps its runs (for the defaults).")
@@ -53,6 +54,8 @@ class BenchServeConfig(Config):
         self.one_of("decoder", DECODERS)
         if any(c < 1 for c in self.concurrency):
             raise UserError(f"--concurrency must be at least 1, got {self.concurrency}")
+        if not self.captioners or min(self.captioners) < 1 or max(self.captioners) > 16:
+            raise UserError(f"--captioners must be whole numbers from 1 to 16, got {self.captioners}")
 
 
 def offline_figures(cfg: BenchServeConfig, files: List[str], log) -> dict:
@@ -179,7 +182,7 @@ def wait_for_url(path: str, proc: subprocess.Popen, timeout: float = 300) -> str
 
 
 def run(cfg: BenchServeConfig) -> None:
-    from .loadtest import LoadTestConfig, format_table, load_test
+    from .loadtest import format_table
 
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     defaults_from_demo(cfg)
@@ -202,33 +205,21 @@ def run(cfg: BenchServeConfig) -> None:
         log("offline captions by `caption` (the reference every server answer is checked against)...")
         subprocess.run([sys.executable, "-m", "llama_caption", "caption", *llama, "--images", folder, "--out", expected,
                         "--batch_size", str(cfg.max_batch), "--num_workers", "0"], check=True, stdout=subprocess.DEVNULL)
-        url_file = os.path.join(work, "url")
-        server = subprocess.Popen([sys.executable, "-m", "llama_caption", "serve", *llama, "--port", "0",
-                                   "--url_file", url_file, "--max_batch", str(cfg.max_batch), "--decoder", cfg.decoder,
-                                   "--max_wait_ms", str(cfg.max_wait_ms), "--max_queue", str(max(256, 2 * max(cfg.concurrency)))])
-        try:
-            url = wait_for_url(url_file, server)
-            rows = load_test(LoadTestConfig(url=url, images=folder, concurrency=cfg.concurrency,
-                                            requests=cfg.requests, expected=expected), log)
-        finally:
-            server.send_signal(signal.SIGTERM)
-            code = server.wait(timeout=120)
-        print(format_table(rows))
-        by_c = {r["concurrency"]: r for r in rows}
-        figures = {"offline": offline, "load": rows, "server_exit": code}
+        loads = {n: serve_and_load(cfg, llama, folder, expected, n, work, log) for n in sorted(set(cfg.captioners))}
         lines = [f"server --decoder {cfg.decoder}" + (f", LLaMA stacked to {cfg.deepen} layers" if cfg.deepen else "")
                  + f"; offline (in process): {offline['batch_images_per_s']:.2f} images/s at batch {cfg.max_batch}, "
                  f"{offline['single_s']:.3f} s for one image"]
-        lo, hi = min(by_c), max(by_c)
-        if lo != hi and by_c[lo]["images_per_s"]:
-            figures["scaling"] = by_c[hi]["images_per_s"] / by_c[lo]["images_per_s"]
-            lines.append(f"images/s at concurrency {hi} / at {lo}: {figures['scaling']:.2f}x (target >= 8)")
-        figures["vs_offline"] = by_c[hi]["images_per_s"] / offline["batch_images_per_s"]
-        lines.append(f"images/s at concurrency {hi} / offline at batch {cfg.max_batch}: {figures['vs_offline']:.0%} (target >= 70%)")
-        figures["p50_vs_single"] = by_c[lo]["p50_s"] / offline["single_s"]
-        lines.append(f"p50 at concurrency {lo} / one offline caption: {figures['p50_vs_single']:.2f}x (target <= 1.2)")
-        lines.append(f"server exit status after SIGTERM: {code}; mismatches against `caption`: "
-                     f"{sum(r['mismatches'] for r in rows)}; errors: {sum(r['errors'] for r in rows)}")
+        first, top = min(loads), max(cfg.concurrency)
+        figures = dict(offline=offline, **load_figures(cfg, offline, *loads[first], lines), by_captioners={})
+        for n, (rows, code) in loads.items():
+            print((f"{n} captioner(s), requests spread over them in turn:\n" if len(loads) > 1 or n > 1 else "")
+                  + format_table(rows))
+            entry = figures["by_captioners"][n] = {"load": rows, "server_exit": code}
+            if n != first:
+                entry["vs_first"] = images_per_s(rows, top) / max(images_per_s(loads[first][0], top), 1e-9)
+                lines.append(f"images/s at concurrency {top}, {n} captioners / {first}: {entry['vs_first']:.2f}x "
+                             f"(target: within 10%); server exit status {code}, mismatches "
+                             f"{sum(r['mismatches'] for r in rows)}, errors {sum(r['errors'] for r in rows)}")
         print("\n".join(lines))
         if cfg.out:
             from ..fileio import write_json
@@ -237,5 +228,52 @@ def run(cfg: BenchServeConfig) -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
+
+def images_per_s(rows: List[dict], concurrency: int) -> float:
+    return next(r for r in rows if r["concurrency"] == concurrency)["images_per_s"]
+
+
+def serve_and_load(cfg: BenchServeConfig, llama: List[str], folder: str, expected: str, count: int, work: str,
+                   log) -> tuple:
+    """`serve` in a child process with the checkpoint under `count` names, the load test spread
+    over them, SIGTERM: (the load test's rows, the server's exit status)."""
+    from .loadtest import LoadTestConfig, load_test
+
+    names = [f"c{i}" for i in range(count)] if count > 1 else []
+    served = list(llama)
+    if names:
+        at = served.index("--checkpoint") + 1
+        served[at] = ",".join(f"{n}={served[at]}" for n in names)
+    url_file = os.path.join(work, f"url-{count}")
+    server = subprocess.Popen([sys.executable, "-m", "llama_caption", "serve", *served, "--port", "0",
+                               "--url_file", url_file, "--max_batch", str(cfg.max_batch), "--decoder", cfg.decoder,
+                               "--max_wait_ms", str(cfg.max_wait_ms), "--max_queue", str(max(256, 2 * max(cfg.concurrency)))])
+    try:
+        url = wait_for_url(url_file, server)
+        if names:
+            log(f"{count} captioners over one LLaMA: {', '.join(names)}")
+        rows = load_test(LoadTestConfig(url=url, images=folder, concurrency=cfg.concurrency, requests=cfg.requests,
+                                        expected=expected, models=names), log)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        code = server.wait(timeout=120)
+    return rows, code
+
+
+def load_figures(cfg: BenchServeConfig, offline: dict, rows: List[dict], code: int, lines: List[str]) -> dict:
+    """The three ratios the server is held to (and its exit status), added to `lines`."""
+    by_c = {r["concurrency"]: r for r in rows}
+    figures = {"load": rows, "server_exit": code}
+    lo, hi = min(by_c), max(by_c)
+    if lo != hi and by_c[lo]["images_per_s"]:
+        figures["scaling"] = by_c[hi]["images_per_s"] / by_c[lo]["images_per_s"]
+        lines.append(f"images/s at concurrency {hi} / at {lo}: {figures['scaling']:.2f}x (target >= 8)")
+    figures["vs_offline"] = by_c[hi]["images_per_s"] / offline["batch_images_per_s"]
+    lines.append(f"images/s at concurrency {hi} / offline at batch {cfg.max_batch}: {figures['vs_offline']:.0%} (target >= 70%)")
+    figures["p50_vs_single"] = by_c[lo]["p50_s"] / offline["single_s"]
+    lines.append(f"p50 at concurrency {lo} / one offline caption: {figures['p50_vs_single']:.2f}x (target <= 1.2)")
+    lines.append(f"server exit status after SIGTERM: {code}; mismatches against `caption`: "
+                 f"{sum(r['mismatches'] for r in rows)}; errors: {sum(r['errors'] for r in rows)}")
+    return figures
 
 main = command(BenchServeConfig, run, "Benchmark the caption server against offline captioning (load test at several concurrencies).")

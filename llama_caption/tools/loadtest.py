@@ -35,6 +35,7 @@ class LoadTestConfig(Config):
     expected: Optional[str] = setting(None, "a results file of `caption` over the same images (greedy): every caption is checked against it.")
     api_key: Optional[str] = setting(None, "the server's key, when it has one (default: $LLAMA_CAPTION_API_KEY).")
     max_gen_len: Optional[int] = setting(None, "sent with every request (default: the server's).")
+    models: List[str] = setting((), "captioners (serve's names) the requests go to in turn, as `model`: --models a,b (default: the server's default one). --expected is checked for each.")
     out: Optional[str] = setting(None, "also write the table as JSON here.")
 
     def check(self) -> None:
@@ -50,6 +51,7 @@ class LoadTestConfig(Config):
             raise UserError(f"--url {self.url} must be http:// on this machine (127.0.0.1, localhost or ::1): "
                             f"the load test only runs over loopback")
         self.api_key = self.api_key or os.environ.get("LLAMA_CAPTION_API_KEY") or None
+        self.models = [m for item in self.models for m in item.split(",") if m]
 
 
 def percentile(values: List[float], q: float) -> float:
@@ -76,8 +78,9 @@ def load_expected(path: str) -> Dict[str, str]:
 
 
 async def level(client, url: str, files: List[tuple], concurrency: int, n: int, timeout_s: float, extra: dict,
-                expected: Optional[Dict[str, str]]) -> dict:
-    """One concurrency level: C clients until n requests are answered."""
+                expected: Optional[Dict[str, str]], models: List[str] = ()) -> dict:
+    """One concurrency level: C clients until n requests are answered (request i to models[i % len],
+    when given)."""
     latencies, errors, mismatches, examples = [], 0, 0, []
     next_index = 0
     start = time.perf_counter()
@@ -91,7 +94,8 @@ async def level(client, url: str, files: List[tuple], concurrency: int, n: int, 
             name, data = files[i % len(files)]
             t0 = time.perf_counter()
             try:
-                r = await client.post(url, files={"images": (name, data)}, data=extra,
+                fields = dict(extra, model=models[i % len(models)]) if models else extra
+                r = await client.post(url, files={"images": (name, data)}, data=fields,
                                       timeout=max(0.1, deadline - t0))
                 body = r.json()
             except Exception as e:  # a timeout, a refused connection, a body that is not JSON
@@ -156,9 +160,14 @@ def load_test(cfg: LoadTestConfig, log=print) -> List[dict]:
             model = await client.get(base + "/v1/model", timeout=10)
             if model.status_code == 401:
                 raise UserError(f"--url {cfg.url} needs an API key: give --api_key (or set $LLAMA_CAPTION_API_KEY)")
+            served = list(model.json().get("captioners") or {})
+            unknown = [m for m in cfg.models if m not in served]
+            if unknown:
+                raise UserError(f"--models {unknown[0]} is not served at {cfg.url}: it serves {', '.join(served)}")
             rows = []
             for c in cfg.concurrency:
-                row = await level(client, base + "/v1/captions", files, c, cfg.requests, cfg.timeout_s, extra, expected)
+                row = await level(client, base + "/v1/captions", files, c, cfg.requests, cfg.timeout_s, extra, expected,
+                                  cfg.models)
                 log(f"concurrency {c}: {row['requests']} answered, {row['errors']} error(s), "
                     f"{row['images_per_s']:.2f} images/s")
                 rows.append(row)
