@@ -1,5 +1,6 @@
 """The benchmark's three decoders agree, on a tiny random model (the figures come from the bench)."""
 
+import json
 import os
 
 import pytest
@@ -125,3 +126,20 @@ def test_bench_serve_deepen_stacks_layers_that_leave_the_captions_as_they_were(c
     with pytest.raises(UserError, match="as a weights-only torch checkpoint"):
         deepen(BenchServeConfig(ckpt_dir=str(bad), checkpoint=trained, images="x", deepen=5), str(tmp_path / "no"), print)
     assert not (tmp_path / "no").exists()
+
+
+def test_bench_captioners_opens_one_llama_and_one_clip_for_several_runs(tmp_path, process_group):
+    """bench-captioners' worker, in this process: three runs written over the tiny LLaMA open as
+    three captioners sharing one LLaMA and one CLIP, each projection training's default mlp."""
+    from llama_caption.tools.bench_captioners import CaptionersBenchConfig, worker, write_runs
+    from llama_caption.tools.bench_load import write_hf_by_layer
+
+    write_hf_by_layer(str(tmp_path), "tiny", print)
+    runs = write_runs(str(tmp_path), str(tmp_path / "hf"), 3, print)
+    out = tmp_path / "figures.json"
+    worker(CaptionersBenchConfig(worker=str(tmp_path / "hf"), runs=[",".join(runs)], out=str(out), shape="tiny"))
+    got = json.load(open(out))
+    assert (got["captioners"], got["llamas"], got["encoders"]) == (3, 1, 1)
+    dim, feature, prefix = 64, 128, 10  # the tiny shape's width, the stand-in CLIP's, training's default prefix
+    assert got["projection_bytes"] == 4 * (feature * dim + dim + dim * prefix * dim + prefix * dim)
+    assert got["rss_above_start"] > 0
