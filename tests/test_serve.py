@@ -330,6 +330,8 @@ def test_openai_chat_completions_through_the_openai_client(service, photos, offl
     moved = chat.chat.completions.create(model="moved", messages=image_message(url), n=3)
     assert [c.message.content for c in moved.choices] == [moved_offline[name]] * 3  # greedy copies are equal
     assert [c.index for c in moved.choices] == [0, 1, 2]
+    roomy = chat.chat.completions.create(model="run", messages=image_message(url), max_tokens=4096)
+    assert roomy.choices[0].message.content == offline["captions"][name]  # lowered to the server's --max_gen_len
     cut = chat.chat.completions.create(model="run", messages=image_message(url), max_tokens=2)
     assert cut.choices[0].finish_reason == "length" and cut.usage.completion_tokens == 2
     assert offline["captions"][name].startswith(cut.choices[0].message.content)
@@ -369,9 +371,10 @@ def test_openai_errors_are_one_sentence_in_openai_s_shape(service, photos):
         (dict(messages=image_message("data:image/png;base64,@@@@")), "not valid base64", None),
         (dict(messages=image_message(data_url(b"not an image"))), "is not an image Pillow can read", None),
         (dict(messages=image_message(url), temperature=-1), "temperature must be", "temperature"),
-        (dict(messages=image_message(url), max_tokens=0), "max_tokens must be between 1 and 30", "max_tokens"),
-        (dict(messages=image_message(url), max_completion_tokens=31), "max_completion_tokens must be between 1 and 30",
+        (dict(messages=image_message(url), max_tokens=0), "max_tokens must be at least 1, got 0", "max_tokens"),
+        (dict(messages=image_message(url), max_completion_tokens=-3), "max_completion_tokens must be",
          "max_completion_tokens"),
+        (dict(messages=image_message(url), max_tokens=2.5), "max_tokens must be a whole number", "max_tokens"),
         (dict(messages=image_message(url), n=0), "n must be a whole number from 1 to 4", "n"),
         (dict(messages=image_message(url), n=5), "n must be a whole number from 1 to 4", "n"),
         (dict(messages=image_message(url), top_p=2), "top_p must be", "top_p"),

@@ -24,7 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
 from ..errors import UserError
-from ..llama.decoding import Decoding
+from ..llama.decoding import Decoding, parse_number
 from .app import ApiError, Limits, caption_files, decode_base64, pick_captioner, read_body
 from .batching import Batcher
 
@@ -44,9 +44,13 @@ def openai_decoding(body: dict, limits: Limits) -> Decoding:
     length_field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     values = {"max_gen_len": body.get(length_field), "temperature": body.get("temperature"),
               "top_p": body.get("top_p"), "seed": body.get("seed")}
-    caps = {"max_gen_len": (limits.max_gen_len, "the server's --max_gen_len")}
     try:
-        return Decoding.from_values(values, {"max_gen_len": limits.max_gen_len}, caps)
+        # OpenAI's max_tokens is a bound clients set generously (a caption is short): above the
+        # server's --max_gen_len it is lowered to it, not refused as /v1/captions refuses it.
+        asked = parse_number(length_field, int, values["max_gen_len"])
+        if asked is not None and asked > limits.max_gen_len:
+            values["max_gen_len"] = limits.max_gen_len
+        return Decoding.from_values(values, {"max_gen_len": limits.max_gen_len})
     except UserError as e:
         message = str(e).replace("max_gen_len", length_field)
         param = next((k for k in ("temperature", "top_p", "seed", length_field) if message.startswith(k)), None)
