@@ -28,7 +28,8 @@ from . import distributed
 from .data import open_rgb
 from .errors import UserError
 from .llama.decoding import Decoding
-from .opening import CaptionerSettings, Captioned, OpenedCaptioner, caption_parts, named_checkpoints, open_captioners
+from .opening import CaptionerSettings, OpenedCaptioner, caption_parts, named_checkpoints, open_captioners
+from .rerank import BestOf, choose, clip_ranker
 
 ImageLike = Union[str, os.PathLike, bytes, "PIL.Image.Image", torch.Tensor]  # noqa: F821
 
@@ -59,6 +60,7 @@ class Captioners:
 
     def __init__(self, opened: Dict[str, OpenedCaptioner], batch_size: int, max_gen_len: int, env):
         self.opened, self.batch_size, self.max_gen_len, self.env = opened, batch_size, max_gen_len, env
+        self.rankers: Dict[str, Any] = {}
 
     @property
     def names(self) -> List[str]:
@@ -71,24 +73,47 @@ class Captioners:
                 f"{first.dtype}, decoder {first.decoder}, on {self.env.device})")
 
     def caption(self, images: Union[ImageLike, Sequence[ImageLike]], *, model: Optional[str] = None,
-                scores: bool = False, **decoding) -> Any:
+                scores: bool = False, num_candidates: int = 1, rerank: str = "logprob", **decoding) -> Any:
         """One caption per image: `images` is one image or a list of them, each a file path, a PIL
         image, the bytes of an image file, or a tensor the captioner's preprocessing made ((3, H,
         W), or (N, 3, H, W) for N images). `decoding`: max_gen_len, temperature, top_p, seed,
-        num_beams, length_penalty (llama/decoding.py; greedy by default). Returns a caption (str)
-        for one image, a list for a list or batch; with `scores`, each is {"caption", "logprob"}
-        (the caption's mean token log-probability, its end token included when it ended)."""
+        num_beams, length_penalty (llama/decoding.py; greedy by default). `num_candidates` > 1
+        decodes that many per image (sampled, the i-th image of a call drawing from key i, or the
+        best beams) and keeps the one `rerank` picks (logprob, clip or mbr: rerank.py). Returns a
+        caption (str) for one image, a list for a list or batch; with `scores`, each is
+        {"caption", "logprob"} (the caption's mean token log-probability, its end token included
+        when it ended), with "candidates" (each with its logprob, mbr and clip_s) when there are several."""
         name, opened = self.pick(model)
         d = self.decoding(decoding)
+        best_of = BestOf(num_candidates, rerank).check(d, str)
+        ranker = None
+        if best_of.active and (rerank == "clip" or scores):
+            try:
+                ranker = self.ranker(name, opened)
+            except UserError:
+                if rerank == "clip":
+                    raise  # scores go without CLIP-S when the CLIP reads no text
         single = not isinstance(images, (list, tuple)) and not (torch.is_tensor(images) and images.dim() == 4)
         pixels = self.pixels([images] if single else images, opened)
-        out: List[Captioned] = []
+        shown = []
         gen = d.generator(0, opened.captioner.llama.device)  # one draw per call: a call gives the same captions again
         for start in range(0, len(pixels), self.batch_size):
             batch = torch.stack(pixels[start:start + self.batch_size])
-            out += caption_parts([(opened, batch)], d, gen, scores=scores)
-        shown = [{"caption": c.text, "logprob": c.logprob} if scores else c.text for c in out]
+            if best_of.active:
+                keys = list(range(start, start + len(batch)))
+                for c in choose(opened, batch, keys, d, best_of, ranker):
+                    shown.append({"caption": c.best.text, "logprob": c.best.logprob,
+                                  "candidates": [x.record() for x in c.candidates]} if scores else c.best.text)
+            else:
+                shown += [{"caption": c.text, "logprob": c.logprob} if scores else c.text
+                          for c in caption_parts([(opened, batch)], d, gen, scores=scores)]
         return shown[0] if single else shown
+
+    def ranker(self, name: str, opened: OpenedCaptioner):
+        """The captioner's own CLIP with its text tower, loaded once (rerank.clip_ranker)."""
+        if name not in self.rankers:
+            self.rankers[name] = clip_ranker(opened.spec.encoder, self.env.device, "rerank='clip'")
+        return self.rankers[name]
 
     def pick(self, model: Optional[str]):
         if model is None:

@@ -30,6 +30,7 @@ from .evaluation import evaluate_records
 from .fileio import write_json
 from .llama.decoding import Decoding, flags
 from .opening import CaptionerSettings, OpenedCaptioner, open_captioner
+from .rerank import MAX_CANDIDATES, BestOf, choose, clip_ranker
 from .results import GALLERY_ORDERS, ResultsFiles, ordered, result_key, write_gallery
 
 # --max_gen_len, --temperature, --top_p, --seed, --num_beams, --length_penalty (llama/decoding.py)
@@ -56,13 +57,16 @@ class InferenceConfig(CaptionerSettings, ClipScoreSettings, CaptionFlags, SplitS
     num_workers: int = setting(2, "image-loading processes (0: load in the main process).")
     save_every_s: float = setting(30.0, "seconds between rewrites of the results file while working.")
     control_shuffle: bool = setting(False, "a control experiment: caption each image from the CLIP features of the next image of the selection (by image id; never its own).")
+    num_candidates: int = setting(1, f"decode this many captions per image (1 to {MAX_CANDIDATES}; sampled with --temperature > 0, each image's from its own seed, or the best --num_beams) and keep the one --rerank picks.")
+    rerank: str = setting("logprob", "with --num_candidates > 1, how the caption is picked: logprob (the highest mean token log-probability), clip (the highest CLIP-S, from the captioner's own CLIP) or mbr (the highest mean CIDEr-D against the image's other candidates; no references).")
+    keep_candidates: bool = setting(False, "with --num_candidates > 1, keep every candidate in the results file beside the chosen caption: its caption, logprob, mbr and (when the captioner's CLIP reads text) clip_s.")
 
     def check(self) -> None:
         super().check()
         self.at_least(1, "batch_size", "num_images")
         self.check_shards()
         self.at_least(0, "num_workers", "gallery", "save_every_s")
-        self.decoding()
+        self.best_of()
         self.one_of("gallery_order", GALLERY_ORDERS)
         self.check_clipscore()
         self.check_split()
@@ -103,6 +107,15 @@ class InferenceConfig(CaptionerSettings, ClipScoreSettings, CaptionFlags, SplitS
     def decoding(self) -> Decoding:
         """The decoding flags, checked (llama/decoding.py)."""
         return Decoding.from_settings(self)
+
+    def best_of(self) -> BestOf:
+        """--num_candidates and --rerank, checked against the decoding flags (rerank.py)."""
+        best_of = BestOf(self.num_candidates, self.rerank).check(self.decoding())
+        if self.keep_candidates and not best_of.active:
+            raise UserError("--keep_candidates keeps the candidates of --num_candidates > 1: give --num_candidates N")
+        if best_of.active and self.shards:
+            raise UserError("--num_candidates is not for --shards yet: caption shards one caption per image")
+        return best_of
 
     def selection(self) -> dict:
         """Which images (recorded beside the results)."""
@@ -172,10 +185,12 @@ class Collector:
     bad_all: list = field(default_factory=list)  # rank 0: every unreadable image
     last_save: float = field(default_factory=time.time)
 
-    def add(self, image_id: int, caption: str) -> None:
+    def add(self, image_id: int, caption: str, candidates: Optional[list] = None) -> None:
         row = {"image_id": image_id, "caption": caption}
         if not self.cfg.annotated:
             row["file_name"] = self.own_path[image_id]
+        if candidates is not None:
+            row["candidates"] = candidates
         self.pending.append(row)
 
     def exchange(self) -> None:
@@ -202,7 +217,7 @@ class Collector:
 
 def caption_batches(cfg: InferenceConfig, env, opened: OpenedCaptioner, decoding: Decoding, todo: List[ImageRecord],
                     done: Dict, files: Optional[ResultsFiles], records: List[ImageRecord],
-                    donor: Optional[Dict[int, str]]) -> list:
+                    donor: Optional[Dict[int, str]], best_of: BestOf = BestOf(), ranker=None) -> list:
     """Caption `todo`, dealt out over data-parallel groups; rank 0 collects into `done` and the
     partial log. `donor`: the control's image id -> file. Returns the unreadable images (rank 0).
 
@@ -227,7 +242,13 @@ def caption_batches(cfg: InferenceConfig, env, opened: OpenedCaptioner, decoding
 
     with tqdm(total=len(todo), desc="captioning", unit="img", disable=not env.is_main, dynamic_ncols=True,
               file=sys.stderr) as got.bar:
-        if opened.decoder == "continuous":
+        if best_of.active:  # n candidates per image, sampled by key or from the beams, and the rule's pick
+            for batch in batches():
+                if batch["image_id"]:
+                    ids = [int(i) for i in batch["image_id"]]
+                    for i, c in zip(ids, choose(opened, batch["pixels"], ids, decoding, best_of, ranker)):
+                        got.add(i, c.best.text, [x.record() for x in c.candidates] if cfg.keep_candidates else None)
+        elif opened.decoder == "continuous":
             fed = ((b["pixels"], [int(i) for i in b["image_id"]]) for b in batches() if b["image_id"])
             for image_id, caption in opened.stream(fed, decoding, env.device):
                 got.add(image_id, caption)
@@ -239,6 +260,26 @@ def caption_batches(cfg: InferenceConfig, env, opened: OpenedCaptioner, decoding
                     for i, c in zip(batch["image_id"], opened.caption(batch["pixels"], decoding, gen)):
                         got.add(int(i), c)
     return got.bad_all
+
+
+def candidate_ranker(cfg: InferenceConfig, best_of: BestOf, env):
+    """The CLIP that scores candidates, the checkpoint's own: for --rerank clip (else one line,
+    before the LLaMA loads), and for --keep_candidates' clip_s when it reads text (else the
+    candidates go without)."""
+    if not best_of.active or (best_of.rule != "clip" and not cfg.keep_candidates):
+        return None
+    from .captioner import load_projection
+    from .opening import moved_encoder
+    from .runs import find_checkpoint
+
+    ckpt = find_checkpoint(cfg.checkpoint)
+    try:
+        return clip_ranker(moved_encoder(load_projection(ckpt)[1].encoder, cfg, ckpt), env.device)
+    except UserError as e:
+        if best_of.rule == "clip":
+            raise
+        env.log(f"--keep_candidates: the candidates are kept without CLIP-S ({e})")
+        return None
 
 
 def evaluate_results(cfg: InferenceConfig, env, files: ResultsFiles, results: List[Dict],
@@ -268,9 +309,10 @@ def run(cfg: InferenceConfig) -> Optional[Dict]:
     with distributed.session(cfg.mp_size(), cfg.device, cfg.seed) as env:
         records = select_records(cfg, env.log)
         donor = control_donors(records) if cfg.control_shuffle else None
-        decoding = cfg.decoding()
+        decoding, best_of = cfg.decoding(), cfg.best_of()
+        ranker = candidate_ranker(cfg, best_of, env)  # before the LLaMA loads: --rerank clip may have no CLIP
         opened = open_captioner(cfg, env, decoding, cfg.batch_size)
-        made_by = opened.provenance(decoding, cfg.selection(), cfg.control_shuffle)
+        made_by = opened.provenance(decoding, cfg.selection(), cfg.control_shuffle, best_of, ranker)
         files.previous(made_by, cfg.overwrite)
         done = {} if cfg.overwrite else files.load_done(cfg.annotated)
         dist.barrier()  # every rank has read the old files before rank 0 changes them
@@ -281,7 +323,8 @@ def run(cfg: InferenceConfig) -> Optional[Dict]:
                 f"{len(todo)} to go; {mode}, MP {env.mp_size} x DP {env.dp_size}")
         if env.is_main:
             files.start(made_by, fresh=cfg.overwrite)
-        bad = caption_batches(cfg, env, opened, decoding, todo, done, files if env.is_main else None, records, donor)
+        bad = caption_batches(cfg, env, opened, decoding, todo, done, files if env.is_main else None, records, donor,
+                              best_of, ranker)
         if not env.is_main:
             return None
         results = ordered(done, records, cfg.annotated)

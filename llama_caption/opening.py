@@ -116,17 +116,23 @@ class OpenedCaptioner:
         for tag, tokens in cap.decoder.run(requests()):
             yield tag, tokenizer.decode(tokens).strip()
 
-    def decoding_record(self, decoding: Decoding, control_shuffle: bool = False) -> dict:
+    def decoding_record(self, decoding: Decoding, control_shuffle: bool = False, best_of=None, ranker=None) -> dict:
         """How captions were made, as results files record it: the settings, the control, the
-        precision, and the decoder unless eager (fp16 kernels of other shapes may round otherwise)."""
+        precision, the decoder unless eager (fp16 kernels of other shapes may round otherwise),
+        and the best of several candidates when asked (rerank.BestOf; with CLIP-S, its CLIP)."""
         d = dict(decoding.provenance(), control_shuffle=control_shuffle, dtype=str(self.dtype).replace("torch.", ""))
         if self.decoder != "eager":
             d["decoder"] = self.decoder
+        if best_of is not None and best_of.active:
+            d.update(best_of.provenance())
+            if ranker is not None:
+                d["rerank_clip"] = ranker.model.identity
         return d
 
-    def provenance(self, decoding: Decoding, selection: dict, control_shuffle: bool = False) -> dict:
+    def provenance(self, decoding: Decoding, selection: dict, control_shuffle: bool = False, best_of=None,
+                   ranker=None) -> dict:
         """What makes a results file of these captions (results.provenance)."""
-        return provenance(self.made_by, self.decoding_record(decoding, control_shuffle), selection)
+        return provenance(self.made_by, self.decoding_record(decoding, control_shuffle, best_of, ranker), selection)
 
 
 @dataclass

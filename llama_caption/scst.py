@@ -34,6 +34,7 @@ from .llama.model import Transformer
 
 WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 BASELINES = ("mean", "greedy")
+REWARDS = ("cider", "clip", "cider+clip")
 
 
 def tokenize(text: str) -> str:
@@ -149,11 +150,13 @@ def gumbel_noise(keys: torch.Tensor, t: int, vocab: int) -> torch.Tensor:
 
 @torch.no_grad()
 def sample_captions(model: Transformer, prefix: torch.Tensor, bos_id: int, eos_id: int, decoding: Decoding,
-                    keys: torch.Tensor) -> Tuple[List[List[int]], List[bool]]:
+                    keys: torch.Tensor, top_p: float = 1.0) -> Tuple[List[List[int]], List[bool]]:
     """One caption per row of `prefix` (R, P, dim) of at most `decoding.max_gen_len` tokens, drawn
     from softmax(logits / decoding.temperature) by the Gumbel-max trick with keyed noise (the
-    keys carry the seed: `sample_keys`). Returns the tokens (without EOS) and whether each ended
-    with EOS (False: it ran to the limit and is scored as it is)."""
+    keys carry the seed: `sample_keys`); with `top_p` < 1, from the smallest set of tokens whose
+    probabilities reach it (nucleus sampling; SCST samples the whole distribution). Returns the
+    tokens (without EOS) and whether each ended with EOS (False: it ran to the limit and is
+    scored as it is)."""
     if not decoding.sampling:
         raise ValueError("keyed sampling needs a temperature above 0 (0 is greedy decoding)")
     rows, max_len, temperature = prefix.shape[0], decoding.max_gen_len, decoding.temperature
@@ -163,7 +166,10 @@ def sample_captions(model: Transformer, prefix: torch.Tensor, bos_id: int, eos_i
     done = torch.zeros(rows, dtype=torch.bool, device=emb.device)
     for t in range(max_len):
         noise = gumbel_noise(keys, t, logits.shape[-1]).to(logits.device)
-        tok = (logits.double() / temperature + noise).argmax(-1)
+        scaled = logits.double() / temperature
+        if top_p < 1.0:
+            scaled = nucleus(scaled, top_p)
+        tok = (scaled + noise).argmax(-1)
         tok = torch.where(done, torch.full_like(tok, eos_id), tok)
         out[:, t] = tok
         done |= tok == eos_id
@@ -180,6 +186,14 @@ def sample_captions(model: Transformer, prefix: torch.Tensor, bos_id: int, eos_i
             tokens.append(row)
             ended.append(False)
     return tokens, ended
+
+
+def nucleus(scaled: torch.Tensor, top_p: float) -> torch.Tensor:
+    """`scaled` logits (R, V) with every token outside the nucleus set to -inf: the most probable
+    tokens, in order, until their probabilities reach `top_p` (the one that crosses it included)."""
+    probs, order = torch.softmax(scaled, -1).sort(-1, descending=True)
+    outside = (probs.cumsum(-1) - probs) >= top_p  # the mass before a token already reaches top_p
+    return scaled.masked_fill(outside.scatter(-1, order, outside), float("-inf"))
 
 
 def sequence_logprobs(model: Transformer, prefix: torch.Tensor, tokens: List[List[int]], ended: List[bool],

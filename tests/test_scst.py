@@ -1,6 +1,8 @@
 """SCST's pieces: the CIDEr-D reward against pycocoevalcap, keyed sampling, advantages, and the
 direction of one policy-gradient step (tiny models)."""
 
+import json
+import os
 import random
 import re
 import shutil
@@ -201,7 +203,8 @@ def test_scst_two_data_parallel_ranks_equal_one_process_and_resume_equals_uninte
 
 
 @pytest.mark.parametrize("what", ["no_init", "one_sample", "other_projection", "other_prefix", "other_llama",
-                                  "no_samples", "wider_llama"])
+                                  "no_samples", "wider_llama", "reward", "negative_weight", "nan_weight",
+                                  "zero_weights"])
 def test_scst_bad_flags_are_one_line_errors_and_write_nothing(cap, trained, assets, tmp_path, what):
     import captioning_training
     from conftest import run_cli
@@ -224,6 +227,18 @@ def test_scst_bad_flags_are_one_line_errors_and_write_nothing(cap, trained, asse
     elif what == "no_samples":  # the greedy baseline needs no second sample, but one at least
         args += ["--scst_samples", 0, "--scst_baseline", "greedy"]
         msg = "--scst_samples must be at least 1, got 0"
+    elif what == "reward":
+        args += ["--scst_reward", "bleu"]
+        msg = "--scst_reward 'bleu' must be one of cider, clip, cider+clip"
+    elif what == "negative_weight":
+        args += ["--scst_reward", "cider+clip", "--scst_clip_weight", -0.5]
+        msg = "--scst_clip_weight must be at least 0, got -0.5"
+    elif what == "nan_weight":
+        args += ["--scst_reward", "cider+clip", "--scst_cider_weight", "1e999"]  # fire reads it as inf
+        msg = "--scst_cider_weight must be a finite number"
+    elif what == "zero_weights":
+        args += ["--scst_reward", "cider+clip", "--scst_cider_weight", 0, "--scst_clip_weight", 0]
+        msg = "--scst_cider_weight and --scst_clip_weight are both 0"
     elif what == "wider_llama":  # named as the LLaMA, not as the projection sizes derived from its width
         from llama_caption.llama.model import ModelArgs
         from llama_caption.llama.tokenizer import load_tokenizer
@@ -236,7 +251,8 @@ def test_scst_bad_flags_are_one_line_errors_and_write_nothing(cap, trained, asse
         msg = f"was trained with the LLaMA in {cap['ckpt_dir']}, not the one in --ckpt_dir {tmp_path / 'wide'} (widths 64 and 128)"
     else:  # the same width, another vocabulary
         args[args.index("--ckpt_dir") + 1], args[args.index("--tokenizer_path") + 1] = assets["tiny"], assets["tokenizer"]
-        msg = f"was trained with the LLaMA in {cap['ckpt_dir']}, not the one in --ckpt_dir {assets['tiny']}"
+        # (the architecture the checkpoint recorded: named by what differs)
+        msg = f"was trained with another LLaMA than the one in --ckpt_dir {assets['tiny']} (vocabulary 96 against 128)"
     proc = run_cli(captioning_training.main, *args)
     assert proc.returncode == 2 and msg in proc.stderr, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
@@ -273,3 +289,45 @@ def test_scst_with_an_int4_llama_samples_and_rewards(cap, trained, tmp_path):
     assert len(steps) == 3 and all(r["reward"] >= 0 and r["sample_len"] > 0 for r in steps)
     start, got = weights_of(trained), weights_of(out)
     assert any(float((got[k] - start[k]).abs().max()) > 0 for k in start)  # the policy gradient arrived
+
+
+def test_the_reward_is_the_weighted_sum_of_cider_d_and_clip_s(cap, process_group):
+    """--scst_reward cider+clip on a small batch: weights x CIDEr-D + weights x CLIP-S, the CLIP-S
+    computed here by hand from the clip package (2.5 x max(cos, 0) of the image embedding and
+    "A photo depicts " + caption)."""
+    import clip as clip_package
+    from PIL import Image
+
+    from llama_caption.objectives.scst import Scst
+    from llama_caption.rerank import clip_ranker
+    from llama_caption.vision import EncoderSpec, load_encoder
+
+    spec = EncoderSpec.of(cap["clip"])
+    encoder = load_encoder(spec, "cpu")
+    names = sorted(os.listdir(cap["images"]))[:2]
+    feats = encoder(torch.stack([encoder.preprocess(Image.open(os.path.join(cap["images"], n)).convert("RGB"))
+                                 for n in names]))
+    refs = {1: ["a red circle on the grass", "a red ball on grass"], 2: ["a blue square near a house"]}
+    scst = Scst(2, "mean", SAMPLE_12, 0, "cider+clip", (2.0, 0.5))
+    scst.cider, scst.clip = CiderD(refs), clip_ranker(spec, "cpu")
+    captions = ["a red circle on grass", "a blue house", "a red circle on grass"]
+    ids, rows = [1, 2, 2], feats[[0, 1, 1]]
+    got = scst.rewards(ids, captions, rows)
+    model, _ = clip_package.load(cap["clip"], device="cpu", jit=False)
+    with torch.no_grad():
+        tokens = clip_package.tokenize(["A photo depicts " + c for c in captions],
+                                       context_length=model.context_length, truncate=True)
+        text = model.encode_text(tokens).float()
+    cos = torch.nn.functional.cosine_similarity(rows.float(), text, dim=-1)
+    expected = [2.0 * CiderD(refs).score(i, c) + 0.5 * 2.5 * max(float(x), 0.0) for i, c, x in zip(ids, captions, cos)]
+    assert got.tolist() == pytest.approx(expected, abs=1e-5)
+    assert got[0] != got[2]  # the same caption, another image: another reward
+
+
+def test_an_scst_step_with_a_cider_and_clip_s_reward(cap, trained, tmp_path):
+    proc = scst_run(cap, trained, tmp_path / "scst", "--scst_reward", "cider+clip", "--scst_clip_weight", 0.5,
+                    "--stop_after_steps", 1)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "SCST: reward 1 x CIDEr-D" in proc.stderr and "+ 0.5 x CLIP-S" in proc.stderr
+    rows = [json.loads(line) for line in open(tmp_path / "scst" / "metrics.jsonl")]
+    assert any("reward" in r for r in rows)

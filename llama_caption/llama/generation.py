@@ -221,6 +221,10 @@ class Beams:
     def best(self) -> List[List[int]]:
         return [max(f, key=lambda h: h[0])[1] if f else [] for f in self.finished]
 
+    def ranked(self, n: int) -> List[List[List[int]]]:
+        """The `n` best hypotheses of each prompt, best first (the first is `best`'s)."""
+        return [[h[1] for h in sorted(f, key=lambda h: -h[0])[:n]] for f in self.finished]
+
 
 @torch.no_grad()
 def beam_search(
@@ -232,8 +236,10 @@ def beam_search(
     num_beams: int,
     prefix: Optional[torch.Tensor] = None,
     length_penalty: float = 1.0,
+    num_return: int = 1,
 ) -> List[List[int]]:
-    """Beam search with the KV cache; returns the best hypothesis of each prompt (without EOS).
+    """Beam search with the KV cache; returns the best hypothesis of each prompt (without EOS),
+    or with `num_return` > 1 (at most `num_beams`) a list of its best ones, best first.
 
     Hypotheses are ranked by `sequence_score` of their tokens' log-probabilities, EOS included
     when they have ended. Only an EOS ranked among the top `num_beams` candidates ends a
@@ -252,4 +258,4 @@ def beam_search(
         for layer_cache in window.cache:
             layer_cache.reorder(rows)
         logits = decode_step(model, selected[2].view(-1), step, window)
-    return beams.best()
+    return beams.best() if num_return == 1 else beams.ranked(num_return)

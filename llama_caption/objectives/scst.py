@@ -1,9 +1,14 @@
-"""Self-critical sequence training on CIDEr-D, from a projection trained with cross-entropy (the
-reward, keyed sampling, log-probabilities and advantages: llama_caption/scst.py).
+"""Self-critical sequence training, from a projection trained with cross-entropy (the reward,
+keyed sampling, log-probabilities and advantages: llama_caption/scst.py).
 
 A step samples `--scst_samples` captions per image (each image once an epoch: its samples stand
-for its captions), scores them against the image's references, and backpropagates the
-advantage times each sample's log-probability; validation adds the CIDEr-D of greedy captions."""
+for its captions), scores them (`--scst_reward`: CIDEr-D against the image's references, CLIP-S
+against the image, or a weighted sum), and backpropagates the advantage times each sample's
+log-probability; validation adds the CIDEr-D of greedy captions.
+
+CLIP-S comes from the run's own CLIP: the image side is the pooled feature the step already
+holds (the CLIP's image embedding, from the cache or the encoder), so no image is encoded twice;
+the text side is that CLIP's text tower, loaded once in `prepare`."""
 
 import sys
 from dataclasses import dataclass, replace
@@ -17,7 +22,7 @@ from .. import distributed
 from ..data import collate
 from ..errors import UserError
 from ..llama.decoding import MAX_TEMPERATURE, MIN_TEMPERATURE, Decoding, decode
-from ..scst import CiderD, advantages, sample_captions, sample_keys, sequence_logprobs
+from ..scst import REWARDS, CiderD, advantages, sample_captions, sample_keys, sequence_logprobs
 from . import StepResult, register
 from .xe import validation_loss
 
@@ -41,8 +46,11 @@ class Scst:
     baseline: str  # --scst_baseline: mean or greedy
     decoding: Decoding  # how samples are drawn (length, temperature, seed)
     num_workers: int  # validation's image-loading processes
+    reward: str = "cider"  # --scst_reward
+    weights: tuple = (1.0, 0.0)  # CIDEr-D's and CLIP-S's weights in the reward
     captions: str = "one"
     cider: Optional[CiderD] = None  # the reward: document frequencies from the training references
+    clip: object = None  # rerank.ClipRanker: the run's CLIP with its text tower, for CLIP-S
 
     @staticmethod
     def check(cfg: "TrainConfig") -> None:
@@ -57,10 +65,22 @@ class Scst:
         if cfg.train_shards:
             raise UserError("--objective scst needs each image's reference captions: train it on COCO (--train_images), "
                             "not --train_shards")
+        if cfg.scst_reward not in REWARDS:
+            raise UserError(f"--scst_reward {cfg.scst_reward!r} must be one of {', '.join(REWARDS)}")
+        for flag in ("scst_cider_weight", "scst_clip_weight"):
+            if not getattr(cfg, flag) >= 0:
+                raise UserError(f"--{flag} must be at least 0, got {getattr(cfg, flag)}")
+        if cfg.scst_reward == "cider+clip" and cfg.scst_cider_weight == 0 and cfg.scst_clip_weight == 0:
+            raise UserError("--scst_cider_weight and --scst_clip_weight are both 0: the reward would be 0 for every caption")
+        if cfg.scst_reward != "cider" and cfg.feature_kind != "pooled":
+            raise UserError(f"--scst_reward {cfg.scst_reward} takes the image's CLIP embedding from pooled features: "
+                            f"use --feature_kind pooled, or --scst_reward cider")
 
     @classmethod
     def from_config(cls, cfg: "TrainConfig") -> "Scst":
-        return cls(cfg.scst_samples, cfg.scst_baseline, sampling(cfg), cfg.num_workers)
+        weights = {"cider": (1.0, 0.0), "clip": (0.0, 1.0)}.get(cfg.scst_reward, (cfg.scst_cider_weight,
+                                                                                 cfg.scst_clip_weight))
+        return cls(cfg.scst_samples, cfg.scst_baseline, sampling(cfg), cfg.num_workers, cfg.scst_reward, weights)
 
     @property
     def greedy(self) -> Decoding:
@@ -69,7 +89,24 @@ class Scst:
     def prepare(self, trainer: "Trainer", env) -> None:
         records = trainer.data.dataset.records
         self.cider = CiderD({r.image_id: r.captions for r in records})
-        env.log(f"SCST: CIDEr-D reward, document frequencies from the {len(records)} training images' references")
+        if self.weights[1] > 0:
+            from ..rerank import clip_ranker
+
+            self.clip = clip_ranker(trainer.spec.encoder, env.device, f"--scst_reward {self.reward}")
+        env.log(f"SCST: reward {self.weights[0]:g} x CIDEr-D (document frequencies from the {len(records)} training "
+                f"images' references) + {self.weights[1]:g} x CLIP-S" if self.reward != "cider" else
+                f"SCST: CIDEr-D reward, document frequencies from the {len(records)} training images' references")
+
+    def rewards(self, image_ids: List[int], captions: List[str], features: torch.Tensor) -> torch.Tensor:
+        """Each caption's reward (float64): weights[0] x CIDEr-D + weights[1] x CLIP-S, where CLIP-S
+        is against its image's embedding (`features`: the pooled CLIP features, one row per caption)."""
+        total = torch.zeros(len(captions), dtype=torch.float64)
+        if self.weights[0] > 0:
+            total += self.weights[0] * torch.tensor(self.cider.scores(image_ids, captions), dtype=torch.float64)
+        if self.weights[1] > 0:
+            images = torch.nn.functional.normalize(features.float(), dim=-1).cpu()
+            total += self.weights[1] * torch.tensor(self.clip.scores(images, captions), dtype=torch.float64)
+        return total
 
     def step(self, trainer: "Trainer", micro_batches: List[dict], env, step: int) -> StepResult:
         """Loss per sample, samples in the global step, and the mean reward and sample length."""
@@ -98,9 +135,11 @@ class Scst:
         keys = sample_keys(self.decoding.seed, step, b["image_id"], k, dev)
         tokens, ended = sample_captions(llama, rows.detach(), tok.bos_id, tok.eos_id, self.decoding, keys)
         ids = [i for i in b["image_id"] for _ in range(k)]
-        rewards = torch.tensor(self.cider.scores(ids, [tok.decode(t) for t in tokens]), dtype=torch.float64)
+        features = trainer.features_of(b)
+        rewards = self.rewards(ids, [tok.decode(t) for t in tokens], features.repeat_interleave(k, 0))
         rewards = rewards.view(len(b["image_id"]), k)
-        adv = advantages(rewards, self.baseline, self.greedy_rewards(cap, prefix, b["image_id"])).flatten().to(dev)
+        adv = advantages(rewards, self.baseline, self.greedy_rewards(cap, prefix, b["image_id"], features))
+        adv = adv.flatten().to(dev)
         with trainer.autocast():
             logp = sequence_logprobs(llama, rows, tokens, ended, tok.bos_id, tok.eos_id)
         part = -(adv * logp.double()).sum()
@@ -108,14 +147,15 @@ class Scst:
         return torch.tensor([float(part.detach()), float(rewards.sum()), sum(len(t) for t in tokens)],
                             dtype=torch.float64, device=dev)
 
-    def greedy_rewards(self, cap, prefix: torch.Tensor, image_ids: List[int]) -> Optional[torch.Tensor]:
+    def greedy_rewards(self, cap, prefix: torch.Tensor, image_ids: List[int],
+                       features: torch.Tensor) -> Optional[torch.Tensor]:
         """The greedy baseline: the reward of each image's greedy caption (None: the mean baseline)."""
         if self.baseline != "greedy":
             return None
         tok = cap.tokenizer
         best = decode(cap.llama, [[tok.bos_id]] * len(image_ids), self.greedy, eos_id=tok.eos_id,
                       prefix=prefix.detach())
-        return torch.tensor(self.cider.scores(image_ids, [tok.decode(t) for t in best]), dtype=torch.float64)
+        return self.rewards(image_ids, [tok.decode(t) for t in best], features)
 
     def validate(self, trainer: "Trainer", env) -> Dict[str, float]:
         return {"val_loss": validation_loss(trainer, env, self.num_workers),
