@@ -52,6 +52,7 @@ from ...data import load_coco, open_rgb
 from ...errors import UserError
 from ...evaluation import METRIC_ORDER, metrics_path
 from ...fileio import check_output_dir, write_json
+from ...rerank import RULES
 from ..testing import build_tiny_clip, demo_layout
 from ...vision import EncoderSpec, check_encoder_flags, import_clip
 from .shapes import BACKGROUNDS, SHAPE_COLOURS, SHAPES, SYNONYMS, make_dataset
@@ -70,6 +71,7 @@ SCALES = {
 # The transformer mapper's size for the demo, and its cross-entropy learning rate (it trains
 # better at a lower one than the MLP's).
 PROJECTION_FLAGS = {"transformer": ["--mapper_width", 128, "--mapper_layers", 2]}
+BEST_OF_N = 5  # candidates per image in the best-of block
 XE_LR = {"transformer": 1e-3}
 LLAMA_PARAMS = dict(dim=128, n_layers=2, n_heads=4, multiple_of=64, norm_eps=1e-5)
 LLAMA_TEXTS_PER_SEQUENCE = 3
@@ -608,15 +610,30 @@ def add_scst(d: DemoRun) -> None:
                                                **d.opts), after=["scst"])
 
 
+def add_best_of(d: DemoRun) -> None:
+    """Greedy against the best of BEST_OF_N candidates by each rerank rule, from the final
+    weights, each timed (tools/demo/best_of.py); scored with the stages."""
+    p = d.paths
+    d.jobs.add("best of", lambda: launch(
+        "-m", "llama_caption.tools.demo.best_of", "--ckpt_dir", p["ckpt_dir"], "--tokenizer_path", p["tokenizer"],
+        "--checkpoint", d.final(), "--annotations", p["val_ann"], "--images", p["val_images"],
+        "--out_dir", os.path.join(d.final(), "best_of"), "--n", BEST_OF_N, "--temperature", d.s["scst_temperature"],
+        log=d.say, **d.opts), after=["scst", "pick"])
+
+
+def best_of_files(d: DemoRun) -> Dict[str, str]:
+    return {way: os.path.join(d.final(), "best_of", f"{way}.json") for way in ("greedy",) + RULES}
+
+
 def add_control_and_scoring(d: DemoRun) -> None:
     """The shuffled control from the final weights, then one evaluate of every stage's captions
-    (METEOR's Java start, most of a scoring, paid once)."""
+    and the best-of block's (METEOR's Java start, most of a scoring, paid once)."""
     d.jobs.add("caption control", lambda: caption(d.paths, d.final(), "control", d.final(), d.say,
                                                   ["--gallery", 0, "--control_shuffle", "True"], **d.opts),
                after=["scst", "pick"])
     captions = [f"caption {name}" for name in stage_names(d)]
-    d.jobs.add("score", lambda: score(d.paths, [d.jobs.results[c] for c in captions], clipscore_flags(d.cfg, d.paths),
-                                      d.say, **d.opts), after=captions)
+    d.jobs.add("score", lambda: score(d.paths, [d.jobs.results[c] for c in captions] + list(best_of_files(d).values()),
+                                      clipscore_flags(d.cfg, d.paths), d.say, **d.opts), after=captions + ["best of"])
 
 
 def stage_names(d: DemoRun) -> List[str]:
@@ -670,6 +687,26 @@ def demo_report(d: DemoRun, stages: Dict[str, dict], truth: Optional[dict], seco
     return report
 
 
+def best_of_report(d: DemoRun, scored: Dict[str, dict]) -> dict:
+    """Each way's CIDEr, CLIP-S and seconds per image (the best-of block)."""
+    files = best_of_files(d)
+    with open(os.path.join(os.path.dirname(files["greedy"]), "times.json")) as f:
+        times = json.load(f)
+    ways = {way: {"CIDEr": scored[path]["metrics"]["CIDEr"], "CLIP-S": scored[path]["metrics"].get("CLIP-S"),
+                  "seconds_per_image": times["seconds_per_image"][way]} for way, path in files.items()}
+    return {"n": times["n"], "temperature": times["temperature"], "ways": ways}
+
+
+def best_of_lines(block: dict) -> List[str]:
+    lines = [f"\nbest of {block['n']} (sampled at temperature {block['temperature']:g}) against greedy, final weights:",
+             f"{'':24}{'CIDEr':>8}{'CLIP-S':>8}{'ms/image':>10}"]
+    labels = {"greedy": "greedy", "logprob": "best by log-prob", "clip": "best by CLIP-S", "mbr": "best by MBR (CIDEr)"}
+    for way, v in block["ways"].items():
+        clip_s = f"{v['CLIP-S'] * 100:8.1f}" if v["CLIP-S"] is not None else f"{'-':>8}"
+        lines.append(f"{labels[way]:24}{v['CIDEr'] * 100:8.1f}{clip_s}{v['seconds_per_image'] * 1000:10.2f}")
+    return lines
+
+
 def val_attributes(paths: Dict[str, str]) -> Optional[dict]:
     """The true attributes of the synthetic validation images (None for a user's dataset)."""
     if not (paths["val_attrs"] and os.path.isfile(paths["val_attrs"])):
@@ -681,13 +718,14 @@ def val_attributes(paths: Dict[str, str]) -> Optional[dict]:
 def run_demo(cfg: DemoConfig, log=print) -> dict:
     t_start = time.time()
     d = start_run(cfg, log)
-    for add in (add_standins, add_cross_entropy, add_scst, add_control_and_scoring):
+    for add in (add_standins, add_cross_entropy, add_scst, add_best_of, add_control_and_scoring):
         add(d)
     d.jobs.run()
     scored = d.jobs.results["score"]
     stages = {name: scored[d.jobs.results[f"caption {name}"]] for name in stage_names(d)}
     truth = val_attributes(d.paths)
     report = demo_report(d, stages, truth, time.time() - t_start)
+    report["best_of"] = best_of_report(d, scored)
     write_json(os.path.join(d.folder, "demo_report.json"), report, indent=1)
     print_report(report, stages, truth, d.folder)
     return report
@@ -765,6 +803,8 @@ def print_report(report, stages, truth, run: str) -> None:
     clip_line = clip_s_line(report, final)
     if clip_line:
         print(clip_line)
+    if report.get("best_of"):
+        print("\n".join(best_of_lines(report["best_of"])))
     folder = report["final"]
     print(f"gallery: {os.path.join(folder, 'captions.gallery.html')}")
     print(f"curves: {os.path.join(folder, 'loss_curve.png')}")
