@@ -294,6 +294,34 @@ def test_the_captioners_are_named_in_model_models_and_metrics(service, photos, o
     assert r.status_code == 400 and r.json()["error"].startswith("unknown model 3")
 
 
+def test_best_of_n_requests_answer_with_the_rule_s_pick_and_their_candidates(service, photos):
+    """num_candidates/rerank/candidates: the candidates are those the Python API draws for the same
+    images (keyed by their place in the request), and the caption is the rule's pick."""
+    from llama_caption.rerank import BestOf, choose
+
+    svc, client = service
+    names = sorted(os.listdir(photos))[:3]
+    files = [(n, read(photos, n)) for n in names]
+    r = post(client, files, num_candidates=4, temperature=1.0, rerank="mbr", candidates="true", model="moved")
+    assert r.status_code == 200, r.text
+    got = r.json()["captions"]
+    op = svc.captioners["moved"]
+    pixels = torch.stack([op.preprocess(Image.open(io.BytesIO(b)).convert("RGB")) for _, b in files])
+    expected = choose(op, pixels, [0, 1, 2], Decoding(temperature=1.0), BestOf(4, "mbr"))
+    for row, choice in zip(got, expected):
+        assert [c["caption"] for c in row["candidates"]] == [c.text for c in choice.candidates]
+        assert row["caption"] == choice.best.text == max(row["candidates"], key=lambda c: c["mbr"])["caption"]
+    again = post(client, files, num_candidates=4, temperature=1.0, rerank="mbr", model="moved").json()["captions"]
+    assert [c["caption"] for c in again] == [c["caption"] for c in got] and "candidates" not in again[0]
+    for settings, message in [({"num_candidates": 2}, "num_candidates 2 needs 2 different captions per image"),
+                              ({"num_candidates": 33, "temperature": 1}, "num_candidates must be a whole number from 1 to 32"),
+                              ({"num_candidates": 2, "temperature": 1, "rerank": "bleu"}, "rerank 'bleu' must be one of"),
+                              ({"num_candidates": 2, "temperature": 1, "candidates": "maybe"}, "candidates must be true or false"),
+                              ({"candidates": "true"}, "candidates lists the candidates of num_candidates > 1")]:
+        r = post(client, files[:1], **settings)
+        assert r.status_code == 400 and message in r.json()["error"], (settings, r.text)
+
+
 def data_url(data: bytes) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(data).decode()
 

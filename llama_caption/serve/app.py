@@ -26,7 +26,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import fields
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from fastapi import FastAPI, Request
@@ -40,7 +40,8 @@ from starlette.requests import ClientDisconnect
 
 from ..data import open_rgb
 from ..errors import UserError
-from ..llama.decoding import Decoding
+from ..llama.decoding import Decoding, parse_number
+from ..rerank import BestOf
 from .batching import Batcher, Closed, QueuedRequest, QueueFull
 
 STATIC = os.path.join(os.path.dirname(__file__), "static")
@@ -73,12 +74,23 @@ CaptionRequest = create_model(
     "CaptionRequest",
     images=(List[str], Field(description="base64-encoded image files (JPEG, PNG, ...); a data: URL prefix is accepted")),
     model=(Optional[str], Field(None, description="the captioner, by the name serve gave it (GET /v1/model lists them); default: the first")),
+    num_candidates=(Optional[int], Field(None, description="decode this many captions per image (sampled with temperature > 0, or the best beams) and answer with the one `rerank` picks; such a request is decoded in a batch of its own.")),
+    rerank=(Optional[str], Field(None, description="with num_candidates > 1: logprob (default), clip (the captioner's own CLIP-S) or mbr (consensus: mean CIDEr-D against the other candidates).")),
+    candidates=(Optional[bool], Field(None, description="with num_candidates > 1: list each image's candidates (caption, logprob, mbr, clip_s) beside its caption.")),
     **{f.name: (Optional[f.type], Field(None, description=f.metadata["help"] + SERVER_NOTES.get(f.name, "")))
        for f in fields(Decoding)})
 
 
+class CandidateOut(BaseModel):
+    caption: str
+    logprob: float = Field(description="its mean token log-probability (the end token included when it ended)")
+    mbr: float = Field(description="its mean CIDEr-D against the image's other candidates")
+    clip_s: Optional[float] = Field(None, description="its CLIP-S by the captioner's own CLIP (when it reads text)")
+
+
 class CaptionOut(BaseModel):
     caption: str
+    candidates: Optional[List[CandidateOut]] = Field(None, description="with num_candidates > 1 and candidates: true, every candidate")
     decode_s: float = Field(description="seconds to encode and decode the batch this image was in (--decoder continuous: from its request taking slots to its last caption)")
     batch_images: int = Field(description="images in that batch, from every request in it (--decoder continuous: the most slots busy while its request was decoded)")
 
@@ -126,18 +138,41 @@ class Metrics:
         self.slots_busy.set(busy_after)
 
 
+BEST_OF_FIELDS = ("num_candidates", "rerank", "candidates")
+
+
 def check_decoding(values: dict, limits: Limits) -> Decoding:
     """A request's decoding settings, defaults filled in, checked as `caption` checks its flags
     (llama/decoding.py) within the server's limits; ApiError(400) naming a bad one."""
-    unknown = sorted(set(values) - set(Decoding.names()) - {"images"})
+    unknown = sorted(set(values) - set(Decoding.names()) - {"images"} - set(BEST_OF_FIELDS))
     if unknown:
-        raise ApiError(400, f"unknown field {unknown[0]!r}: the settings are {', '.join(Decoding.names())}")
+        raise ApiError(400, f"unknown field {unknown[0]!r}: the settings are "
+                            f"{', '.join(Decoding.names() + BEST_OF_FIELDS)}")
     caps = {"max_gen_len": (limits.max_gen_len, "the server's --max_gen_len"),
             "num_beams": (limits.max_beams, "the server's --max_beams")}
     try:
-        return Decoding.from_values(values, {"max_gen_len": limits.max_gen_len}, caps)
+        return Decoding.from_values({k: v for k, v in values.items() if k not in BEST_OF_FIELDS},
+                                    {"max_gen_len": limits.max_gen_len}, caps)
     except UserError as e:
         raise ApiError(400, str(e)) from None
+
+
+def check_best_of(values: dict, decoding: Decoding) -> Tuple[BestOf, bool]:
+    """A request's candidates (num_candidates, rerank: rerank.py) and whether the answer lists
+    them (candidates: true); ApiError(400) naming a bad one."""
+    try:
+        n = parse_number("num_candidates", int, values.get("num_candidates"))
+        best_of = BestOf(1 if n is None else n, values.get("rerank") or "logprob").check(decoding, str)
+    except UserError as e:
+        raise ApiError(400, str(e)) from None
+    shown = values.get("candidates", False)
+    if isinstance(shown, str):
+        shown = {"true": True, "1": True, "false": False, "0": False, "": False}.get(shown.strip().lower(), shown)
+    if not isinstance(shown, bool):
+        raise ApiError(400, f"candidates must be true or false, got {json.dumps(shown)}")
+    if shown and not best_of.active:
+        raise ApiError(400, "candidates lists the candidates of num_candidates > 1: give num_candidates")
+    return best_of, shown
 
 
 def decode_image(data: bytes, name: str, limits: Limits, preprocess) -> torch.Tensor:
@@ -391,7 +426,7 @@ def pick_captioner(captioners: dict, name, status: int = 400, field: str = "mode
 
 
 async def caption_files(batcher: Batcher, limits: Limits, readers: ThreadPoolExecutor, files: list,
-                        decoding: Decoding, name: str, opened) -> dict:
+                        decoding: Decoding, name: str, opened, best_of: BestOf = BestOf()) -> dict:
     """Decode and check a request's image files (name, bytes) for its captioner, queue them and
     wait for their batch: batching.run_batch's answer (captions, tokens, times). ApiError for a
     bad image, a full queue, a server shutting down, or a batch that failed. The request's
@@ -405,7 +440,8 @@ async def caption_files(batcher: Batcher, limits: Limits, readers: ThreadPoolExe
         raise
     try:
         # submit ends the request's arrival (Batcher.arrive), whether it takes it or not
-        future = batcher.submit(QueuedRequest(pixels, decoding, name, opened.captioner.prefix_len), was_arriving=True)
+        future = batcher.submit(QueuedRequest(pixels, decoding, name, opened.captioner.prefix_len, best_of),
+                                was_arriving=True)
     except QueueFull:
         raise ApiError(503, f"the queue is full ({batcher.max_queue} images, the server's --max_queue): retry shortly",
                        {"Retry-After": "1"}) from None
@@ -428,7 +464,7 @@ def add_caption_route(app: FastAPI, batcher: Batcher, limits: Limits, captioners
             "application/json": {"schema": CaptionRequest.model_json_schema()},
         }}}
 
-    @app.post("/v1/captions", response_model=CaptionResponse, openapi_extra=body_schema,
+    @app.post("/v1/captions", response_model=CaptionResponse, response_model_exclude_none=True, openapi_extra=body_schema,
               summary="caption one or more images (multipart files or base64 JSON)",
               responses={400: {"description": "bad image or setting: {\"error\": ...}"},
                          413: {"description": "upload, image or pixel count too large"},
@@ -447,10 +483,15 @@ def add_caption_route(app: FastAPI, batcher: Batcher, limits: Limits, captioners
             if len(files) > limits.max_images:
                 raise ApiError(400, f"{len(files)} images in one request, over the server's --max_images {limits.max_images}")
             decoding = check_decoding(settings, limits)
+            best_of, shown = check_best_of(settings, decoding)
             submitted = True
-            out = await caption_files(batcher, limits, readers, files, decoding, name, opened)
-            return {"captions": [{"caption": c, "decode_s": round(out["decode_s"], 4),
-                                  "batch_images": out["batch_images"]} for c in out["captions"]],
+            out = await caption_files(batcher, limits, readers, files, decoding, name, opened, best_of)
+            each = [{"caption": c, "decode_s": round(out["decode_s"], 4), "batch_images": out["batch_images"]}
+                    for c in out["captions"]]
+            if shown:
+                for row, cands in zip(each, out["candidates"]):
+                    row["candidates"] = cands
+            return {"captions": each,
                     "captioner": name, "queue_s": round(out["queue_s"], 4),
                     "total_s": round(time.monotonic() - arrived, 4)}
         finally:

@@ -21,6 +21,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from ..llama.decoding import Decoding
+from ..rerank import BestOf
 
 
 class QueueFull(Exception):
@@ -52,6 +53,7 @@ class QueuedRequest:
     decoding: Decoding
     captioner: str = ""  # its name among the served captioners ("" with one)
     prefix_len: int = 0  # its captioner's prefix length: a batch's prefixes are of one length
+    best_of: BestOf = field(default_factory=BestOf)  # n candidates per image and the rule that picks one
     future: Future = field(default_factory=Future)
     enqueued: float = field(default_factory=time.monotonic)
     id: int = field(default_factory=lambda: next(_ids))
@@ -62,6 +64,8 @@ class QueuedRequest:
 
     @property
     def key(self):
+        if self.best_of.active:  # alone: its images' candidates are keyed by their place in it
+            return ("best_of", self.id)
         return share_key(self.decoding, self.id) + (self.prefix_len,)
 
 
@@ -146,7 +150,7 @@ class Batcher:
             deadline = first.enqueued + self.max_wait_s
             while True:
                 jobs = self._compatible(first.key)
-                full = sum(j.n for j in jobs) >= self.max_batch or first.key[0] == "sampled"
+                full = sum(j.n for j in jobs) >= self.max_batch or first.key[0] in ("sampled", "best_of")
                 left = deadline - time.monotonic()
                 if full or left <= 0 or self.closed or not self.arriving:
                     break
@@ -170,6 +174,7 @@ class BatchRunner:
 
     def __init__(self, captioners: Dict[str, "OpenedCaptioner"], world: int):  # noqa: F821 (opening.py's)
         self.captioners, self.world = captioners, world
+        self.rankers: Dict[str, object] = {}
         self.opened = next(iter(captioners.values()))  # the first: the LLaMA, decoder and tokenizer all share
         self.captioner = self.opened.captioner
 
@@ -181,18 +186,40 @@ class BatchRunner:
         return box[0]
 
     @torch.no_grad()
-    def _caption(self, parts: List[Tuple[str, torch.Tensor]], d: Decoding) -> list:
+    def _caption(self, parts: List[Tuple[str, torch.Tensor]], d: Decoding, best_of: BestOf = BestOf()) -> list:
         from ..opening import caption_parts
+        from ..rerank import choose
 
+        if best_of.active:  # one request (batched alone): its images keyed 0, 1, ... as the Python API keys them
+            name, pixels = parts[0]
+            op = self.captioners[name]
+            return choose(op, pixels, list(range(len(pixels))), d, best_of, self.ranker(name, best_of))
         # One server is one data-parallel rank: rank 0's generator, as `caption` on one process.
         return caption_parts([(self.captioners[name], pixels) for name, pixels in parts], d,
                              d.generator(0, self.captioner.llama.device))
 
-    def run(self, parts: List[Tuple[str, torch.Tensor]], d: Decoding) -> list:
-        """opening.Captioned of each image of `parts`, in order."""
+    def ranker(self, name: str, best_of: BestOf):
+        """The captioner's own CLIP with its text tower, loaded at its first use (for rerank clip;
+        for the others when it can be, so that the candidates carry their CLIP-S)."""
+        from ..errors import UserError
+        from ..rerank import clip_ranker
+
+        if name not in self.rankers:
+            try:
+                self.rankers[name] = clip_ranker(self.captioners[name].spec.encoder, self.captioner.llama.device,
+                                                 "rerank clip")
+            except UserError:
+                if best_of.rule == "clip":
+                    raise
+                return None
+        return self.rankers[name]
+
+    def run(self, parts: List[Tuple[str, torch.Tensor]], d: Decoding, best_of: BestOf = BestOf()) -> list:
+        """opening.Captioned of each image of `parts`, in order (with `best_of` active, a
+        rerank.Choice each)."""
         if self.world > 1:
-            self._broadcast(("batch", parts, d))
-        return self._caption(parts, d)
+            self._broadcast(("batch", parts, d, best_of))
+        return self._caption(parts, d, best_of)
 
     def keepalive(self) -> None:
         if self.world > 1:
@@ -210,7 +237,7 @@ class BatchRunner:
                 return
             if message[0] == "batch":
                 try:
-                    self._caption(message[1], message[2])
+                    self._caption(*message[1:])
                 except Exception:  # rank 0 meets the same error and answers the request with it
                     pass
 
@@ -260,7 +287,9 @@ def run_batch(live: List[QueuedRequest], runner: BatchRunner, metrics, log) -> N
     n = sum(j.n for j in live)
     start = time.monotonic()
     try:
-        captions = runner.run(parts, live[0].decoding)
+        captions = runner.run(parts, live[0].decoding, live[0].best_of)
+        if live[0].best_of.active:  # rerank.Choice: the chosen caption, and the candidates for who asks
+            choices, captions = captions, [c.best for c in captions]
     except Exception as e:
         log(f"error: a batch of {n} image(s) failed: {type(e).__name__}: {e}")
         for j in live:
@@ -274,9 +303,11 @@ def run_batch(live: List[QueuedRequest], runner: BatchRunner, metrics, log) -> N
         if metrics is not None:
             metrics.captioned(j.captioner, j.n)
         mine = captions[offset:offset + j.n]
-        settle(j.future, {"captions": [c.text for c in mine], "tokens": [len(c.tokens) for c in mine],
-                          "ended": [c.ended for c in mine], "decode_s": seconds, "batch_images": n,
-                          "queue_s": start - j.enqueued})
+        answer = {"captions": [c.text for c in mine], "tokens": [len(c.tokens) for c in mine],
+                  "ended": [c.ended for c in mine], "decode_s": seconds, "batch_images": n, "queue_s": start - j.enqueued}
+        if j.best_of.active:
+            answer["candidates"] = [[x.record() for x in c.candidates] for c in choices[offset:offset + j.n]]
+        settle(j.future, answer)
         offset += j.n
 
 
