@@ -91,34 +91,29 @@ def is_quantized(name: str) -> bool:
 
 class QuantizedProduct(torch.autograd.Function):
     """y = x @ W.T through a fused quantized kernel; backwards, grad_x = grad_y @ W with W
-    dequantized a slice at a time (`grad_input`). The weight is frozen: no gradient of its own."""
+    dequantized a slice at a time (`grad_rows`). The weight is frozen: no gradient of its own."""
 
     @staticmethod
-    def forward(ctx, x, weight):
+    def forward(ctx, x, weight):  # x (rows, in): the output is no view, so a reduction may write into it
         ctx.weight = weight
-        return weight.fused(x)
+        return weight.product(x.to(KERNEL_DTYPE)).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        return ctx.weight.grad_input(grad), None
+        return ctx.weight.grad_rows(grad), None
 
 
 class FusedWeight(nn.Module):
     """A frozen (out, in) weight held as codes that a fused kernel multiplies directly."""
 
     def forward(self, x):
-        if torch.is_grad_enabled() and x.requires_grad:
-            return QuantizedProduct.apply(x, self)
-        return self.fused(x)
-
-    def fused(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in) @ W.T, the kernel taking bf16 activations, in x's dtype."""
-        y = self.product(x.reshape(-1, x.shape[-1]).to(KERNEL_DTYPE))
-        return y.to(x.dtype).view(*x.shape[:-1], y.shape[-1])
-
-    def grad_input(self, grad: torch.Tensor) -> torch.Tensor:
-        g = grad.reshape(-1, grad.shape[-1])
-        return self.grad_rows(g).view(*grad.shape[:-1], self.in_features)
+        rows = x.reshape(-1, x.shape[-1])
+        if torch.is_grad_enabled() and x.requires_grad:
+            y = QuantizedProduct.apply(rows, self)
+        else:
+            y = self.product(rows.to(KERNEL_DTYPE)).to(x.dtype)
+        return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
