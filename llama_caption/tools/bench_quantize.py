@@ -4,12 +4,14 @@ mode, and the caption metrics of the newest `make demo` run's projection per mod
     python -m llama_caption bench-quantize                  # CPU: the bench's cpu shape, the demo's CIDEr
     python -m llama_caption bench-quantize --config 7b      # a GPU: tokens/s and % of bandwidth
 
-Decoding: the same random model (`make bench`'s shape) is made once per mode; full precision is
-timed as captioning runs it on a CPU (fp32, oneDNN-packed weights), the quantized modes through
-their libraries' kernels; greedy captions of the same prefixes at batch 1 and 32, each caption
-`gen_len` tokens, and the share of captions equal to full precision's. On CUDA the model is fp16
-(bf16 with --dtype) and the table adds the weight bytes read per second at batch 1 against the
-card's bandwidth. The 7B shape's resident memory per mode is `bench-load --shape 7b` (it loads a
+Decoding: the same random model (`make bench`'s shape) is made once per mode and timed as
+`caption` runs it with `--decoder auto` (static on a CPU, CUDA graphs on CUDA, eager for nf4
+there; on a CPU every full-precision linear layer oneDNN-packed: all of them at none, the output
+layer otherwise), the quantized modes through their kernels; greedy captions of the same
+prefixes at batch 1 and 32, each caption `gen_len` tokens, and the share of captions equal to
+full precision's; the weight bytes one step reads (all but the token embedding) per second at
+batch 1, against the card's bandwidth on a known GPU. On CUDA the model is fp16 (bf16 with
+--dtype). A table at the end puts these beside the demo's metrics. The 7B shape's resident memory per mode is `bench-load --shape 7b` (it loads a
 written checkpoint, as a run does).
 
 Metrics: `caption` on the demo's validation images, once per mode, from the same trained
