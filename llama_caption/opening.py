@@ -21,7 +21,7 @@ from .errors import UserError
 from .llama.checkpoint import LlamaSettings, load_llama
 from .llama.continuous import ContinuousDecoder, Request
 from .llama.decoding import Decoding
-from .llama.quantize import describe
+from .llama.quantize import UNCOMPILED as UNCOMPILED_QUANTIZE, describe
 from .llama.static_decode import MODES, make_decoder
 from .projection import Projection
 from .results import identity, provenance
@@ -42,31 +42,32 @@ class CaptionerSettings(LlamaSettings):
     clip_model: Optional[str] = setting(None, "the CLIP file, when it moved since training (it must be the same model).")
     clip_pretrained: Optional[str] = setting(None, "the open_clip weights file, when it moved since training (the same weights).")
     dtype: str = setting("auto", "frozen LLaMA precision: auto (fp16 on CUDA, fp32 on CPU), fp32, fp16, bf16.")
-    decoder: str = setting("auto", "greedy/top-p decoder: auto (on a CPU: static; on CUDA: cuda_graph for caption on one GPU without --quantize, 2.5x eager at 7B on an H200, and eager with model parallelism, --quantize, beam search or in serve); eager; static (fixed-shape KV cache, batches padded to 1, 2, 4 ... 64 or --batch_size); compile (static through torch.compile); cuda_graph (static captured as CUDA graphs, CUDA only); continuous (continuous batching over --batch_size slots, or --max_batch in serve: an image takes a slot as soon as a caption ends). Same greedy captions in fp32; beam search is always eager.")
+    decoder: str = setting("auto", "greedy/top-p decoder: auto (on a CPU: static; on CUDA: cuda_graph for caption on one GPU, 2.5x eager at 7B on an H200, and eager with model parallelism, --quantize nf4, beam search or in serve); eager; static (fixed-shape KV cache, batches padded to 1, 2, 4 ... 64 or --batch_size); compile (static through torch.compile); cuda_graph (static captured as CUDA graphs, CUDA only); compile and cuda_graph take --quantize int8 and int4, not nf4; continuous (continuous batching over --batch_size slots, or --max_batch in serve: an image takes a slot as soon as a caption ends). Same greedy captions in fp32; beam search is always eager.")
     pack_weights: bool = setting(True, "on a CPU, decode with a copy of LLaMA's weights packed for oneDNN (faster; one extra copy in memory). No effect on CUDA.")
 
     def check(self) -> None:
         super().check()
         self.one_of("dtype", DTYPE_NAMES)
         self.one_of("decoder", DECODERS)
-        if self.quantize != "none" and self.decoder in ("compile", "cuda_graph"):
-            raise UserError(f"--decoder {self.decoder} is not measured with --quantize {self.quantize}: use --decoder "
-                            f"static or eager")
+        if self.quantize in UNCOMPILED_QUANTIZE and self.decoder in ("compile", "cuda_graph"):
+            raise UserError(f"--decoder {self.decoder} is not measured with --quantize {self.quantize} (bitsandbytes): "
+                            f"use --decoder static, continuous or eager, or --quantize int4")
 
     def resolve_decoder(self, device: torch.device, beams: bool = False, mp_size: int = 1,
                         graphs: bool = True) -> None:
         """`auto`: the static decoder on a CPU and the CUDA-graph one on CUDA (the same captions,
         faster: docs/captioning.md); the eager one for beam search (`beams`), and on CUDA across
         model-parallel ranks (`mp_size`: collectives inside a graph, not measured), with --quantize
-        (the graph decoders refuse quantized layers) or where CUDA graphs were not tried on a GPU
-        (`graphs` False: the server, whose web threads run beside the decoding loop)."""
+        nf4 (bitsandbytes' layers, not taken by the graph decoders) or where CUDA graphs were not
+        tried on a GPU (`graphs` False: the server, whose web threads run beside the decoding loop).
+        int8 and int4's fused kernels run under every decoder."""
         if self.decoder == "auto":
             if beams:
                 self.decoder = "eager"
             elif device.type != "cuda":
                 self.decoder = "static"
             else:
-                ok = graphs and mp_size == 1 and self.quantize == "none"
+                ok = graphs and mp_size == 1 and self.quantize not in UNCOMPILED_QUANTIZE
                 self.decoder = "cuda_graph" if ok else "eager"
         if self.decoder == "cuda_graph" and device.type != "cuda":
             raise UserError("--decoder cuda_graph needs a CUDA device: use static or compile on the CPU")

@@ -1,8 +1,9 @@
-"""--quantize int8|int4: the frozen LLaMA's block weights quantized as they load (quantize.py).
+"""--quantize int8|int4|nf4: the frozen LLaMA's block weights quantized as they load (quantize.py).
 
 Tolerances: weight-only int8 keeps each weight to 1/254 of its row's largest (per-row scales),
-so logits move by about a percent of their spread; NF4 keeps 16 levels per 64 weights, about
-ten times coarser. The bounds below are a few times what the stand-in LLaMA shows (printed
+so logits move by about a percent of their spread; int4 and NF4 keep 16 levels per 64 weights
+(int4: per 32 where a slice's width is not a multiple of 64), about ten times coarser. The fused
+int8/int4 kernels also round the activations to bf16 (a few parts in a thousand). The bounds below are a few times what the stand-in LLaMA shows (printed
 with -s), tight enough that a wrong scale, a transposed weight or a lost model-parallel
 reduction (errors of the logits' own size) fails them."""
 
@@ -17,17 +18,24 @@ import captioning_training
 from conftest import run_cli, torchrun
 from llama_caption.data import load_coco, open_rgb
 from llama_caption.errors import UserError
+from llama_caption.llama import quantize
 from llama_caption.llama.checkpoint import load_llama
-from llama_caption.llama.quantize import QuantizedLinear, check_kernels, weight_bytes
-from llama_caption.tools.testing import open_trained
+from llama_caption.llama.continuous import ContinuousDecoder, Request
+from llama_caption.llama.generation import generate
+from llama_caption.llama.model import ModelArgs
+from llama_caption.llama.quantize import Int4Weight, Int8Weight, QuantizedLinear, check_kernels, quantize_model, weight_bytes
+from llama_caption.llama.static_decode import StaticDecoder
+from llama_caption.opening import CaptionerSettings
+from llama_caption.tools.testing import open_trained, random_model
 
 # Relative error ||quantized - full|| / ||full|| of the logits, and the least cosine similarity
 # of the prefix gradients, per mode.
-LOGIT_ERROR = {"int8": 0.03, "int4": 0.25}
-GRAD_COSINE = {"int8": 0.995, "int4": 0.9}
-CAPTION_AGREEMENT = {"int8": 0.9, "int4": 0.6}
-# The model-parallel test's text (tests/quant_worker.py) moves int4's logits more (0.27 here).
-MP_LOGIT_ERROR = {"int8": 0.03, "int4": 0.4}
+LOGIT_ERROR = {"int8": 0.03, "int4": 0.25, "nf4": 0.25}
+GRAD_COSINE = {"int8": 0.995, "int4": 0.9, "nf4": 0.9}
+CAPTION_AGREEMENT = {"int8": 0.9, "int4": 0.6, "nf4": 0.6}
+# The model-parallel test's text (tests/quant_worker.py) moves the 4-bit modes' logits more (0.27 here).
+MP_LOGIT_ERROR = {"int8": 0.03, "int4": 0.4, "nf4": 0.4}
+QUANTIZED = ("int8", "int4", "nf4")
 
 
 def relative(a, b):
@@ -51,12 +59,12 @@ def features(cap, trained, process_group):
 def captioners(cap, trained, process_group):
     return {mode: open_trained(cap["ckpt_dir"], cap["tokenizer"], trained, process_group, max_gen_len=20,
                                quantize=mode).captioner
-            for mode in ("none", "int8", "int4")}
+            for mode in ("none",) + QUANTIZED}
 
 
 def test_only_the_block_linears_are_quantized_and_memory_shrinks(cap, process_group):
     sizes = {}
-    for mode in ("none", "int8", "int4"):
+    for mode in ("none",) + QUANTIZED:
         model, _ = load_llama(cap["ckpt_dir"], cap["tokenizer"], 64, quantize=mode)
         layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
         assert len(layers) == (0 if mode == "none" else 7 * model.args.n_layers)
@@ -64,7 +72,7 @@ def test_only_the_block_linears_are_quantized_and_memory_shrinks(cap, process_gr
         sizes[mode] = weight_bytes(model)
     # The tiny stand-in's embedding and output layer (kept) are a large share; the blocks shrink.
     print("weight bytes", sizes)
-    assert sizes["int4"] < sizes["int8"] < sizes["none"]
+    assert sizes["int4"] < sizes["int8"] < sizes["none"] and sizes["nf4"] < sizes["int8"]
 
 
 def test_logits_and_prefix_gradients_stay_close(captioners, features, cap):
@@ -82,7 +90,7 @@ def test_logits_and_prefix_gradients_stay_close(captioners, features, cap):
         grad = torch.cat([p.grad.flatten() for p in c.projection.parameters()])
         torch.autograd.backward(logits.logsumexp(-1).sum())
         out[mode] = (logits.detach(), grad, prefix.grad, loss.item() / n)
-    for mode in ("int8", "int4"):
+    for mode in QUANTIZED:
         err = relative(out[mode][0], out["none"][0])
         cos = torch.nn.functional.cosine_similarity(out[mode][1], out["none"][1], dim=0).item()
         cos_prefix = torch.nn.functional.cosine_similarity(out[mode][2].flatten(), out["none"][2].flatten(), dim=0).item()
@@ -96,7 +104,7 @@ def test_logits_and_prefix_gradients_stay_close(captioners, features, cap):
 def test_greedy_captions_mostly_agree(captioners, features):
     base = captioners["none"].generate(features, max_gen_len=20)
     assert len(set(base)) > 3
-    for mode in ("int8", "int4"):
+    for mode in QUANTIZED:
         mine = captioners[mode].generate(features, max_gen_len=20)
         rate = sum(a == b for a, b in zip(mine, base)) / len(base)
         print(f"{mode}: {rate:.0%} of {len(base)} greedy captions equal full precision's")
@@ -104,9 +112,10 @@ def test_greedy_captions_mostly_agree(captioners, features):
 
 
 def test_a_mode_without_a_kernel_is_one_line_and_bad_modes_are_refused(cap, trained, tmp_path):
-    check_kernels("int8", "cpu", torch.float32)  # both run here
-    check_kernels("int4", "cpu", torch.bfloat16)
-    for mode in ("int8", "int4"):  # a device neither library computes on
+    assert check_kernels("int8", "cpu", torch.float32) == "fused"  # all run here
+    assert check_kernels("int4", "cpu", torch.bfloat16) == "fused"
+    assert check_kernels("nf4", "cpu", torch.float32) == "bitsandbytes"
+    for mode in QUANTIZED:  # a device no kernel computes on
         with pytest.raises(UserError) as e:
             check_kernels(mode, "meta", torch.float32)
         msg = str(e.value)
@@ -114,11 +123,11 @@ def test_a_mode_without_a_kernel_is_one_line_and_bad_modes_are_refused(cap, trai
     proc = run_cli(captioning_inference.main, "--ckpt_dir", cap["ckpt_dir"], "--tokenizer_path", cap["tokenizer"],
                    "--checkpoint", trained, "--images", cap["val_images"], "--out", tmp_path / "r.json",
                    "--quantize", "int3")
-    assert proc.returncode == 2 and "--quantize 'int3' must be one of none, int8, int4" in proc.stderr
+    assert proc.returncode == 2 and "--quantize 'int3' must be one of none, int8, int4, nf4" in proc.stderr
     proc = run_cli(captioning_inference.main, "--ckpt_dir", cap["ckpt_dir"], "--tokenizer_path", cap["tokenizer"],
                    "--checkpoint", trained, "--images", cap["val_images"], "--out", tmp_path / "r.json",
-                   "--quantize", "int8", "--decoder", "compile", "--num_workers", 0)
-    assert proc.returncode == 2 and "--decoder compile is not measured with --quantize int8" in proc.stderr
+                   "--quantize", "nf4", "--decoder", "compile", "--num_workers", 0)
+    assert proc.returncode == 2 and "--decoder compile is not measured with --quantize nf4" in proc.stderr
     assert not list(tmp_path.iterdir())
 
 
@@ -160,7 +169,7 @@ def test_two_model_parallel_ranks_match_one(cap, tmp_path, process_group):
     blocks fall elsewhere when a slice's width is not a multiple of 64 (the tiny model's 96 and
     32; Llama 2 7B's 1376 at MP 8): the two quantizations differ by as much as either differs
     from full precision, and both stay within the mode's bound."""
-    modes = ("none", "int8", "int4")
+    modes = ("none",) + QUANTIZED
     import quant_worker
 
     torchrun(2, "tests/quant_worker.py", tmp_path / "mp2.safetensors", cap["tokenizer"], cap["ckpt_dir"], *modes)
@@ -172,7 +181,7 @@ def test_two_model_parallel_ranks_match_one(cap, tmp_path, process_group):
         torch.set_num_threads(threads)
     two = load_file(tmp_path / "mp2.safetensors")
     assert torch.allclose(two["none.logits"], one["none.logits"], atol=1e-4)
-    for mode in ("int8", "int4"):
+    for mode in QUANTIZED:
         err_mp = relative(two[f"{mode}.logits"], one[f"{mode}.logits"])
         err_full = relative(two[f"{mode}.logits"], one["none.logits"])
         cos = torch.nn.functional.cosine_similarity(two[f"{mode}.grad"].flatten(), one[f"{mode}.grad"].flatten(), dim=0)
@@ -209,3 +218,127 @@ def test_the_servers_model_identity_records_the_quantization(cap, trained, proce
     assert svc.info["llama"]["quantize"] == "int4"
     layers = [m for m in svc.runner.captioner.llama.modules() if isinstance(m, QuantizedLinear)]
     assert layers and all(m.mode == "int4" for m in layers)
+
+
+# The fused int8/int4 layers and the decoders over them.
+
+@pytest.fixture(scope="module")
+def random_llamas(process_group):
+    """A random tiny LLaMA per fused mode (and nf4), quantized in place (dim 64: int4 groups of 64)."""
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96, max_seq_len=40)
+    out = {}
+    for mode in QUANTIZED:
+        model = random_model(args, torch.device("cpu"), torch.float32, std=0.3)
+        assert quantize_model(model, mode) == 7 * args.n_layers
+        out[mode] = model
+    return out
+
+
+@pytest.mark.parametrize("cls", [Int8Weight, Int4Weight])
+def test_a_fused_layer_multiplies_and_differentiates_from_its_codes_alone(cls):
+    """Forwards the kernel's product, backwards grad_y @ W with W dequantized on the fly: both near
+    full precision's, and no full-precision copy of the weight is held."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(96, 192, generator=g)  # 192 inputs: int4 groups of 64
+    layer = cls(w)
+    held = list(layer.buffers())
+    assert all(t.dtype in (torch.int8, torch.uint8, torch.bfloat16) for t in held)
+    assert sum(t.numel() * t.element_size() for t in held) < w.numel() * (1.2 if cls is Int8Weight else 0.7)
+    x = torch.randn(3, 5, 192, generator=g, requires_grad=True)
+    y = layer(x)
+    grad = torch.randn(y.shape, generator=g)
+    y.backward(grad)
+    bound = 0.02 if cls is Int8Weight else 0.15  # int8: 1% of quantization, int4 about 9% here
+    assert y.shape == (3, 5, 96) and relative(y.detach(), x.detach() @ w.T) < bound
+    assert relative(x.grad, grad @ w) < bound
+    with torch.no_grad():  # no gradient asked for: the kernel alone, the same numbers
+        assert torch.equal(layer(x), y.detach())
+
+
+def prompts_and_prefix(n=3, seed=0):
+    prefix = torch.randn(n, 3, 64, generator=torch.Generator().manual_seed(seed)) * 0.5
+    return [[1, 5, 9, 4], [1, 7], [1, 3, 3, 8, 2, 6, 11]][:n], prefix
+
+
+def continuous_tokens(model, prompts, prefix, mode):
+    decoder = ContinuousDecoder(model, 2, eos_id=2, mode=mode)
+    reqs = [Request(prefix[i], p, 12, tag=i) for i, p in enumerate(prompts)]
+    return [tokens for _, tokens in sorted(decoder.run(reqs))]
+
+
+def check_decoder(model, decoder: str):
+    """A quantized model's greedy tokens under `decoder` are the eager decoder's (generation.generate
+    over the same quantized layers), and the first step's logits are within 1e-2 of the eager
+    forward's: the fused kernels give each row the same numbers whatever the batch's shape."""
+    prompts, prefix = prompts_and_prefix()
+    want = generate(model, prompts, eos_id=2, max_gen_len=12, prefix=prefix)
+    assert any(len(t) > 3 for t in want)
+    if decoder.startswith("continuous"):
+        got = continuous_tokens(model, prompts, prefix, decoder.split("-")[1])
+        assert got == [generate(model, [p], eos_id=2, max_gen_len=12, prefix=prefix[i:i + 1])[0]
+                       for i, p in enumerate(prompts)]
+        return
+    static = StaticDecoder(model, decoder, sizes=(4,))
+    assert static.generate(prompts, eos_id=2, max_gen_len=12, prefix=prefix) == want
+    step = static.steps[4]
+    eager = model(tokens=torch.tensor([[1, 5]] * 4), start_pos=0)[:, -1]  # the same text, one pass
+    cache_run = StaticDecoder(model, decoder, sizes=(4,))
+    cache_run.generate([[1]] * 4, eos_id=-1, max_gen_len=1)  # prefill BOS into a fresh cache
+    s = cache_run.steps[4]
+    s.tokens.fill_(5), s.slot.fill_(1), s.positions.fill_(1)
+    s.key_mask.copy_((torch.arange(s.window) <= 1)[None, None, None, :].expand_as(s.key_mask))
+    assert step is not None and relative(s.run(), eager) < 1e-2
+
+
+@pytest.mark.parametrize("mode", QUANTIZED)
+@pytest.mark.parametrize("decoder", ["static", "continuous-static"])
+def test_every_quantized_mode_decodes_under_the_fixed_shape_and_continuous_decoders(random_llamas, mode, decoder):
+    with torch.no_grad():
+        check_decoder(random_llamas[mode], decoder)
+
+
+@pytest.mark.slow  # torch.compile starts a compiler
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_the_compiled_decoders_take_the_fused_kernels(random_llamas, mode):
+    try:
+        with torch.no_grad():
+            check_decoder(random_llamas[mode], "compile")
+            check_decoder(random_llamas[mode], "continuous-compile")
+    finally:  # each model compiles its own variants: leave the next test dynamo's whole recompile budget
+        torch._dynamo.reset()
+
+
+def test_a_mode_without_its_fused_kernel_falls_back_or_is_refused_in_one_line(monkeypatch, capsys):
+    def broken(self, x):
+        raise RuntimeError("no kernel for this device\nmore detail")
+
+    quantize._kernel.cache_clear()
+    try:
+        monkeypatch.setattr(Int8Weight, "product", broken)
+        monkeypatch.setattr(Int4Weight, "product", broken)
+        assert check_kernels("int8", "cpu", torch.float32) == "torchao"  # int8: torchao's eager layer
+        err = capsys.readouterr().err.strip()
+        assert err == ("--quantize int8: no fused kernel on cpu in float32 (no kernel for this device): falling back to "
+                       "torchao's eager int8 layer (the same memory, slower decoding)")
+        layer = QuantizedLinear(torch.nn.Linear(64, 32, bias=False), torch.randn(32, 64), "int8", "cpu",
+                                torch.float32, "torchao")
+        assert layer.library == "torchao" and layer(torch.randn(2, 64)).shape == (2, 32)
+        with pytest.raises(UserError) as e:  # int4: no other kernel for its codes
+            check_kernels("int4", "cpu", torch.float32)
+        assert str(e.value) == ("--quantize int4 has no working kernel on cpu in float32 (PyTorch int4pack: no kernel "
+                                "for this device): use --quantize nf4, int8 or another device")
+    finally:
+        quantize._kernel.cache_clear()
+    with pytest.raises(UserError, match=r"^--quantize int4: a 24x64 weight slice does not fit the int4 kernels"):
+        Int4Weight(torch.randn(24, 64))  # 24 outputs: not a multiple of 16
+
+
+def test_auto_decoder_takes_cuda_graphs_with_the_fused_modes_only():
+    for mode, want in (("none", "cuda_graph"), ("int8", "cuda_graph"), ("int4", "cuda_graph"), ("nf4", "eager")):
+        settings = CaptionerSettings.__new__(CaptionerSettings)
+        settings.decoder, settings.quantize = "auto", mode
+        settings.resolve_decoder(torch.device("cuda"))
+        assert settings.decoder == want
+        settings.decoder = "auto"
+        settings.resolve_decoder(torch.device("cpu"))
+        assert settings.decoder == "static"

@@ -146,8 +146,7 @@ def load_llama(ckpt: Union[LlamaCheckpoint, str], tokenizer_path: Optional[str] 
     share = source.tied and (mp == 1 or args.embedding_split == "vocab")
     with skip_weight_init(), torch.device("meta"):
         model = Transformer(args)
-    if quantize != "none":
-        check_kernels(quantize, device, dtype)
+    kernel = check_kernels(quantize, device, dtype)
     # This rank's slices, one at a time; a block linear is quantized as soon as it is read (only a
     # placeholder of its shape is kept for the checks), so at most one full-precision slice of
     # it exists at any time.
@@ -157,7 +156,7 @@ def load_llama(ckpt: Union[LlamaCheckpoint, str], tokenizer_path: Optional[str] 
         module = name[:-len(".weight")]
         if quantize != "none" and is_quantized(name) and module in layers \
                 and t.shape == layers[module].weight.shape and t.dtype in FLOAT_DTYPES:
-            quantized[module] = QuantizedLinear(layers[module], t, quantize, device, dtype)
+            quantized[module] = QuantizedLinear(layers[module], t, quantize, device, dtype, kernel)
             t = torch.empty(t.shape, dtype=t.dtype, device="meta")
         sd[name] = t
     if source.tied and not share:
@@ -188,7 +187,7 @@ class LlamaSettings(Config):
     tokenizer_path: Optional[str] = setting(None, "tokenizer.model (sentencepiece or Llama 3's tiktoken) or tokenizer.json; default: the one in --ckpt_dir (or beside it).")
     model_parallel: int = setting(0, "model-parallel size (GPUs per copy of the LLaMA); 0: Meta's shard count, or 1 for a Hugging Face folder. Any size that divides the heads loads, from either format.")
     device: str = setting("auto", "auto (CUDA when available, else CPU), cpu or cuda.")
-    quantize: str = setting("none", "the frozen LLaMA's block weights: none, int8 (torchao, per-row scales) or int4 (bitsandbytes NF4); quantized per rank as they load (docs/quantization.md).")
+    quantize: str = setting("none", "the frozen LLaMA's block weights: none; int8 (per-row scales) or int4 (a scale and offset per 64 inputs), both multiplied by PyTorch's fused kernels (faster decoding than full precision); or nf4 (bitsandbytes NF4, dequantized per product); quantized per rank as they load (docs/quantization.md).")
 
     def check(self) -> None:
         self.at_least(0, "model_parallel")

@@ -58,7 +58,7 @@ FORMATS = ("hugging face", "meta")
 class LoadBenchConfig(Config):
     shape: str = setting("1b", "the model shape: 1b (Llama-3.2-1B), 7b (Llama-2-7B: a Hugging Face folder, MP 1 only) or tiny.")
     mp: List[int] = setting((1, 2), "the model-parallel sizes to load at (7b: 1).")
-    quantize: List[str] = setting(("none",), "load once per --quantize mode in this list (none, int8, int4), e.g. '[\"none\",\"int8\",\"int4\"]'.")
+    quantize: List[str] = setting(("none",), "load once per --quantize mode in this list (none, int8, int4, nf4), e.g. '[\"none\",\"int8\",\"int4\"]'.")
     dir: Optional[str] = setting(None, "scratch folder for the random checkpoints (default: a temporary one, removed after).")
     out: Optional[str] = setting(None, "also write the figures as JSON to this file.")
     worker: Optional[str] = setting(None, "(internal) load this checkpoint as one torchrun rank and report.")

@@ -4,12 +4,14 @@ mode, and the caption metrics of the newest `make demo` run's projection per mod
     python -m llama_caption bench-quantize                  # CPU: the bench's cpu shape, the demo's CIDEr
     python -m llama_caption bench-quantize --config 7b      # a GPU: tokens/s and % of bandwidth
 
-Decoding: the same random model (`make bench`'s shape) is made once per mode; full precision is
-timed as captioning runs it on a CPU (fp32, oneDNN-packed weights), the quantized modes through
-their libraries' kernels; greedy captions of the same prefixes at batch 1 and 32, each caption
-`gen_len` tokens, and the share of captions equal to full precision's. On CUDA the model is fp16
-(bf16 with --dtype) and the table adds the weight bytes read per second at batch 1 against the
-card's bandwidth. The 7B shape's resident memory per mode is `bench-load --shape 7b` (it loads a
+Decoding: the same random model (`make bench`'s shape) is made once per mode and timed as
+`caption` runs it with `--decoder auto` (static on a CPU, CUDA graphs on CUDA, eager for nf4
+there; on a CPU every full-precision linear layer oneDNN-packed: all of them at none, the output
+layer otherwise), the quantized modes through their kernels; greedy captions of the same
+prefixes at batch 1 and 32, each caption `gen_len` tokens, and the share of captions equal to
+full precision's; the weight bytes one step reads (all but the token embedding) per second at
+batch 1, against the card's bandwidth on a known GPU. On CUDA the model is fp16 (bf16 with
+--dtype). A table at the end puts these beside the demo's metrics. The 7B shape's resident memory per mode is `bench-load --shape 7b` (it loads a
 written checkpoint, as a run does).
 
 Metrics: `caption` on the demo's validation images, once per mode, from the same trained
@@ -29,7 +31,8 @@ from ..config import Config, command, setting
 from ..errors import UserError
 from ..fileio import check_output_file, write_json
 from ..llama.model import ModelArgs
-from ..llama.quantize import MODES, check_modes, quantize_model, weight_bytes
+from ..llama.quantize import MODES, UNCOMPILED, check_modes, quantize_model, weight_bytes
+from ..llama.static_decode import make_decoder
 from ..runtime import DTYPE_NAMES, DTYPES
 from .bench import CONFIGS, card_peaks, decode_prefixes, machine, time_ours
 from .testing import random_model
@@ -60,6 +63,21 @@ class QuantBenchConfig(Config):
         self.at_least(0, "images", "gen_len")
 
 
+def bench_decoder(dev, mode: str) -> str:
+    """The decoder `--decoder auto` gives `caption` on one device: static on a CPU, CUDA graphs on
+    CUDA (eager for nf4, whose library's layers the graph decoders do not take)."""
+    if dev.type != "cuda":
+        return "static"
+    return "eager" if mode in UNCOMPILED else "cuda_graph"
+
+
+def step_bytes(model) -> int:
+    """Weight bytes one decoding step reads: every weight but the token embedding (one row of it)."""
+    emb = model.tok_embeddings.weight
+    shared = model.output.weight is emb if hasattr(model.output, "weight") else False
+    return weight_bytes(model) - (0 if shared else emb.numel() * emb.element_size())
+
+
 def decode_table(cfg: QuantBenchConfig, c: dict, dev, dtype, log) -> dict:
     L = cfg.gen_len or c["gen_len"]
     c = dict(c, images=cfg.images or c["images"], gen_len=L)
@@ -69,31 +87,33 @@ def decode_table(cfg: QuantBenchConfig, c: dict, dev, dtype, log) -> dict:
     rows, reference = {}, None
     for mode in cfg.quantize:
         model = random_model(args, dev, dtype)
-        if mode == "none":
-            packed = model.pack_weights()
-        else:
-            quantize_model(model, mode)
-            packed = False
-        size = weight_bytes(model)
+        quantize_model(model, mode)
+        # As `caption` runs it: on a CPU every full-precision linear layer (at none all of them, else
+        # the output layer) multiplies by a oneDNN-packed copy.
+        packed = model.pack_weights()
+        size, read = weight_bytes(model), step_bytes(model)
         prefix = decode_prefixes(model, c, dev)
-        row = {"weight_bytes": size, "packed": packed, "batches": {}}
+        name = bench_decoder(dev, mode)
+        row = {"weight_bytes": size, "step_bytes": read, "packed": packed, "decoder": name, "batches": {}}
         for b in cfg.batches:
             n = len(prefix) if b > 1 else min(8, len(prefix))  # one at a time: fewer, or it takes minutes
             batch = min(b, n)  # a batch is at most the captions there are
             with torch.no_grad():
-                toks, dt, extra = time_ours(model, prefix[:n], batch, L, dev)
+                toks, dt, extra = time_ours(model, prefix[:n], batch, L, dev, decoder=make_decoder(model, name, batch))
             r = {"captions_s": n / dt, "tokens_s": n * L / dt, "captions": n, "batch": batch}
             if reference is None or len(reference) < n:
                 reference = toks
             r["same_captions"] = sum(x == y for x, y in zip(toks, reference)) / n
-            if peak and b == 1:
-                r["weight_gb_s"] = r["tokens_s"] * size / 1e9
-                r["bandwidth_share"] = r["weight_gb_s"] / peak[1]
+            if b == 1:
+                r["weight_gb_s"] = r["tokens_s"] * read / 1e9
+                if peak:
+                    r["bandwidth_share"] = r["weight_gb_s"] / peak[1]
             row["batches"][b] = r
-            label = "none (packed fp32)" if packed else mode
-            log(f"  {label:>18} batch {batch:3d}: {r['captions_s']:8.2f} captions/s {r['tokens_s']:9.1f} tokens/s  "
+            label = f"{'none (packed fp32)' if mode == 'none' and packed else mode}, {name}"
+            log(f"  {label:>26} batch {batch:3d}: {r['captions_s']:8.2f} captions/s {r['tokens_s']:9.1f} tokens/s  "
                 f"weights {size / 2**20:8.1f} MiB  captions equal to none's: {r['same_captions']:.0%}"
-                + (f"  {r['weight_gb_s']:.0f} GB/s ({r['bandwidth_share']:.0%} of {peak[1]:.0f})" if "weight_gb_s" in r else ""))
+                + (f"  weights read {r['weight_gb_s']:.1f} GB/s" if "weight_gb_s" in r else "")
+                + (f" ({r['bandwidth_share']:.0%} of {peak[1]:.0f})" if "bandwidth_share" in r else ""))
         rows[mode] = row
         del model
     base = rows["none"]["batches"]
@@ -104,6 +124,25 @@ def decode_table(cfg: QuantBenchConfig, c: dict, dev, dtype, log) -> dict:
                                       for b, v in rows[mode]["speed_vs_none"].items())
             + f"; weights {rows[mode]['memory_vs_none']:.2f}x")
     return rows
+
+
+def summary(rows: dict, demo: dict, batches, log) -> None:
+    """One table: per mode, captions/s per batch size, weights, bytes read per second at batch 1
+    and the demo's caption agreement and CIDEr."""
+    b1 = batches[0]
+    log("| mode | decoder | " + " | ".join(f"captions/s, batch {b}" for b in batches)
+        + " | weights MiB | weights read/s, batch 1 | same captions (demo) | CIDEr (demo) |")
+    log("|---" * (6 + len(batches)) + "|")
+    for mode, row in rows.items():
+        speeds = [f"{row['batches'][b]['captions_s']:.2f}" + (f" ({row['speed_vs_none'][b]:.2f}x)" if mode != "none" else "")
+                  for b in batches]
+        r1 = row["batches"][b1]
+        read = f"{r1['weight_gb_s']:.1f} GB/s" + (f" ({r1['bandwidth_share']:.0%})" if "bandwidth_share" in r1 else "")
+        d = (demo or {}).get(mode)
+        same = f"{d['same_captions']:.0%}" if d else "-"
+        cider = f"{d['metrics'].get('CIDEr', float('nan')) * 100:.1f}" if d else "-"
+        log(f"| {mode} | {row['decoder']} | " + " | ".join(speeds)
+            + f" | {row['weight_bytes'] / 2**20:.1f} | {read} | {same} | {cider} |")
 
 
 def find_demo(cfg: QuantBenchConfig) -> dict:
@@ -167,6 +206,7 @@ def bench(cfg: QuantBenchConfig) -> dict:
     if cfg.demo:
         print(f"the newest demo run under {cfg.demo}/, captioned once per mode:")
         res["demo"] = {"run": demo["checkpoint"], "modes": demo_metrics(cfg, demo, print)}
+    summary(res["decode"], res.get("demo", {}).get("modes"), cfg.batches, print)
     if cfg.out:
         write_json(cfg.out, res, indent=1)
         print(f"wrote {cfg.out}")

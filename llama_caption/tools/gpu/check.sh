@@ -48,9 +48,9 @@ cap() {  # cap NAME FLAGS...: caption val with the trained projection, no Java s
 captions() {
   local modes="eager static compile"; [ "$DEVICE" = cuda ] && modes="$modes cuda_graph"
   for d in $modes; do echo "--- decoder $d"; cap "$d" --decoder "$d" 2>&1 | grep -v "it/s\]\|s/it\]" | tail -4; done
-  for q in int8 int4; do echo "--- quantize $q"; cap "$q" --quantize "$q" 2>&1 | grep -v "it/s\]\|s/it\]" | tail -4; done
+  for q in int8 int4 nf4; do echo "--- quantize $q"; cap "$q" --quantize "$q" 2>&1 | grep -v "it/s\]\|s/it\]" | tail -4; done
   echo "--- bf16"; cap bf16 --dtype bf16 2>&1 | tail -2
-  local files=(); for f in eager static compile cuda_graph int8 int4 bf16; do [ -f "$RUN/$f.json" ] && files+=("$RUN/$f.json"); done
+  local files=(); for f in eager static compile cuda_graph int8 int4 nf4 bf16; do [ -f "$RUN/$f.json" ] && files+=("$RUN/$f.json"); done
   $PY -m llama_caption.tools.gpu.compare "$A/captions_val2014.json" "${files[@]}"
 }
 export -f cap captions; export DEMO DEVICE PY RUN A
