@@ -127,6 +127,13 @@ class ClipRanker:
         return torch.nn.functional.normalize(m.model.encode_image(pixels.to(m.device, m.dtype)).float(), dim=-1).cpu()
 
     @torch.no_grad()
+    def text_check(self) -> None:
+        """Read one text through the text tower (raises what it raises)."""
+        from .clipscore import text_features
+
+        text_features(self.model, ["a photo"], 1)
+
+    @torch.no_grad()
     def scores(self, images: torch.Tensor, texts: List[str]) -> List[float]:
         """CLIP-S of each text against its row of `images` (normalised image features)."""
         from .clipscore import clip_s, text_features
@@ -146,7 +153,13 @@ def clip_ranker(encoder_spec, device, flag: str = "--rerank clip") -> ClipRanker
     if not hasattr(model.model, "encode_text"):
         raise UserError(f"{flag} needs a CLIP that reads text: {encoder_spec.clip_model} has no text tower; use "
                         f"--rerank logprob or mbr")
-    return ClipRanker(model)
+    ranker = ClipRanker(model)
+    try:  # its tokenizer and text tower together (an open_clip config may pair a tokenizer with a smaller vocabulary)
+        ranker.text_check()
+    except Exception as e:
+        raise UserError(f"{flag} needs a CLIP that reads text: the text tower of {encoder_spec.clip_model} does not run "
+                        f"with its tokenizer ({type(e).__name__}: {str(e)[:120]}); use --rerank logprob or mbr") from None
+    return ranker
 
 
 def choose(opened, pixels: torch.Tensor, keys: Sequence[int], decoding: Decoding, best_of: BestOf,

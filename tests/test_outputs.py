@@ -305,7 +305,7 @@ def test_flags_are_refused_before_any_work(cap, trained, tmp_path):
 
 
 def test_captioning_refuses_a_llama_of_another_architecture(cap, trained, tmp_path):
-    """The run's LLaMA folder is recorded: a LLaMA of the same width but other layers is refused."""
+    """The run's LLaMA architecture is recorded: a LLaMA of the same width but other layers is refused."""
     import captioning_inference
     from llama_caption.llama.model import ModelArgs
     from llama_caption.tools.testing import random_state_dict, write_meta_checkpoint
@@ -314,7 +314,8 @@ def test_captioning_refuses_a_llama_of_another_architecture(cap, trained, tmp_pa
     write_meta_checkpoint(str(tmp_path / "deeper"), deeper, random_state_dict(ModelArgs.from_params(deeper, vocab_size=96)))
     proc = run_cli(captioning_inference.main, "--ckpt_dir", tmp_path / "deeper", "--tokenizer_path", cap["tokenizer"],
                    "--checkpoint", trained, "--images", cap["val_images"], "--out", tmp_path / "r.json")
-    assert proc.returncode == 2 and f"was trained with the LLaMA in {cap['ckpt_dir']}, not the one in --ckpt_dir" in proc.stderr
+    assert proc.returncode == 2 and f"was trained with another LLaMA than the one in --ckpt_dir {tmp_path / 'deeper'} " \
+        f"(layers 2 against 3)" in proc.stderr
     assert not list(tmp_path.glob("r.*"))
 
 

@@ -164,6 +164,11 @@ def deepen(cfg: BenchServeConfig, work: str, log) -> None:
     with safe_open(path, "pt") as f:
         meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     meta["config"] = json.dumps(dict(json.loads(meta["config"]), ckpt_dir=llama), sort_keys=True)
+    if "captioner" in meta:  # the recorded LLaMA is the stacked one: its captions are the same
+        spec = json.loads(meta["captioner"])
+        if spec.get("llama_architecture"):
+            spec["llama_architecture"][1] = cfg.deepen
+        meta["captioner"] = json.dumps(spec, sort_keys=True)
     save_file(tensors, path, metadata=meta)
     log(f"--deepen {cfg.deepen}: the LLaMA of {cfg.ckpt_dir} stacked from {n0} to {cfg.deepen} layers (the added "
         f"ones add nothing to the residual stream: the same captions)")

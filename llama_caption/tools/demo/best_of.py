@@ -18,7 +18,8 @@ from typing import Optional
 
 import torch
 
-from ...config import command, setting, Config
+from ...config import Config, command, setting
+from ...errors import UserError
 from ...fileio import write_json
 from ...rerank import RULES
 
@@ -52,9 +53,12 @@ def run(cfg: BestOfConfig) -> None:
     ways = {"greedy": {}} | {rule: dict(num_candidates=cfg.n, temperature=cfg.temperature, rerank=rule)
                              for rule in RULES}
     times = {}
+    try:
+        cap.ranker(cap.names[0], opened)  # its CLIP loaded before the clock starts, as a server holds it
+    except UserError as e:
+        print(f"best of {cfg.n}: no CLIP-S rule ({e})", flush=True)
+        del ways["clip"]
     for name, settings in ways.items():
-        if name == "clip":
-            cap.ranker(cap.names[0], opened)  # its CLIP loaded before the clock starts, as a server holds it
         start = time.perf_counter()
         captions = cap.caption(pixels, **settings)
         times[name] = (time.perf_counter() - start) / len(ids)

@@ -622,7 +622,9 @@ def add_best_of(d: DemoRun) -> None:
 
 
 def best_of_files(d: DemoRun) -> Dict[str, str]:
-    return {way: os.path.join(d.final(), "best_of", f"{way}.json") for way in ("greedy",) + RULES}
+    """The best-of block's results files that were written (no clip.json when the CLIP reads no text)."""
+    files = {way: os.path.join(d.final(), "best_of", f"{way}.json") for way in ("greedy",) + RULES}
+    return {way: path for way, path in files.items() if os.path.isfile(path)}
 
 
 def add_control_and_scoring(d: DemoRun) -> None:
@@ -690,7 +692,7 @@ def demo_report(d: DemoRun, stages: Dict[str, dict], truth: Optional[dict], seco
 def best_of_report(d: DemoRun, scored: Dict[str, dict]) -> dict:
     """Each way's CIDEr, CLIP-S and seconds per image (the best-of block)."""
     files = best_of_files(d)
-    with open(os.path.join(os.path.dirname(files["greedy"]), "times.json")) as f:
+    with open(os.path.join(d.final(), "best_of", "times.json")) as f:
         times = json.load(f)
     ways = {way: {"CIDEr": scored[path]["metrics"]["CIDEr"], "CLIP-S": scored[path]["metrics"].get("CLIP-S"),
                   "seconds_per_image": times["seconds_per_image"][way]} for way, path in files.items()}
