@@ -177,7 +177,10 @@ def claim(out: str, settings: dict, is_main: bool) -> None:
         with open(path) as f:
             before = json.load(f)
         diff = [k for k in settings if before.get(k) != settings[k]
-                and not (k == "clip_identity" and same_encoder(str(before.get(k)), settings[k]))]
+                and not (k == "clip_identity" and same_encoder(str(before.get(k)), settings[k]))
+                # caches made before encoder files were recorded by absolute path (the identity still checks the file)
+                and not (k == "clip_model" and isinstance(before.get(k), str)
+                         and os.path.abspath(before[k]) == settings[k])]
         if diff:
             k = diff[0]
             raise UserError(f"--out {out} holds features made with other settings ({k}: {before.get(k)!r} -> "

@@ -318,6 +318,23 @@ def test_an_encoder_file_is_recorded_by_its_absolute_path(tmp_path, monkeypatch)
         moved_encoder(old, settings, "run")
 
 
+def test_a_feature_cache_recorded_with_a_relative_clip_path_is_still_the_same_cache(tmp_path, monkeypatch):
+    """Caches written before encoder files were recorded by absolute path hold the path as given:
+    the same file, now absolute, continues them; another file is still refused."""
+    import json
+
+    from llama_caption.errors import UserError
+    from llama_caption.features import SETTINGS, claim
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cache").mkdir()
+    settings = {"clip_model": str(tmp_path / "clip.pt"), "split": "train"}
+    (tmp_path / "cache" / SETTINGS).write_text(json.dumps(dict(settings, clip_model="clip.pt")))
+    claim(str(tmp_path / "cache"), settings, False)
+    with pytest.raises(UserError, match=r"clip_model: 'clip.pt' -> '/.*other.pt'"):
+        claim(str(tmp_path / "cache"), dict(settings, clip_model=str(tmp_path / "other.pt")), False)
+
+
 def test_the_short_flags_help_offers_are_taken():
     """fire's --help lists -o for --out where no other flag starts with o: the command takes it."""
     from dataclasses import dataclass
