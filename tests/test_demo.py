@@ -54,8 +54,13 @@ def test_reduced_demo_captions_depend_on_the_image(tmp_path, process_group):
     assert cap["attributes"]["background"] >= ctl["attributes"]["background"] + 0.2
     assert cap["attributes"]["all three"] > ctl["attributes"]["all three"]
     assert cap["metrics"]["CIDEr"] >= 1.5 * ctl["metrics"]["CIDEr"]
-    for line in ("cross-entropy, MLP", "cross-entropy, mapper", f"SCST (from {best})", "shuffled control", "gallery:"):
+    for line in ("cross-entropy, MLP", "cross-entropy, mapper", f"SCST (from {best})", "shuffled control", "gallery:",
+                 "best of 5 (sampled at temperature 0.5)", "best by MBR (CIDEr)", "best by CLIP-S"):
         assert line in proc.stdout
+    # The best-of block: greedy is the final captions themselves; each rule's pick is scored.
+    block = report["best_of"]["ways"]
+    assert block["greedy"]["CIDEr"] == cap["metrics"]["CIDEr"] and set(block) == {"greedy", "logprob", "clip", "mbr"}
+    assert all(v["seconds_per_image"] > 0 and v["CLIP-S"] is not None for v in block.values())
     assert (runs[0] / "scst" / "captions.gallery.html").exists()
     assert (runs[0] / "scst" / "loss_curve.png").exists()
     scst_rows = [json.loads(l) for l in open(runs[0] / "scst" / "metrics.jsonl")]
@@ -113,7 +118,7 @@ def test_demo_on_another_coco_format_dataset_with_an_open_clip_encoder(tmp_path,
     cfg, weights = build_tiny_open_clip(str(tmp_path / "oc"), "stripes-vit",
                                         {"image_size": 32, "layers": 1, "width": 64, "patch_size": 8})
     args = ["--root", tmp_path / "root", "--images", images, "--annotations", ann, "--clip_model", "open_clip:" + cfg,
-            "--clip_pretrained", weights, "--projections", '["mlp"]', "--scst_epochs", 0]
+            "--clip_pretrained", weights, "--projections", '["mlp"]', "--scst_epochs", 0, "--best_of", 0]
     proc = run_demo(*args)
     assert "held out 4 of 40 images" in proc.stdout and "training the stand-in CLIP" not in proc.stdout
     (run,) = [p for p in (tmp_path / "root").glob("small-*/runs/001")]
@@ -265,3 +270,13 @@ def test_demo_check_refuses_bad_flags_before_any_demo(tmp_path):
         with pytest.raises(UserError, match=says):
             DemoCheckConfig(**dict({"root": str(tmp_path / "r")}, **flags))
     assert DemoCheckConfig(root=str(tmp_path / "r"), seeds=[2 ** 40]).seeds == [2 ** 40]  # the demo's own range
+
+
+def test_demo_best_of_flag_is_checked(tmp_path):
+    from llama_caption.errors import UserError
+    from llama_caption.tools.demo.build import DemoConfig
+
+    for n in (1, 33, -2):
+        with pytest.raises(UserError, match=f"--best_of must be 0 \\(no block\\) or from 2 to 32, got {n}"):
+            DemoConfig(root=str(tmp_path), best_of=n)
+    assert DemoConfig(root=str(tmp_path), best_of=0).best_of == 0

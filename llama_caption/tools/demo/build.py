@@ -71,7 +71,6 @@ SCALES = {
 # The transformer mapper's size for the demo, and its cross-entropy learning rate (it trains
 # better at a lower one than the MLP's).
 PROJECTION_FLAGS = {"transformer": ["--mapper_width", 128, "--mapper_layers", 2]}
-BEST_OF_N = 5  # candidates per image in the best-of block
 XE_LR = {"transformer": 1e-3}
 LLAMA_PARAMS = dict(dim=128, n_layers=2, n_heads=4, multiple_of=64, norm_eps=1e-5)
 LLAMA_TEXTS_PER_SEQUENCE = 3
@@ -370,6 +369,7 @@ class DemoConfig(Config):
     val_annotations: Optional[str] = setting(None, "the captions JSON that goes with --val_images.")
     projections: List[str] = setting(("mlp", "transformer"), "the projections trained by cross-entropy and compared; the best goes on to SCST.")
     scst_epochs: Optional[int] = setting(None, "SCST epochs after cross-entropy (default: the scale's, 1; 0: none).")
+    best_of: int = setting(5, "the last block: greedy against the best of this many sampled captions by each --rerank rule, from the final weights (0: no block; at most 32).")
     seed: int = setting(0, "seed of the stand-ins' training, the projections' initialisation and data order, and SCST's sampling (the synthetic images are the same for every seed).")
 
     def check(self) -> None:
@@ -386,6 +386,8 @@ class DemoConfig(Config):
             if p not in ("mlp", "linear", "transformer"):
                 raise UserError(f"--projections: {p!r} is not one of mlp, linear, transformer")
         self.at_least(0, "scst_epochs", "seed")
+        if self.best_of != 0 and not 2 <= self.best_of <= 32:
+            raise UserError(f"--best_of must be 0 (no block) or from 2 to 32, got {self.best_of}")
         if self.clip_model:
             check_encoder_flags(self.clip_model, self.clip_pretrained)
         elif self.clip_pretrained:
@@ -611,13 +613,15 @@ def add_scst(d: DemoRun) -> None:
 
 
 def add_best_of(d: DemoRun) -> None:
-    """Greedy against the best of BEST_OF_N candidates by each rerank rule, from the final
+    """Greedy against the best of --best_of candidates by each rerank rule, from the final
     weights, each timed (tools/demo/best_of.py); scored with the stages."""
+    if not d.cfg.best_of:
+        return
     p = d.paths
     d.jobs.add("best of", lambda: launch(
         "-m", "llama_caption.tools.demo.best_of", "--ckpt_dir", p["ckpt_dir"], "--tokenizer_path", p["tokenizer"],
         "--checkpoint", d.final(), "--annotations", p["val_ann"], "--images", p["val_images"],
-        "--out_dir", os.path.join(d.final(), "best_of"), "--n", BEST_OF_N, "--temperature", d.s["scst_temperature"],
+        "--out_dir", os.path.join(d.final(), "best_of"), "--n", d.cfg.best_of, "--temperature", d.s["scst_temperature"],
         log=d.say, **d.opts), after=["scst", "pick"])
 
 
@@ -634,8 +638,10 @@ def add_control_and_scoring(d: DemoRun) -> None:
                                                   ["--gallery", 0, "--control_shuffle", "True"], **d.opts),
                after=["scst", "pick"])
     captions = [f"caption {name}" for name in stage_names(d)]
-    d.jobs.add("score", lambda: score(d.paths, [d.jobs.results[c] for c in captions] + list(best_of_files(d).values()),
-                                      clipscore_flags(d.cfg, d.paths), d.say, **d.opts), after=captions + ["best of"])
+    best_of = (lambda: list(best_of_files(d).values())) if d.cfg.best_of else list
+    d.jobs.add("score", lambda: score(d.paths, [d.jobs.results[c] for c in captions] + best_of(),
+                                      clipscore_flags(d.cfg, d.paths), d.say, **d.opts),
+               after=captions + (["best of"] if d.cfg.best_of else []))
 
 
 def stage_names(d: DemoRun) -> List[str]:
@@ -727,7 +733,8 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     stages = {name: scored[d.jobs.results[f"caption {name}"]] for name in stage_names(d)}
     truth = val_attributes(d.paths)
     report = demo_report(d, stages, truth, time.time() - t_start)
-    report["best_of"] = best_of_report(d, scored)
+    if d.cfg.best_of:
+        report["best_of"] = best_of_report(d, scored)
     write_json(os.path.join(d.folder, "demo_report.json"), report, indent=1)
     print_report(report, stages, truth, d.folder)
     return report
