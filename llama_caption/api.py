@@ -45,6 +45,9 @@ def load(ckpt_dir: str, checkpoint: Union[str, Sequence[str], Dict[str, str]], *
     unknown = sorted(set(settings) - known)
     if unknown:
         raise TypeError(f"load() got an unknown setting {unknown[0]!r}: the settings are {', '.join(sorted(known))}")
+    if not isinstance(checkpoint, (str, os.PathLike, list, tuple, dict)):
+        raise UserError(f"checkpoint must be a run folder, a list of them or {{name: folder}}, got "
+                        f"{type(checkpoint).__name__}")
     named = named_checkpoints(checkpoint, "checkpoint")
     cfg = CaptionerSettings(ckpt_dir=ckpt_dir, checkpoint=next(iter(named.values())), **settings)
     default = Decoding(max_gen_len=max_gen_len).check(str)
@@ -83,6 +86,8 @@ class Captioners:
         caption (str) for one image, a list for a list or batch; with `scores`, each is
         {"caption", "logprob"} (the caption's mean token log-probability, its end token included
         when it ended), with "candidates" (each with its logprob, mbr and clip_s) when there are several."""
+        if not isinstance(scores, bool):
+            raise TypeError(f"scores must be True or False, got {scores!r}")
         name, opened = self.pick(model)
         d = self.decoding(decoding)
         best_of = BestOf(num_candidates, rerank).check(d, str)
@@ -128,15 +133,29 @@ class Captioners:
             raise TypeError(f"caption() got an unknown setting {unknown[0]!r}: the decoding settings are "
                             f"{', '.join(Decoding.names())}")
         caps = {"max_gen_len": (self.max_gen_len, "load()'s max_gen_len, which sized the KV cache")}
-        return Decoding(**dict({"max_gen_len": self.max_gen_len}, **given)).check(str, caps)
+        # Read as the server reads a request's settings: numbers (or numbers as text), None for the default.
+        return Decoding.from_values(given, {"max_gen_len": self.max_gen_len}, caps)
+
+    def input_shape(self, opened: OpenedCaptioner) -> tuple:
+        """(3, H, W) of the captioner's preprocessed images."""
+        from PIL import Image
+
+        return tuple(opened.preprocess(Image.new("RGB", (32, 32))).shape)
 
     def pixels(self, images: Sequence[ImageLike], opened: OpenedCaptioner) -> List[torch.Tensor]:
-        """Each image as the captioner's encoder takes it."""
+        """Each image as the captioner's encoder takes it (a tensor: checked, as given)."""
         from PIL import Image
 
         out = []
+        shape = self.input_shape(opened)
         for i, im in enumerate(images):
             if torch.is_tensor(im):
+                if tuple(im.shape[-3:]) != shape or im.dim() not in (3, 4):
+                    raise UserError(f"image {i} is a tensor of shape {tuple(im.shape)}: this captioner takes "
+                                    f"{shape} (or N x {shape}), as its preprocess makes them: "
+                                    f"cap.opened[name].preprocess(pil_image)")
+                if not torch.isfinite(im).all():
+                    raise UserError(f"image {i} is a tensor with NaN or infinite values: give the preprocessed pixels of an image")
                 out += list(im) if im.dim() == 4 else [im]
                 continue
             where = f"image {i}" if not isinstance(im, (str, os.PathLike)) else os.fspath(im)

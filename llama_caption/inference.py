@@ -312,7 +312,7 @@ def run(cfg: InferenceConfig) -> Optional[Dict]:
         decoding, best_of = cfg.decoding(), cfg.best_of()
         ranker = candidate_ranker(cfg, best_of, env)  # before the LLaMA loads: --rerank clip may have no CLIP
         opened = open_captioner(cfg, env, decoding, cfg.batch_size)
-        made_by = opened.provenance(decoding, cfg.selection(), cfg.control_shuffle, best_of, ranker)
+        made_by = opened.provenance(decoding, cfg.selection(), cfg.control_shuffle, best_of, ranker, cfg.keep_candidates)
         files.previous(made_by, cfg.overwrite)
         done = {} if cfg.overwrite else files.load_done(cfg.annotated)
         dist.barrier()  # every rank has read the old files before rank 0 changes them

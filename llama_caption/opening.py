@@ -117,7 +117,8 @@ class OpenedCaptioner:
         for tag, tokens in cap.decoder.run(requests()):
             yield tag, tokenizer.decode(tokens).strip()
 
-    def decoding_record(self, decoding: Decoding, control_shuffle: bool = False, best_of=None, ranker=None) -> dict:
+    def decoding_record(self, decoding: Decoding, control_shuffle: bool = False, best_of=None, ranker=None,
+                        keep_candidates: bool = False) -> dict:
         """How captions were made, as results files record it: the settings, the control, the
         precision, the decoder unless eager (fp16 kernels of other shapes may round otherwise),
         and the best of several candidates when asked (rerank.BestOf; with CLIP-S, its CLIP)."""
@@ -128,12 +129,15 @@ class OpenedCaptioner:
             d.update(best_of.provenance())
             if ranker is not None:
                 d["rerank_clip"] = ranker.model.identity
+            if keep_candidates:  # the rows hold candidates: a rerun without them is another file
+                d["keep_candidates"] = True
         return d
 
     def provenance(self, decoding: Decoding, selection: dict, control_shuffle: bool = False, best_of=None,
-                   ranker=None) -> dict:
+                   ranker=None, keep_candidates: bool = False) -> dict:
         """What makes a results file of these captions (results.provenance)."""
-        return provenance(self.made_by, self.decoding_record(decoding, control_shuffle, best_of, ranker), selection)
+        record = self.decoding_record(decoding, control_shuffle, best_of, ranker, keep_candidates)
+        return provenance(self.made_by, record, selection)
 
 
 @dataclass

@@ -116,6 +116,20 @@ def test_bad_input_gets_one_line(cap, both, trained, other, photos, tmp_path):
         both.caption([3])
     with pytest.raises(UserError, match=r"no images"):
         both.caption([])
+    # Tensors: the preprocessing's shape, finite values; a NaN call leaves the next one unharmed.
+    good = both.opened["coco"].preprocess(Image.open(one).convert("RGB"))
+    with pytest.raises(UserError, match=r"image 0 is a tensor of shape \(3, 64, 64\): this captioner takes \(3, 32, 32\)"):
+        both.caption(torch.zeros(3, 64, 64))
+    with pytest.raises(UserError, match=r"image 0 is a tensor of shape \(1, 1, 3, 32, 32\)"):
+        both.caption(torch.zeros(1, 1, 3, 32, 32))
+    with pytest.raises(UserError, match=r"image 1 is a tensor with NaN or infinite values"):
+        both.caption([good, torch.full_like(good, float("nan"))])
+    assert both.caption(good) == both.caption(one)
+    with pytest.raises(TypeError, match=r"scores must be True or False, got 'no'"):
+        both.caption(one, scores="no")
+    assert both.caption(one, temperature="0.7", seed=None) == both.caption(one, temperature=0.7)  # as a request reads them
+    with pytest.raises(UserError, match=r"checkpoint must be a run folder, a list of them or \{name: folder\}, got int"):
+        llama_caption.load(cap["ckpt_dir"], 5)
     with pytest.raises(TypeError, match=r"unknown setting 'chekpoint'"):
         llama_caption.load(cap["ckpt_dir"], trained, chekpoint="x")
     with pytest.raises(UserError, match=r"names the captioner 'x' twice"):

@@ -87,6 +87,12 @@ def test_caption_candidates_are_reproducible_and_each_rule_picks_its_best(cap, t
             assert r["caption"] == next(c["caption"] for c in r["candidates"] if c[rule] == best)
     run = json.load(open(tmp_path / "b.run.json"))
     assert run["decoding"]["num_candidates"] == 4 and run["decoding"]["rerank"] == "mbr"
+    assert run["decoding"]["keep_candidates"] is True
+    # A rerun without --keep_candidates is another file (its rows would hold no candidates): refused.
+    proc = run_cli(captioning_inference.main, "--ckpt_dir", cap["ckpt_dir"], "--tokenizer_path", cap["tokenizer"],
+                   "--checkpoint", trained, "--images", photos, "--out", tmp_path / "b.json", "--num_workers", 0,
+                   "--num_candidates", 4, "--temperature", 1.0, "--rerank", "mbr")
+    assert proc.returncode == 2 and "holds captions made with other settings (decoding." in proc.stderr, proc.stderr[-1000:]
     # Beams: the best beam first (what --num_beams alone writes), then the others, all different.
     beams = caption(cap, trained, photos, tmp_path / "beams.json", "--num_candidates", 3, "--num_beams", 3,
                     "--keep_candidates", "--rerank", "clip")

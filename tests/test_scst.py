@@ -204,7 +204,7 @@ def test_scst_two_data_parallel_ranks_equal_one_process_and_resume_equals_uninte
 
 @pytest.mark.parametrize("what", ["no_init", "one_sample", "other_projection", "other_prefix", "other_llama",
                                   "no_samples", "wider_llama", "reward", "negative_weight", "nan_weight",
-                                  "zero_weights"])
+                                  "zero_weights", "huge_weight", "weight_unused"])
 def test_scst_bad_flags_are_one_line_errors_and_write_nothing(cap, trained, assets, tmp_path, what):
     import captioning_training
     from conftest import run_cli
@@ -232,10 +232,16 @@ def test_scst_bad_flags_are_one_line_errors_and_write_nothing(cap, trained, asse
         msg = "--scst_reward 'bleu' must be one of cider, clip, cider+clip"
     elif what == "negative_weight":
         args += ["--scst_reward", "cider+clip", "--scst_clip_weight", -0.5]
-        msg = "--scst_clip_weight must be at least 0, got -0.5"
+        msg = "--scst_clip_weight must be from 0 to 100, got -0.5"
     elif what == "nan_weight":
         args += ["--scst_reward", "cider+clip", "--scst_cider_weight", "1e999"]  # fire reads it as inf
         msg = "--scst_cider_weight must be a finite number"
+    elif what == "huge_weight":  # finite, but the reward would overflow
+        args += ["--scst_reward", "cider+clip", "--scst_clip_weight", 1e308]
+        msg = "--scst_clip_weight must be from 0 to 100, got 1e+308"
+    elif what == "weight_unused":
+        args += ["--scst_reward", "cider", "--scst_clip_weight", 5]
+        msg = "--scst_clip_weight weighs a term of --scst_reward cider+clip; with --scst_reward cider the reward is"
     elif what == "zero_weights":
         args += ["--scst_reward", "cider+clip", "--scst_cider_weight", 0, "--scst_clip_weight", 0]
         msg = "--scst_cider_weight and --scst_clip_weight are both 0"

@@ -292,6 +292,8 @@ def test_the_captioners_are_named_in_model_models_and_metrics(service, photos, o
     assert r.status_code == 400 and r.json() == {"error": "unknown model 'nope': this server serves run, moved"}
     r = client.post("/v1/captions", json={"images": [base64.b64encode(read(photos, name)).decode()], "model": 3})
     assert r.status_code == 400 and r.json()["error"].startswith("unknown model 3")
+    r = client.post("/v1/captions", files=[("images", (name, read(photos, name)))], data={"model": ["moved", "run"]})
+    assert r.status_code == 400 and r.json() == {"error": "the field 'model' is given twice: give each setting once"}
 
 
 def test_best_of_n_requests_answer_with_the_rule_s_pick_and_their_candidates(service, photos):
@@ -409,6 +411,7 @@ def test_openai_errors_are_one_sentence_in_openai_s_shape(service, photos):
         (dict(messages=image_message(url), tools=[{"type": "function", "function": {"name": "f"}}]),
          "tools is not supported by this captioner", "tools"),
         (dict(messages=image_message(url), logprobs=True), "logprobs is not supported", "logprobs"),
+        (dict(messages=image_message(url), model=""), "model must name a captioner (run, moved), got \"\"", "model"),
         (dict(messages=[{"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": url}}]}]),
          "holds an image but is a assistant message", "messages"),
     ]
@@ -418,6 +421,11 @@ def test_openai_errors_are_one_sentence_in_openai_s_shape(service, photos):
         assert message in e.value.body["message"], (kwargs, e.value.body)
         assert e.value.param == param and e.value.type == "invalid_request_error", (kwargs, e.value.body)
         assert "\n" not in e.value.body["message"] and e.value.status_code == 400
+    for extra, message in [({"frobnicate": 1}, "unknown field 'frobnicate'"), ({"num_candidates": 3}, "unknown field")]:
+        r = client.post("/v1/chat/completions", json=dict({"model": "run", "messages": image_message(url)}, **extra))
+        assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
+    r = client.post("/v1/chat/completions", json={"model": "run", "messages": image_message(url), "n": 2.0})
+    assert r.status_code == 200 and len(r.json()["choices"]) == 2  # a whole number written 2.0, as elsewhere
     for body, message in [(b"{not json", "malformed JSON"), (b"[1]", "must be a JSON object"),
                           (json.dumps({"model": "run", "messages": image_message(url), "stream": "yes"}).encode(),
                            "stream must be true or false")]:
@@ -684,7 +692,9 @@ def test_serve_flags_are_checked_before_anything_loads(cap, trained, monkeypatch
                             (["--api_key", "clé-secrète-longue"], "printable ASCII"),
                             (["--api_key", "two words key"], "printable ASCII"),
                             (["--max_upload_mb", "1e999"], "finite"), (["--max_upload_mb", 1e9], "at most 65536"),
-                            (["--max_upload_mb", "1" + "0" * 400], "too large")):
+                            (["--max_upload_mb", "1" + "0" * 400], "too large"),
+                            # a folder that is not a trained run: refused before the port is bound
+                            (["--checkpoint", f"x={cap['root']}"], "--checkpoint")):
         proc = run_cli(server.main, *base, *extra)
         assert proc.returncode == 2, (extra, proc.stderr)
         assert mentions in proc.stderr and proc.stderr.count("\n") == 1, (extra, proc.stderr)
@@ -709,6 +719,9 @@ def test_loadtest_refuses_other_hosts_and_checks_its_inputs(tmp_path):
         bad.write_text(text)
         with pytest.raises(UserError, match="results file"):
             loadtest.load_expected(str(bad))
+    for models in ("a,,b", ","):
+        proc = run_cli(loadtest.main, "--url", "http://127.0.0.1:1", "--images", tmp_path, "--models", models)
+        assert proc.returncode == 2 and "--models" in proc.stderr and "empty name" in proc.stderr, proc.stderr
     assert loadtest.percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
     assert loadtest.percentile([5.0], 99) == 5.0
 

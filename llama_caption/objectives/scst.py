@@ -29,7 +29,8 @@ from .xe import validation_loss
 if TYPE_CHECKING:
     from ..training import TrainConfig, Trainer
 
-FLAGS = {"max_gen_len": "--max_caption_len", "temperature": "--scst_temperature"}  # Decoding's names as train's flags
+FLAGS = {"max_gen_len": "--max_caption_len", "temperature": "--scst_temperature"}
+MAX_WEIGHT = 100.0  # a reward weight's upper bound (CIDEr-D is about 0-10 here, CLIP-S 0-2.5)  # Decoding's names as train's flags
 
 
 def sampling(cfg: "TrainConfig") -> Decoding:
@@ -68,8 +69,11 @@ class Scst:
         if cfg.scst_reward not in REWARDS:
             raise UserError(f"--scst_reward {cfg.scst_reward!r} must be one of {', '.join(REWARDS)}")
         for flag in ("scst_cider_weight", "scst_clip_weight"):
-            if not getattr(cfg, flag) >= 0:
-                raise UserError(f"--{flag} must be at least 0, got {getattr(cfg, flag)}")
+            if not 0 <= getattr(cfg, flag) <= MAX_WEIGHT:
+                raise UserError(f"--{flag} must be from 0 to {MAX_WEIGHT:g}, got {getattr(cfg, flag)}")
+            if cfg.scst_reward != "cider+clip" and getattr(cfg, flag) != 1.0:
+                raise UserError(f"--{flag} weighs a term of --scst_reward cider+clip; with --scst_reward "
+                                f"{cfg.scst_reward} the reward is that score alone: leave it out")
         if cfg.scst_reward == "cider+clip" and cfg.scst_cider_weight == 0 and cfg.scst_clip_weight == 0:
             raise UserError("--scst_cider_weight and --scst_clip_weight are both 0: the reward would be 0 for every caption")
         if cfg.scst_reward != "cider" and cfg.feature_kind != "pooled":

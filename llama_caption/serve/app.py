@@ -241,6 +241,8 @@ async def parse_multipart(request: Request, body: bytes):
             files.append((value.filename or f"#{len(files) + 1}", await value.read()))
         elif key == "images":
             raise ApiError(400, "the field 'images' must hold files")
+        elif key in settings:
+            raise ApiError(400, f"the field {key!r} is given twice: give each setting once")
         else:
             settings[key] = value
     return files, settings

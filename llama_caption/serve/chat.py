@@ -34,6 +34,10 @@ TAKEN = ("model", "messages", "max_tokens", "max_completion_tokens", "temperatur
          "stream_options")
 NEUTRAL = ("user", "metadata", "store", "service_tier", "parallel_tool_calls", "prompt_cache_key", "safety_identifier")
 ROLES = ("system", "developer", "user", "assistant", "tool")
+# The other fields of OpenAI's request: refused (with a reason) when set to what changes an answer.
+OPENAI_FIELDS = ("frequency_penalty", "presence_penalty", "logprobs", "top_logprobs", "stop", "response_format",
+                 "tools", "tool_choice", "functions", "function_call", "logit_bias", "modalities", "audio",
+                 "prediction", "reasoning_effort", "web_search_options", "verbosity")
 
 
 def openai_decoding(body: dict, limits: Limits) -> Decoding:
@@ -64,6 +68,9 @@ def check_fields(body: dict) -> None:
             continue
         if value in (None, False, 0, "", [], {}) or (key == "response_format" and value == {"type": "text"}):
             continue
+        if key not in OPENAI_FIELDS:
+            raise ApiError(400, f"unknown field {key!r}: this route takes OpenAI's Chat Completions fields "
+                                f"({', '.join(TAKEN)}; /v1/captions takes num_candidates, rerank, num_beams)", param=key)
         raise ApiError(400, f"{key} is not supported by this captioner (it writes one caption per image, from the "
                             f"image alone): leave it out", param=key)
 
@@ -117,9 +124,11 @@ def parse_chat(body: bytes, limits: Limits) -> dict:
     if not isinstance(data, dict):
         raise ApiError(400, "the body must be a JSON object in the Chat Completions schema")
     check_fields(data)
-    n = data.get("n", 1)
-    if n is None:
-        n = 1
+    try:
+        n = parse_number("n", int, data.get("n"))
+    except UserError:
+        n = data.get("n")
+    n = 1 if n is None else n
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= limits.max_images:
         raise ApiError(400, f"n must be a whole number from 1 to {limits.max_images} (the server's --max_images), "
                             f"got {json.dumps(n)}", param="n")
@@ -188,6 +197,9 @@ def add_openai_routes(app: FastAPI, batcher: Batcher, limits: Limits, captioners
         try:
             served = loaded()
             data = parse_chat(await read_body(request, limits.max_upload_bytes), limits)
+            if "model" in data and (not isinstance(data["model"], str) or not data["model"]):
+                raise ApiError(400, f"model must name a captioner ({', '.join(served)}), got {json.dumps(data['model'])}",
+                               param="model")
             name, opened = pick_captioner(served, data.get("model"), status=404)
             files = [the_image(data.get("messages"))] * data["n"]
             decoding = openai_decoding(data, limits)

@@ -68,6 +68,10 @@ class ServeConfig(CaptionerSettings):
     def check(self) -> None:
         super().check()
         self.checkpoints = named_checkpoints(self.checkpoint)
+        from ..runs import find_checkpoint
+
+        for path in self.checkpoints.values():  # a folder that is not a trained run: before the port is bound
+            find_checkpoint(path)
         self.at_least(0, "port", "max_wait_ms", "threads")
         self.at_least(1, "max_batch", "max_queue", "max_images", "max_pixels", "max_gen_len", "max_beams")
         if self.max_images is None:

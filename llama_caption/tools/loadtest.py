@@ -35,7 +35,7 @@ class LoadTestConfig(Config):
     expected: Optional[str] = setting(None, "a results file of `caption` over the same images (greedy): every caption is checked against it.")
     api_key: Optional[str] = setting(None, "the server's key, when it has one (default: $LLAMA_CAPTION_API_KEY).")
     max_gen_len: Optional[int] = setting(None, "sent with every request (default: the server's).")
-    models: List[str] = setting((), "captioners (serve's names) the requests go to in turn, as `model`: --models a,b (default: the server's default one). --expected is checked for each.")
+    models: List[str] = setting((), "captioners (serve's names) the requests go to in turn, as `model`: --models a,b (default: the server's default one). --expected is one file, checked against every captioner's answers (serve one run under several names to compare).")
     out: Optional[str] = setting(None, "also write the table as JSON here.")
 
     def check(self) -> None:
@@ -51,7 +51,10 @@ class LoadTestConfig(Config):
             raise UserError(f"--url {self.url} must be http:// on this machine (127.0.0.1, localhost or ::1): "
                             f"the load test only runs over loopback")
         self.api_key = self.api_key or os.environ.get("LLAMA_CAPTION_API_KEY") or None
-        self.models = [m for item in self.models for m in item.split(",") if m]
+        given = [m.strip() for item in self.models for m in item.split(",")]
+        if self.models and (not given or "" in given):
+            raise UserError(f"--models {','.join(self.models)} holds an empty name: give captioner names joined by commas")
+        self.models = given
 
 
 def percentile(values: List[float], q: float) -> float:
