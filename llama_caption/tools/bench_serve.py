@@ -217,8 +217,8 @@ def run(cfg: BenchServeConfig) -> None:
         first, top = min(loads), max(cfg.concurrency)
         figures = dict(offline=offline, **load_figures(cfg, offline, *loads[first], lines), by_captioners={})
         for n, (rows, code) in loads.items():
-            print((f"{n} captioner(s), requests spread over them in turn:\n" if len(loads) > 1 or n > 1 else "")
-                  + format_table(rows))
+            label = "1 captioner:\n" if n == 1 else f"{n} captioners over one LLaMA, requests spread over them in turn:\n"
+            print((label if len(loads) > 1 or n > 1 else "") + format_table(rows))
             entry = figures["by_captioners"][n] = {"load": rows, "server_exit": code}
             if n != first:
                 entry["vs_first"] = images_per_s(rows, top) / max(images_per_s(loads[first][0], top), 1e-9)
