@@ -204,15 +204,18 @@ class BatchRunner:
         from ..errors import UserError
         from ..rerank import clip_ranker
 
-        if name not in self.rankers:
+        if name not in self.rankers:  # tried once: a CLIP without a text tower is not loaded again per request
             try:
                 self.rankers[name] = clip_ranker(self.captioners[name].spec.encoder, self.captioner.llama.device,
                                                  "rerank clip")
-            except UserError:
-                if best_of.rule == "clip":
-                    raise
-                return None
-        return self.rankers[name]
+            except UserError as e:
+                self.rankers[name] = e
+        got = self.rankers[name]
+        if isinstance(got, UserError):
+            if best_of.rule == "clip":
+                raise got
+            return None
+        return got
 
     def run(self, parts: List[Tuple[str, torch.Tensor]], d: Decoding, best_of: BestOf = BestOf()) -> list:
         """opening.Captioned of each image of `parts`, in order (with `best_of` active, a
