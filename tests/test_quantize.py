@@ -298,12 +298,13 @@ def test_every_quantized_mode_decodes_under_the_fixed_shape_and_continuous_decod
 
 
 @pytest.mark.slow  # torch.compile starts a compiler
-@pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_the_compiled_decoders_take_the_fused_kernels(random_llamas, mode):
+@pytest.mark.parametrize("mode, decoder", [("int8", "compile"), ("int4", "continuous-compile")])
+def test_the_compiled_decoders_take_the_fused_kernels(random_llamas, mode, decoder):
+    """Each fused mode through one of the two compiled decoders (each compile of a new graph
+    costs 10-30 s on 2 cores; the two decoders share the compiled step's code, tests/test_continuous.py)."""
     try:
         with torch.no_grad():
-            check_decoder(random_llamas[mode], "compile")
-            check_decoder(random_llamas[mode], "continuous-compile")
+            check_decoder(random_llamas[mode], decoder)
     finally:  # each model compiles its own variants: leave the next test dynamo's whole recompile budget
         torch._dynamo.reset()
 
