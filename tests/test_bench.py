@@ -47,22 +47,20 @@ def test_load_benchmark_reports_each_format_and_rank(tmp_path):
     from llama_caption.tools import bench_load
 
     out = tmp_path / "load.json"
-    proc = run_cli(bench_load.main, "--shape", "tiny", "--mp", 2, "--out", out, "--dir", tmp_path / "scratch",
-                   "--quantize", '["none","nf4"]')  # (int4's kernels need wider slices than the tiny shape's)
+    # Full precision only: each load is a torchrun launch; the quantized modes' weight bytes per rank
+    # are tests/test_quantize.py's (memory, and model parallelism through quant_worker.py).
+    proc = run_cli(bench_load.main, "--shape", "tiny", "--mp", 2, "--out", out, "--dir", tmp_path / "scratch")
     assert proc.returncode == 0, proc.stderr[-2000:]
     import json
 
     res = json.load(open(out))
     assert [(r["format"], r["mp"], r["quantize"]) for r in res["loads"]] == [
-        ("hugging face", 2, "none"), ("hugging face", 2, "nf4"), ("meta", 2, "none"), ("meta", 2, "nf4")]
+        ("hugging face", 2, "none"), ("meta", 2, "none")]
     for row in res["loads"]:
         assert len(row["ranks"]) == 2
-        if row["quantize"] == "none":
-            # Tied embeddings: the output layer is not a second copy, so a rank holds half the
-            # file's weights, plus the replicated norms (5 x 64 bf16 values).
-            assert all(r["share_bytes"] == res["weight_bytes"] // 2 + 5 * 64 for r in row["ranks"])
-        else:  # the block linears at about a quarter of their bf16 bytes
-            assert all(r["share_bytes"] < 0.75 * (res["weight_bytes"] // 2) for r in row["ranks"])
+        # Tied embeddings: the output layer is not a second copy, so a rank holds half the file's
+        # weights, plus the replicated norms (5 x 64 bf16 values).
+        assert all(r["share_bytes"] == res["weight_bytes"] // 2 + 5 * 64 for r in row["ranks"])
     assert "hugging face" in proc.stdout and "meta" in proc.stdout
 
 
