@@ -147,13 +147,8 @@ def help_text(cls) -> str:
     return "Args:\n" + "".join(f"    {f.name}: {f.metadata.get('help', '')}\n" for f in fields(cls) if f.init)
 
 
-def command(cls, run: Callable, summary: str, varargs: Optional[str] = None,
-            interrupted: str = "what was already written is kept") -> Callable:
-    """A fire entry point whose flags are the fields of `cls`; calls run(cls(**flags)).
-
-    varargs: a list field that also takes the words after it (`--images a.jpg b.jpg dir/`).
-    interrupted: what the line printed on ^C tells the user (what is kept, how to go on).
-    """
+def _parameters(cls, varargs: Optional[str]) -> list:
+    """The command's parameters, one per field of `cls` (a REQUIRED default where it has none)."""
     hints = typing.get_type_hints(cls)
     params, how = [], inspect.Parameter.POSITIONAL_OR_KEYWORD
     # An inherited settings group (LlamaSettings) is keyword-only in the dataclass: its required
@@ -167,6 +162,37 @@ def command(cls, run: Callable, summary: str, varargs: Optional[str] = None,
         if f.name == varargs:  # further words are more of it; every later field needs its flag
             params.append(inspect.Parameter("more_" + varargs, inspect.Parameter.VAR_POSITIONAL))
             how = inspect.Parameter.KEYWORD_ONLY
+    return params
+
+
+def _bound_values(signature: inspect.Signature, args: list, kwargs: dict, varargs: Optional[str]) -> dict:
+    """The flags as field values: every required one given, varargs' further words joined in."""
+    try:
+        values = signature.bind(*args, **kwargs)
+    except TypeError as e:
+        raise UserError(f"{e}: see --help") from None
+    values.apply_defaults()
+    values = dict(values.arguments)
+    missing = [f"--{k}" for k, v in values.items() if v is REQUIRED]
+    if missing:
+        raise UserError(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} required "
+                        f"(--help says what each takes)")
+    if varargs:
+        extra = values.pop("more_" + varargs, ())
+        if extra:
+            first = values[varargs]
+            values[varargs] = (list(first) if isinstance(first, (list, tuple)) else [first]) + list(extra)
+    return values
+
+
+def command(cls, run: Callable, summary: str, varargs: Optional[str] = None,
+            interrupted: str = "what was already written is kept") -> Callable:
+    """A fire entry point whose flags are the fields of `cls`; calls run(cls(**flags)).
+
+    varargs: a list field that also takes the words after it (`--images a.jpg b.jpg dir/`).
+    interrupted: what the line printed on ^C tells the user (what is kept, how to go on).
+    """
+    params = _parameters(cls, varargs)
     # Flags it does not know come into a catch-all, so that a misspelt one is refused before any
     # work (fire would otherwise run the command first and complain about the leftover after).
     signature = inspect.Signature(params)
@@ -188,22 +214,7 @@ def command(cls, run: Callable, summary: str, varargs: Optional[str] = None,
         if unknown:
             near = difflib.get_close_matches(unknown[0], known, n=1)
             raise UserError(f"unknown flag --{unknown[0]}" + (f": did you mean --{near[0]}?" if near else "") + " (see --help)")
-        try:
-            values = signature.bind(*args, **kwargs)
-        except TypeError as e:
-            raise UserError(f"{e}: see --help") from None
-        values.apply_defaults()
-        values = dict(values.arguments)
-        missing = [f"--{k}" for k, v in values.items() if v is REQUIRED]
-        if missing:
-            raise UserError(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} required "
-                            f"(--help says what each takes)")
-        if varargs:
-            extra = values.pop("more_" + varargs, ())
-            if extra:
-                first = values[varargs]
-                values[varargs] = (list(first) if isinstance(first, (list, tuple)) else [first]) + list(extra)
-        run(cls(**values))  # nothing returned: fire would print it
+        run(cls(**_bound_values(signature, args, kwargs, varargs)))  # nothing returned: fire would print it
 
     main.__signature__ = signature.replace(parameters=params + [inspect.Parameter("flags", inspect.Parameter.VAR_KEYWORD)])
     main.__doc__ = summary.strip() + "\n\n" + help_text(cls)
