@@ -136,18 +136,12 @@ class Captioners:
         # Read as the server reads a request's settings: numbers (or numbers as text), None for the default.
         return Decoding.from_values(given, {"max_gen_len": self.max_gen_len}, caps)
 
-    def input_shape(self, opened: OpenedCaptioner) -> tuple:
-        """(3, H, W) of the captioner's preprocessed images."""
-        from PIL import Image
-
-        return tuple(opened.preprocess(Image.new("RGB", (32, 32))).shape)
-
     def pixels(self, images: Sequence[ImageLike], opened: OpenedCaptioner) -> List[torch.Tensor]:
         """Each image as the captioner's encoder takes it (a tensor: checked, as given)."""
         from PIL import Image
 
         out = []
-        shape = self.input_shape(opened)
+        shape = opened.input_shape  # (computed once per captioner)
         for i, im in enumerate(images):
             if torch.is_tensor(im):
                 if tuple(im.shape[-3:]) != shape or im.dim() not in (3, 4):

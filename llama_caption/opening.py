@@ -8,6 +8,7 @@ an `OpenedCaptioner`: the captioner, its encoder (and image preprocessing), the 
 dtype, and what results files and the server's /v1/model record of it.
 """
 
+import functools
 import os
 import re
 from dataclasses import dataclass
@@ -89,6 +90,13 @@ class OpenedCaptioner:
     def preprocess(self):
         """An image (PIL) to the tensor the encoder takes."""
         return self.encoder.preprocess
+
+    @functools.cached_property
+    def input_shape(self) -> tuple:
+        """(3, H, W) of the encoder's preprocessed images."""
+        from PIL import Image
+
+        return tuple(self.preprocess(Image.new("RGB", (32, 32))).shape)
 
     def caption(self, pixels: torch.Tensor, decoding: Decoding, generator=None) -> List[str]:
         """Captions of preprocessed images."""

@@ -158,7 +158,7 @@ class Service:
             self.metrics.by_captioner.labels(name)
         with torch.no_grad():  # the decoder's first shapes, before the first user waits for them
             for name, op in opened.items():
-                self.runner.run([(name, torch.zeros(1, *encoder_input_shape(op.encoder)))], default)
+                self.runner.run([(name, torch.zeros(1, *op.input_shape))], default)
         self.captioners = opened
         self.ready = True
 
@@ -272,13 +272,6 @@ def run(cfg: ServeConfig) -> None:
             server.should_exit = True
             thread.join(timeout=30)
         env.log("stopped: every request in flight was answered")
-
-
-def encoder_input_shape(encoder) -> tuple:
-    """(3, H, W) of the encoder's preprocessed images."""
-    from PIL import Image
-
-    return tuple(encoder.preprocess(Image.new("RGB", (32, 32))).shape)
 
 
 main = command(ServeConfig, run, "Serve a trained captioner over HTTP (FastAPI): dynamic batching, a web page, Prometheus metrics.")
