@@ -13,5 +13,5 @@ setup(
     # test: the suite; playwright drives Debian's chromium in the server's browser test (it never
     # downloads a browser); openai is the client the server's OpenAI-compatible routes are tested
     # with. bench: transformers, the reference the benchmark and tests compare with.
-    extras_require={"bench": ["transformers>=4.40"], "test": ["pytest", "playwright>=1.40", "transformers>=4.40", "openai>=1.40"]},
+    extras_require={"bench": ["transformers>=4.40"], "test": ["pytest", "pytest-xdist>=3.5", "playwright>=1.40", "transformers>=4.40", "openai>=1.40"]},
 )

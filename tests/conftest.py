@@ -33,9 +33,37 @@ TINY = dict(dim=64, n_layers=2, n_heads=4, multiple_of=32, norm_eps=1e-5, vocab_
 TINY_GQA = dict(TINY, n_kv_heads=2, rope_theta=500000.0)
 
 
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # `make test` runs pytest-xdist workers, one per core
+if WORKER:
+    torch.set_num_threads(1)  # the workers share the cores: two threads each would wait on each other
+
+
+def shared(tmp_path_factory, name, make):
+    """A session fixture's value, made once for the whole run: each pytest-xdist worker is a
+    process with a session of its own, so the first to ask makes it (under a lock) in a folder
+    every worker sees and the others read what it wrote. `make(folder)` gives a JSON value."""
+    import fcntl
+    from pathlib import Path
+
+    base = tmp_path_factory.getbasetemp()
+    base = base.parent if WORKER else base
+    done = base / f"shared-{name}.json"
+    with open(base / f"shared-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            folder = base / f"shared-{name}"
+            folder.mkdir()
+            done.write_text(json.dumps(make(folder), default=str))
+        value = json.loads(done.read_text())
+    return {k: Path(v) if k == "root" else v for k, v in value.items()} if isinstance(value, dict) else value
+
+
 @pytest.fixture(scope="session")
 def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("assets")
+    return shared(tmp_path_factory, "assets", make_assets)
+
+
+def make_assets(root):
     tok = train_tokenizer(caption_lines(), 128, str(root / "tokenizer.model"))
     out = {"root": root, "tokenizer": str(root / "tokenizer.model"), "vocab": tok.n_words}
     for name, params in (("tiny", TINY), ("tiny_gqa", TINY_GQA)):
@@ -103,7 +131,10 @@ LLAMA = dict(dim=64, n_layers=2, n_heads=4, multiple_of=32, norm_eps=1e-5)
 @pytest.fixture(scope="session")
 def cap(tmp_path_factory, process_group):
     """A drawn COCO-format dataset, a pretrained stand-in LLaMA, a tiny CLIP file."""
-    root = tmp_path_factory.mktemp("cap")
+    return shared(tmp_path_factory, "cap", make_cap)
+
+
+def make_cap(root):
     paths = make_dataset(str(root / "coco"), train=6, val=3, seed=1, image_size=32)
     data = json.load(open(paths["train"]))
     # Four images with one caption each: the set a projection can learn by heart.
@@ -121,9 +152,13 @@ def cap(tmp_path_factory, process_group):
 @pytest.fixture(scope="session")
 def trained(cap, tmp_path_factory):
     """A projection trained on the drawn dataset for a few seconds: it captions well enough."""
+    return shared(tmp_path_factory, "trained", lambda folder: make_trained(cap, folder))
+
+
+def make_trained(cap, folder):
     import captioning_training
 
-    out = tmp_path_factory.mktemp("trained") / "run"
+    out = folder / "run"
     proc = run_cli(captioning_training.main, "--ckpt_dir", cap["ckpt_dir"], "--tokenizer_path", cap["tokenizer"],
                    "--clip_model", cap["clip"], "--train_images", cap["images"], "--train_annotations", cap["ann"],
                    "--out_dir", out, "--num_workers", 0, "--epochs", 20, "--batch_size", 4, "--warmup_steps", 5,
