@@ -62,17 +62,23 @@ def captioners(cap, trained, process_group):
             for mode in ("none",) + QUANTIZED}
 
 
-def test_only_the_block_linears_are_quantized_and_memory_shrinks(cap, process_group):
+def test_the_block_linears_and_the_output_layer_are_quantized_and_memory_shrinks(cap, process_group):
     sizes = {}
     for mode in ("none",) + QUANTIZED:
         model, _ = load_llama(cap["ckpt_dir"], cap["tokenizer"], 64, quantize=mode)
-        layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
-        assert len(layers) == (0 if mode == "none" else 7 * model.args.n_layers)
+        layers = {n: m.mode for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+        blocks = {n for n in layers if n.startswith("layers.")}
+        assert len(blocks) == (0 if mode == "none" else 7 * model.args.n_layers)
+        assert all(layers[n] == mode for n in blocks)
+        # int8 and int4 multiply the output layer in int8 (per row); nf4 keeps it.
+        assert layers.get("output") == {"int8": "int8", "int4": "int8"}.get(mode)
+        assert set(layers) == blocks | ({"output"} if mode in ("int8", "int4") else set())
+        assert isinstance(model.tok_embeddings.weight, torch.nn.Parameter)
         assert all(not p.requires_grad for p in model.parameters())
         sizes[mode] = weight_bytes(model)
-    # The tiny stand-in's embedding and output layer (kept) are a large share; the blocks shrink.
+    # The tiny stand-in's embedding (kept) is a large share; the blocks and the output layer shrink.
     print("weight bytes", sizes)
-    assert sizes["int4"] < sizes["int8"] < sizes["none"] and sizes["nf4"] < sizes["int8"]
+    assert sizes["int4"] < sizes["int8"] < sizes["none"] and sizes["nf4"] < sizes["none"]
 
 
 def test_logits_and_prefix_gradients_stay_close(captioners, features, cap):
@@ -216,8 +222,8 @@ def test_the_servers_model_identity_records_the_quantization(cap, trained, proce
                               device="cpu", quantize="int4", max_gen_len=10))
     svc.load(process_group)
     assert svc.info["llama"]["quantize"] == "int4"
-    layers = [m for m in svc.runner.captioner.llama.modules() if isinstance(m, QuantizedLinear)]
-    assert layers and all(m.mode == "int4" for m in layers)
+    layers = {n: m.mode for n, m in svc.runner.captioner.llama.named_modules() if isinstance(m, QuantizedLinear)}
+    assert layers.pop("output") == "int8" and layers and set(layers.values()) == {"int4"}
 
 
 # The fused int8/int4 layers and the decoders over them.
@@ -229,7 +235,7 @@ def random_llamas(process_group):
     out = {}
     for mode in QUANTIZED:
         model = random_model(args, torch.device("cpu"), torch.float32, std=0.3)
-        assert quantize_model(model, mode) == 7 * args.n_layers
+        assert quantize_model(model, mode) == 7 * args.n_layers + (mode != "nf4")  # the output layer too
         out[mode] = model
     return out
 

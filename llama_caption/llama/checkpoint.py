@@ -28,7 +28,7 @@ from .meta import list_shards, meta_context_length, read_params
 from .model import ModelArgs, Transformer, skip_weight_init
 from .params import check_architecture
 from .quantize import MODES as QUANTIZE_MODES
-from .quantize import QuantizedLinear, check_kernels, is_quantized
+from .quantize import plan as quantize_plan
 from .sources import FLOAT_DTYPES, HFSafetensors, MetaShards, WeightSource, check_state_dict
 from .tokenizer import Tokenizer, load_tokenizer, resolve_tokenizer_path
 
@@ -146,21 +146,20 @@ def load_llama(ckpt: Union[LlamaCheckpoint, str], tokenizer_path: Optional[str] 
     share = source.tied and (mp == 1 or args.embedding_split == "vocab")
     with skip_weight_init(), torch.device("meta"):
         model = Transformer(args)
-    kernel = check_kernels(quantize, device, dtype)
-    # This rank's slices, one at a time; a block linear is quantized as soon as it is read (only a
-    # placeholder of its shape is kept for the checks), so at most one full-precision slice of
-    # it exists at any time.
+    how = quantize_plan(quantize, device, dtype)
+    # This rank's slices, one at a time; a layer the plan quantizes is quantized as soon as it is
+    # read (only a placeholder of its shape is kept for the checks), so at most one
+    # full-precision slice of it exists at any time.
     layers, quantized, sd = dict(model.named_modules()), {}, {}
-    for name in source.names():
+    names = source.names() + (["output.weight"] if source.tied and not share else [])
+    for name in names:
         t = source.slice(name, mp, rank)
         module = name[:-len(".weight")]
-        if quantize != "none" and is_quantized(name) and module in layers \
+        if how.layer_mode(name) and module in layers \
                 and t.shape == layers[module].weight.shape and t.dtype in FLOAT_DTYPES:
-            quantized[module] = QuantizedLinear(layers[module], t, quantize, device, dtype, kernel)
+            quantized[module] = how.layer(layers[module], name, t)
             t = torch.empty(t.shape, dtype=t.dtype, device="meta")
         sd[name] = t
-    if source.tied and not share:
-        sd["output.weight"] = source.slice("output.weight", mp, rank)
     check_state_dict(sd, args, mp, source.where, share, ckpt.described_by)
     weights = {k: v.to(device=device, dtype=dtype) for k, v in sd.items() if k[:-len(".weight")] not in quantized}
     del sd
@@ -187,7 +186,7 @@ class LlamaSettings(Config):
     tokenizer_path: Optional[str] = setting(None, "tokenizer.model (sentencepiece or Llama 3's tiktoken) or tokenizer.json; default: the one in --ckpt_dir (or beside it).")
     model_parallel: int = setting(0, "model-parallel size (GPUs per copy of the LLaMA); 0: Meta's shard count, or 1 for a Hugging Face folder. Any size that divides the heads loads, from either format.")
     device: str = setting("auto", "auto (CUDA when available, else CPU), cpu or cuda.")
-    quantize: str = setting("none", "the frozen LLaMA's block weights: none; int8 (per-row scales) or int4 (a scale and offset per 64 inputs), both multiplied by PyTorch's fused kernels (faster decoding than full precision); or nf4 (bitsandbytes NF4, dequantized per product); quantized per rank as they load (docs/quantization.md).")
+    quantize: str = setting("none", "the frozen LLaMA's block weights: none; int8 (per-row scales) or int4 (a scale and offset per 64 inputs), both multiplied by PyTorch's fused kernels (faster decoding than full precision) and both with an int8 output layer; or nf4 (bitsandbytes NF4, dequantized per product); quantized per rank as they load (docs/quantization.md).")
 
     def check(self) -> None:
         self.at_least(0, "model_parallel")

@@ -4,8 +4,12 @@ The LLaMA is frozen, so its weights only carry activations forward and the activ
 gradients back to the prefix. The linear layers of the transformer blocks (attention's
 wq/wk/wv/wo and the feed-forward's w1/w2/w3: all but a few percent of the weights) are
 quantized one at a time as this rank's slice arrives from the checkpoint (`load_llama`), so a
-full-precision copy of the whole model never exists; the embedding, the norms and the output
-layer stay in the run's precision.
+full-precision copy of the whole model never exists. Under int8 and int4 the output layer (the
+vocabulary's logits, read every decoding step: a quarter of a small model's weights) is int8 too,
+per row, which moves the logits by parts in a thousand (4-bit output rows would move them ten
+times more, so int4 keeps it at 8 bits, as llama.cpp's 4-bit formats keep it above 4). The
+embedding and the norms stay in the run's precision, as does a tied output layer (it is the
+embedding: quantizing it would add a copy), and nf4's output layer.
 
 - int8: int8 codes per output row with one scale each, multiplied by PyTorch's own fused kernel
   (`aten._weight_int8pack_mm`: the product reads the int8 codes, no float copy of the weight).
@@ -31,6 +35,7 @@ region (its gradient is all-reduced backwards), a row-parallel one all-reduces i
 
 import contextlib
 import functools
+from dataclasses import dataclass
 import logging
 import sys
 from typing import Optional
@@ -51,6 +56,8 @@ UNCOMPILED = ("nf4",)
 QUANTIZED_SUFFIXES = tuple(f"{part}.weight" for part in
                            ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
                             "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"))
+# The output layer's mode under each mode that quantizes it (int8's fused kernel; see above).
+OUTPUT_MODE = {"int8": "int8", "int4": "int8"}
 NF4_BLOCK = 64
 INT4_GROUPS = (64, 32)  # inputs per int4 scale and offset: the first that divides a slice's width
 KERNEL_DTYPE = torch.bfloat16  # the fused kernels' fast activations
@@ -85,8 +92,54 @@ def _bitsandbytes():
 
 
 def is_quantized(name: str) -> bool:
-    """Whether the weight called `name` (model.py's names) is quantized when a mode is on."""
+    """Whether the weight called `name` (model.py's names) is a block linear's, quantized in
+    every mode."""
     return name.startswith("layers.") and name.endswith(QUANTIZED_SUFFIXES)
+
+
+@dataclass(frozen=True)
+class QuantizePlan:
+    """Which weights `--quantize mode` quantizes on one device, and how: the block linears in
+    `mode` through `kernel`, the output layer in `output` (None: kept in the run's dtype)."""
+
+    mode: str
+    device: torch.device
+    dtype: torch.dtype
+    kernel: str = "fused"
+    output: Optional[str] = None
+
+    def layer_mode(self, name: str) -> Optional[str]:
+        """The mode the weight `name` is quantized in (None: kept)."""
+        if self.mode == "none":
+            return None
+        if is_quantized(name):
+            return self.mode
+        return self.output if name == "output.weight" else None
+
+    def layer(self, layer: nn.Module, name: str, weight: torch.Tensor) -> Optional["QuantizedLinear"]:
+        """`layer` (whose weight is `name`) quantized from `weight`, this rank's slice; None where
+        the plan keeps it."""
+        mode = self.layer_mode(name)
+        if mode is None:
+            return None
+        kernel = self.kernel if mode == self.mode else "fused"
+        return QuantizedLinear(layer, weight, mode, self.device, self.dtype, kernel)
+
+
+def plan(mode: str, device, dtype: torch.dtype, flag: str = "--quantize") -> QuantizePlan:
+    """The plan for `mode` on `device` (check_kernels decides the blocks' kernel, or refuses the
+    mode in one line). The output layer goes to int8 only where int8's fused kernel runs."""
+    device = torch.device(device)
+    kernel = check_kernels(mode, device, dtype, flag)
+    output = OUTPUT_MODE.get(mode)
+    if output and kernel != "fused" or output and output != mode and not _fused_runs(output, device, dtype):
+        output = None
+    return QuantizePlan(mode, device, dtype, kernel, output)
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_runs(mode: str, device: torch.device, dtype: torch.dtype) -> bool:
+    return probe(mode, device, dtype, "fused") is None
 
 
 class QuantizedProduct(torch.autograd.Function):
@@ -364,12 +417,12 @@ def describe(mode: Optional[str]) -> str:
 
 
 def quantize_model(model: nn.Module, mode: str) -> int:
-    """Quantize an already-built model's block linears in place (the benchmark's random models;
-    checkpoints are quantized as they load instead). Returns how many layers changed."""
+    """Quantize an already-built model's layers in place as `plan` says (the benchmark's random
+    models; checkpoints are quantized as they load instead). Returns how many layers changed."""
     if mode == "none":
         return 0
-    device, dtype = model.norm.weight.device, model.norm.weight.dtype
-    kernel = check_kernels(mode, device, dtype)
-    targets = {m for n, m in model.named_modules() if is_quantized(n + ".weight")}
-    return model.swap_linears(lambda m: QuantizedLinear(m, m.weight.detach(), mode, device, dtype, kernel)
-                               if m in targets else None)
+    how = plan(mode, model.norm.weight.device, model.norm.weight.dtype)
+    tied = getattr(model.output, "weight", None) is model.tok_embeddings.weight
+    names = {m: n + ".weight" for n, m in model.named_modules()
+             if how.layer_mode(n + ".weight") and not (tied and n == "output")}
+    return model.swap_linears(lambda m: how.layer(m, names[m], m.weight.detach()) if m in names else None)
