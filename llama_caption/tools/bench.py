@@ -27,7 +27,7 @@ import random
 import threading
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -168,6 +168,30 @@ def timed(fn, device, repeat: int = 2, min_seconds: float = 4.0, max_repeat: int
     return best_out, best
 
 
+def timed_in_turns(fns: Dict[str, Callable], device, rounds: int = 3, min_seconds: float = 8.0,
+                   max_rounds: int = 10) -> Dict[str, tuple]:
+    """`timed` for functions compared with each other: each runs once to warm up, then in rounds
+    where each runs once, in turn, for at least `rounds` rounds and `min_seconds` (at most
+    `max_rounds`). Gives each one's fastest run as (output, seconds). On a shared machine a busy
+    spell then slows the runs of one round, all of them, not one function's whole measurement."""
+    for fn in fns.values():
+        fn()
+    best = {k: (None, float("inf")) for k in fns}
+    spent, done = 0.0, 0
+    while done < rounds or (spent < min_seconds and done < max_rounds):
+        for k, fn in fns.items():
+            sync(device)
+            t = time.perf_counter()
+            out = fn()
+            sync(device)
+            dt = time.perf_counter() - t
+            if dt < best[k][1]:
+                best[k] = (out, dt)
+            spent += dt
+        done += 1
+    return best
+
+
 def decode_prefixes(model: Transformer, c: dict, device) -> torch.Tensor:
     g = torch.Generator(device=device).manual_seed(1)
     return torch.randn(c["images"], c["prefix"], model.args.dim, generator=g, device=device).to(model.dtype)
@@ -179,6 +203,13 @@ BOS = 1  # eos_id -1 below: no token ends a caption early, so every decoder make
 def time_ours(model: Transformer, prefix: torch.Tensor, batch: int, gen_len: int, device, decoder=None):
     """Our decoder over all prefixes at `batch` images a call: (tokens, seconds, peak MiB).
     `decoder`: a static_decode.StaticDecoder, else generation.generate."""
+    with PeakMemory(device) as mem:
+        toks, dt = timed(decode_run(model, prefix, batch, gen_len, decoder), device)
+    return toks, dt, mem.extra_mb
+
+
+def decode_run(model: Transformer, prefix: torch.Tensor, batch: int, gen_len: int, decoder=None):
+    """A function decoding greedy `gen_len`-token captions of all prefixes, `batch` a call."""
     greedy = Decoding(max_gen_len=gen_len)
 
     def run():
@@ -187,9 +218,7 @@ def time_ours(model: Transformer, prefix: torch.Tensor, batch: int, gen_len: int
             rows, pre = [[BOS]] * len(prefix[s:s + batch]), prefix[s:s + batch]
             toks += decode(model, rows, greedy, eos_id=-1, prefix=pre, decoder=decoder)
         return toks
-    with PeakMemory(device) as mem:
-        toks, dt = timed(run, device)
-    return toks, dt, mem.extra_mb
+    return run
 
 
 def time_no_cache(model: Transformer, prefix: torch.Tensor, gen_len: int, device):

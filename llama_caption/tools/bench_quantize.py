@@ -34,7 +34,7 @@ from ..llama.model import ModelArgs
 from ..llama.quantize import MODES, UNCOMPILED, check_modes, quantize_model, weight_bytes
 from ..llama.static_decode import make_decoder
 from ..runtime import DTYPE_NAMES, DTYPES
-from .bench import CONFIGS, card_peaks, decode_prefixes, machine, time_ours
+from .bench import CONFIGS, card_peaks, decode_prefixes, decode_run, machine, timed_in_turns
 from .testing import random_model
 
 
@@ -79,43 +79,45 @@ def step_bytes(model) -> int:
 
 
 def decode_table(cfg: QuantBenchConfig, c: dict, dev, dtype, log) -> dict:
+    """Every mode's model is made first, then each batch size is timed with the modes in turns
+    (`timed_in_turns`), so that the ratios compare runs made at the same moments."""
     L = cfg.gen_len or c["gen_len"]
     c = dict(c, images=cfg.images or c["images"], gen_len=L)
     args = ModelArgs(dim=c["dim"], n_layers=c["n_layers"], n_heads=c["n_heads"], vocab_size=c["vocab"],
                      max_seq_len=c["prefix"] + 1 + L + 8)
     peak = card_peaks(dev) if dev.type == "cuda" else None
-    rows, reference = {}, None
+    rows, models = {}, {}
     for mode in cfg.quantize:
-        model = random_model(args, dev, dtype)
+        model = models[mode] = random_model(args, dev, dtype)
         quantize_model(model, mode)
         # As `caption` runs it: on a CPU every full-precision linear layer (at none all of them, else
-        # the output layer) multiplies by a oneDNN-packed copy.
+        # the output layer where a mode keeps it) multiplies by a oneDNN-packed copy.
         packed = model.pack_weights()
-        size, read = weight_bytes(model), step_bytes(model)
-        prefix = decode_prefixes(model, c, dev)
-        name = bench_decoder(dev, mode)
-        row = {"weight_bytes": size, "step_bytes": read, "packed": packed, "decoder": name, "batches": {}}
-        for b in cfg.batches:
-            n = len(prefix) if b > 1 else min(8, len(prefix))  # one at a time: fewer, or it takes minutes
-            batch = min(b, n)  # a batch is at most the captions there are
-            with torch.no_grad():
-                toks, dt, extra = time_ours(model, prefix[:n], batch, L, dev, decoder=make_decoder(model, name, batch))
-            r = {"captions_s": n / dt, "tokens_s": n * L / dt, "captions": n, "batch": batch}
-            if reference is None or len(reference) < n:
-                reference = toks
-            r["same_captions"] = sum(x == y for x, y in zip(toks, reference)) / n
+        rows[mode] = {"weight_bytes": weight_bytes(model), "step_bytes": step_bytes(model), "packed": packed,
+                      "decoder": bench_decoder(dev, mode), "batches": {}}
+    prefix = decode_prefixes(models["none"], c, dev)
+    for b in cfg.batches:
+        n = len(prefix) if b > 1 else min(8, len(prefix))  # one at a time: fewer, or it takes minutes
+        batch = min(b, n)  # a batch is at most the captions there are
+        runs = {mode: decode_run(m, prefix[:n], batch, L, make_decoder(m, rows[mode]["decoder"], batch))
+                for mode, m in models.items()}
+        with torch.no_grad():
+            timed = timed_in_turns(runs, dev)
+        reference = timed["none"][0]
+        for mode, (toks, dt) in timed.items():
+            row = rows[mode]
+            r = row["batches"][b] = {"captions_s": n / dt, "tokens_s": n * L / dt, "captions": n, "batch": batch,
+                                     "same_captions": sum(x == y for x, y in zip(toks, reference)) / n}
             if b == 1:
-                r["weight_gb_s"] = r["tokens_s"] * read / 1e9
+                r["weight_gb_s"] = r["tokens_s"] * row["step_bytes"] / 1e9
                 if peak:
                     r["bandwidth_share"] = r["weight_gb_s"] / peak[1]
-            row["batches"][b] = r
-            label = f"{'none (packed fp32)' if mode == 'none' and packed else mode}, {name}"
+            label = f"{'none (packed fp32)' if mode == 'none' and row['packed'] else mode}, {row['decoder']}"
             log(f"  {label:>26} batch {batch:3d}: {r['captions_s']:8.2f} captions/s {r['tokens_s']:9.1f} tokens/s  "
-                f"weights {size / 2**20:8.1f} MiB  captions equal to none's: {r['same_captions']:.0%}"
+                f"weights {row['weight_bytes'] / 2**20:8.1f} MiB  captions equal to none's: {r['same_captions']:.0%}"
                 + (f"  weights read {r['weight_gb_s']:.1f} GB/s" if "weight_gb_s" in r else "")
                 + (f" ({r['bandwidth_share']:.0%} of {peak[1]:.0f})" if "bandwidth_share" in r else ""))
-        rows[mode] = row
-        del model
+    del models
     base = rows["none"]["batches"]
     for mode in cfg.quantize[1:]:
         rows[mode]["speed_vs_none"] = {b: rows[mode]["batches"][b]["captions_s"] / base[b]["captions_s"] for b in cfg.batches}
