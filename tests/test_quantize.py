@@ -349,3 +349,71 @@ def test_auto_decoder_takes_cuda_graphs_with_the_fused_modes_only():
         settings.decoder = "auto"
         settings.resolve_decoder(torch.device("cpu"))
         assert settings.decoder == "static"
+
+
+def test_the_plan_puts_the_output_layer_in_int8_where_the_fused_int8_kernel_runs(monkeypatch, capsys):
+    def plans():
+        quantize._kernel.cache_clear()
+        quantize._fused_runs.cache_clear()
+        return {m: quantize.plan(m, "cpu", torch.float32) for m in ("none",) + QUANTIZED}
+
+    try:
+        got = plans()
+        assert {m: p.output for m, p in got.items()} == {"none": None, "int8": "int8", "int4": "int8", "nf4": None}
+        assert got["int4"].layer_mode("output.weight") == "int8" and got["int4"].layer_mode("layers.1.attention.wq.weight") == "int4"
+        assert got["int8"].layer_mode("tok_embeddings.weight") is None and got["int8"].layer_mode("norm.weight") is None
+        assert got["none"].layer_mode("layers.0.feed_forward.w1.weight") is None
+
+        def broken(self, x):
+            raise RuntimeError("no kernel")
+
+        monkeypatch.setattr(Int8Weight, "product", broken)  # int8's fused kernel gone: int4's output layer stays
+        got = plans()
+        assert got["int8"].kernel == "torchao" and got["int8"].output is None
+        assert got["int4"].kernel == "fused" and got["int4"].output is None
+        assert "falling back to torchao" in capsys.readouterr().err
+    finally:
+        quantize._kernel.cache_clear()
+        quantize._fused_runs.cache_clear()
+
+
+def test_a_tied_output_layer_stays_the_embedding(assets, tmp_path, process_group):
+    """Llama 3.2's tied embeddings: quantizing the output layer would add a copy, so it stays the
+    embedding (one tensor) while the blocks are quantized; the same for a model quantized in place."""
+    import shutil
+
+    from llama_caption.llama.meta import load_shard
+
+    tied = tmp_path / "tied"
+    shutil.copytree(assets["tiny"], tied)
+    sd = {k: v.clone() for k, v in load_shard(f"{tied}/consolidated.00.pth").items() if k != "output.weight"}
+    torch.save(sd, f"{tied}/consolidated.00.pth")
+    model, _ = load_llama(str(tied), assets["tokenizer"], 32, quantize="int8")
+    assert model.output.weight is model.tok_embeddings.weight
+    assert sum(isinstance(m, QuantizedLinear) for m in model.modules()) == 7 * model.args.n_layers
+    made = random_model(model.args, torch.device("cpu"), torch.float32)
+    made.output.weight = made.tok_embeddings.weight
+    assert quantize_model(made, "int4") == 7 * model.args.n_layers and made.output.weight is made.tok_embeddings.weight
+
+
+def test_bench_quantize_times_each_mode_and_compares_it_with_full_precision(tmp_path, process_group):
+    from llama_caption.tools.bench_quantize import QuantBenchConfig, bench
+
+    out = tmp_path / "q.json"
+    cfg = QuantBenchConfig(config="tiny", quantize=["int8", "int4"], batches=[1, 4], demo="", out=str(out), device="cpu")
+    cfg.check()
+    res = bench(cfg)
+    rows = res["decode"]
+    assert list(rows) == ["none", "int8", "int4"] and json.load(open(out))["decode"].keys() == rows.keys()
+    for mode, row in rows.items():
+        assert set(row["batches"]) == {1, 4} and row["decoder"] == "static"
+        assert row["batches"][1]["captions"] == 8 and row["batches"][4]["batch"] == 4
+        if mode == "none":
+            assert all(r["same_captions"] == 1.0 for r in row["batches"].values())
+        else:
+            for b, r in row["batches"].items():
+                assert row["speed_vs_none"][b] == r["captions_s"] / rows["none"]["batches"][b]["captions_s"]
+    # int8 and int4 hold their block and output weights in fewer bytes; one step reads all but the embedding.
+    assert rows["int4"]["weight_bytes"] < rows["int8"]["weight_bytes"] < rows["none"]["weight_bytes"]
+    emb = 512 * 64 * 4  # the tiny config's 512 words x 64, fp32
+    assert rows["none"]["step_bytes"] == rows["none"]["weight_bytes"] - emb
