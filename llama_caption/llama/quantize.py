@@ -35,9 +35,9 @@ region (its gradient is all-reduced backwards), a row-parallel one all-reduces i
 
 import contextlib
 import functools
-from dataclasses import dataclass
 import logging
 import sys
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -132,7 +132,7 @@ def plan(mode: str, device, dtype: torch.dtype, flag: str = "--quantize") -> Qua
     device = torch.device(device)
     kernel = check_kernels(mode, device, dtype, flag)
     output = OUTPUT_MODE.get(mode)
-    if output and kernel != "fused" or output and output != mode and not _fused_runs(output, device, dtype):
+    if output and (kernel != "fused" or output != mode and not _fused_runs(output, device, dtype)):
         output = None
     return QuantizePlan(mode, device, dtype, kernel, output)
 
