@@ -11,7 +11,9 @@ layer otherwise), the quantized modes through their kernels; greedy captions of 
 prefixes at batch 1 and 32, each caption `gen_len` tokens, and the share of captions equal to
 full precision's; the weight bytes one step reads (all but the token embedding) per second at
 batch 1, against the card's bandwidth on a known GPU. On CUDA the model is fp16 (bf16 with
---dtype). A table at the end puts these beside the demo's metrics. The 7B shape's resident memory per mode is `bench-load --shape 7b` (it loads a
+--dtype). Every mode's model is made before any timing and the modes are timed in turns
+(`timed_in_turns`), so all of them are held at once: at the 7b shape about 26 GiB for none,
+int8, int4 and nf4 (12.6 + 6.5 + 3.6 + 3.6); name fewer --quantize modes on a smaller card. A table at the end puts these beside the demo's metrics. The 7B shape's resident memory per mode is `bench-load --shape 7b` (it loads a
 written checkpoint, as a run does).
 
 Metrics: `caption` on the demo's validation images, once per mode, from the same trained
@@ -41,7 +43,7 @@ from .testing import random_model
 @dataclass
 class QuantBenchConfig(Config):
     config: str = setting("cpu", "model shape: cpu (dim 512, 8 layers, 32000 words), 7b (for a GPU) or tiny.")
-    quantize: List[str] = setting(MODES, "the --quantize modes to compare (none, the reference, is always run).")
+    quantize: List[str] = setting(MODES, "the --quantize modes to compare (none, the reference, is always run; all are held in memory at once).")
     batches: List[int] = setting((1, 32), "decoding batch sizes.")
     images: int = setting(0, "captions decoded per batch size (0: the config's, 32 for cpu); at batch 1 at most 8 are timed.")
     gen_len: int = setting(0, "tokens per caption (0: the config's, 20).")

@@ -60,6 +60,7 @@ tar -czf "$OUT/captions.tar.gz" -C "$RUN" $(cd "$RUN" && ls *.json *.jsonl 2>/de
 
 if [ "$DEVICE" = cuda ]; then
   step graph7b 60 $PY -m llama_caption.tools.gpu.graph7b
-  step bench_quantize 150 $PY -m llama_caption bench-quantize --config 7b --demo ''
+  # int8 and int4 against fp16 (the targets; nf4 was measured before): three 7B models held at once.
+  step bench_quantize 150 $PY -m llama_caption bench-quantize --config 7b --demo '' --quantize '["int8","int4"]' --out "$OUT/bench_quantize.json"
   step bench 300 $PY -m llama_caption bench --config 7b --decoders '["static","cuda_graph"]' --out "$OUT/bench.json"
 fi
