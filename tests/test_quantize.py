@@ -391,20 +391,36 @@ def test_a_tied_output_layer_stays_the_embedding(assets, tmp_path, process_group
     model, _ = load_llama(str(tied), assets["tokenizer"], 32, quantize="int8")
     assert model.output.weight is model.tok_embeddings.weight
     assert sum(isinstance(m, QuantizedLinear) for m in model.modules()) == 7 * model.args.n_layers
+    assert model.pack_weights()  # the tied output layer is still a plain one, packed for the CPU
     made = random_model(model.args, torch.device("cpu"), torch.float32)
     made.output.weight = made.tok_embeddings.weight
     assert quantize_model(made, "int4") == 7 * model.args.n_layers and made.output.weight is made.tok_embeddings.weight
 
 
-def test_bench_quantize_times_each_mode_and_compares_it_with_full_precision(tmp_path, process_group):
+def test_bench_quantize_times_each_mode_and_compares_it_with_full_precision(tmp_path, process_group, capsys, monkeypatch):
+    from llama_caption.tools import bench_quantize
+    from llama_caption.tools.bench import CONFIGS
     from llama_caption.tools.bench_quantize import QuantBenchConfig, bench
 
+    with pytest.raises(UserError, match=r"^--batches \[1, 1\] names a batch size twice"):
+        QuantBenchConfig(batches=[1, 1], demo="").check()
+    # A shape whose fp32 reference does not fit in memory is refused before anything is made.
+    assert bench_quantize.cpu_bytes(CONFIGS["7b"]) > 40 * 2**30 > 2**30 > bench_quantize.cpu_bytes(CONFIGS["cpu"])
+    with monkeypatch.context() as m:
+        m.setattr(bench_quantize.os, "sysconf", lambda name: 4096 if name == "SC_PAGE_SIZE" else 1000)
+        with pytest.raises(UserError, match=r"^--config cpu on the CPU needs about 0 GiB .* more than the 0 GiB free"):
+            bench_quantize.check_cpu_memory(QuantBenchConfig(demo=""), CONFIGS["cpu"])
+
     out = tmp_path / "q.json"
-    cfg = QuantBenchConfig(config="tiny", quantize=["int8", "int4"], batches=[1, 4], demo="", out=str(out), device="cpu")
+    cfg = QuantBenchConfig(config="tiny", quantize=["int8", "int4"], batches=[4, 1], demo="", out=str(out), device="cpu")
     cfg.check()
     res = bench(cfg)
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| int8 |")]
+    assert len(table) == 1 and table[0].count("GB/s") == 1  # batch 1's read rate, though batch 1 came second
     rows = res["decode"]
     assert list(rows) == ["none", "int8", "int4"] and json.load(open(out))["decode"].keys() == rows.keys()
+    # Packed for oneDNN at none; int8 and int4 quantize every linear layer, so nothing is packed.
+    assert [rows[m]["packed"] for m in rows] == [True, False, False]
     for mode, row in rows.items():
         assert set(row["batches"]) == {1, 4} and row["decoder"] == "static"
         assert row["batches"][1]["captions"] == 8 and row["batches"][4]["batch"] == 4

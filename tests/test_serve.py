@@ -748,6 +748,9 @@ def test_newest_demo_run_is_what_make_serve_uses(tmp_path):
     assert got == {"ckpt_dir": str(full / "standins" / "llama"), "tokenizer_path": str(full / "standins" / "tokenizer.model"),
                    "checkpoint": str(full / "runs" / "002" / "scst"), "images": str(full / "data" / "val2014"),
                    "clip_model": str(full / "standins" / "clip.pt")}
+    # A scale's folder, its runs/ folder and a run's own folder name the same run.
+    for inner in (full, full / "runs", full / "runs" / "002"):
+        assert newest_demo_run(str(inner))["checkpoint"] == str(full / "runs" / "002" / "scst")
     shutil.rmtree(full / "runs" / "002" / "scst")  # its models were deleted: the older one
     assert newest_demo_run(str(moved))["checkpoint"] == str(full / "runs" / "001" / "scst")
 

@@ -496,7 +496,7 @@ class Transformer(nn.Module):
         except RuntimeError:  # a oneDNN build without this layout (e.g. some ARM builds): stay plain
             return False
         self.swap_linears(lambda m: PackedLinear(m, packed[m]) if m in packed else None)
-        return True
+        return bool(packed)  # False when every linear layer is quantized: nothing to pack
 
     def unpack_weights(self) -> None:
         """Put the original linear layers back (drops the packed copies)."""

@@ -62,6 +62,8 @@ class QuantBenchConfig(Config):
             self.batches = [self.batches]
         if not self.batches or min(self.batches) < 1:
             raise UserError(f"--batches {self.batches}: give positive batch sizes")
+        if len(set(self.batches)) < len(self.batches):
+            raise UserError(f"--batches {self.batches} names a batch size twice: give each once")
         self.at_least(0, "images", "gen_len")
 
 
@@ -133,15 +135,15 @@ def decode_table(cfg: QuantBenchConfig, c: dict, dev, dtype, log) -> dict:
 def summary(rows: dict, demo: dict, batches, log) -> None:
     """One table: per mode, captions/s per batch size, weights, bytes read per second at batch 1
     and the demo's caption agreement and CIDEr."""
-    b1 = batches[0]
     log("| mode | decoder | " + " | ".join(f"captions/s, batch {b}" for b in batches)
         + " | weights MiB | weights read/s, batch 1 | same captions (demo) | CIDEr (demo) |")
     log("|---" * (6 + len(batches)) + "|")
     for mode, row in rows.items():
         speeds = [f"{row['batches'][b]['captions_s']:.2f}" + (f" ({row['speed_vs_none'][b]:.2f}x)" if mode != "none" else "")
                   for b in batches]
-        r1 = row["batches"][b1]
-        read = f"{r1['weight_gb_s']:.1f} GB/s" + (f" ({r1['bandwidth_share']:.0%})" if "bandwidth_share" in r1 else "")
+        r1 = row["batches"].get(1)  # "-" when batch 1 was not run
+        read = "-" if r1 is None else f"{r1['weight_gb_s']:.1f} GB/s" + (
+            f" ({r1['bandwidth_share']:.0%})" if "bandwidth_share" in r1 else "")
         d = (demo or {}).get(mode)
         same = f"{d['same_captions']:.0%}" if d else "-"
         cider = f"{d['metrics'].get('CIDEr', float('nan')) * 100:.1f}" if d else "-"
@@ -193,6 +195,24 @@ def caption_demo(demo: dict, annotations: str, mode: str, scratch: str) -> dict:
     return {"metrics": done.get("metrics", {}), "captions": {r["image_id"]: r["caption"] for r in done["results"]}}
 
 
+def cpu_bytes(c: dict) -> int:
+    """What the full-precision reference holds on a CPU: its fp32 weights and the oneDNN-packed
+    copy of its linear layers (the quantized modes' models come on top)."""
+    args = ModelArgs(dim=c["dim"], n_layers=c["n_layers"], n_heads=c["n_heads"], vocab_size=c["vocab"])
+    linear = args.n_layers * (4 * args.dim ** 2 + 3 * args.dim * args.hidden_dim) + args.vocab_size * args.dim
+    return 4 * (args.vocab_size * args.dim + 2 * linear)
+
+
+def check_cpu_memory(cfg: QuantBenchConfig, c: dict) -> None:
+    """Refuse, in one line, a shape whose fp32 reference does not fit in this machine's memory."""
+    need = cpu_bytes(c)
+    available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    if need > available:
+        raise UserError(f"--config {cfg.config} on the CPU needs about {need / 2**30:.0f} GiB for its fp32 reference "
+                        f"(weights and their oneDNN-packed copy), more than the {available / 2**30:.0f} GiB free here: "
+                        f"run it on a GPU (--device cuda) or use --config cpu")
+
+
 def bench(cfg: QuantBenchConfig) -> dict:
     if cfg.out:
         check_output_file(cfg.out, "--out")
@@ -201,6 +221,8 @@ def bench(cfg: QuantBenchConfig) -> dict:
     res = {}
     with distributed.session(mp_size=1, device=cfg.device) as env:
         dev = env.device
+        if dev.type == "cpu":
+            check_cpu_memory(cfg, c)
         dtype = DTYPES["fp16" if cfg.dtype == "auto" else cfg.dtype] if dev.type == "cuda" else torch.float32
         print(f"{machine(dev)}; torch {torch.__version__}; config {cfg.config} (dim {c['dim']}, {c['n_layers']} layers, "
               f"{c['vocab']} words), {str(dtype).replace('torch.', '')}; {cfg.images or c['images']} captions of "

@@ -757,11 +757,13 @@ STAGE_LABELS = {"xe-mlp": "cross-entropy, MLP", "xe-linear": "cross-entropy, lin
 
 
 def newest_demo_run(root: str = "demo_runs") -> Dict[str, str]:
-    """The newest finished demo run under `root`: its LLaMA, tokenizer, final checkpoint and
-    validation images (what `make serve` and `bench-serve` use)."""
+    """The newest finished demo run under `root` (the demo's --root, one scale's folder in it, its
+    runs/ folder or a run's own folder): its LLaMA, tokenizer, final checkpoint and validation
+    images (what `make serve` and `bench-serve` use)."""
     import glob
 
-    reports = [p for p in glob.glob(os.path.join(root, "*", "runs", "*", "demo_report.json"))]
+    reports = [p for pattern in ("*/runs/*", "runs/*", "*", "") for p in
+               glob.glob(os.path.join(glob.escape(root), pattern, "demo_report.json"))]
     for path in sorted(reports, key=os.path.getmtime, reverse=True):
         try:
             with open(path, encoding="utf-8") as f:
