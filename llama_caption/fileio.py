@@ -97,5 +97,15 @@ def check_output_dir(path: str, flag: str) -> None:
     base = _nearest_existing(path)
     if not os.path.isdir(base):
         raise UserError(f"{flag} {path}: {base} is a file, not a folder: pick another path")
-    if not os.access(base, os.W_OK | os.X_OK):
+    if not os.access(base, os.W_OK | os.X_OK) or not _can_create_in(base):
         raise UserError(f"{flag} {path}: {base} is not writable: pick another path")
+
+
+def _can_create_in(folder: str) -> bool:
+    """Whether a file can be made in `folder` (os.access says yes to root for a read-only file
+    system or /proc; making one is the only sure test). The file is gone at once."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False

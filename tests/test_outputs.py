@@ -366,3 +366,19 @@ def test_split_goes_only_with_a_karpathy_file():
         assert make(karpathy_split="k.json", split="val").chosen_split == "val"
     assert InferenceConfig(ckpt_dir="c", checkpoint="k", images=["i"], karpathy_split="k.json").chosen_split == "test"
     assert FeaturesConfig(clip_model="ViT-B/32", out="o", images="i", karpathy_split="k.json").chosen_split == "train"
+
+
+def test_an_output_where_no_file_can_be_made_is_refused_though_access_says_yes(tmp_path, monkeypatch):
+    """Root is told yes by os.access for a read-only file system or /proc; the check makes a file."""
+    from llama_caption.fileio import check_output_dir, check_output_file
+
+    check_output_file(str(tmp_path / "new" / "results.json"), "--out")  # a folder that can be made: fine
+    assert not (tmp_path / "new").exists() and os.listdir(tmp_path) == []  # nothing left behind
+    with pytest.raises(UserError, match=r"^--out /proc/nope: /proc is not writable: pick another path$"):
+        check_output_file("/proc/nope/x.json", "--out")
+    monkeypatch.setattr(os, "access", lambda *a, **k: True)
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    monkeypatch.setattr("tempfile.TemporaryFile", lambda **k: (_ for _ in ()).throw(OSError(30, "Read-only file system")))
+    with pytest.raises(UserError, match="is not writable"):
+        check_output_dir(str(read_only / "run"), "--out_dir")
