@@ -141,3 +141,18 @@ def test_bench_captioners_opens_one_llama_and_one_clip_for_several_runs(tmp_path
     dim, feature, prefix = 64, 128, 10  # the tiny shape's width, the stand-in CLIP's, training's default prefix
     assert got["projection_bytes"] == 4 * (feature * dim + dim + dim * prefix * dim + prefix * dim)
     assert got["rss"] > got["llama_bytes"]  # (what loading added can be below 0 at this size: freed pages)
+
+
+def test_timed_in_turns_runs_the_functions_in_rounds_and_keeps_each_ones_fastest(monkeypatch):
+    from llama_caption.tools import bench
+
+    calls, clock = [], iter([0.0, 5.0, 5.0, 6.0, 6.0, 9.0, 9.0, 9.5, 9.5, 12.0, 12.0, 14.0])
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(clock))
+
+    def fn(name):
+        return lambda: calls.append(name) or f"{name}{len(calls)}"
+
+    got = bench.timed_in_turns({"a": fn("a"), "b": fn("b")}, torch.device("cpu"), rounds=3, min_seconds=0)
+    assert calls == ["a", "b"] + ["a", "b"] * 3  # one warm-up each, then a, b in turn
+    # a's runs took 5, 3, 2.5 s and b's 1, 0.5, 2 s: each keeps its fastest run's output.
+    assert got == {"a": ("a7", 2.5), "b": ("b6", 0.5)}

@@ -157,15 +157,20 @@ def timed(fn, device, repeat: int = 2, min_seconds: float = 4.0, max_repeat: int
     fn()
     best, best_out, spent, runs = float("inf"), None, 0.0, 0
     while runs < repeat or (spent < min_seconds and runs < max_repeat):
-        sync(device)
-        t = time.perf_counter()
-        out = fn()
-        sync(device)
-        dt = time.perf_counter() - t
+        out, dt = run_once(fn, device)
         if dt < best:
             best, best_out = dt, out
         spent, runs = spent + dt, runs + 1
     return best_out, best
+
+
+def run_once(fn, device):
+    """fn()'s output and its seconds, the device synchronised before and after."""
+    sync(device)
+    t = time.perf_counter()
+    out = fn()
+    sync(device)
+    return out, time.perf_counter() - t
 
 
 def timed_in_turns(fns: Dict[str, Callable], device, rounds: int = 3, min_seconds: float = 8.0,
@@ -180,11 +185,7 @@ def timed_in_turns(fns: Dict[str, Callable], device, rounds: int = 3, min_second
     spent, done = 0.0, 0
     while done < rounds or (spent < min_seconds and done < max_rounds):
         for k, fn in fns.items():
-            sync(device)
-            t = time.perf_counter()
-            out = fn()
-            sync(device)
-            dt = time.perf_counter() - t
+            out, dt = run_once(fn, device)
             if dt < best[k][1]:
                 best[k] = (out, dt)
             spent += dt
@@ -352,17 +353,7 @@ def caption_lengths(n: int, seed: int = 0) -> List[int]:
 def fastest_alternating(fns, device, rounds: int):
     """Each of `fns` once to warm up, then `rounds` rounds running each in turn (a disturbance on a
     shared machine hits all of them alike); the fastest run of each, as [(output, seconds)]."""
-    best = [(fn(), float("inf")) for fn in fns]
-    for _ in range(rounds):
-        for i, fn in enumerate(fns):
-            sync(device)
-            t = time.perf_counter()
-            out = fn()
-            sync(device)
-            dt = time.perf_counter() - t
-            if dt < best[i][1]:
-                best[i] = (out, dt)
-    return best
+    return list(timed_in_turns(dict(enumerate(fns)), device, rounds=rounds, min_seconds=0).values())
 
 
 def continuous_bench(model: Transformer, c: dict, spec: dict, device, modes: List[str], log, rounds: int = 2) -> dict:
