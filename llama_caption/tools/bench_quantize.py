@@ -13,8 +13,9 @@ full precision's; the weight bytes one step reads (all but the token embedding) 
 batch 1, against the card's bandwidth on a known GPU. On CUDA the model is fp16 (bf16 with
 --dtype). Every mode's model is made before any timing and the modes are timed in turns
 (`timed_in_turns`), so all of them are held at once: at the 7b shape about 26 GiB for none,
-int8, int4 and nf4 (12.6 + 6.5 + 3.6 + 3.6); name fewer --quantize modes on a smaller card. A table at the end puts these beside the demo's metrics. The 7B shape's resident memory per mode is `bench-load --shape 7b` (it loads a
-written checkpoint, as a run does).
+int8, int4 and nf4 (12.6 + 6.4 + 3.8 + 3.6); name fewer --quantize modes on a smaller card. A
+table at the end puts these beside the demo's metrics. The 7B shape's resident memory per mode
+is `bench-load --shape 7b` (it loads a written checkpoint, as a run does).
 
 Metrics: `caption` on the demo's validation images, once per mode, from the same trained
 projection (skipped with --demo '' or when there is no finished demo run).
