@@ -29,7 +29,7 @@ from .data import open_rgb
 from .errors import UserError
 from .llama.decoding import Decoding
 from .opening import CaptionerSettings, OpenedCaptioner, caption_parts, named_checkpoints, open_captioners
-from .rerank import BestOf, choose, clip_ranker
+from .rerank import BestOf, Rankers, choose
 
 ImageLike = Union[str, os.PathLike, bytes, "PIL.Image.Image", torch.Tensor]  # noqa: F821
 
@@ -63,7 +63,7 @@ class Captioners:
 
     def __init__(self, opened: Dict[str, OpenedCaptioner], batch_size: int, max_gen_len: int, env):
         self.opened, self.batch_size, self.max_gen_len, self.env = opened, batch_size, max_gen_len, env
-        self.rankers: Dict[str, Any] = {}
+        self.rankers = Rankers(env.device, "rerank='clip'")
 
     @property
     def names(self) -> List[str]:
@@ -92,12 +92,8 @@ class Captioners:
         d = self.decoding(decoding)
         best_of = BestOf(num_candidates, rerank).check(d, str)
         ranker = None
-        if best_of.active and (rerank == "clip" or scores):
-            try:
-                ranker = self.ranker(name, opened)
-            except UserError:
-                if rerank == "clip":
-                    raise  # scores go without CLIP-S when the CLIP reads no text
+        if best_of.active and (rerank == "clip" or scores):  # scores go without CLIP-S when the CLIP reads no text
+            ranker = self.rankers.get(name, opened, required=rerank == "clip")
         single = not isinstance(images, (list, tuple)) and not (torch.is_tensor(images) and images.dim() == 4)
         pixels = self.pixels([images] if single else images, opened)
         shown = []
@@ -115,10 +111,9 @@ class Captioners:
         return shown[0] if single else shown
 
     def ranker(self, name: str, opened: OpenedCaptioner):
-        """The captioner's own CLIP with its text tower, loaded once (rerank.clip_ranker)."""
-        if name not in self.rankers:
-            self.rankers[name] = clip_ranker(opened.spec.encoder, self.env.device, "rerank='clip'")
-        return self.rankers[name]
+        """The captioner's own CLIP with its text tower, loaded once (rerank.Rankers); UserError
+        when it has none."""
+        return self.rankers.get(name, opened)
 
     def pick(self, model: Optional[str]):
         if model is None:
@@ -168,8 +163,4 @@ class Captioners:
             out.append(opened.preprocess(pil))
         if not out:
             raise UserError("no images to caption")
-        shapes = {tuple(x.shape) for x in out}
-        if len(shapes) > 1:
-            raise UserError(f"the images' tensors have several shapes {sorted(shapes)}: give tensors as this "
-                            f"captioner's preprocessing makes them")
-        return out
+        return out  # one shape: each tensor was checked against it, each file preprocessed to it

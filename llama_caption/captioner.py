@@ -172,6 +172,11 @@ class Captioner(nn.Module):
         # Inputs are prefix + BOS + n caption tokens; EOS is only a target.
         return self.llama.args.max_seq_len - self.prefix_len - 1
 
+    def longest(self, decoding: Decoding) -> int:
+        """The most tokens a caption gets: `decoding`'s max_gen_len within the window the LLaMA
+        was opened with. A caption shorter than this ended with the end token."""
+        return min(decoding.max_gen_len, self.max_caption_tokens)
+
     def caption_ids(self, captions: List[str]) -> List[List[int]]:
         out = []
         for c in captions:
@@ -231,7 +236,7 @@ class Captioner(nn.Module):
         captioner, or of several trained over this LLaMA with prefixes of one length (the server's
         mixed batches: opening.caption_parts)."""
         prompts = [[self.tokenizer.bos_id] for _ in range(prefix.shape[0])]
-        decoding = replace(decoding, max_gen_len=min(decoding.max_gen_len, self.max_caption_tokens))
+        decoding = replace(decoding, max_gen_len=self.longest(decoding))
         # A continuous decoder (continuous.py) streams images through its slots (OpenedCaptioner.stream);
         # a batch given here is decoded by generation.generate, whose captions it equals.
         batch_decoder = self.decoder if hasattr(self.decoder, "generate") else None

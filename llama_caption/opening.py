@@ -111,7 +111,7 @@ class OpenedCaptioner:
         on what shares its steps."""
         cap = self.captioner
         tokenizer = cap.tokenizer
-        max_gen_len = min(decoding.max_gen_len, cap.max_caption_tokens)
+        max_gen_len = cap.longest(decoding)
 
         def requests():
             for pixels, tags in batches:
@@ -171,7 +171,7 @@ def caption_parts(parts: List[Tuple[OpenedCaptioner, torch.Tensor]], decoding: D
         raise ValueError("a mixed batch needs captioners over one LLaMA with one prefix length")
     prefix = torch.cat([op.captioner.prefix(op.encoder(pixels)) for op, pixels in parts])
     tokens = first.caption_tokens(prefix, decoding, generator)
-    limit = min(decoding.max_gen_len, first.max_caption_tokens)
+    limit = first.longest(decoding)
     out = [Captioned(first.tokenizer.decode(t).strip(), list(t), len(t) < limit) for t in tokens]
     if scores:
         for c, score in zip(out, first.mean_logprob(prefix, tokens, [c.ended for c in out])):

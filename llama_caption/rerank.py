@@ -23,7 +23,7 @@ Ties go to the earlier candidate (for samples, the lower number; for beams, the 
 
 import math
 from dataclasses import dataclass, replace
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 
@@ -162,6 +162,30 @@ def clip_ranker(encoder_spec, device, flag: str = "--rerank clip") -> ClipRanker
     return ranker
 
 
+class Rankers:
+    """Each captioner's own ClipRanker (`clip_ranker`), loaded at its first use. A CLIP that
+    cannot rank is tried once: its one-line reason is kept and given again."""
+
+    def __init__(self, device, flag: str):
+        self.device, self.flag = device, flag
+        self.loaded: Dict[str, Union[ClipRanker, UserError]] = {}
+
+    def get(self, name: str, opened, required: bool = True) -> Optional[ClipRanker]:
+        """Captioner `name`'s ranker (`opened`: its opening.OpenedCaptioner); without one, the
+        reason is raised when `required` (rerank clip), else None (the candidates go without CLIP-S)."""
+        if name not in self.loaded:
+            try:
+                self.loaded[name] = clip_ranker(opened.spec.encoder, self.device, self.flag)
+            except UserError as e:
+                self.loaded[name] = e
+        got = self.loaded[name]
+        if isinstance(got, UserError):
+            if required:
+                raise got
+            return None
+        return got
+
+
 def choose(opened, pixels: torch.Tensor, keys: Sequence[int], decoding: Decoding, best_of: BestOf,
            ranker: Optional[ClipRanker] = None) -> List[Choice]:
     """`best_of.n` candidates of each image of `pixels` (preprocessed for the captioner;
@@ -171,7 +195,7 @@ def choose(opened, pixels: torch.Tensor, keys: Sequence[int], decoding: Decoding
     cap = opened.captioner
     tok = cap.tokenizer
     n = best_of.n
-    limit = min(decoding.max_gen_len, cap.max_caption_tokens)
+    limit = cap.longest(decoding)
     d = replace(decoding, max_gen_len=limit)
     with torch.no_grad():
         prefix = cap.prefix(opened.encoder(pixels))

@@ -21,7 +21,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from ..llama.decoding import Decoding
-from ..rerank import BestOf
+from ..rerank import BestOf, Rankers
 
 
 class QueueFull(Exception):
@@ -174,9 +174,10 @@ class BatchRunner:
 
     def __init__(self, captioners: Dict[str, "OpenedCaptioner"], world: int):  # noqa: F821 (opening.py's)
         self.captioners, self.world = captioners, world
-        self.rankers: Dict[str, object] = {}
         self.opened = next(iter(captioners.values()))  # the first: the LLaMA, decoder and tokenizer all share
         self.captioner = self.opened.captioner
+        # Each captioner's CLIP for CLIP-S, at its first best-of request (tried once).
+        self.rankers = Rankers(self.captioner.llama.device, "rerank clip")
 
     def _broadcast(self, message):
         import torch.distributed as dist
@@ -193,29 +194,12 @@ class BatchRunner:
         if best_of.active:  # one request (batched alone): its images keyed 0, 1, ... as the Python API keys them
             name, pixels = parts[0]
             op = self.captioners[name]
-            return choose(op, pixels, list(range(len(pixels))), d, best_of, self.ranker(name, best_of))
+            # rerank clip needs the CLIP; the other rules take its CLIP-S for the candidates when it can rank.
+            ranker = self.rankers.get(name, op, required=best_of.rule == "clip")
+            return choose(op, pixels, list(range(len(pixels))), d, best_of, ranker)
         # One server is one data-parallel rank: rank 0's generator, as `caption` on one process.
         return caption_parts([(self.captioners[name], pixels) for name, pixels in parts], d,
                              d.generator(0, self.captioner.llama.device))
-
-    def ranker(self, name: str, best_of: BestOf):
-        """The captioner's own CLIP with its text tower, loaded at its first use (for rerank clip;
-        for the others when it can be, so that the candidates carry their CLIP-S)."""
-        from ..errors import UserError
-        from ..rerank import clip_ranker
-
-        if name not in self.rankers:  # tried once: a CLIP without a text tower is not loaded again per request
-            try:
-                self.rankers[name] = clip_ranker(self.captioners[name].spec.encoder, self.captioner.llama.device,
-                                                 "rerank clip")
-            except UserError as e:
-                self.rankers[name] = e
-        got = self.rankers[name]
-        if isinstance(got, UserError):
-            if best_of.rule == "clip":
-                raise got
-            return None
-        return got
 
     def run(self, parts: List[Tuple[str, torch.Tensor]], d: Decoding, best_of: BestOf = BestOf()) -> list:
         """opening.Captioned of each image of `parts`, in order (with `best_of` active, a
@@ -383,7 +367,7 @@ def answer_ended(ended: list, slots: Dict[int, InSlots], runner: BatchRunner, me
         if metrics is not None:
             metrics.images.inc(state.job.n)
             metrics.captioned(state.job.captioner, state.job.n)
-        limit = min(state.job.decoding.max_gen_len, cap.max_caption_tokens)
+        limit = cap.longest(state.job.decoding)
         settle(state.job.future, {"captions": state.captions, "tokens": state.tokens,
                                   "ended": [t < limit for t in state.tokens], "decode_s": now - state.started,
                                   "batch_images": state.busy, "queue_s": state.started - state.job.enqueued})
@@ -401,7 +385,7 @@ def admit(runner: BatchRunner, decoder, jobs: List[QueuedRequest], slots: Dict) 
     start, row = time.monotonic(), 0
     for job in jobs:
         cap = runner.captioners[job.captioner].captioner
-        max_gen_len = min(job.decoding.max_gen_len, cap.max_caption_tokens)
+        max_gen_len = cap.longest(job.decoding)
         slots[job.id] = InSlots(job, start, [None] * job.n, [0] * job.n, job.n)
         for i in range(job.n):
             decoder.submit(Request(prefixes[row], [cap.tokenizer.bos_id], max_gen_len, tag=(job.id, i)))
