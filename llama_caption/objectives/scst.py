@@ -29,8 +29,8 @@ from .xe import validation_loss
 if TYPE_CHECKING:
     from ..training import TrainConfig, Trainer
 
-FLAGS = {"max_gen_len": "--max_caption_len", "temperature": "--scst_temperature"}
-MAX_WEIGHT = 100.0  # a reward weight's upper bound (CIDEr-D is about 0-10 here, CLIP-S 0-2.5)  # Decoding's names as train's flags
+FLAGS = {"max_gen_len": "--max_caption_len", "temperature": "--scst_temperature"}  # Decoding's names as train's flags
+MAX_WEIGHT = 100.0  # a reward weight's upper bound (CIDEr-D is about 0-10 here, CLIP-S 0-2.5)
 
 
 def sampling(cfg: "TrainConfig") -> Decoding:
